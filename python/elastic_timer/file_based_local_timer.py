@@ -1,0 +1,266 @@
+"""Timers over a named FIFO: ``FileTimerClient`` and ``FileTimerServer``.
+
+One JSON line per request, byte for byte torch's format, so either side can be torch's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal as _signal
+from collections.abc import Callable
+
+from . import _native, debug_info_logging
+from ._server import Expiry, NativeServer, RequestTuple, overrides, worker_pid
+from .api import TimerClient, TimerRequest
+
+__all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer"]
+
+logger = logging.getLogger(__name__)
+
+
+class FileTimerRequest(TimerRequest):
+    """
+    A timer acquisition or release between ``FileTimerClient`` and ``FileTimerServer``.
+    A negative ``expiration_time`` is a release; ``signal`` is what the server reaps the
+    worker with (none if it is not positive).
+    """
+
+    __slots__ = ["version", "signal"]  # noqa: RUF023
+
+    def __init__(
+        self, worker_pid: int, scope_id: str, expiration_time: float, signal: int = 0
+    ) -> None:
+        super().__init__(worker_id=worker_pid, scope_id=scope_id, expiration_time=expiration_time)
+        self.version = 1
+        self.signal = signal
+
+    @property
+    def worker_pid(self) -> int:
+        return int(self.worker_id)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FileTimerRequest):
+            return (
+                super().__eq__(other)
+                and self.version == other.version
+                and self.signal == other.signal
+            )
+        return False
+
+    def __repr__(self) -> str:
+        return (
+            f"FileTimerRequest(worker_pid={self.worker_id!r}, scope_id={self.scope_id!r}, "
+            f"expiration_time={self.expiration_time!r}, signal={self.signal!r})"
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": self.version,
+                "pid": self.worker_pid,
+                "scope_id": self.scope_id,
+                "expiration_time": self.expiration_time,
+                "signal": self.signal,
+            },
+        )
+
+
+class FileTimerClient(TimerClient):
+    """
+    Client of ``FileTimerServer``, for workers on the server's host; identifies the worker by
+    its pid and sends each request as one line to the server's FIFO.
+
+    Args:
+        file_path: the FIFO the ``FileTimerServer`` created.
+        signal: what the server reaps this worker with; zero or negative: not at all.
+        connect_timeout: how long to wait for a server that is not reading yet (starting, or
+            restarting) before raising ``BrokenPipeError``.
+        send_timeout: how long to wait for room when the FIFO is full (a server under load)
+            before raising ``TimeoutError``; torch raises ``BlockingIOError`` at once.
+    """
+
+    def __init__(
+        self,
+        file_path: str,
+        signal: int = _signal.SIGKILL,
+        *,
+        connect_timeout: float = 1.0,
+        send_timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self._file_path = file_path
+        self.signal = signal
+        self._connect_timeout = connect_timeout
+        self._send_timeout = send_timeout
+
+    def _send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None:
+        _native.send_request(
+            self._file_path,
+            pid,
+            scope_id,
+            expiration_time,
+            signal,
+            self._connect_timeout,
+            self._send_timeout,
+        )
+
+    def _send_request(self, request: FileTimerRequest) -> None:
+        self._send(request.worker_pid, request.scope_id, request.expiration_time, request.signal)
+
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        self._send(os.getpid(), scope_id, expiration_time, self.signal)
+
+    def release(self, scope_id: str) -> None:
+        self._send(os.getpid(), scope_id, -1, 0)
+
+
+class FileTimerServer(NativeServer[FileTimerRequest]):
+    """
+    Server of ``FileTimerClient``s: one per host, for the workers on that host. It creates
+    the FIFO at ``file_path`` now (replacing what is there) and removes it on ``stop``.
+
+    Args:
+        file_path: where to create the FIFO.
+        run_id: the job's run id, for the log.
+        max_interval: accepted for compatibility; deadlines fire when due, not on the next
+            poll. It bounds how soon a failed reap is retried (at most 1 s).
+        daemon: whether the reporting thread is a daemon (a non-daemon one keeps the
+            interpreter alive until ``stop``).
+        log_event: called as ``log_event(name, request)`` for "watchdog started",
+            "watchdog stopped", "timer expired" and "kill worker process", as torch does.
+        signal_self: after a pass that reaped a worker, signal this process with the same
+            signal, as torch does (under torchrun that ends the agent). False turns it off.
+    """
+
+    def __init__(
+        self,
+        file_path: str,
+        run_id: str,
+        max_interval: float = 10,
+        daemon: bool = True,
+        log_event: Callable[[str, FileTimerRequest | None], None] | None = None,
+        *,
+        signal_self: bool = True,
+    ) -> None:
+        self._file_path = file_path
+        self._run_id = run_id
+        self._max_interval = max_interval
+        self._signal_self = signal_self
+        self._log_event: Callable[[str, FileTimerRequest | None], None] = (
+            log_event if log_event is not None else lambda name, request: None
+        )
+        delegate = overrides(self, FileTimerServer, "_reap_worker")
+        native = _native.Server.fifo(file_path, max_interval, signal_self, delegate)
+        self._init_native(native, daemon)
+
+    def _request_from_tuple(self, request: RequestTuple) -> FileTimerRequest:
+        return FileTimerRequest(request[0], request[1], request[2], request[3])
+
+    def _tuple_from_request(self, request: FileTimerRequest) -> RequestTuple:
+        pid = worker_pid(request.worker_id)
+        return (pid, request.scope_id, request.expiration_time, request.signal)
+
+    def start(self) -> None:
+        logger.info(
+            "Starting %s... max_interval=%s, daemon=%s, file_path=%s",
+            type(self).__name__,
+            self._max_interval,
+            self._daemon,
+            self._file_path,
+        )
+        self._start_native()
+        self._log_event("watchdog started", None)
+
+    def stop(self) -> None:
+        logger.info("Stopping %s", type(self).__name__)
+        if not self._stop_native():
+            logger.info("No watchdog thread running, doing nothing")
+        self._remove_fifo()
+        self._log_event("watchdog stopped", None)
+
+    def run_once(self) -> None:
+        """Processes every request already sent, runs one pass, and stops (for tests)."""
+        if not self._stop_native(run_once=True):
+            logger.info("No watchdog thread running, doing nothing")
+        self._remove_fifo()
+
+    def _remove_fifo(self) -> None:
+        if os.path.exists(self._file_path):
+            os.remove(self._file_path)
+
+    @staticmethod
+    def is_process_running(pid: int) -> bool:
+        """Whether a process ``pid`` exists and can be signalled."""
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+
+    def get_last_progress_time(self) -> int:
+        """When the watchdog last made progress (now, unless a pass is stuck)."""
+        return int(self._native.last_progress())
+
+    def _report_expired(self, expiries: list[Expiry]) -> None:
+        debug_info_logging.log_debug_info_for_expired_timers(
+            self._run_id,
+            {
+                pid: [self._request_from_tuple(t).to_json() for t in timers]
+                for pid, timers, *_ in expiries
+            },
+        )
+        self_signal = 0
+        for pid, timers, signal, outcome, detail in expiries:
+            requests = [self._request_from_tuple(t) for t in timers]
+            logger.info(
+                "Reaping worker_pid=[%s]. Expired timers: %s", pid, [r.scope_id for r in requests]
+            )
+            chosen = None
+            for request in requests:
+                self._log_event("timer expired", request)
+                if request.signal > 0:
+                    chosen = request
+                    break
+            if outcome == "not_signalled":
+                logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
+                continue
+            if outcome == "delegated":
+                reaped = self._reap_worker(pid, signal)
+                self._native.complete_reap(pid, reaped)
+                outcome = "signalled" if reaped else "failed"
+            if outcome == "gone":
+                logger.info("Process with pid=%s does not exist. Skipping", pid)
+            elif outcome == "signalled":
+                logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
+                self._log_event("kill worker process", chosen)
+                self_signal = signal
+            else:
+                logger.error(
+                    "Error reaping worker=[%s]%s. Will retry on next watchdog.",
+                    pid,
+                    f" ({detail})" if detail else "",
+                )
+        if self_signal > 0 and self._signal_self:
+            logger.info(
+                "Terminating the server process=[%s] because of expired timers", os.getpid()
+            )
+            if overrides(self, FileTimerServer, "_reap_worker"):
+                self._reap_worker(os.getpid(), self_signal)
+            # Otherwise the native loop signals this process once this report is done.
+
+    def _reap_worker(self, worker_pid: int, signal: int) -> bool:
+        if worker_pid <= 1:
+            logger.error("Refusing to signal pid=%s: not a single worker process", worker_pid)
+            return True
+        try:
+            os.kill(worker_pid, signal)
+            return True
+        except ProcessLookupError:
+            logger.info("Process with pid=%s does not exist. Skipping", worker_pid)
+            return True
+        except Exception:
+            logger.exception("Error terminating pid=%s", worker_pid)
+        return False
+

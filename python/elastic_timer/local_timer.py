@@ -1,0 +1,173 @@
+"""Timers over a ``multiprocessing.Queue``: ``LocalTimerClient`` and ``LocalTimerServer``.
+
+The client puts pickled ``TimerRequest``s on the queue, exactly as torch's does. The server
+reads the queue's pipe natively (honouring the queue's read lock and item semaphore, so
+``qsize()`` stays right) and decodes the pickles without running them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from queue import Empty
+from typing import Any
+
+from . import _native
+from ._server import Expiry, NativeServer, RequestTuple, overrides, worker_pid
+from .api import RequestQueue, TimerClient, TimerRequest, TimerServer
+
+__all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue"]
+
+logger = logging.getLogger(__name__)
+
+
+class LocalTimerClient(TimerClient):
+    """
+    Client of ``LocalTimerServer``, for workers on the server's host (typically its
+    subprocesses); identifies the worker by its pid.
+    """
+
+    def __init__(self, mp_queue: Any) -> None:
+        super().__init__()
+        self._mp_queue = mp_queue
+
+    def acquire(self, scope_id: str, expiration_time: float) -> None:
+        self._mp_queue.put(TimerRequest(os.getpid(), scope_id, expiration_time))
+
+    def release(self, scope_id: str) -> None:
+        self._mp_queue.put(TimerRequest(os.getpid(), scope_id, -1))
+
+
+class MultiprocessingRequestQueue(RequestQueue):
+    """A ``RequestQueue`` backed by a ``multiprocessing.Queue``."""
+
+    def __init__(self, mp_queue: Any) -> None:
+        super().__init__()
+        self._mp_queue = mp_queue
+
+    def size(self) -> int:
+        return int(self._mp_queue.qsize())
+
+    def get(self, size: int, timeout: float) -> list[TimerRequest]:
+        requests = []
+        wait = timeout
+        for _ in range(size):
+            start = time.time()
+            try:
+                request = self._mp_queue.get(block=True, timeout=wait)
+            except Empty:
+                break
+            requests.append(request)
+            wait = wait - (time.time() - start)
+            if wait <= 0:
+                break
+        return requests
+
+
+def _native_queue_server(
+    mp_queue: Any, max_interval: float, delegate: bool
+) -> tuple[_native.Server, bool]:
+    """A native server reading the queue's pipe, or (False) one fed from Python."""
+    try:
+        fd = mp_queue._reader.fileno()
+        read_lock = mp_queue._rlock._semlock.handle
+        items = mp_queue._sem._semlock.handle
+    except AttributeError:
+        # Not a plain multiprocessing.Queue (a manager proxy, say): read it from Python.
+        return _native.Server.direct(max_interval, delegate), False
+    server = _native.Server.queue(mp_queue, fd, read_lock, items, max_interval, delegate)
+    return server, True
+
+
+class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
+    """
+    Server of ``LocalTimerClient``s: one per host, for the workers on that host. Expired
+    workers are killed with SIGKILL at their deadline by a native thread that needs no GIL.
+
+    ``max_interval`` is accepted for compatibility: deadlines fire when due, not on the next
+    poll; it bounds how soon a failed reap is retried (at most 1 s).
+    """
+
+    def __init__(self, mp_queue: Any, max_interval: float = 60, daemon: bool = True) -> None:
+        TimerServer.__init__(self, MultiprocessingRequestQueue(mp_queue), max_interval, daemon)
+        delegate = overrides(self, LocalTimerServer, "_reap_worker")
+        native, reads_queue = _native_queue_server(mp_queue, max_interval, delegate)
+        self._init_native(native, daemon)
+        self._needs_pump = not reads_queue
+        self._pump: threading.Thread | None = None
+
+    def _request_from_tuple(self, request: RequestTuple) -> TimerRequest:
+        return TimerRequest(request[0], request[1], request[2])
+
+    def _tuple_from_request(self, request: TimerRequest) -> RequestTuple:
+        pid = worker_pid(request.worker_id)
+        return (pid, request.scope_id, request.expiration_time, signal.SIGKILL)
+
+    def start(self) -> None:
+        logger.info(
+            "Starting %s... max_interval=%s, daemon=%s",
+            type(self).__name__,
+            self._max_interval,
+            self._daemon,
+        )
+        self._stop_signaled = False
+        self._start_native()
+        if self._needs_pump:
+            self._pump = threading.Thread(target=self._pump_requests, daemon=self._daemon)
+            self._pump.start()
+
+    def stop(self) -> None:
+        logger.info("Stopping %s", type(self).__name__)
+        self._stop_signaled = True
+        if self._pump is not None:
+            self._pump.join()
+            self._pump = None
+        if not self._stop_native():
+            logger.info("No watchdog thread running, doing nothing")
+
+    def _pump_requests(self) -> None:
+        """Feeds the native server from a queue it cannot read itself."""
+        while not self._stop_signaled:
+            try:
+                batch = max(1, self._request_queue.size())
+                self.register_timers(self._request_queue.get(batch, timeout=0.1))
+            except Exception:
+                logger.exception("Error reading timer requests")
+
+    def _report_expired(self, expiries: list[Expiry]) -> None:
+        for pid, timers, _signal, outcome, detail in expiries:
+            logger.info(
+                "Reaping worker_id=[%s]. Expired timers: %s", pid, [t[1] for t in timers]
+            )
+            if outcome == "delegated":
+                reaped = self._reap_worker_no_throw(pid)
+                self._native.complete_reap(pid, reaped)
+                outcome = "signalled" if reaped else "failed"
+            if outcome == "signalled":
+                logger.info("Successfully reaped worker=[%s]", pid)
+            elif outcome == "gone":
+                logger.info("Process with pid=%s does not exist. Skipping", pid)
+            else:
+                logger.error(
+                    "Error reaping worker=[%s]%s. Will retry on next watchdog.",
+                    pid,
+                    f" ({detail})" if detail else "",
+                )
+
+    def _reap_worker(self, worker_id: int) -> bool:
+        if worker_pid(worker_id) <= 1:
+            logger.error("Refusing to signal pid=%s: not a single worker process", worker_id)
+            return True
+        try:
+            os.kill(worker_id, signal.SIGKILL)
+            return True
+        except ProcessLookupError:
+            logger.info("Process with pid=%s does not exist. Skipping", worker_id)
+            return True
+        except Exception:
+            logger.exception("Error terminating pid=%s", worker_id)
+        return False
+

@@ -1,0 +1,342 @@
+//! The Python bindings: the only module that knows Python. It translates, nothing more;
+//! the classes users see are written in Python on top of these.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use pyo3::exceptions::{PyBrokenPipeError, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use crate::codec::{self, CodecError, Number, Request};
+use crate::fifo::{self, SendError, SendOptions};
+use crate::queue::{self, Semaphore};
+use crate::server::{Config, Event, ReapOutcome, Server, Transport};
+
+/// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
+type RequestTuple = (i64, String, f64, i32);
+
+fn to_tuple(request: Request) -> RequestTuple {
+    (
+        request.pid,
+        request.scope,
+        request.expiration,
+        request.signal,
+    )
+}
+
+fn from_tuple((pid, scope, expiration, signal): RequestTuple) -> Request {
+    Request {
+        pid,
+        scope,
+        expiration,
+        signal,
+    }
+}
+
+impl From<SendError> for PyErr {
+    fn from(err: SendError) -> Self {
+        match err {
+            SendError::NoServer { .. } => PyBrokenPipeError::new_err(format!(
+                "Could not send the FileTimerRequest because FileTimerServer is not available ({err})"
+            )),
+            SendError::TooLong(_) => PyRuntimeError::new_err(err.to_string()),
+            SendError::Timeout(_) => PyTimeoutError::new_err(err.to_string()),
+            SendError::Io(io) => io.into(),
+        }
+    }
+}
+
+impl From<CodecError> for PyErr {
+    fn from(err: CodecError) -> Self {
+        PyValueError::new_err(err.to_string())
+    }
+}
+
+fn seconds(value: f64, name: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        PyValueError::new_err(format!("{name} must be a non-negative number of seconds"))
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A native timer server (see `elastic_timer._server` for how the Python classes use it).
+#[pyclass(module = "elastic_timer._native", name = "Server")]
+struct PyServer {
+    server: Mutex<Server>,
+    events: Mutex<Option<Receiver<Event>>>,
+    ack: Mutex<Option<SyncSender<()>>>,
+    /// The Python queue whose pipe and semaphores a queue server reads: kept alive with it.
+    _keepalive: Option<Py<PyAny>>,
+}
+
+impl PyServer {
+    fn build(transport: Transport, config: Config, keepalive: Option<Py<PyAny>>) -> PyResult<Self> {
+        Ok(Self {
+            server: Mutex::new(Server::new(transport, config)?),
+            events: Mutex::new(None),
+            ack: Mutex::new(None),
+            _keepalive: keepalive,
+        })
+    }
+}
+
+#[pymethods]
+impl PyServer {
+    /// A server reading the FIFO at `path` (created now, replacing what is there).
+    #[staticmethod]
+    fn fifo(
+        path: PathBuf,
+        max_interval: f64,
+        signal_self: bool,
+        delegate_reaps: bool,
+    ) -> PyResult<Self> {
+        let config = Config {
+            max_interval: seconds(max_interval, "max_interval")?,
+            signal_self,
+            delegate_reaps,
+            max_pidfds: MAX_PIDFDS,
+        };
+        Self::build(Transport::Fifo(path), config, None)
+    }
+
+    /// A server reading a `multiprocessing.Queue` through its pipe `fd` and the addresses of
+    /// its `_rlock` and `_sem` semaphores; `queue` is the queue itself, kept alive.
+    #[staticmethod]
+    fn queue(
+        queue: Py<PyAny>,
+        fd: i32,
+        read_lock: usize,
+        items: usize,
+        max_interval: f64,
+        delegate_reaps: bool,
+    ) -> PyResult<Self> {
+        let config = Config {
+            max_interval: seconds(max_interval, "max_interval")?,
+            signal_self: false,
+            delegate_reaps,
+            max_pidfds: MAX_PIDFDS,
+        };
+        // SAFETY: the fd and semaphores belong to `queue`, which this object keeps alive; the
+        // fd is duplicated at once.
+        let reader = unsafe {
+            let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+            queue::Reader::new(
+                fd,
+                Semaphore::from_raw(read_lock as *mut libc::sem_t),
+                Semaphore::from_raw(items as *mut libc::sem_t),
+            )?
+        };
+        Self::build(Transport::Queue(reader), config, Some(queue))
+    }
+
+    /// A server whose requests all come through `register` (a queue read from Python).
+    #[staticmethod]
+    fn direct(max_interval: f64, delegate_reaps: bool) -> PyResult<Self> {
+        let config = Config {
+            max_interval: seconds(max_interval, "max_interval")?,
+            signal_self: false,
+            delegate_reaps,
+            max_pidfds: MAX_PIDFDS,
+        };
+        Self::build(Transport::Direct, config, None)
+    }
+
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        let receiver = py.detach(|| lock(&self.server).start())?;
+        *lock(&self.events) = Some(receiver);
+        Ok(())
+    }
+
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| lock(&self.server).stop());
+    }
+
+    fn run_once(&self, py: Python<'_>) {
+        py.detach(|| lock(&self.server).run_once());
+    }
+
+    #[getter]
+    fn running(&self, py: Python<'_>) -> bool {
+        py.detach(|| lock(&self.server).is_running())
+    }
+
+    fn register(&self, py: Python<'_>, requests: Vec<RequestTuple>) {
+        py.detach(|| lock(&self.server).register(requests.into_iter().map(from_tuple)));
+    }
+
+    fn clear(&self, py: Python<'_>, pids: Vec<i64>) {
+        py.detach(|| lock(&self.server).clear(pids));
+    }
+
+    /// `{pid: [request, ...]}` for timers whose expiration is at or before `deadline`.
+    fn expired(&self, py: Python<'_>, deadline: f64) -> Vec<(i64, Vec<RequestTuple>)> {
+        let by_worker = py.detach(|| lock(&self.server).expired(deadline));
+        by_worker
+            .into_iter()
+            .map(|(pid, requests)| (pid, requests.into_iter().map(to_tuple).collect()))
+            .collect()
+    }
+
+    fn timers(&self, py: Python<'_>) -> Vec<RequestTuple> {
+        py.detach(|| lock(&self.server).timers())
+            .into_iter()
+            .map(to_tuple)
+            .collect()
+    }
+
+    fn complete_reap(&self, py: Python<'_>, pid: i64, reaped: bool) {
+        py.detach(|| lock(&self.server).complete_reap(pid, reaped));
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = py.detach(|| lock(&self.server).stats());
+        let dict = PyDict::new(py);
+        dict.set_item("requests", stats.requests)?;
+        dict.set_item("malformed", stats.malformed)?;
+        dict.set_item("refused", stats.refused)?;
+        dict.set_item("reaped", stats.reaped)?;
+        dict.set_item("live_timers", stats.live_timers)?;
+        dict.set_item("events_dropped", stats.events_dropped)?;
+        Ok(dict)
+    }
+
+    fn last_progress(&self, py: Python<'_>) -> f64 {
+        py.detach(|| lock(&self.server).last_progress())
+    }
+
+    /// The next event as a tuple, None after `timeout` seconds, or `("closed",)` once the
+    /// loop has stopped and every event has been read.
+    fn next_event(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Py<PyAny>>> {
+        let timeout = seconds(timeout, "timeout")?;
+        let received = py.detach(|| match lock(&self.events).as_ref() {
+            Some(events) => events.recv_timeout(timeout),
+            None => Err(RecvTimeoutError::Disconnected),
+        });
+        let event = match received {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Timeout) => return Ok(None),
+            Err(RecvTimeoutError::Disconnected) => {
+                return Ok(Some(("closed",).into_pyobject(py)?.into_any().unbind()))
+            }
+        };
+        let object = match event {
+            Event::Malformed(reason) => ("malformed", reason).into_pyobject(py)?.into_any(),
+            Event::Refused { request, reason } => {
+                ("refused", to_tuple(request), reason.to_string())
+                    .into_pyobject(py)?
+                    .into_any()
+            }
+            Event::WorkerExited { pid, dropped } => {
+                ("exited", pid, dropped).into_pyobject(py)?.into_any()
+            }
+            Event::Warning(message) => ("warning", message).into_pyobject(py)?.into_any(),
+            Event::Expired { expiries, ack } => {
+                *lock(&self.ack) = ack;
+                let expiries: Vec<_> = expiries
+                    .into_iter()
+                    .map(|expiry| {
+                        let (outcome, detail) = match expiry.outcome {
+                            ReapOutcome::NotSignalled => ("not_signalled", None),
+                            ReapOutcome::Signalled => ("signalled", None),
+                            ReapOutcome::Gone => ("gone", None),
+                            ReapOutcome::Failed(err) => ("failed", Some(err.to_string())),
+                            ReapOutcome::Delegated => ("delegated", None),
+                        };
+                        let timers: Vec<_> = expiry.timers.into_iter().map(to_tuple).collect();
+                        (expiry.pid, timers, expiry.signal, outcome, detail)
+                    })
+                    .collect();
+                ("expired", expiries).into_pyobject(py)?.into_any()
+            }
+        };
+        Ok(Some(object.unbind()))
+    }
+
+    /// Tells the loop the last "expired" event has been reported (it may signal itself now).
+    fn ack_expired(&self) {
+        if let Some(ack) = lock(&self.ack).take() {
+            let _ = ack.try_send(());
+        }
+    }
+}
+
+/// pidfds are file descriptors of the server's process: leave most of its budget alone.
+const MAX_PIDFDS: usize = 256;
+
+/// Sends one request to the FIFO server at `path`, as torch's FileTimerClient does, but
+/// waiting (bounded) for a server that is starting and for room in a full pipe.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn send_request(
+    py: Python<'_>,
+    path: PathBuf,
+    pid: i64,
+    scope_id: &str,
+    expiration_time: &Bound<'_, PyAny>,
+    signal: i64,
+    connect_timeout: f64,
+    send_timeout: f64,
+) -> PyResult<()> {
+    let options = SendOptions {
+        connect_timeout: seconds(connect_timeout, "connect_timeout")?,
+        send_timeout: seconds(send_timeout, "send_timeout")?,
+    };
+    let mut line = Vec::with_capacity(128 + scope_id.len());
+    codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
+    py.detach(|| fifo::send_line(&path, &line, options))?;
+    Ok(())
+}
+
+/// A Python int or float as the JSON number torch would write.
+fn number(value: &Bound<'_, PyAny>) -> PyResult<Number> {
+    if value.is_instance_of::<pyo3::types::PyInt>() {
+        Ok(Number::Int(value.extract()?))
+    } else {
+        Ok(Number::Float(value.extract()?))
+    }
+}
+
+/// The exact line torch's FileTimerClient writes for this request (with its newline).
+#[pyfunction]
+fn encode_json_line<'py>(
+    py: Python<'py>,
+    pid: i64,
+    scope_id: &str,
+    expiration_time: &Bound<'py, PyAny>,
+    signal: i64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut line = Vec::new();
+    codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
+    Ok(PyBytes::new(py, &line))
+}
+
+/// Decodes one FIFO line the way the server does; ValueError says why it is refused.
+#[pyfunction]
+fn decode_json_line(line: &[u8]) -> PyResult<RequestTuple> {
+    Ok(to_tuple(codec::decode_json_line(line)?))
+}
+
+/// Decodes one queue item's pickle the way the server does, without unpickling it.
+#[pyfunction]
+fn decode_pickle(payload: &[u8]) -> PyResult<RequestTuple> {
+    Ok(to_tuple(codec::decode_pickle(payload)?))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyServer>()?;
+    m.add_function(wrap_pyfunction!(send_request, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
+    m.add("PIPE_BUF", fifo::MAX_LINE)?;
+    Ok(())
+}

@@ -1,0 +1,1437 @@
+//! The two wire formats torch's timer clients speak, decoded into one [`Request`].
+//!
+//! * FIFO lines: `json.dumps(...) + "\n"` from `FileTimerClient`. We also encode them, byte
+//!   for byte as CPython does, so our client is indistinguishable from torch's.
+//! * Queue frames: a pickled `TimerRequest` from `LocalTimerClient`. The pickle is read by a
+//!   small restricted machine that knows only the opcodes such an object needs and never
+//!   imports or calls anything: a class is only ever compared against four names.
+//!
+//! Pure functions: no I/O, no Python.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use jiter::{Jiter, JiterError, Peek};
+
+/// One timer request as both transports carry it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The worker's pid as sent (range and safety checks happen elsewhere).
+    pub pid: i64,
+    /// `scope_id`.
+    pub scope: String,
+    /// Wall-clock seconds (`time.time()`); negative means "release"; may be ±inf or NaN.
+    pub expiration: f64,
+    /// Signal to reap with; `<= 0` means "do not signal".
+    pub signal: i32,
+}
+
+impl Request {
+    /// torch releases a timer by sending a negative expiration (the client sends `-1`).
+    pub fn is_release(&self) -> bool {
+        self.expiration < 0.0
+    }
+}
+
+/// A JSON number as the client wants it written (torch writes the release's `-1` as an int).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+/// Why a request was refused; the message ends up in "skipping malformed request: ...".
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CodecError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("request is not a JSON object")]
+    NotAnObject,
+    #[error("{0} is missing")]
+    MissingKey(&'static str),
+    #[error("{key} must be {expected}, not {found}")]
+    WrongType {
+        key: &'static str,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("{key} is out of range")]
+    OutOfRange { key: &'static str },
+    #[error("invalid pickle: {0}")]
+    InvalidPickle(String),
+    #[error("unsupported pickle: {0}")]
+    UnsupportedPickle(String),
+    #[error(
+        "refusing to unpickle {module}.{name}: only TimerRequest and FileTimerRequest are accepted"
+    )]
+    UnsupportedClass { module: String, name: String },
+}
+
+impl From<JiterError> for CodecError {
+    fn from(err: JiterError) -> Self {
+        Self::InvalidJson(err.to_string())
+    }
+}
+
+/// The signal the Local (queue) transport always reaps with.
+pub const SIGKILL: i32 = libc::SIGKILL;
+
+/// The keys torch's `FileTimerServer` reads, in the order our fields are filled.
+const JSON_KEYS: [&str; 4] = ["pid", "scope_id", "expiration_time", "signal"];
+
+/// Decodes one line of the FIFO transport (without its newline; trailing whitespace is fine).
+///
+/// Like torch's server (`json.loads` then indexing), other keys are ignored and a duplicate
+/// key's last value wins, even over an earlier value of the wrong type.
+pub fn decode_json_line(line: &[u8]) -> Result<Request, CodecError> {
+    let mut jiter = Jiter::new(line).with_allow_inf_nan();
+    let peek = jiter.peek()?;
+    if peek != Peek::Object {
+        // Say "not an object" only about valid JSON.
+        jiter.known_skip(peek)?;
+        jiter.finish()?;
+        return Err(CodecError::NotAnObject);
+    }
+    let slot = |key: &str| JSON_KEYS.iter().position(|known| *known == key);
+    let mut fields: [Option<Value>; 4] = Default::default();
+    let mut key = jiter.known_object()?.map(slot);
+    while let Some(slot_of_key) = key {
+        match slot_of_key {
+            Some(i) => fields[i] = Some(json_value(&mut jiter)?),
+            None => jiter.next_skip()?,
+        }
+        key = jiter.next_key()?.map(slot);
+    }
+    jiter.finish()?;
+    let [pid, scope, expiration, signal] = fields;
+    Ok(Request {
+        pid: int_field("pid", pid.as_ref())?,
+        scope: str_field("scope_id", scope.as_ref())?,
+        expiration: number_field("expiration_time", expiration.as_ref())?,
+        signal: int_field("signal", signal.as_ref())?,
+    })
+}
+
+/// Reads one JSON value as the [`Value`] Python's `json` would have made of it; containers
+/// are skipped and kept only by kind, since no field may be one.
+fn json_value(jiter: &mut Jiter) -> Result<Value, CodecError> {
+    let peek = jiter.peek()?;
+    Ok(match peek {
+        Peek::Null => {
+            jiter.known_null()?;
+            Value::None
+        }
+        Peek::True | Peek::False => {
+            jiter.known_bool(peek)?;
+            Value::Bool
+        }
+        Peek::String => Value::Str(jiter.known_str()?.into()),
+        Peek::Array => {
+            jiter.known_skip(peek)?;
+            Value::List(Rc::default())
+        }
+        Peek::Object => {
+            jiter.known_skip(peek)?;
+            Value::Dict(Rc::default())
+        }
+        _ => json_number(jiter.known_number_bytes(peek)?)?,
+    })
+}
+
+/// Classifies a number jiter has validated the way Python does: digits alone make an int
+/// (of any size: ours must fit an i64), anything else a float (`1e400` is `inf`).
+fn json_number(bytes: &[u8]) -> Result<Value, CodecError> {
+    let unparsable = || {
+        CodecError::InvalidJson(format!(
+            "unparsable number {}",
+            String::from_utf8_lossy(bytes)
+        ))
+    };
+    let text = std::str::from_utf8(bytes).map_err(|_| unparsable())?;
+    if text.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
+        Ok(text.parse().map_or(Value::BigInt, Value::Int))
+    } else {
+        text.parse().map(Value::Float).map_err(|_| unparsable())
+    }
+}
+
+/// Appends exactly the bytes torch's `FileTimerClient` writes: Python's
+/// `json.dumps({"version": 1, "pid": pid, "scope_id": scope, "expiration_time": expiration,
+/// "signal": signal}) + "\n"`.
+pub fn encode_json_line(pid: i64, scope: &str, expiration: Number, signal: i64, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"version\": 1, \"pid\": ");
+    out.extend_from_slice(pid.to_string().as_bytes());
+    out.extend_from_slice(b", \"scope_id\": ");
+    push_json_str(scope, out);
+    out.extend_from_slice(b", \"expiration_time\": ");
+    match expiration {
+        Number::Int(int) => out.extend_from_slice(int.to_string().as_bytes()),
+        Number::Float(float) => push_float_repr(float, out),
+    }
+    out.extend_from_slice(b", \"signal\": ");
+    out.extend_from_slice(signal.to_string().as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends `s` quoted as `json.dumps` does with `ensure_ascii=True`: printable ASCII as is,
+/// the usual short escapes, and every other char as `\uXXXX` UTF-16 code units.
+fn push_json_str(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            ' '..='~' => out.push(c as u8),
+            _ => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.extend_from_slice(b"\\u");
+                    out.extend([12, 8, 4, 0].map(|shift| HEX[usize::from(*unit >> shift & 0xf)]));
+                }
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// Appends Python's `float.__repr__` of `x`, with `json.dumps`'s names for non-finite values.
+fn push_float_repr(x: f64, out: &mut Vec<u8>) {
+    if !x.is_finite() {
+        let name: &[u8] = match x {
+            _ if x.is_nan() => b"NaN",
+            _ if x > 0.0 => b"Infinity",
+            _ => b"-Infinity",
+        };
+        out.extend_from_slice(name);
+        return;
+    }
+    if x.is_sign_negative() {
+        out.push(b'-');
+    }
+    // `{:e}` writes the fewest digits that round-trip, as repr does, but breaks a tie between
+    // two such strings upwards where repr takes the even one. Rounding the exact value to
+    // that many digits (ties to even) gives repr's choice, unless next to a power of two,
+    // where the gaps are uneven, it no longer round-trips.
+    let (digits, exponent) = split_scientific(&format!("{:e}", x.abs()));
+    let nearest = format!("{:.*e}", digits.len() - 1, x.abs());
+    let (digits, exponent) = match nearest.parse::<f64>() {
+        Ok(y) if y == x.abs() => split_scientific(&nearest),
+        _ => (digits, exponent),
+    };
+    let digits = digits.as_bytes();
+    if (-4..16).contains(&exponent) {
+        // Fixed notation, as repr uses for 1e-4 <= |x| < 1e16, always with a fraction.
+        if exponent < 0 {
+            out.extend_from_slice(b"0.");
+            out.extend(std::iter::repeat_n(
+                b'0',
+                exponent.unsigned_abs() as usize - 1,
+            ));
+            out.extend_from_slice(digits);
+        } else {
+            let (int, frac) = digits.split_at(digits.len().min(exponent as usize + 1));
+            out.extend_from_slice(int);
+            out.extend(std::iter::repeat_n(b'0', exponent as usize + 1 - int.len()));
+            out.push(b'.');
+            out.extend_from_slice(if frac.is_empty() { b"0" } else { frac });
+        }
+    } else {
+        let (first, rest) = digits.split_at(1);
+        out.extend_from_slice(first);
+        if !rest.is_empty() {
+            out.push(b'.');
+            out.extend_from_slice(rest);
+        }
+        let sign = if exponent < 0 { '-' } else { '+' };
+        out.extend_from_slice(format!("e{sign}{:02}", exponent.unsigned_abs()).as_bytes());
+    }
+}
+
+/// Splits Rust's `{:e}` output, e.g. `1.25e-7`, into its digits `125` and exponent `-7`.
+fn split_scientific(scientific: &str) -> (String, i32) {
+    let (mantissa, exponent) = scientific
+        .split_once('e')
+        .expect("`{:e}` writes an exponent");
+    let exponent = exponent.parse().expect("`{:e}` writes an integer exponent");
+    (mantissa.replace('.', ""), exponent)
+}
+
+/// Decodes one `multiprocessing.Queue` frame payload (the pickle after the 4-byte length
+/// header) carrying a `TimerRequest` or `FileTimerRequest`, from torch or from us.
+///
+/// The Local transport always reaps with SIGKILL, so that is the signal returned. As with
+/// `pickle.loads`, bytes after STOP are ignored.
+pub fn decode_pickle(payload: &[u8]) -> Result<Request, CodecError> {
+    let object = Machine::new(payload).run()?;
+    let Value::Object(state) = object else {
+        return Err(CodecError::UnsupportedPickle(format!(
+            "the pickle holds {}, not a TimerRequest",
+            object.kind()
+        )));
+    };
+    // BUILD's state: a `__dict__`, or `(__dict__ or None, slots or None)` whose slots win.
+    let bad_state = |kind: &str| {
+        CodecError::UnsupportedPickle(format!(
+            "TimerRequest state is {kind}, not a dict or a pair of dicts"
+        ))
+    };
+    let (dict, slots) = match state.as_deref() {
+        None => (None, None),
+        Some(Value::Dict(dict)) => (Some(dict), None),
+        Some(Value::Tuple(pair)) => match &pair[..] {
+            [Value::Dict(dict), Value::Dict(slots)] => (Some(dict), Some(slots)),
+            [Value::None, Value::Dict(slots)] => (None, Some(slots)),
+            [Value::Dict(dict), Value::None] => (Some(dict), None),
+            _ => return Err(bad_state("a tuple")),
+        },
+        Some(other) => return Err(bad_state(other.kind())),
+    };
+    let field = |key: &str| {
+        [slots, dict].into_iter().flatten().find_map(|items| {
+            // A pickled dict has unique keys; were one repeated, the last would win.
+            items.chunks_exact(2).rev().find_map(|pair| match pair {
+                [Value::Str(k), value] if &**k == key => Some(value),
+                _ => None,
+            })
+        })
+    };
+    Ok(Request {
+        pid: int_field("worker_id", field("worker_id"))?,
+        scope: str_field("scope_id", field("scope_id"))?,
+        expiration: number_field("expiration_time", field("expiration_time"))?,
+        signal: SIGKILL,
+    })
+}
+
+/// The classes a queue frame may name; anything else is refused before it is looked at.
+const ACCEPTED_CLASSES: [(&str, &str); 4] = [
+    ("torch.distributed.elastic.timer.api", "TimerRequest"),
+    ("elastic_timer.api", "TimerRequest"),
+    (
+        "torch.distributed.elastic.timer.file_based_local_timer",
+        "FileTimerRequest",
+    ),
+    ("elastic_timer.file_based_local_timer", "FileTimerRequest"),
+];
+
+/// Bounds that keep hostile frames small; a real request needs a stack of 6 (marks
+/// included), 10 memo entries, dicts of 5 keys (10 items) and strings of a few dozen bytes.
+const MAX_STACK: usize = 64;
+const MAX_MEMO: usize = 64;
+const MAX_ITEMS: usize = 128;
+const MAX_STR: usize = 1 << 16;
+
+/// Pickle opcodes, named as in CPython's `pickle.py`.
+mod op {
+    pub const MARK: u8 = b'(';
+    pub const STOP: u8 = b'.';
+    pub const BINFLOAT: u8 = b'G';
+    pub const BININT: u8 = b'J';
+    pub const BININT1: u8 = b'K';
+    pub const BININT2: u8 = b'M';
+    pub const NONE: u8 = b'N';
+    pub const BINUNICODE: u8 = b'X';
+    pub const APPEND: u8 = b'a';
+    pub const BUILD: u8 = b'b';
+    pub const GLOBAL: u8 = b'c';
+    pub const APPENDS: u8 = b'e';
+    pub const BINGET: u8 = b'h';
+    pub const LONG_BINGET: u8 = b'j';
+    pub const BINPUT: u8 = b'q';
+    pub const LONG_BINPUT: u8 = b'r';
+    pub const SETITEM: u8 = b's';
+    pub const TUPLE: u8 = b't';
+    pub const SETITEMS: u8 = b'u';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const EMPTY_LIST: u8 = b']';
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const PROTO: u8 = 0x80;
+    pub const NEWOBJ: u8 = 0x81;
+    pub const TUPLE1: u8 = 0x85;
+    pub const TUPLE2: u8 = 0x86;
+    pub const TUPLE3: u8 = 0x87;
+    pub const NEWTRUE: u8 = 0x88;
+    pub const NEWFALSE: u8 = 0x89;
+    pub const LONG1: u8 = 0x8a;
+    pub const SHORT_BINUNICODE: u8 = 0x8c;
+    pub const BINUNICODE8: u8 = 0x8d;
+    pub const STACK_GLOBAL: u8 = 0x93;
+    pub const MEMOIZE: u8 = 0x94;
+    pub const FRAME: u8 = 0x95;
+}
+
+/// A value on the pickle machine's stack (and, reduced to scalars, a decoded JSON value).
+///
+/// Shared by `Rc` so a memo fetch never copies. Containers are copy-on-write: a memo entry
+/// keeps a dict as it was when memoized, which the objects we accept never observe. Nesting
+/// is limited to a tuple of dicts or lists of scalars, so there can be no deep recursion
+/// and no cycles.
+#[derive(Clone)]
+enum Value {
+    None,
+    /// True or False; a bool is never a valid field, so which one does not matter.
+    Bool,
+    Int(i64),
+    /// An int beyond i64, kept only to report it as out of range.
+    BigInt,
+    Float(f64),
+    Str(Rc<str>),
+    /// One of [`ACCEPTED_CLASSES`]; no other class gets this far.
+    Class,
+    Tuple(Rc<[Value]>),
+    List(Rc<Vec<Value>>),
+    /// Keys and values alternate, as SETITEMS lists them.
+    Dict(Rc<Vec<Value>>),
+    /// An instance of an accepted class, with the state BUILD gave it.
+    Object(Option<Rc<Value>>),
+}
+
+impl Value {
+    /// The kind as a Python user would name it, for error messages.
+    fn kind(&self) -> &'static str {
+        match self {
+            Value::None => "None",
+            Value::Bool => "a bool",
+            Value::Int(_) | Value::BigInt => "an int",
+            Value::Float(_) => "a float",
+            Value::Str(_) => "a str",
+            Value::Class => "a class",
+            Value::Tuple(_) => "a tuple",
+            Value::List(_) => "a list",
+            Value::Dict(_) => "a dict",
+            Value::Object(_) => "a TimerRequest",
+        }
+    }
+
+    /// Whether this may be an item of a tuple (`in_tuple`) or of a list or dict.
+    fn nests(&self, in_tuple: bool) -> bool {
+        match self {
+            Value::Class | Value::Tuple(_) | Value::Object(_) => false,
+            Value::List(_) | Value::Dict(_) => in_tuple,
+            _ => true,
+        }
+    }
+}
+
+fn int_field<T: TryFrom<i64>>(key: &'static str, value: Option<&Value>) -> Result<T, CodecError> {
+    match value.ok_or(CodecError::MissingKey(key))? {
+        Value::Int(int) => T::try_from(*int).map_err(|_| CodecError::OutOfRange { key }),
+        Value::BigInt => Err(CodecError::OutOfRange { key }),
+        other => Err(wrong_type(key, "an int", other)),
+    }
+}
+
+fn str_field(key: &'static str, value: Option<&Value>) -> Result<String, CodecError> {
+    match value.ok_or(CodecError::MissingKey(key))? {
+        Value::Str(s) => Ok(s.to_string()),
+        other => Err(wrong_type(key, "a str", other)),
+    }
+}
+
+fn number_field(key: &'static str, value: Option<&Value>) -> Result<f64, CodecError> {
+    match value.ok_or(CodecError::MissingKey(key))? {
+        Value::Int(int) => Ok(*int as f64),
+        Value::Float(float) => Ok(*float),
+        Value::BigInt => Err(CodecError::OutOfRange { key }),
+        other => Err(wrong_type(key, "an int or a float", other)),
+    }
+}
+
+fn wrong_type(key: &'static str, expected: &'static str, found: &Value) -> CodecError {
+    CodecError::WrongType {
+        key,
+        expected,
+        found: found.kind(),
+    }
+}
+
+/// The restricted unpickler: CPython's stack machine for the opcodes a request needs.
+struct Machine<'a> {
+    data: &'a [u8],
+    pos: usize,
+    /// Offset of the opcode being run, for error messages.
+    at: usize,
+    stack: Vec<Value>,
+    /// Stack lengths at each MARK; nothing below the last one may be popped.
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+}
+
+impl<'a> Machine<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self {
+            data,
+            pos: 0,
+            at: 0,
+            stack: Vec::new(),
+            marks: Vec::new(),
+            memo: HashMap::new(),
+        }
+    }
+
+    fn run(mut self) -> Result<Value, CodecError> {
+        if self.data.first() != Some(&op::PROTO) {
+            return Err(self.unsupported("no PROTO opcode (protocols 0 and 1 are not supported)"));
+        }
+        loop {
+            self.at = self.pos;
+            let [opcode] = self.take()?;
+            match opcode {
+                op::PROTO => {
+                    let [protocol] = self.take()?;
+                    if !(2..=5).contains(&protocol) {
+                        return Err(self.unsupported(&format!("protocol {protocol}")));
+                    }
+                }
+                op::FRAME => {
+                    // Framing only batches reads; the payload is already whole.
+                    self.take::<8>()?;
+                }
+                op::STOP => return self.pop(),
+                op::MARK => {
+                    self.reserve()?;
+                    self.marks.push(self.stack.len());
+                }
+                op::GLOBAL => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    self.push_class(module, name)?;
+                }
+                op::STACK_GLOBAL => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    let (Value::Str(module), Value::Str(name)) = (module, name) else {
+                        return Err(self.invalid("STACK_GLOBAL without two strings"));
+                    };
+                    self.push_class(&module, &name)?;
+                }
+                op::SHORT_BINUNICODE => {
+                    let [len] = self.take()?;
+                    self.push_str(len.into())?;
+                }
+                op::BINUNICODE => {
+                    let len = u32::from_le_bytes(self.take()?);
+                    self.push_str(usize::try_from(len).unwrap_or(usize::MAX))?;
+                }
+                op::BINUNICODE8 => {
+                    let len = u64::from_le_bytes(self.take()?);
+                    self.push_str(usize::try_from(len).unwrap_or(usize::MAX))?;
+                }
+                op::MEMOIZE => self.memoize(self.memo.len() as u32)?,
+                op::BINPUT => {
+                    let [index] = self.take()?;
+                    self.memoize(index.into())?;
+                }
+                op::LONG_BINPUT => {
+                    let index = u32::from_le_bytes(self.take()?);
+                    self.memoize(index)?;
+                }
+                op::BINGET => {
+                    let [index] = self.take()?;
+                    self.recall(index.into())?;
+                }
+                op::LONG_BINGET => {
+                    let index = u32::from_le_bytes(self.take()?);
+                    self.recall(index)?;
+                }
+                op::EMPTY_TUPLE => self.push(Value::Tuple(Rc::new([])))?,
+                op::TUPLE => {
+                    let items = self.pop_mark()?;
+                    self.push_tuple(items)?;
+                }
+                op::TUPLE1 | op::TUPLE2 | op::TUPLE3 => {
+                    let mut items = Vec::new();
+                    for _ in 0..=opcode - op::TUPLE1 {
+                        items.push(self.pop()?);
+                    }
+                    items.reverse();
+                    self.push_tuple(items)?;
+                }
+                op::EMPTY_DICT => self.push(Value::Dict(Rc::default()))?,
+                op::SETITEM => {
+                    let value = self.pop()?;
+                    let key = self.pop()?;
+                    self.extend_top(vec![key, value], true)?;
+                }
+                op::SETITEMS => {
+                    let items = self.pop_mark()?;
+                    self.extend_top(items, true)?;
+                }
+                op::EMPTY_LIST => self.push(Value::List(Rc::default()))?,
+                op::APPEND => {
+                    let value = self.pop()?;
+                    self.extend_top(vec![value], false)?;
+                }
+                op::APPENDS => {
+                    let items = self.pop_mark()?;
+                    self.extend_top(items, false)?;
+                }
+                op::NONE => self.push(Value::None)?,
+                op::NEWTRUE | op::NEWFALSE => self.push(Value::Bool)?,
+                op::BININT => {
+                    let int = i32::from_le_bytes(self.take()?);
+                    self.push(Value::Int(int.into()))?;
+                }
+                op::BININT1 => {
+                    let [int] = self.take()?;
+                    self.push(Value::Int(int.into()))?;
+                }
+                op::BININT2 => {
+                    let int = u16::from_le_bytes(self.take()?);
+                    self.push(Value::Int(int.into()))?;
+                }
+                op::LONG1 => {
+                    let [len] = self.take()?;
+                    let bytes = self.take_slice(len.into())?;
+                    self.push(long(bytes))?;
+                }
+                op::BINFLOAT => {
+                    let float = f64::from_be_bytes(self.take()?);
+                    self.push(Value::Float(float))?;
+                }
+                op::NEWOBJ => {
+                    // `cls.__new__(cls, *args)`: our classes take no state from args.
+                    let args = self.pop()?;
+                    let class = self.pop()?;
+                    let (Value::Class, Value::Tuple(_)) = (class, args) else {
+                        return Err(self.invalid("NEWOBJ without a class and an argument tuple"));
+                    };
+                    self.push(Value::Object(None))?;
+                }
+                op::BUILD => {
+                    let state = self.pop()?;
+                    let Value::Object(slot @ None) = self.top_mut()? else {
+                        return Err(self.invalid("BUILD without a fresh TimerRequest"));
+                    };
+                    *slot = Some(Rc::new(state));
+                }
+                _ => return Err(self.unsupported(&format!("opcode 0x{opcode:02x}"))),
+            }
+        }
+    }
+
+    fn invalid(&self, why: &str) -> CodecError {
+        CodecError::InvalidPickle(format!("{why} at offset {}", self.at))
+    }
+
+    fn unsupported(&self, what: &str) -> CodecError {
+        CodecError::UnsupportedPickle(format!("{what} at offset {}", self.at))
+    }
+
+    fn take_slice(&mut self, len: usize) -> Result<&'a [u8], CodecError> {
+        let data = self.data;
+        let bytes = self
+            .pos
+            .checked_add(len)
+            .and_then(|end| data.get(self.pos..end));
+        let bytes = bytes.ok_or_else(|| self.invalid("truncated"))?;
+        self.pos += len;
+        Ok(bytes)
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], CodecError> {
+        let bytes = self.take_slice(N)?;
+        bytes.try_into().map_err(|_| self.invalid("truncated"))
+    }
+
+    /// A newline-terminated argument of GLOBAL.
+    fn line(&mut self) -> Result<&'a str, CodecError> {
+        let rest = self.data.get(self.pos..).unwrap_or_default();
+        let len = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| self.invalid("truncated"))?;
+        let line = self.take_slice(len + 1)?;
+        std::str::from_utf8(&line[..len]).map_err(|_| self.invalid("invalid UTF-8"))
+    }
+
+    /// The stack length below which the innermost MARK forbids popping.
+    fn floor(&self) -> usize {
+        self.marks.last().copied().unwrap_or(0)
+    }
+
+    fn reserve(&self) -> Result<(), CodecError> {
+        if self.stack.len() + self.marks.len() < MAX_STACK {
+            Ok(())
+        } else {
+            Err(self.unsupported(&format!("more than {MAX_STACK} stack entries")))
+        }
+    }
+
+    fn push(&mut self, value: Value) -> Result<(), CodecError> {
+        self.reserve()?;
+        self.stack.push(value);
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Result<Value, CodecError> {
+        if self.stack.len() > self.floor() {
+            if let Some(value) = self.stack.pop() {
+                return Ok(value);
+            }
+        }
+        Err(self.invalid("stack underflow"))
+    }
+
+    fn top_mut(&mut self) -> Result<&mut Value, CodecError> {
+        let (len, floor, at) = (self.stack.len(), self.floor(), self.at);
+        self.stack
+            .last_mut()
+            .filter(|_| len > floor)
+            .ok_or_else(|| CodecError::InvalidPickle(format!("stack underflow at offset {at}")))
+    }
+
+    /// Pops everything above the innermost MARK, and the mark.
+    fn pop_mark(&mut self) -> Result<Vec<Value>, CodecError> {
+        let mark = self.marks.pop().ok_or_else(|| self.invalid("no MARK"))?;
+        // `pop` never goes below a mark, so the stack still reaches it.
+        Ok(self.stack.split_off(mark))
+    }
+
+    fn push_class(&mut self, module: &str, name: &str) -> Result<(), CodecError> {
+        if !ACCEPTED_CLASSES.contains(&(module, name)) {
+            return Err(CodecError::UnsupportedClass {
+                module: module.to_owned(),
+                name: name.to_owned(),
+            });
+        }
+        self.push(Value::Class)
+    }
+
+    fn push_str(&mut self, len: usize) -> Result<(), CodecError> {
+        if len > MAX_STR {
+            return Err(self.unsupported(&format!("string longer than {MAX_STR} bytes")));
+        }
+        let bytes = self.take_slice(len)?;
+        let s = std::str::from_utf8(bytes).map_err(|_| self.invalid("invalid UTF-8"))?;
+        self.push(Value::Str(s.into()))
+    }
+
+    fn push_tuple(&mut self, items: Vec<Value>) -> Result<(), CodecError> {
+        if !items.iter().all(|item| item.nests(true)) {
+            return Err(self.unsupported("nested tuple"));
+        }
+        self.push(Value::Tuple(items.into()))
+    }
+
+    /// APPEND(S) into the list, or SETITEM(S) into the dict, on top of the stack.
+    fn extend_top(&mut self, items: Vec<Value>, into_dict: bool) -> Result<(), CodecError> {
+        if !items.iter().all(|item| item.nests(false)) {
+            return Err(self.unsupported("nested container"));
+        }
+        let target = match self.top_mut()? {
+            Value::List(list) if !into_dict => list,
+            Value::Dict(dict) if into_dict && items.len().is_multiple_of(2) => dict,
+            _ if into_dict => {
+                return Err(self.invalid("SETITEMS without a dict and key-value pairs"))
+            }
+            _ => return Err(self.invalid("APPENDS without a list")),
+        };
+        let target = Rc::make_mut(target);
+        target.extend(items);
+        if target.len() > MAX_ITEMS {
+            return Err(self.unsupported(&format!("more than {MAX_ITEMS} items in a container")));
+        }
+        Ok(())
+    }
+
+    fn memoize(&mut self, index: u32) -> Result<(), CodecError> {
+        let value = self.top_mut()?.clone();
+        if self.memo.len() >= MAX_MEMO && !self.memo.contains_key(&index) {
+            return Err(self.unsupported(&format!("more than {MAX_MEMO} memo entries")));
+        }
+        self.memo.insert(index, value);
+        Ok(())
+    }
+
+    fn recall(&mut self, index: u32) -> Result<(), CodecError> {
+        let value = self.memo.get(&index).cloned();
+        let value = value.ok_or_else(|| self.invalid(&format!("memo entry {index} not found")))?;
+        self.push(value)
+    }
+}
+
+/// LONG1's little-endian two's complement, if it fits an i64.
+fn long(bytes: &[u8]) -> Value {
+    let negative = bytes.last().is_some_and(|b| b & 0x80 != 0);
+    let fill = if negative { 0xff } else { 0 };
+    let (low, high) = bytes.split_at(bytes.len().min(8));
+    // Bytes past the eighth may only repeat the sign, which the eighth must already carry.
+    let fits = high.is_empty()
+        || (high.iter().all(|&b| b == fill)
+            && low.last().is_some_and(|b| (b & 0x80 != 0) == negative));
+    if !fits {
+        return Value::BigInt;
+    }
+    let mut le = [fill; 8];
+    le[..low.len()].copy_from_slice(low);
+    Value::Int(i64::from_le_bytes(le))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn request(pid: i64, scope: &str, expiration: f64, signal: i32) -> Request {
+        Request {
+            pid,
+            scope: scope.to_owned(),
+            expiration,
+            signal,
+        }
+    }
+
+    fn wrong_type(key: &'static str, expected: &'static str, found: &'static str) -> CodecError {
+        CodecError::WrongType {
+            key,
+            expected,
+            found,
+        }
+    }
+
+    #[test]
+    fn decodes_torch_lines() {
+        let line = br#"{"version": 1, "pid": 1234, "scope_id": "train step \ud83d\ude00", "expiration_time": 1700000000.123456, "signal": 9}"#;
+        assert_eq!(
+            decode_json_line(line),
+            Ok(request(1234, "train step 😀", 1700000000.123456, 9))
+        );
+        let release = decode_json_line(
+            br#"{"version": 1, "pid": -5, "scope_id": "s", "expiration_time": -1, "signal": 0}"#,
+        );
+        assert_eq!(release, Ok(request(-5, "s", -1.0, 0)));
+        assert!(release.is_ok_and(|r| r.is_release()));
+    }
+
+    #[test]
+    fn json_is_read_as_python_reads_it() {
+        let cases: &[(&[u8], Request)] = &[
+            // Any key order, unknown keys ignored, no version needed, whitespace around.
+            (
+                b" {\"signal\":15,\"extra\":[{\"x\":null}],\"expiration_time\":2,\"scope_id\":\"\",\"pid\":7} \r\n",
+                request(7, "", 2.0, 15),
+            ),
+            // Duplicate keys: the last wins, even over a value of the wrong type.
+            (
+                br#"{"pid": true, "pid": 2, "scope_id": 3, "scope_id": "\u00e9\n", "expiration_time": 1, "signal": 9}"#,
+                request(2, "é\n", 1.0, 9),
+            ),
+            (
+                br#"{"pid": 1, "scope_id": "s", "expiration_time": -Infinity, "signal": -9}"#,
+                request(1, "s", f64::NEG_INFINITY, -9),
+            ),
+            (
+                br#"{"pid": 1, "scope_id": "s", "expiration_time": 1e400, "signal": 2147483647}"#,
+                request(1, "s", f64::INFINITY, i32::MAX),
+            ),
+            (
+                br#"{"pid": -9223372036854775808, "scope_id": "s", "expiration_time": -0.0, "signal": -0}"#,
+                request(i64::MIN, "s", -0.0, 0),
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(
+                decode_json_line(line).as_ref(),
+                Ok(expected),
+                "{}",
+                line.escape_ascii()
+            );
+        }
+        let nan = br#"{"pid": 1, "scope_id": "s", "expiration_time": NaN, "signal": 9}"#;
+        assert!(decode_json_line(nan).is_ok_and(|r| r.expiration.is_nan() && !r.is_release()));
+    }
+
+    #[test]
+    fn json_refusals_say_why() {
+        let invalid =
+            |line: &[u8]| matches!(decode_json_line(line), Err(CodecError::InvalidJson(_)));
+        let deep = [
+            b"{\"a\": ".repeat(10_000),
+            b"1".to_vec(),
+            b"}".repeat(10_000),
+        ]
+        .concat();
+        for line in [
+            &b""[..],
+            b"   ",
+            b"{",
+            br#"{"pid": 1, "scope_id": "s", "expiration_time": 1, "signal": 9"#,
+            br#"{"pid": 1, "scope_id": "s", "expiration_time": 1, "signal": 9} x"#,
+            br#"{"pid": 1, "scope_id": "s", "expiration_time": 1, "signal": 9}{}"#,
+            br#"{"pid": 01}"#,
+            br#"{"pid": 1,}"#,
+            br#"{"pid": +1}"#,
+            br#"{"pid": 1, "scope_id": "\ud800", "expiration_time": 1, "signal": 9}"#,
+            b"{\"pid\": 1, \"scope_id\": \"\xff\", \"expiration_time\": 1, \"signal\": 9}",
+            b"{\"pid\": 1, \"scope_id\": \"a\tb\", \"expiration_time\": 1, \"signal\": 9}",
+            b"\xef\xbb\xbf{}",
+            &deep,
+            b"hello",
+        ] {
+            assert!(invalid(line), "{}", line.escape_ascii());
+        }
+        // A valid line with `key` set to the JSON `value`, or left out if `value` is empty.
+        let with = |key: &str, value: &str| {
+            let fields: Vec<String> = [
+                ("pid", "1"),
+                ("scope_id", r#""s""#),
+                ("expiration_time", "1.5"),
+                ("signal", "9"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k, if k == key { value } else { v }))
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("\"{k}\": {v}"))
+            .collect();
+            format!("{{{}}}", fields.join(", ")).into_bytes()
+        };
+        let cases = [
+            (b"[]".to_vec(), CodecError::NotAnObject),
+            (b" \"{}\" ".to_vec(), CodecError::NotAnObject),
+            (b"1".to_vec(), CodecError::NotAnObject),
+            (with("pid", ""), CodecError::MissingKey("pid")),
+            (with("scope_id", ""), CodecError::MissingKey("scope_id")),
+            (
+                with("expiration_time", ""),
+                CodecError::MissingKey("expiration_time"),
+            ),
+            (with("signal", ""), CodecError::MissingKey("signal")),
+            (with("pid", "true"), wrong_type("pid", "an int", "a bool")),
+            (with("pid", "1.0"), wrong_type("pid", "an int", "a float")),
+            (with("pid", r#""1""#), wrong_type("pid", "an int", "a str")),
+            (with("pid", "null"), wrong_type("pid", "an int", "None")),
+            (
+                with("pid", "9223372036854775808"),
+                CodecError::OutOfRange { key: "pid" },
+            ),
+            (with("pid", "1e3"), wrong_type("pid", "an int", "a float")),
+            (
+                with("scope_id", "5"),
+                wrong_type("scope_id", "a str", "an int"),
+            ),
+            (
+                with("scope_id", r#"["s"]"#),
+                wrong_type("scope_id", "a str", "a list"),
+            ),
+            (
+                with("scope_id", "{}"),
+                wrong_type("scope_id", "a str", "a dict"),
+            ),
+            (
+                with("expiration_time", "false"),
+                wrong_type("expiration_time", "an int or a float", "a bool"),
+            ),
+            (
+                with("expiration_time", r#""1""#),
+                wrong_type("expiration_time", "an int or a float", "a str"),
+            ),
+            (
+                with("expiration_time", "123456789012345678901234567890"),
+                CodecError::OutOfRange {
+                    key: "expiration_time",
+                },
+            ),
+            (
+                with("signal", "2147483648"),
+                CodecError::OutOfRange { key: "signal" },
+            ),
+            (
+                with("signal", "-2147483649"),
+                CodecError::OutOfRange { key: "signal" },
+            ),
+            (
+                with("signal", "9.0"),
+                wrong_type("signal", "an int", "a float"),
+            ),
+        ];
+        for (line, expected) in cases {
+            assert_eq!(
+                decode_json_line(&line),
+                Err(expected),
+                "{}",
+                line.escape_ascii()
+            );
+        }
+    }
+
+    #[test]
+    fn error_messages_read_well() {
+        let message = |line: &[u8]| decode_json_line(line).map_err(|e| e.to_string()).err();
+        assert_eq!(
+            message(br#"{"pid": "1", "scope_id": "s", "expiration_time": 1, "signal": 9}"#)
+                .as_deref(),
+            Some("pid must be an int, not a str")
+        );
+        assert_eq!(
+            message(br#"{"pid": 1}"#).as_deref(),
+            Some("scope_id is missing")
+        );
+        assert_eq!(
+            message(b"{\"pid\": 1} x").as_deref(),
+            Some("invalid JSON: trailing characters at index 11")
+        );
+        assert_eq!(
+            CodecError::UnsupportedClass {
+                module: "posix".into(),
+                name: "system".into()
+            }
+            .to_string(),
+            "refusing to unpickle posix.system: only TimerRequest and FileTimerRequest are accepted"
+        );
+    }
+
+    /// `(x, json.dumps(x))` from CPython 3.11.
+    const PYTHON_FLOATS: &[(f64, &str)] = &[
+        (0.1, "0.1"),
+        (1e16, "1e+16"),
+        (9999999999999998.0, "9999999999999998.0"),
+        (1e-5, "1e-05"),
+        (5e-324, "5e-324"),
+        (1.7976931348623157e308, "1.7976931348623157e+308"),
+        (123456789.123, "123456789.123"),
+        (-0.0, "-0.0"),
+        (0.0, "0.0"),
+        (1e22, "1e+22"),
+        (1.0, "1.0"),
+        (0.0001, "0.0001"),
+        (0.00012345, "0.00012345"),
+        (1700000000.123456, "1700000000.123456"),
+        (-1.5, "-1.5"),
+        (1.5e-5, "1.5e-05"),
+        (1.2345e100, "1.2345e+100"),
+        (2.5e-310, "2.5e-310"),
+        (1e15, "1000000000000000.0"),
+        (1.2345678901234568e17, "1.2345678901234568e+17"),
+        (f64::INFINITY, "Infinity"),
+        (f64::NEG_INFINITY, "-Infinity"),
+        (f64::NAN, "NaN"),
+        (0.3333333333333333, "0.3333333333333333"),
+        (9007199254740992.0, "9007199254740992.0"),
+        (9.9999e-5, "9.9999e-05"),
+        (100.0, "100.0"),
+        (1.2345678901234568e16, "1.2345678901234568e+16"),
+        // A tie between two shortest strings: repr takes the even digit.
+        (-1113178120592002.2, "-1113178120592002.2"),
+        (-33714033845255.812, "-33714033845255.812"),
+    ];
+
+    #[test]
+    fn floats_are_written_as_python_repr() {
+        for &(x, python) in PYTHON_FLOATS {
+            let mut out = Vec::new();
+            push_float_repr(x, &mut out);
+            assert_eq!(String::from_utf8_lossy(&out), python, "{x:e}");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_python_does() {
+        // `(s, json.dumps(s))` from CPython 3.11.
+        let cases = [
+            ("", r#""""#),
+            ("scope", r#""scope""#),
+            ("a\"b", r#""a\"b""#),
+            ("back\\slash", r#""back\\slash""#),
+            ("\n\r\t\u{8}\u{c}", r#""\n\r\t\b\f""#),
+            ("\0\u{1}\u{1f}", r#""\u0000\u0001\u001f""#),
+            ("\u{7f}", r#""\u007f""#),
+            ("~ ", r#""~ ""#),
+            ("é", r#""\u00e9""#),
+            ("中", r#""\u4e2d""#),
+            ("😀", r#""\ud83d\ude00""#),
+            (
+                "mix é中😀 \u{7f}\"\\",
+                r#""mix \u00e9\u4e2d\ud83d\ude00 \u007f\"\\""#,
+            ),
+            ("\u{2028}\u{feff}", r#""\u2028\ufeff""#),
+        ];
+        for (s, python) in cases {
+            let mut out = Vec::new();
+            push_json_str(s, &mut out);
+            assert_eq!(String::from_utf8_lossy(&out), python);
+        }
+    }
+
+    #[test]
+    fn lines_are_written_as_torch_writes_them() {
+        // `json.dumps({...}) + "\n"` from CPython 3.11.
+        let cases = [
+            (
+                1234,
+                "train step 😀",
+                Number::Float(1700000000.123456),
+                9,
+                "{\"version\": 1, \"pid\": 1234, \"scope_id\": \"train step \\ud83d\\ude00\", \"expiration_time\": 1700000000.123456, \"signal\": 9}\n",
+            ),
+            (
+                -5,
+                "s",
+                Number::Int(-1),
+                0,
+                "{\"version\": 1, \"pid\": -5, \"scope_id\": \"s\", \"expiration_time\": -1, \"signal\": 0}\n",
+            ),
+            (
+                1,
+                "s",
+                Number::Float(f64::INFINITY),
+                15,
+                "{\"version\": 1, \"pid\": 1, \"scope_id\": \"s\", \"expiration_time\": Infinity, \"signal\": 15}\n",
+            ),
+        ];
+        for (pid, scope, expiration, signal, python) in cases {
+            let mut out = b"kept".to_vec();
+            encode_json_line(pid, scope, expiration, signal, &mut out);
+            assert_eq!(String::from_utf8_lossy(&out), format!("kept{python}"));
+        }
+    }
+
+    fn finite() -> impl Strategy<Value = f64> {
+        use proptest::num::f64::{NEGATIVE, NORMAL, POSITIVE, SUBNORMAL, ZERO};
+        POSITIVE | NEGATIVE | NORMAL | SUBNORMAL | ZERO
+    }
+
+    proptest! {
+        #[test]
+        fn json_lines_round_trip(pid: i64, scope: String, expiration in finite(), signal: i32) {
+            let mut line = Vec::new();
+            encode_json_line(pid, &scope, Number::Float(expiration), signal.into(), &mut line);
+            prop_assert!(line.is_ascii());
+            let decoded = decode_json_line(&line).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(decoded.pid, pid);
+            prop_assert_eq!(decoded.scope, scope);
+            prop_assert_eq!(decoded.expiration.to_bits(), expiration.to_bits());
+            prop_assert_eq!(decoded.signal, signal);
+        }
+
+        #[test]
+        fn json_never_panics(line in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_json_line(&line);
+        }
+
+        #[test]
+        fn json_never_panics_near_valid(
+            at in 0..90usize,
+            junk in prop::collection::vec(prop::sample::select(&b"{}[]\":,-0123456789.eE+\\ufINaNtrnl \xff"[..]), 0..8),
+        ) {
+            let mut line = br#"{"pid": 1234, "scope_id": "s", "expiration_time": -1.5e3, "signal": 9}"#.to_vec();
+            let at = at.min(line.len());
+            line.splice(at..at, junk);
+            let _ = decode_json_line(&line);
+        }
+    }
+
+    // `pickle.dumps(obj, protocol=...).hex()` from CPython 3.11 (protocol 4 unless the name
+    // says otherwise, which is what `ForkingPickler.dumps` gives), and torch 2.15.
+    // TimerRequest(1234, "scope", 1700000000.123456), torch's class
+    const TORCH_P2: &str = "800263746f7263682e64697374726962757465642e656c61737469632e74696d65722e6170690a54696d6572526571756573740a7100298171014e7d7102285809000000776f726b65725f696471034dd204580800000073636f70655f69647104580500000073636f70657105580f00000065787069726174696f6e5f74696d6571064741d954fc4007e6b475867107622e";
+    const TORCH_P3: &str = "800363746f7263682e64697374726962757465642e656c61737469632e74696d65722e6170690a54696d6572526571756573740a7100298171014e7d7102285809000000776f726b65725f696471034dd204580800000073636f70655f69647104580500000073636f70657105580f00000065787069726174696f6e5f74696d6571064741d954fc4007e6b475867107622e";
+    const TORCH_P4: &str = "80049580000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d65944741d954fc4007e6b4758694622e";
+    const TORCH_P5: &str = "80059580000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d65944741d954fc4007e6b4758694622e";
+    // TimerRequest(1234, "scope", -1): the release, an int
+    const TORCH_RELEASE: &str = "8004957c000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d65944affffffff758694622e";
+    // TimerRequest(2**40 + 5, "scope", 1.5): LONG1
+    const TORCH_BIG_PID: &str = "80049585000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964948a060500000000018c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    // TimerRequest(2**70, "scope", 1.5)
+    const TORCH_HUGE_PID: &str = "80049588000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964948a090000000000000000408c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    // TimerRequest(-7, "scope", 1.5)
+    const TORCH_NEG_PID: &str = "80049582000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944af9ffffff8c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    // TimerRequest(1234, "é中😀\n\"", 1.5)
+    const TORCH_UNICODE: &str = "80049586000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0bc3a9e4b8adf09f98800a22948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    // FileTimerRequest(1234, "scope", 1.5, 15), protocols 4 and 2
+    const TORCH_FILE: &str = "800495ae000000000000008c36746f7263682e64697374726962757465642e656c61737469632e74696d65722e66696c655f62617365645f6c6f63616c5f74696d6572948c1046696c6554696d6572526571756573749493942981944e7d94288c0776657273696f6e944b018c067369676e616c944b0f8c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    const TORCH_FILE_P2: &str = "800263746f7263682e64697374726962757465642e656c61737469632e74696d65722e66696c655f62617365645f6c6f63616c5f74696d65720a46696c6554696d6572526571756573740a7100298171014e7d710228580700000076657273696f6e71034b0158060000007369676e616c71044b0f5809000000776f726b65725f696471054dd204580800000073636f70655f69647106580500000073636f70657107580f00000065787069726174696f6e5f74696d657108473ff800000000000075867109622e";
+    // TimerRequest with a wrong field: "1234", True, scope 5, "soon", None
+    const PID_STR: &str = "80049584000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964948c0431323334948c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    const PID_BOOL: &str = "8004957e000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f696494888c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    const SCOPE_INT: &str = "8004957a000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964944b058c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    const EXPIRATION_STR: &str = "8004957e000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d65948c04736f6f6e94758694622e";
+    const EXPIRATION_NONE: &str = "80049578000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d65944e758694622e";
+    // A TimerRequest whose expiration_time slot was never set
+    const NO_EXPIRATION: &str = "80049565000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f706594758694622e";
+    // An object whose __reduce__ returns (os.system, ("echo pwned",)), protocols 4 and 2
+    const OS_SYSTEM: &str = "80049525000000000000008c05706f736978948c0673797374656d9493948c0a6563686f2070776e656494859452942e";
+    const OS_SYSTEM_P2: &str =
+        "800263706f7369780a73797374656d0a7100580a0000006563686f2070776e656471018571025271032e";
+    // A plain dict with the right keys
+    const A_DICT: &str = "8004953d000000000000007d94288c09776f726b65725f6964944b018c0873636f70655f6964948c0173948c0f65787069726174696f6e5f74696d6594473ff0000000000000752e";
+    // elastic_timer.api.TimerRequest(1234, "scope", 1.5) and
+    // elastic_timer.file_based_local_timer.FileTimerRequest(1234, "scope", 1.5, 15)
+    const OURS: &str = "8004956e000000000000008c11656c61737469635f74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    const OURS_FILE: &str = "8004959c000000000000008c24656c61737469635f74696d65722e66696c655f62617365645f6c6f63616c5f74696d6572948c1046696c6554696d6572526571756573749493942981944e7d94288c0776657273696f6e944b018c067369676e616c944b0f8c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
+    // The same request from a TimerRequest without __slots__ (state: its __dict__) and
+    // from a subclass of a class slotting two fields (state: (__dict__, slots))
+    const OURS_DICT_STATE: &str = "8004956b000000000000008c11656c61737469635f74696d65722e617069948c0c54696d6572526571756573749493942981947d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff800000000000075622e";
+    const OURS_MIXED_STATE: &str = "80049570000000000000008c11656c61737469635f74696d65722e617069948c0c54696d6572526571756573749493942981947d948c0f65787069726174696f6e5f74696d6594473ff8000000000000737d94288c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f706594758694622e";
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex fixture"))
+            .collect()
+    }
+
+    const VALID: [&str; 15] = [
+        TORCH_P2,
+        TORCH_P3,
+        TORCH_P4,
+        TORCH_P5,
+        TORCH_RELEASE,
+        TORCH_BIG_PID,
+        TORCH_NEG_PID,
+        TORCH_UNICODE,
+        TORCH_FILE,
+        TORCH_FILE_P2,
+        OURS,
+        OURS_FILE,
+        OURS_DICT_STATE,
+        OURS_MIXED_STATE,
+        A_DICT,
+    ];
+
+    #[test]
+    fn decodes_timer_requests() {
+        let cases = [
+            (TORCH_P2, request(1234, "scope", 1700000000.123456, SIGKILL)),
+            (TORCH_P3, request(1234, "scope", 1700000000.123456, SIGKILL)),
+            (TORCH_P4, request(1234, "scope", 1700000000.123456, SIGKILL)),
+            (TORCH_P5, request(1234, "scope", 1700000000.123456, SIGKILL)),
+            (TORCH_RELEASE, request(1234, "scope", -1.0, SIGKILL)),
+            (TORCH_BIG_PID, request((1 << 40) + 5, "scope", 1.5, SIGKILL)),
+            (TORCH_NEG_PID, request(-7, "scope", 1.5, SIGKILL)),
+            (TORCH_UNICODE, request(1234, "é中😀\n\"", 1.5, SIGKILL)),
+            (TORCH_FILE, request(1234, "scope", 1.5, SIGKILL)),
+            (TORCH_FILE_P2, request(1234, "scope", 1.5, SIGKILL)),
+            (OURS, request(1234, "scope", 1.5, SIGKILL)),
+            (OURS_FILE, request(1234, "scope", 1.5, SIGKILL)),
+            (OURS_DICT_STATE, request(1234, "scope", 1.5, SIGKILL)),
+            (OURS_MIXED_STATE, request(1234, "scope", 1.5, SIGKILL)),
+        ];
+        for (hex, expected) in cases {
+            assert_eq!(decode_pickle(&unhex(hex)), Ok(expected), "{hex}");
+        }
+        assert!(decode_pickle(&unhex(TORCH_RELEASE)).is_ok_and(|r| r.is_release()));
+        // As pickle.loads does, ignore what follows STOP.
+        let trailing = [unhex(TORCH_P4), b"junk".to_vec()].concat();
+        assert!(decode_pickle(&trailing).is_ok());
+        assert_eq!(SIGKILL, 9);
+    }
+
+    #[test]
+    fn long1_is_read_as_twos_complement() {
+        let int = |bytes: &[u8]| match long(bytes) {
+            Value::Int(int) => Some(int),
+            _ => None,
+        };
+        assert_eq!(int(&[]), Some(0));
+        assert_eq!(int(&[0xff]), Some(-1));
+        assert_eq!(int(&[0x00, 0x80]), Some(-32768));
+        assert_eq!(int(&[0xff, 0x00]), Some(255));
+        assert_eq!(int(&[0xff; 8]), Some(-1));
+        assert_eq!(int(&[0xff; 12]), Some(-1));
+        assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0x80]), Some(i64::MIN));
+        assert_eq!(
+            int(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0]),
+            Some(i64::MAX)
+        );
+        assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), None); // 2**63
+        assert_eq!(
+            int(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0xff]),
+            None
+        );
+        assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn pickle_refusals_say_why() {
+        let posix_system = || CodecError::UnsupportedClass {
+            module: "posix".into(),
+            name: "system".into(),
+        };
+        let cases = [
+            (OS_SYSTEM, posix_system()),
+            (OS_SYSTEM_P2, posix_system()),
+            (PID_STR, wrong_type("worker_id", "an int", "a str")),
+            (PID_BOOL, wrong_type("worker_id", "an int", "a bool")),
+            (SCOPE_INT, wrong_type("scope_id", "a str", "an int")),
+            (
+                EXPIRATION_STR,
+                wrong_type("expiration_time", "an int or a float", "a str"),
+            ),
+            (
+                EXPIRATION_NONE,
+                wrong_type("expiration_time", "an int or a float", "None"),
+            ),
+            (NO_EXPIRATION, CodecError::MissingKey("expiration_time")),
+            (TORCH_HUGE_PID, CodecError::OutOfRange { key: "worker_id" }),
+            (
+                A_DICT,
+                CodecError::UnsupportedPickle("the pickle holds a dict, not a TimerRequest".into()),
+            ),
+        ];
+        for (hex, expected) in cases {
+            assert_eq!(decode_pickle(&unhex(hex)), Err(expected), "{hex}");
+        }
+    }
+
+    #[test]
+    fn hostile_pickles_are_refused_within_bounds() {
+        let unsupported = |what: &str| Err(CodecError::UnsupportedPickle(what.into()));
+        let invalid = |why: &str| Err(CodecError::InvalidPickle(why.into()));
+        let spam = |op: &[u8], times: usize| [&b"\x80\x04"[..], &op.repeat(times), b"."].concat();
+        let memo_spam: Vec<u8> = (0..100u32)
+            .flat_map(|i| [&b"r"[..], &i.to_le_bytes()].concat())
+            .collect();
+        let cases: [(Vec<u8>, Result<Request, CodecError>); 18] = [
+            (
+                b"".to_vec(),
+                unsupported("no PROTO opcode (protocols 0 and 1 are not supported) at offset 0"),
+            ),
+            (
+                b"cos\nsystem\n(S'echo'\ntR.".to_vec(),
+                unsupported("no PROTO opcode (protocols 0 and 1 are not supported) at offset 0"),
+            ),
+            (
+                b"\x80\x01N.".to_vec(),
+                unsupported("protocol 1 at offset 0"),
+            ),
+            (
+                b"\x80\x06N.".to_vec(),
+                unsupported("protocol 6 at offset 0"),
+            ),
+            (
+                b"\x80\x04NN\x52.".to_vec(),
+                unsupported("opcode 0x52 at offset 4"),
+            ),
+            (
+                b"\x80\x04cos\nsystem\n.".to_vec(),
+                Err(CodecError::UnsupportedClass {
+                    module: "os".into(),
+                    name: "system".into(),
+                }),
+            ),
+            (
+                b"\x80\x04X\xff\xff\xff\xff".to_vec(),
+                unsupported("string longer than 65536 bytes at offset 2"),
+            ),
+            (
+                b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+                unsupported("string longer than 65536 bytes at offset 2"),
+            ),
+            (
+                b"\x80\x04\x8c\x02\xff\xfe.".to_vec(),
+                invalid("invalid UTF-8 at offset 2"),
+            ),
+            (
+                spam(b"(", 100),
+                unsupported("more than 64 stack entries at offset 66"),
+            ),
+            (
+                spam(b"N", 100),
+                unsupported("more than 64 stack entries at offset 66"),
+            ),
+            (
+                [&b"\x80\x04N"[..], &memo_spam, b"."].concat(),
+                unsupported("more than 64 memo entries at offset 323"),
+            ),
+            (
+                [&b"\x80\x04]"[..], &spam(b"(NNNNNNNNNNNNNNNNNNNNe", 10)[2..]].concat(),
+                unsupported("more than 128 items in a container at offset 156"),
+            ),
+            (
+                b"\x80\x04))\x85.".to_vec(),
+                unsupported("nested tuple at offset 4"),
+            ),
+            (
+                b"\x80\x04]]a.".to_vec(),
+                unsupported("nested container at offset 4"),
+            ),
+            (
+                b"\x80\x04h\x05.".to_vec(),
+                invalid("memo entry 5 not found at offset 2"),
+            ),
+            (
+                b"\x80\x04N(\x85.".to_vec(),
+                invalid("stack underflow at offset 4"),
+            ),
+            (
+                b"\x80\x04N}b.".to_vec(),
+                invalid("BUILD without a fresh TimerRequest at offset 4"),
+            ),
+        ];
+        for (pickle, expected) in cases {
+            assert_eq!(
+                decode_pickle(&pickle),
+                expected,
+                "{}",
+                pickle.escape_ascii()
+            );
+        }
+        for pickle in [
+            &b"\x80\x04."[..],
+            b"\x80\x04N)\x81.",
+            b"\x80\x04]NNs.",
+            b"\x80\x04}Na.",
+            b"\x80\x04}(Nu.",
+            b"\x80\x04N\x8c\x01a\x93.",
+            b"\x80\x04t.",
+            b"\x80\x04\x8c\x11elastic_timer.api\x8c\x0cTimerRequest\x93)\x81NbNb.",
+        ] {
+            assert!(
+                matches!(decode_pickle(pickle), Err(CodecError::InvalidPickle(_))),
+                "{}",
+                pickle.escape_ascii()
+            );
+        }
+        // An object BUILD never gave state has none of its fields.
+        let bare = b"\x80\x04\x8c\x11elastic_timer.api\x8c\x0cTimerRequest\x93)\x81.";
+        assert_eq!(
+            decode_pickle(bare),
+            Err(CodecError::MissingKey("worker_id"))
+        );
+    }
+
+    #[test]
+    fn truncated_pickles_are_errors() {
+        for hex in VALID {
+            let pickle = unhex(hex);
+            for len in 0..pickle.len() {
+                let truncated = &pickle[..len];
+                assert!(decode_pickle(truncated).is_err(), "{hex} cut at {len}");
+            }
+        }
+    }
+
+    /// Bytes a fuzzed pickle is made of: every supported opcode and a few arguments.
+    const PICKLE_SOUP: &[u8] = b"\x80\x95.(c\x93\x8cX\x8d\x94qrhj)t\x85\x86\x87}su]aeN\x88\x89JKM\x8aG\x81b\x00\x01\x02\x05\n\xff";
+
+    proptest! {
+        #[test]
+        fn pickles_never_panic(payload in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_pickle(&payload);
+        }
+
+        #[test]
+        fn opcode_soup_never_panics(soup in prop::collection::vec(prop::sample::select(PICKLE_SOUP), 0..256)) {
+            let _ = decode_pickle(&[&b"\x80\x04"[..], &soup].concat());
+        }
+
+        #[test]
+        fn mutated_pickles_never_panic(
+            fixture in prop::sample::select(&VALID[..]),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut pickle = unhex(fixture);
+            for (at, byte) in edits {
+                let at = at.index(pickle.len());
+                pickle[at] = byte;
+            }
+            let _ = decode_pickle(&pickle);
+        }
+    }
+}

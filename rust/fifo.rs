@@ -1,0 +1,367 @@
+//! The named-FIFO transport: one JSON line per request.
+//!
+//! Server side, the FIFO is opened non-blocking together with a write end of our own, so the
+//! reader never sees end-of-file when the last client closes and opening never waits for a
+//! client. Client side, a request is one `write` of at most `PIPE_BUF` bytes (atomic, so lines
+//! of concurrent clients never interleave); a full pipe is waited on, bounded, instead of
+//! failing with `BlockingIOError` as torch's client does.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::fs::{self, FileType, Mode, OFlags, CWD};
+use rustix::io::Errno;
+
+/// The longest request line (without its newline): writes up to `PIPE_BUF` bytes are atomic.
+pub const MAX_LINE: usize = libc::PIPE_BUF;
+
+/// How much one `read_lines` call takes before it lets the loop look at its deadlines again.
+const READ_BUDGET: usize = 1 << 20;
+
+/// Creates the FIFO at `path`, replacing whatever is there (as torch's server does).
+pub fn create(path: &Path) -> io::Result<()> {
+    match fs::unlink(path) {
+        Ok(()) | Err(Errno::NOENT) => {}
+        Err(err) => return Err(err.into()),
+    }
+    Ok(fs::mkfifoat(CWD, path, Mode::from_raw_mode(0o666))?)
+}
+
+/// Removes the FIFO at `path` if it is still there.
+pub fn remove(path: &Path) -> io::Result<()> {
+    match fs::unlink(path) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// One item read from the FIFO.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line<'a> {
+    /// A complete line, without its newline.
+    Complete(&'a [u8]),
+    /// A line longer than `MAX_LINE`, discarded; its length in bytes.
+    TooLong(usize),
+}
+
+/// The server's end of the FIFO.
+#[derive(Debug)]
+pub struct Reader {
+    read: OwnedFd,
+    /// Held so the FIFO always has a writer: no end-of-file, no busy loop between clients.
+    _write: OwnedFd,
+    pending: Vec<u8>,
+    /// Bytes of an overlong line discarded so far (0: not inside one).
+    discarding: usize,
+}
+
+impl Reader {
+    /// Opens the FIFO at `path` (it must exist).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let flags = OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let read = fs::open(path, OFlags::RDONLY | flags, Mode::empty())?;
+        let kind = FileType::from_raw_mode(fs::fstat(&read)?.st_mode);
+        if kind != FileType::Fifo {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a FIFO", path.display()),
+            ));
+        }
+        let write = fs::open(path, OFlags::WRONLY | flags, Mode::empty())?;
+        Ok(Self {
+            read,
+            _write: write,
+            pending: Vec::with_capacity(MAX_LINE + 1),
+            discarding: 0,
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// Reads what the FIFO holds (up to a budget) and hands each line to `sink`.
+    ///
+    /// A partial line is kept for the next call. Returns the number of bytes read; 0 means the
+    /// FIFO is empty.
+    pub fn read_lines(&mut self, mut sink: impl FnMut(Line<'_>)) -> io::Result<usize> {
+        let mut chunk = [0u8; 64 * 1024];
+        let mut total = 0;
+        while total < READ_BUDGET {
+            let n = match rustix::io::read(&self.read, &mut chunk) {
+                Ok(0) | Err(Errno::AGAIN) => break,
+                Ok(n) => n,
+                Err(Errno::INTR) => continue,
+                Err(err) => return Err(err.into()),
+            };
+            total += n;
+            self.split(&chunk[..n], &mut sink);
+        }
+        Ok(total)
+    }
+
+    fn split(&mut self, mut bytes: &[u8], sink: &mut impl FnMut(Line<'_>)) {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            let (line, rest) = (&bytes[..end], &bytes[end + 1..]);
+            if self.discarding > 0 {
+                sink(Line::TooLong(self.discarding + line.len()));
+                self.discarding = 0;
+            } else if self.pending.is_empty() {
+                emit(line, sink);
+            } else {
+                self.pending.extend_from_slice(line);
+                emit(&self.pending, sink);
+                self.pending.clear();
+            }
+            bytes = rest;
+        }
+        if self.discarding > 0 {
+            self.discarding += bytes.len();
+        } else if self.pending.len() + bytes.len() > MAX_LINE {
+            // Keep memory bounded: the rest of this line is counted, not stored.
+            self.discarding = self.pending.len() + bytes.len();
+            self.pending.clear();
+        } else {
+            self.pending.extend_from_slice(bytes);
+        }
+    }
+}
+
+fn emit(line: &[u8], sink: &mut impl FnMut(Line<'_>)) {
+    if line.len() > MAX_LINE {
+        sink(Line::TooLong(line.len()));
+    } else if !line.iter().all(u8::is_ascii_whitespace) {
+        sink(Line::Complete(line));
+    }
+}
+
+/// Why a client could not send a request.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("no timer server is reading {path}: {source}")]
+    NoServer { path: String, source: io::Error },
+    #[error("request of {0} bytes is larger than PIPE_BUF ({MAX_LINE} bytes)")]
+    TooLong(usize),
+    #[error("the timer server did not make room in the pipe within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// How long a client waits for a server that is starting, and for room in a full pipe.
+#[derive(Debug, Clone, Copy)]
+pub struct SendOptions {
+    pub connect_timeout: Duration,
+    pub send_timeout: Duration,
+}
+
+/// Sends one request line (which must end with a newline) to the server reading `path`.
+pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), SendError> {
+    if line.len() > MAX_LINE + 1 {
+        return Err(SendError::TooLong(line.len() - 1));
+    }
+    let fd = connect(path, options.connect_timeout)?;
+    write_all(&fd, line, options.send_timeout).map_err(|err| match err {
+        // The server closed the FIFO between our open and our write.
+        SendError::Io(source) if source.kind() == io::ErrorKind::BrokenPipe => {
+            SendError::NoServer {
+                path: path.display().to_string(),
+                source,
+            }
+        }
+        other => other,
+    })
+}
+
+fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, SendError> {
+    let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let deadline = Instant::now() + timeout;
+    let no_server = |source: io::Error| SendError::NoServer {
+        path: path.display().to_string(),
+        source,
+    };
+    loop {
+        match fs::open(path, flags, Mode::empty()) {
+            Ok(fd) => {
+                let kind =
+                    FileType::from_raw_mode(fs::fstat(&fd).map_err(io::Error::from)?.st_mode);
+                if kind != FileType::Fifo {
+                    return Err(no_server(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a FIFO",
+                    )));
+                }
+                return Ok(fd);
+            }
+            // No FIFO yet, or nobody reading it: the server may be starting.
+            Err(err @ (Errno::NOENT | Errno::NXIO)) => {
+                if Instant::now() >= deadline {
+                    return Err(no_server(err.into()));
+                }
+                thread::sleep(Duration::from_millis(5).min(timeout));
+            }
+            Err(Errno::INTR) => {}
+            Err(err) => return Err(no_server(err.into())),
+        }
+    }
+}
+
+fn write_all(fd: &OwnedFd, mut line: &[u8], timeout: Duration) -> Result<(), SendError> {
+    let deadline = Instant::now() + timeout;
+    while !line.is_empty() {
+        match rustix::io::write(fd, line) {
+            Ok(n) => line = &line[n..],
+            Err(Errno::AGAIN) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(SendError::Timeout(timeout));
+                }
+                let mut fds = [PollFd::new(fd, PollFlags::OUT)];
+                let wait =
+                    rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec {
+                        tv_sec: i64::MAX,
+                        tv_nsec: 0,
+                    });
+                match poll(&mut fds, Some(&wait)) {
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(err) => return Err(SendError::Io(err.into())),
+                }
+            }
+            Err(Errno::INTR) => {}
+            Err(err) => return Err(SendError::Io(err.into())),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn temp_fifo(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("et-fifo-{}-{name}", std::process::id()));
+        create(&path).expect("mkfifo");
+        path
+    }
+
+    fn collect(reader: &mut Reader) -> Vec<String> {
+        let mut lines = Vec::new();
+        reader
+            .read_lines(|line| {
+                lines.push(match line {
+                    Line::Complete(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    Line::TooLong(n) => format!("<too long: {n}>"),
+                })
+            })
+            .expect("read");
+        lines
+    }
+
+    const OPTIONS: SendOptions = SendOptions {
+        connect_timeout: Duration::from_millis(50),
+        send_timeout: Duration::from_millis(200),
+    };
+
+    #[test]
+    fn an_empty_fifo_reads_nothing_and_never_blocks() {
+        let path = temp_fifo("empty");
+        let mut reader = Reader::open(&path).expect("open");
+        assert!(collect(&mut reader).is_empty());
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn lines_are_split_and_partial_lines_reassembled() {
+        let path = temp_fifo("split");
+        let mut reader = Reader::open(&path).expect("open");
+        let writer = fs::open(&path, OFlags::WRONLY, Mode::empty()).expect("writer");
+        rustix::io::write(&writer, b"one\ntw").expect("write");
+        assert_eq!(collect(&mut reader), ["one"]);
+        rustix::io::write(&writer, b"o\n\n  \nthree\n").expect("write");
+        assert_eq!(collect(&mut reader), ["two", "three"]);
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn an_overlong_line_is_discarded_and_the_next_one_kept() {
+        let path = temp_fifo("long");
+        let mut reader = Reader::open(&path).expect("open");
+        let writer = fs::open(&path, OFlags::WRONLY, Mode::empty()).expect("writer");
+        let long = vec![b'x'; 3 * MAX_LINE];
+        for part in long.chunks(1000) {
+            rustix::io::write(&writer, part).expect("write");
+            assert!(collect(&mut reader).is_empty());
+        }
+        rustix::io::write(&writer, b"\nok\n").expect("write");
+        assert_eq!(
+            collect(&mut reader),
+            [format!("<too long: {}>", 3 * MAX_LINE), "ok".into()]
+        );
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_client_sends_a_line_the_server_reads() {
+        let path = temp_fifo("send");
+        let mut reader = Reader::open(&path).expect("open");
+        send_line(&path, b"{\"pid\": 1}\n", OPTIONS).expect("send");
+        assert_eq!(collect(&mut reader), ["{\"pid\": 1}"]);
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_client_without_server_fails_after_its_wait() {
+        let missing = std::env::temp_dir().join("et-fifo-missing-nothing-here");
+        let started = Instant::now();
+        let err = send_line(&missing, b"x\n", OPTIONS).unwrap_err();
+        assert!(matches!(err, SendError::NoServer { .. }), "{err:?}");
+        assert!(started.elapsed() >= OPTIONS.connect_timeout);
+
+        // A FIFO nobody reads: ENXIO, the same error.
+        let path = temp_fifo("unread");
+        let err = send_line(&path, b"x\n", OPTIONS).unwrap_err();
+        assert!(matches!(err, SendError::NoServer { .. }), "{err:?}");
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_client_refuses_lines_over_pipe_buf() {
+        let line = vec![b'x'; MAX_LINE + 2];
+        let err = send_line(Path::new("/nonexistent"), &line, OPTIONS).unwrap_err();
+        assert!(matches!(err, SendError::TooLong(n) if n == MAX_LINE + 1));
+    }
+
+    #[test]
+    fn a_full_pipe_is_waited_on_then_reported() {
+        let path = temp_fifo("full");
+        let mut reader = Reader::open(&path).expect("open");
+        let line = vec![b'y'; 1023];
+        let line = [line.as_slice(), b"\n"].concat();
+        // Fill the pipe (64 KiB by default) until the client times out.
+        let err = loop {
+            if let Err(err) = send_line(&path, &line, OPTIONS) {
+                break err;
+            }
+        };
+        assert!(matches!(err, SendError::Timeout(_)), "{err:?}");
+        // Draining makes room again, and the next send succeeds.
+        while reader.read_lines(|_| {}).expect("drain") > 0 {}
+        send_line(&path, &line, OPTIONS).expect("send after drain");
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_regular_file_is_not_a_server() {
+        let path = std::env::temp_dir().join(format!("et-regular-{}", std::process::id()));
+        std::fs::write(&path, b"").expect("write");
+        assert!(Reader::open(&path).is_err());
+        let err = send_line(&path, b"x\n", OPTIONS).unwrap_err();
+        assert!(matches!(err, SendError::NoServer { .. }), "{err:?}");
+        std::fs::remove_file(&path).expect("rm");
+    }
+}

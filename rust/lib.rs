@@ -1,0 +1,18 @@
+//! Native core of elastic-timer.
+//!
+//! Everything here is plain Rust that knows nothing of Python, except `bindings`, which is
+//! compiled only with the `python` feature and is the one place that translates.
+//!
+//! Data flow: a transport reader (`fifo` or `queue`) turns bytes into frames, `codec` turns
+//! frames into [`codec::Request`]s, the one [`deadlines::DeadlineMap`] keeps them ordered by
+//! deadline, and `server` runs the loop that expires them and asks `reaper` to signal.
+
+pub mod codec;
+pub mod deadlines;
+pub mod fifo;
+pub mod queue;
+pub mod reaper;
+pub mod server;
+
+#[cfg(feature = "python")]
+mod bindings;

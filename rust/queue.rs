@@ -1,0 +1,361 @@
+//! The `multiprocessing.Queue` transport, read natively.
+//!
+//! A queue is a pipe plus two POSIX semaphores: `_rlock`, held by whoever reads, and `_sem`,
+//! which `put` takes and `get` gives back (so `qsize()` is `maxsize - _sem`). On the pipe
+//! each item is a frame: a 4-byte big-endian length (or -1 and an 8-byte length) then a
+//! pickle. We read frames ourselves, under `_rlock`, and post `_sem` once per frame, exactly
+//! as `Queue.get` does, so Python readers stay correct and `put` never blocks on us.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::io::Errno;
+
+/// Frames above this size cannot be timer requests; they are skipped, not buffered.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// How long we wait for `_rlock` (another reader holds it) before trying again later.
+const LOCK_WAIT: Duration = Duration::from_millis(10);
+
+/// How long we wait for the rest of a frame whose start we have read.
+const FRAME_WAIT: Duration = Duration::from_millis(200);
+
+/// A POSIX semaphore owned by a Python `multiprocessing` object.
+#[derive(Debug)]
+pub struct Semaphore(*mut libc::sem_t);
+
+// SAFETY: POSIX semaphores are made to be used from any thread.
+unsafe impl Send for Semaphore {}
+
+impl Semaphore {
+    /// # Safety
+    /// `handle` must point to an initialised `sem_t` that outlives this value (the bindings
+    /// keep the Python queue that owns it alive for as long as the reader exists).
+    pub unsafe fn from_raw(handle: *mut libc::sem_t) -> Self {
+        Self(handle)
+    }
+
+    fn wait_for(&self, timeout: Duration) -> io::Result<bool> {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+        let nanos = now.tv_nsec as u64 + u64::from(timeout.subsec_nanos());
+        let until = libc::timespec {
+            tv_sec: now.tv_sec
+                + timeout.as_secs() as libc::time_t
+                + (nanos / 1_000_000_000) as libc::time_t,
+            tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
+        };
+        loop {
+            // SAFETY: the handle is valid (see `from_raw`).
+            if unsafe { libc::sem_timedwait(self.0, &until) } == 0 {
+                return Ok(true);
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ETIMEDOUT) => return Ok(false),
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+    }
+
+    fn post(&self) -> io::Result<()> {
+        // SAFETY: the handle is valid (see `from_raw`).
+        if unsafe { libc::sem_post(self.0) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+/// One frame read from the queue.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Payload(&'a [u8]),
+    /// A frame over `MAX_FRAME`, skipped; its length.
+    TooLarge(u64),
+}
+
+/// What the reader is in the middle of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between frames (or inside a header or a small payload held in `pending`).
+    Framing,
+    /// Skipping the given number of bytes of an oversized frame.
+    Skipping(u64),
+}
+
+/// The server's reader of one `multiprocessing.Queue`.
+#[derive(Debug)]
+pub struct Reader {
+    fd: OwnedFd,
+    read_lock: Semaphore,
+    items: Semaphore,
+    pending: Vec<u8>,
+    state: State,
+}
+
+impl Reader {
+    /// `fd` is the queue's `_reader` end (it is duplicated; its flags are left alone, so Python
+    /// readers of the same queue are unaffected).
+    pub fn new(fd: BorrowedFd<'_>, read_lock: Semaphore, items: Semaphore) -> io::Result<Self> {
+        Ok(Self {
+            fd: fd.try_clone_to_owned()?,
+            read_lock,
+            items,
+            pending: Vec::new(),
+            state: State::Framing,
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Reads every frame the pipe holds and hands each to `sink`. Returns the number of frames
+    /// (0 when another reader holds the lock or the pipe is empty).
+    pub fn read_frames(&mut self, mut sink: impl FnMut(Frame<'_>)) -> io::Result<usize> {
+        if !self.read_lock.wait_for(LOCK_WAIT)? {
+            return Ok(0);
+        }
+        let result = self.read_locked(&mut sink);
+        self.read_lock.post()?;
+        result
+    }
+
+    fn read_locked(&mut self, sink: &mut impl FnMut(Frame<'_>)) -> io::Result<usize> {
+        let mut frames = 0;
+        loop {
+            // Never block: read only what the pipe says it holds (the fd is a blocking one we
+            // share with Python and must not switch to non-blocking).
+            let available = rustix::io::ioctl_fionread(&self.fd)? as usize;
+            if available == 0 {
+                if self.mid_frame() && self.wait_readable(FRAME_WAIT)? {
+                    continue;
+                }
+                return Ok(frames);
+            }
+            let start = self.pending.len();
+            self.pending.resize(start + available, 0);
+            let n = match rustix::io::read(&self.fd, &mut self.pending[start..]) {
+                Ok(n) => n,
+                Err(Errno::INTR) => 0,
+                Err(err) => {
+                    self.pending.truncate(start);
+                    return Err(err.into());
+                }
+            };
+            self.pending.truncate(start + n);
+            frames += self.drain_frames(sink)?;
+        }
+    }
+
+    fn mid_frame(&self) -> bool {
+        !self.pending.is_empty() || matches!(self.state, State::Skipping(_))
+    }
+
+    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        let timeout = rustix::time::Timespec::try_from(timeout).expect("small timeout");
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(n) => Ok(n > 0),
+            Err(Errno::INTR) => Ok(true),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Cuts complete frames off the front of `pending`.
+    fn drain_frames(&mut self, sink: &mut impl FnMut(Frame<'_>)) -> io::Result<usize> {
+        let mut frames = 0;
+        let mut offset = 0;
+        loop {
+            let rest = &self.pending[offset..];
+            if let State::Skipping(left) = self.state {
+                let take = (rest.len() as u64).min(left);
+                offset += take as usize;
+                if take < left {
+                    self.state = State::Skipping(left - take);
+                    break;
+                }
+                self.state = State::Framing;
+                continue;
+            }
+            let Some((header, size)) = parse_header(rest) else {
+                break;
+            };
+            if size > MAX_FRAME as u64 {
+                sink(Frame::TooLarge(size));
+                self.items.post()?;
+                frames += 1;
+                offset += header;
+                self.state = State::Skipping(size);
+                continue;
+            }
+            let size = size as usize;
+            if rest.len() < header + size {
+                break;
+            }
+            sink(Frame::Payload(&rest[header..header + size]));
+            self.items.post()?;
+            frames += 1;
+            offset += header + size;
+        }
+        self.pending.drain(..offset);
+        Ok(frames)
+    }
+}
+
+/// Parses a frame header: returns its length and the payload size, or None if incomplete.
+fn parse_header(bytes: &[u8]) -> Option<(usize, u64)> {
+    let short = i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+    if short == -1 {
+        let long = u64::from_be_bytes(bytes.get(4..12)?.try_into().ok()?);
+        Some((12, long))
+    } else {
+        // Negative sizes other than -1 are never written; treat them as empty frames.
+        Some((4, u64::try_from(short).unwrap_or(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::MaybeUninit;
+
+    /// An unnamed semaphore standing in for one of a Python queue's.
+    struct TestSemaphore(Box<MaybeUninit<libc::sem_t>>);
+
+    impl TestSemaphore {
+        fn new(value: u32) -> Self {
+            let mut sem = Box::new(MaybeUninit::uninit());
+            // SAFETY: a fresh, process-private semaphore.
+            assert_eq!(unsafe { libc::sem_init(sem.as_mut_ptr(), 0, value) }, 0);
+            Self(sem)
+        }
+
+        fn handle(&mut self) -> Semaphore {
+            // SAFETY: the test keeps the semaphore alive longer than the reader.
+            unsafe { Semaphore::from_raw(self.0.as_mut_ptr()) }
+        }
+
+        fn value(&mut self) -> i32 {
+            let mut value = 0;
+            // SAFETY: initialised above.
+            unsafe { libc::sem_getvalue(self.0.as_mut_ptr(), &mut value) };
+            value
+        }
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as i32).to_be_bytes().to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn setup() -> (OwnedFd, OwnedFd, TestSemaphore, TestSemaphore) {
+        let (read, write) = rustix::pipe::pipe().expect("pipe");
+        (read, write, TestSemaphore::new(1), TestSemaphore::new(0))
+    }
+
+    fn collect(reader: &mut Reader) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        reader
+            .read_frames(|frame| match frame {
+                Frame::Payload(bytes) => frames.push(bytes.to_vec()),
+                Frame::TooLarge(n) => frames.push(format!("<{n}>").into_bytes()),
+            })
+            .expect("read");
+        frames
+    }
+
+    #[test]
+    fn reads_frames_and_gives_back_one_item_each() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        assert!(collect(&mut reader).is_empty());
+        let bytes = [frame(b"first"), frame(b""), frame(b"third")].concat();
+        rustix::io::write(&write, &bytes).expect("write");
+        assert_eq!(
+            collect(&mut reader),
+            [b"first".to_vec(), vec![], b"third".to_vec()]
+        );
+        assert_eq!(items.value(), 3, "one post per frame");
+        assert_eq!(lock.value(), 1, "the read lock is given back");
+    }
+
+    #[test]
+    fn a_frame_split_across_writes_is_reassembled() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        let bytes = frame(b"0123456789");
+        let writer = std::thread::spawn(move || {
+            rustix::io::write(&write, &bytes[..6]).expect("write");
+            std::thread::sleep(Duration::from_millis(20));
+            rustix::io::write(&write, &bytes[6..]).expect("write");
+            write
+        });
+        std::thread::sleep(Duration::from_millis(5));
+        let mut got = collect(&mut reader);
+        let _write = writer.join().expect("writer");
+        got.extend(collect(&mut reader));
+        assert_eq!(got, [b"0123456789".to_vec()]);
+    }
+
+    #[test]
+    fn an_oversized_frame_is_skipped_and_the_stream_stays_in_step() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        let big = vec![7u8; MAX_FRAME + 1];
+        let writer = std::thread::spawn(move || {
+            let bytes = [frame(&big), frame(b"after")].concat();
+            let mut rest = bytes.as_slice();
+            while !rest.is_empty() {
+                let n = rustix::io::write(&write, rest).expect("write");
+                rest = &rest[n..];
+            }
+        });
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(collect(&mut reader));
+        }
+        writer.join().expect("writer");
+        assert_eq!(
+            got,
+            [
+                format!("<{}>", MAX_FRAME + 1).into_bytes(),
+                b"after".to_vec()
+            ]
+        );
+        assert_eq!(items.value(), 2);
+    }
+
+    #[test]
+    fn long_headers_are_understood() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        let mut bytes = (-1i32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&3u64.to_be_bytes());
+        bytes.extend_from_slice(b"abc");
+        rustix::io::write(&write, &bytes).expect("write");
+        assert_eq!(collect(&mut reader), [b"abc".to_vec()]);
+    }
+
+    #[test]
+    fn a_held_read_lock_defers_reading() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        rustix::io::write(&write, &frame(b"x")).expect("write");
+        // Someone else (a Python `get`) holds the lock.
+        assert!(lock.handle().wait_for(Duration::ZERO).expect("take"));
+        assert!(collect(&mut reader).is_empty());
+        assert_eq!(items.value(), 0);
+        lock.handle().post().expect("give back");
+        assert_eq!(collect(&mut reader), [b"x".to_vec()]);
+    }
+}

@@ -1,0 +1,946 @@
+//! The timer server: one native thread that reads requests, keeps deadlines and reaps.
+//!
+//! The thread sleeps in one `epoll_wait` on the transport, an eventfd (stop, and timers
+//! registered from outside), and the pidfds of workers with timers. Its timeout is the
+//! earliest deadline, so a deadline fires when it is due and an idle server does not wake.
+//! It never needs Python: what it has to report goes, as [`Event`]s, down a bounded channel
+//! that the bindings drain from a thread of their own.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::event::{eventfd, EventfdFlags};
+use rustix::process::Pid;
+
+use crate::codec::{self, Request};
+use crate::deadlines::DeadlineMap;
+use crate::fifo;
+use crate::queue;
+use crate::reaper::{self, Outcome, Refusal, Tracked, Workers};
+
+/// Events waiting for the reporter past this many are dropped (and counted).
+const EVENT_CAPACITY: usize = 4096;
+/// How long the loop waits for its events to be reported before it signals its own process.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+/// Upper bound on the retry interval of a failed reap.
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+const TAG_WAKE: u64 = 0;
+const TAG_SOURCE: u64 = 1;
+const TAG_WORKER: u64 = 1 << 32;
+
+/// How a server behaves (see the Python classes for the user-facing names).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// torch's `max_interval`: here only the retry interval of a failed reap (capped at 1 s);
+    /// deadlines fire when due.
+    pub max_interval: Duration,
+    /// Signal this process after a pass that reaped (torch's File server does).
+    pub signal_self: bool,
+    /// Hand reaps to the caller (a Python `_reap_worker` override) instead of signalling.
+    pub delegate_reaps: bool,
+    /// File descriptors the server may spend on pidfds.
+    pub max_pidfds: usize,
+}
+
+/// Where requests come from.
+#[derive(Debug)]
+pub enum Transport {
+    Fifo(PathBuf),
+    Queue(queue::Reader),
+    /// Requests arrive only through [`Server::register`] (a queue read from Python).
+    Direct,
+}
+
+/// A transport opened for the running loop; parked back into its [`Transport`] on stop.
+enum Source {
+    Fifo(PathBuf, fifo::Reader),
+    Queue(queue::Reader),
+    Direct,
+}
+
+/// What the server reports; the bindings turn these into log records and `log_event` calls.
+#[derive(Debug)]
+pub enum Event {
+    /// A request that could not be decoded, and why.
+    Malformed(String),
+    /// A request naming a pid or signal that is never acted on.
+    Refused { request: Request, reason: Refusal },
+    /// Timers of workers that exited before they expired, dropped.
+    WorkerExited { pid: i64, dropped: usize },
+    /// Something the operator should know that is not about one request.
+    Warning(String),
+    /// One pass's expired workers. When `ack` is set the loop signals its own process after
+    /// the reporter acknowledges (or after a grace period).
+    Expired {
+        expiries: Vec<Expiry>,
+        ack: Option<SyncSender<()>>,
+    },
+}
+
+/// One worker with expired timers, and what was done about it.
+#[derive(Debug)]
+pub struct Expiry {
+    pub pid: i64,
+    /// Its expired timers in expiration order (torch reports those up to the first with a
+    /// positive signal as expired, and logs all of them).
+    pub timers: Vec<Request>,
+    /// The chosen signal (0: none of its expired timers has a positive signal).
+    pub signal: i32,
+    pub outcome: ReapOutcome,
+}
+
+#[derive(Debug)]
+pub enum ReapOutcome {
+    /// No positive signal: the worker is left alone and its timers cleared (as torch).
+    NotSignalled,
+    Signalled,
+    /// It had exited already.
+    Gone,
+    /// Signalling failed; retried after the retry interval.
+    Failed(io::Error),
+    /// Handed to the caller, which answers with [`Server::complete_reap`].
+    Delegated,
+}
+
+/// Counters, readable at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub requests: u64,
+    pub malformed: u64,
+    pub refused: u64,
+    pub reaped: u64,
+    pub live_timers: usize,
+    pub events_dropped: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Command {
+    Run = 0,
+    Stop = 1,
+    RunOnce = 2,
+}
+
+/// The wall clock and the monotonic clock read together, to move deadlines onto the latter.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    mono: Instant,
+    wall: f64,
+}
+
+impl Clock {
+    fn now() -> Self {
+        Self {
+            mono: Instant::now(),
+            wall: wall_now(),
+        }
+    }
+
+    /// The monotonic deadline of a wall-clock expiration (None: never, for inf and NaN).
+    fn deadline(self, expiration: f64) -> Option<Instant> {
+        if !expiration.is_finite() {
+            return None;
+        }
+        let ahead = expiration - self.wall;
+        if ahead >= 0.0 {
+            self.mono
+                .checked_add(Duration::try_from_secs_f64(ahead).ok()?)
+        } else {
+            let behind = Duration::try_from_secs_f64(-ahead).unwrap_or(Duration::MAX);
+            Some(self.mono.checked_sub(behind).unwrap_or(self.mono))
+        }
+    }
+}
+
+fn wall_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+struct State {
+    timers: DeadlineMap,
+    workers: Workers,
+    stats: Stats,
+    /// Workers whose reap was handed to Python and not yet answered.
+    delegated: HashSet<i64>,
+    /// When the running pass started; None while the loop waits (it is then making progress).
+    busy_since: Option<f64>,
+    events: Option<SyncSender<Event>>,
+}
+
+impl State {
+    fn emit(&mut self, event: Event) {
+        let Some(events) = &self.events else { return };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = events.try_send(event) {
+            self.stats.events_dropped += 1;
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    epoll: OwnedFd,
+    wake: OwnedFd,
+    command: AtomicU8,
+    own_pid: Pid,
+    config: Config,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (no invariant spans a panic
+        // point), so a poisoned lock is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wake(&self) {
+        // An eventfd counter cannot overflow in practice; a failed write only delays a pass.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    /// Registers one request, from the transport or from Python.
+    fn intake(&self, state: &mut State, request: Request, clock: Clock) {
+        state.stats.requests += 1;
+        if request.is_release() {
+            state.timers.apply(request, None);
+            return;
+        }
+        let checked = reaper::validate_pid(request.pid, self.own_pid).and_then(|pid| {
+            if request.signal > 0 {
+                reaper::validate_signal(request.signal)?;
+            }
+            Ok(pid)
+        });
+        let pid = match checked {
+            Ok(pid) => pid,
+            Err(reason) => {
+                state.stats.refused += 1;
+                state.emit(Event::Refused { request, reason });
+                return;
+            }
+        };
+        let (tracked, fallback) = state.workers.track(pid);
+        let gone = match tracked {
+            Tracked::New(pidfd) => {
+                let tag = TAG_WORKER + u64::from(pid.as_raw_nonzero().get().unsigned_abs());
+                epoll::add(&self.epoll, pidfd, EventData::new_u64(tag), EventFlags::IN).is_err()
+            }
+            Tracked::Known => false,
+            Tracked::Gone => true,
+        };
+        if let Some(err) = fallback {
+            state.emit(Event::Warning(format!(
+                "pidfds unavailable ({err}); signalling workers by pid"
+            )));
+        }
+        if gone {
+            // The worker exited before its request was read: nothing to guard.
+            return;
+        }
+        let deadline = clock.deadline(request.expiration);
+        state.timers.apply(request, deadline);
+    }
+
+    fn worker_exited(&self, state: &mut State, pid: i64) {
+        let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+            return;
+        };
+        if let Some(pidfd) = state.workers.forget(raw) {
+            let _ = epoll::delete(&self.epoll, &pidfd);
+        }
+        let dropped = state.timers.remove_worker(pid);
+        if dropped > 0 {
+            state.emit(Event::WorkerExited { pid, dropped });
+        }
+    }
+
+    fn retry_interval(&self) -> Duration {
+        self.config.max_interval.min(MAX_RETRY)
+    }
+
+    /// Expires what is due: one torch watchdog pass, done at the deadline.
+    fn expire(&self, state: &mut State, now: Instant) -> Option<(Vec<Expiry>, i32)> {
+        let due = state.timers.due_workers(now);
+        if due.is_empty() {
+            return None;
+        }
+        let mut expiries = Vec::with_capacity(due.len());
+        let mut self_signal = 0;
+        let retry = now + self.retry_interval();
+        for pid in due {
+            if state.delegated.contains(&pid) {
+                // Python has not answered yet: look again later, without asking twice.
+                state.timers.postpone_worker(pid, retry);
+                continue;
+            }
+            let expired = state.timers.due_timers(pid, now);
+            // torch: in expiration order, the first timer with a positive signal decides.
+            let signal = expired
+                .iter()
+                .map(|t| t.request.signal)
+                .find(|&s| s > 0)
+                .unwrap_or(0);
+            let timers: Vec<Request> = expired.iter().map(|t| t.request.clone()).collect();
+            let outcome = if signal <= 0 {
+                ReapOutcome::NotSignalled
+            } else if self.config.delegate_reaps {
+                ReapOutcome::Delegated
+            } else {
+                self.signal_worker(state, pid, signal)
+            };
+            match &outcome {
+                ReapOutcome::NotSignalled | ReapOutcome::Gone => {
+                    state.timers.remove_worker(pid);
+                }
+                ReapOutcome::Signalled => {
+                    state.timers.remove_worker(pid);
+                    state.stats.reaped += 1;
+                    self_signal = signal;
+                }
+                ReapOutcome::Failed(_) => state.timers.postpone_worker(pid, retry),
+                ReapOutcome::Delegated => {
+                    state.delegated.insert(pid);
+                    state.timers.postpone_worker(pid, retry);
+                }
+            }
+            expiries.push(Expiry {
+                pid,
+                timers,
+                signal,
+                outcome,
+            });
+        }
+        (!expiries.is_empty()).then_some((expiries, self_signal))
+    }
+
+    fn signal_worker(&self, state: &State, pid: i64, signal: i32) -> ReapOutcome {
+        // Both were validated at intake.
+        let (Ok(target), Ok(signal)) = (
+            reaper::validate_pid(pid, self.own_pid),
+            reaper::validate_signal(signal),
+        ) else {
+            return ReapOutcome::Gone;
+        };
+        match state.workers.signal(target, signal) {
+            Outcome::Signalled => ReapOutcome::Signalled,
+            Outcome::Gone => ReapOutcome::Gone,
+            Outcome::Failed(err) => ReapOutcome::Failed(err),
+        }
+    }
+
+    /// When the loop must next look at its deadlines.
+    fn next_timeout(&self, state: &State) -> Option<rustix::time::Timespec> {
+        let next = state.timers.next_deadline()?;
+        let wait = next.saturating_duration_since(Instant::now());
+        // epoll waits in whole milliseconds: round up so the deadline has passed on waking.
+        let millis = wait.as_nanos().div_ceil(1_000_000);
+        Some(rustix::time::Timespec {
+            tv_sec: i64::try_from(millis / 1000).unwrap_or(i64::MAX),
+            tv_nsec: ((millis % 1000) * 1_000_000) as _,
+        })
+    }
+}
+
+/// A timer server; `start` runs its loop on a native thread.
+pub struct Server {
+    shared: Arc<Shared>,
+    /// The transport while the loop is not running.
+    parked: Option<Transport>,
+    thread: Option<JoinHandle<Transport>>,
+}
+
+impl Server {
+    /// Builds a server. A FIFO transport's FIFO is created now (replacing what is at its path).
+    pub fn new(transport: Transport, config: Config) -> io::Result<Self> {
+        if let Transport::Fifo(path) = &transport {
+            fifo::create(path)?;
+        }
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        epoll::add(&epoll, &wake, EventData::new_u64(TAG_WAKE), EventFlags::IN)?;
+        let state = State {
+            timers: DeadlineMap::new(),
+            workers: Workers::new(config.max_pidfds),
+            stats: Stats::default(),
+            delegated: HashSet::new(),
+            busy_since: None,
+            events: None,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                epoll,
+                wake,
+                command: AtomicU8::new(Command::Run as u8),
+                own_pid: rustix::process::getpid(),
+                config,
+            }),
+            parked: Some(transport),
+            thread: None,
+        })
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    /// Starts the loop; returns the events it will report. A FIFO removed since (by `stop`)
+    /// is created again.
+    pub fn start(&mut self) -> io::Result<Receiver<Event>> {
+        if self.thread.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "server already started",
+            ));
+        }
+        let transport = self
+            .parked
+            .take()
+            .expect("a stopped server holds its transport");
+        let source = match Source::open(transport) {
+            Ok(source) => source,
+            Err((err, transport)) => {
+                self.parked = Some(transport);
+                return Err(err);
+            }
+        };
+        let (sender, receiver) = mpsc::sync_channel(EVENT_CAPACITY);
+        self.shared.lock().events = Some(sender);
+        self.shared
+            .command
+            .store(Command::Run as u8, Ordering::SeqCst);
+        let shared = Arc::clone(&self.shared);
+        let thread = thread::Builder::new()
+            .name("elastic-timer".into())
+            .spawn(move || {
+                let source = run_loop(&shared, source);
+                // Dropping the sender ends the reporter once it has drained the events.
+                shared.lock().events = None;
+                source.park()
+            })?;
+        self.thread = Some(thread);
+        Ok(receiver)
+    }
+
+    /// Stops the loop and waits for it (it exits at once). Idempotent.
+    pub fn stop(&mut self) {
+        self.finish(Command::Stop);
+    }
+
+    /// Reads every request already sent, runs one pass, then stops (torch's `run_once`).
+    pub fn run_once(&mut self) {
+        self.finish(Command::RunOnce);
+    }
+
+    fn finish(&mut self, command: Command) {
+        if let Some(thread) = self.thread.take() {
+            self.shared.command.store(command as u8, Ordering::SeqCst);
+            self.shared.wake();
+            // The loop catches nothing that could panic on purpose; if it did, the transport
+            // is lost and `start` will refuse, which is the honest outcome.
+            if let Ok(transport) = thread.join() {
+                self.parked = Some(transport);
+            }
+        }
+        if let Some(Transport::Fifo(path)) = &self.parked {
+            // torch removes the FIFO on stop; clients then get BrokenPipeError.
+            let _ = fifo::remove(path);
+        }
+    }
+
+    /// Registers requests (acquires and releases) as if they came from the transport.
+    pub fn register(&self, requests: impl IntoIterator<Item = Request>) {
+        let clock = Clock::now();
+        {
+            let mut state = self.shared.lock();
+            for request in requests {
+                self.shared.intake(&mut state, request, clock);
+            }
+        }
+        self.shared.wake();
+    }
+
+    /// Drops every timer of these workers.
+    pub fn clear(&self, pids: impl IntoIterator<Item = i64>) {
+        let mut state = self.shared.lock();
+        for pid in pids {
+            state.timers.remove_worker(pid);
+        }
+    }
+
+    /// Timers whose expiration (wall clock, as sent) is at or before `deadline`, by worker.
+    pub fn expired(&self, deadline: f64) -> BTreeMap<i64, Vec<Request>> {
+        let state = self.shared.lock();
+        let mut by_worker: BTreeMap<i64, Vec<Request>> = BTreeMap::new();
+        for timer in state
+            .timers
+            .iter()
+            .filter(|t| t.request.expiration <= deadline)
+        {
+            by_worker
+                .entry(timer.request.pid)
+                .or_default()
+                .push(timer.request.clone());
+        }
+        by_worker
+    }
+
+    /// Every live timer's request.
+    pub fn timers(&self) -> Vec<Request> {
+        self.shared
+            .lock()
+            .timers
+            .iter()
+            .map(|t| t.request.clone())
+            .collect()
+    }
+
+    /// The answer to a [`ReapOutcome::Delegated`] reap.
+    pub fn complete_reap(&self, pid: i64, reaped: bool) {
+        let mut state = self.shared.lock();
+        state.delegated.remove(&pid);
+        if reaped {
+            state.timers.remove_worker(pid);
+            state.stats.reaped += 1;
+        } else {
+            let retry = Instant::now() + self.shared.retry_interval();
+            state.timers.postpone_worker(pid, retry);
+        }
+        drop(state);
+        self.shared.wake();
+    }
+
+    pub fn stats(&self) -> Stats {
+        let state = self.shared.lock();
+        Stats {
+            live_timers: state.timers.len(),
+            ..state.stats
+        }
+    }
+
+    /// Wall-clock seconds of the loop's last progress: now while it waits, else when its
+    /// running pass began (torch's agent checks this to tell a stuck watchdog).
+    pub fn last_progress(&self) -> f64 {
+        self.shared.lock().busy_since.unwrap_or_else(wall_now)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Opens the FIFO, creating it again if `stop` removed it.
+fn open_fifo(path: &std::path::Path) -> io::Result<fifo::Reader> {
+    if !path.exists() {
+        fifo::create(path)?;
+    }
+    fifo::Reader::open(path)
+}
+
+impl Source {
+    fn open(transport: Transport) -> Result<Self, (io::Error, Transport)> {
+        match transport {
+            Transport::Fifo(path) => match open_fifo(&path) {
+                Ok(reader) => Ok(Source::Fifo(path, reader)),
+                Err(err) => Err((err, Transport::Fifo(path))),
+            },
+            Transport::Queue(reader) => Ok(Source::Queue(reader)),
+            Transport::Direct => Ok(Source::Direct),
+        }
+    }
+
+    fn park(self) -> Transport {
+        match self {
+            Source::Fifo(path, _) => Transport::Fifo(path),
+            Source::Queue(reader) => Transport::Queue(reader),
+            Source::Direct => Transport::Direct,
+        }
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Source::Fifo(_, reader) => Some(reader.fd()),
+            Source::Queue(reader) => Some(reader.fd()),
+            Source::Direct => None,
+        }
+    }
+
+    /// Reads and decodes what is available; returns how many bytes or frames were read.
+    fn read(&mut self, requests: &mut Vec<Result<Request, String>>) -> io::Result<usize> {
+        match self {
+            Source::Fifo(_, reader) => reader.read_lines(|line| {
+                requests.push(match line {
+                    fifo::Line::Complete(bytes) => {
+                        codec::decode_json_line(bytes).map_err(|err| err.to_string())
+                    }
+                    fifo::Line::TooLong(n) => Err(format!(
+                        "line of {n} bytes is longer than PIPE_BUF ({} bytes)",
+                        fifo::MAX_LINE
+                    )),
+                })
+            }),
+            Source::Queue(reader) => reader.read_frames(|frame| {
+                requests.push(match frame {
+                    queue::Frame::Payload(bytes) => {
+                        codec::decode_pickle(bytes).map_err(|err| err.to_string())
+                    }
+                    queue::Frame::TooLarge(n) => {
+                        Err(format!("queue item of {n} bytes is not a timer request"))
+                    }
+                })
+            }),
+            Source::Direct => Ok(0),
+        }
+    }
+}
+
+fn run_loop(shared: &Shared, mut source: Source) -> Source {
+    if let Some(fd) = source.fd() {
+        if let Err(err) = epoll::add(
+            &shared.epoll,
+            fd,
+            EventData::new_u64(TAG_SOURCE),
+            EventFlags::IN,
+        ) {
+            shared
+                .lock()
+                .emit(Event::Warning(format!("cannot watch the transport: {err}")));
+            return source;
+        }
+    }
+    let mut ready: Vec<epoll::Event> = Vec::with_capacity(64);
+    let mut decoded = Vec::new();
+    loop {
+        let timeout = {
+            let mut state = shared.lock();
+            state.busy_since = None;
+            shared.next_timeout(&state)
+        };
+        ready.clear();
+        match epoll::wait(
+            &shared.epoll,
+            rustix::buffer::spare_capacity(&mut ready),
+            timeout.as_ref(),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(err) => {
+                shared
+                    .lock()
+                    .emit(Event::Warning(format!("epoll_wait failed: {err}")));
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let command = shared.command.load(Ordering::SeqCst);
+        let mut read_source = command == Command::RunOnce as u8;
+        let mut exited = Vec::new();
+        for event in &ready {
+            match event.data.u64() {
+                TAG_WAKE => {
+                    let mut counter = [0u8; 8];
+                    let _ = rustix::io::read(&shared.wake, &mut counter);
+                }
+                TAG_SOURCE => read_source = true,
+                tag => exited.push(i64::from((tag - TAG_WORKER) as u32)),
+            }
+        }
+        if read_source {
+            loop {
+                match source.read(&mut decoded) {
+                    Ok(0) => break,
+                    Ok(_) if command == Command::RunOnce as u8 => continue,
+                    Ok(_) => break,
+                    Err(err) => {
+                        shared
+                            .lock()
+                            .emit(Event::Warning(format!("reading requests failed: {err}")));
+                        break;
+                    }
+                }
+            }
+        }
+        let clock = Clock::now();
+        let mut state = shared.lock();
+        state.busy_since = Some(clock.wall);
+        for result in decoded.drain(..) {
+            match result {
+                Ok(request) => shared.intake(&mut state, request, clock),
+                Err(reason) => {
+                    state.stats.malformed += 1;
+                    state.emit(Event::Malformed(reason));
+                }
+            }
+        }
+        for pid in exited {
+            shared.worker_exited(&mut state, pid);
+        }
+        if let Some((expiries, self_signal)) = shared.expire(&mut state, clock.mono) {
+            if self_signal > 0 && shared.config.signal_self {
+                let (ack, acked) = mpsc::sync_channel(1);
+                state.emit(Event::Expired {
+                    expiries,
+                    ack: Some(ack),
+                });
+                drop(state);
+                // Let the reporter log the reap first (bounded: Python may be wedged).
+                let _ = acked.recv_timeout(REPORT_GRACE);
+                if let Ok(signal) = reaper::validate_signal(self_signal) {
+                    let _ = reaper::signal_self(signal);
+                }
+            } else {
+                state.emit(Event::Expired {
+                    expiries,
+                    ack: None,
+                });
+            }
+        }
+        if command != Command::Run as u8 {
+            if let Some(fd) = source.fd() {
+                let _ = epoll::delete(&shared.epoll, fd);
+            }
+            return source;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Child, Command as Process};
+
+    fn config() -> Config {
+        Config {
+            max_interval: Duration::from_millis(100),
+            signal_self: false,
+            delegate_reaps: false,
+            max_pidfds: 64,
+        }
+    }
+
+    fn fifo_server(name: &str, config: Config) -> (Server, PathBuf) {
+        let path = std::env::temp_dir().join(format!("et-server-{}-{name}", std::process::id()));
+        (
+            Server::new(Transport::Fifo(path.clone()), config).expect("server"),
+            path,
+        )
+    }
+
+    fn sleeper() -> Child {
+        Process::new("sleep").arg("30").spawn().expect("spawn")
+    }
+
+    fn request(pid: u32, scope: &str, after: f64, signal: i32) -> Request {
+        Request {
+            pid: i64::from(pid),
+            scope: scope.into(),
+            expiration: wall_now() + after,
+            signal,
+        }
+    }
+
+    fn send(path: &std::path::Path, request: &Request) {
+        let mut line = Vec::new();
+        codec::encode_json_line(
+            request.pid,
+            &request.scope,
+            codec::Number::Float(request.expiration),
+            i64::from(request.signal),
+            &mut line,
+        );
+        let options = fifo::SendOptions {
+            connect_timeout: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(1),
+        };
+        fifo::send_line(path, &line, options).expect("send");
+    }
+
+    #[test]
+    fn a_stuck_worker_is_killed_at_its_deadline() {
+        let (mut server, path) = fifo_server("stuck", config());
+        let events = server.start().expect("start");
+        let mut worker = sleeper();
+        let sent = Instant::now();
+        send(&path, &request(worker.id(), "step", 0.2, libc::SIGKILL));
+        let status = worker.wait().expect("wait");
+        let waited = sent.elapsed();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(
+            waited >= Duration::from_millis(150),
+            "fired early: {waited:?}"
+        );
+        assert!(
+            waited < Duration::from_millis(150 + 200),
+            "fired late: {waited:?}"
+        );
+        match events.recv_timeout(Duration::from_secs(1)).expect("event") {
+            Event::Expired {
+                expiries,
+                ack: None,
+            } => {
+                assert_eq!(expiries.len(), 1);
+                assert!(matches!(expiries[0].outcome, ReapOutcome::Signalled));
+                assert_eq!(expiries[0].timers[0].scope, "step");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        server.stop();
+        assert!(!path.exists(), "stop removes the FIFO");
+    }
+
+    #[test]
+    fn a_released_timer_never_fires() {
+        let (mut server, path) = fifo_server("released", config());
+        let _events = server.start().expect("start");
+        let mut worker = sleeper();
+        send(&path, &request(worker.id(), "step", 0.1, libc::SIGKILL));
+        send(&path, &request(worker.id(), "step", -1.0 - wall_now(), 0));
+        thread::sleep(Duration::from_millis(300));
+        assert!(
+            worker.try_wait().expect("try_wait").is_none(),
+            "worker was killed"
+        );
+        server.stop();
+        assert_eq!(server.stats().requests, 2);
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+    }
+
+    #[test]
+    fn refused_and_malformed_requests_are_reported_and_nothing_is_lost() {
+        let (mut server, path) = fifo_server("bad", config());
+        let events = server.start().expect("start");
+        let worker = sleeper();
+        send(&path, &request(worker.id(), "kept", 60.0, libc::SIGKILL));
+        let bad = Request {
+            pid: -1,
+            ..request(1, "minus-one", -1.0, libc::SIGKILL)
+        };
+        send(&path, &bad);
+        fifo::send_line(
+            &path,
+            b"not json\n",
+            fifo::SendOptions {
+                connect_timeout: Duration::from_secs(1),
+                send_timeout: Duration::from_secs(1),
+            },
+        )
+        .expect("send");
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            seen.push(events.recv_timeout(Duration::from_secs(2)).expect("event"));
+        }
+        assert!(seen.iter().any(|e| matches!(
+            e,
+            Event::Refused {
+                reason: Refusal::ReservedPid(-1),
+                ..
+            }
+        )));
+        assert!(seen.iter().any(|e| matches!(e, Event::Malformed(_))));
+        let timers = server.timers();
+        assert!(timers.iter().any(|t| t.scope == "kept"));
+        server.stop();
+        let mut worker = worker;
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+    }
+
+    #[test]
+    fn the_timers_of_an_exited_worker_are_dropped_when_it_exits() {
+        let (mut server, path) = fifo_server("exit", config());
+        let _events = server.start().expect("start");
+        let mut worker = sleeper();
+        send(&path, &request(worker.id(), "a", 60.0, libc::SIGKILL));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while server.timers().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(server.timers().len(), 1);
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+        while !server.timers().is_empty() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(server.timers().is_empty());
+        server.stop();
+    }
+
+    #[test]
+    fn stop_returns_at_once_with_far_deadlines_and_no_client() {
+        let (mut server, _path) = fifo_server("stop", config());
+        let _events = server.start().expect("start");
+        let worker = sleeper();
+        server.register([request(worker.id(), "far", 3600.0, libc::SIGKILL)]);
+        let started = Instant::now();
+        server.stop();
+        assert!(started.elapsed() < Duration::from_millis(100));
+        let mut worker = worker;
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+    }
+
+    #[test]
+    fn run_once_processes_everything_already_sent() {
+        let (mut server, path) = fifo_server("once", config());
+        let _events = server.start().expect("start");
+        for i in 0..50 {
+            send(
+                &path,
+                &request(std::process::id(), &format!("s{i}"), -1.0 - wall_now(), 0),
+            );
+        }
+        server.run_once();
+        assert_eq!(server.stats().requests, 50);
+        assert!(!server.is_running());
+    }
+
+    #[test]
+    fn a_delegated_reap_waits_for_its_answer_and_a_failed_one_is_retried() {
+        let (mut server, _path) = fifo_server(
+            "delegate",
+            Config {
+                delegate_reaps: true,
+                ..config()
+            },
+        );
+        let events = server.start().expect("start");
+        let mut worker = sleeper();
+        server.register([request(worker.id(), "d", 0.0, libc::SIGTERM)]);
+        let Event::Expired { expiries, .. } =
+            events.recv_timeout(Duration::from_secs(1)).expect("event")
+        else {
+            panic!("expected an expiry")
+        };
+        assert!(matches!(expiries[0].outcome, ReapOutcome::Delegated));
+        assert_eq!(expiries[0].signal, libc::SIGTERM);
+        server.complete_reap(expiries[0].pid, false);
+        let Event::Expired { expiries, .. } =
+            events.recv_timeout(Duration::from_secs(1)).expect("retry")
+        else {
+            panic!("expected the retry")
+        };
+        server.complete_reap(expiries[0].pid, true);
+        assert!(server.timers().is_empty());
+        assert!(
+            worker.try_wait().expect("try_wait").is_none(),
+            "delegation never signals"
+        );
+        server.stop();
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+    }
+}
