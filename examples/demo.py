@@ -68,7 +68,8 @@ def main() -> int:
         state = "stuck" if rank % 2 == 0 else "happy"
         print(f"worker {rank} ({state}): exit code {process.exitcode} [{verdict}]")
     server.stop()
-    print(f"{'all workers ended as expected' if ok else 'FAILED'} in {time.monotonic() - started:.2f} s")
+    elapsed = time.monotonic() - started
+    print(f"{'all workers ended as expected' if ok else 'FAILED'} in {elapsed:.2f} s")
     return 0 if ok else 1
 
 

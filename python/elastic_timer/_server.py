@@ -32,12 +32,12 @@ _REPORTER_JOIN_TIMEOUT = 5.0
 class NativeServer(Generic[R]):
     """Mixin holding a ``_native.Server`` and its reporter; subclasses say how to report."""
 
-    _native: _native.Server
+    _core: _native.Server
     _reporter: threading.Thread | None
     _daemon: bool
 
     def _init_native(self, native: _native.Server, daemon: bool) -> None:
-        self._native = native
+        self._core = native
         self._daemon = daemon
         self._reporter = None
 
@@ -56,7 +56,7 @@ class NativeServer(Generic[R]):
     # -- lifecycle --------------------------------------------------------------------------
 
     def _start_native(self) -> None:
-        self._native.start()
+        self._core.start()
         self._reporter = threading.Thread(
             target=self._report_events, name="elastic-timer-reporter", daemon=self._daemon
         )
@@ -67,9 +67,9 @@ class NativeServer(Generic[R]):
         if self._reporter is None:
             return False
         if run_once:
-            self._native.run_once()
+            self._core.run_once()
         else:
-            self._native.stop()
+            self._core.stop()
         if self._reporter is not threading.current_thread():
             self._reporter.join(_REPORTER_JOIN_TIMEOUT)
         self._reporter = None
@@ -77,7 +77,7 @@ class NativeServer(Generic[R]):
 
     def _report_events(self) -> None:
         while True:
-            event = self._native.next_event(3600.0)
+            event = self._core.next_event(3600.0)
             if event is None:
                 continue
             if event[0] == "closed":
@@ -88,7 +88,7 @@ class NativeServer(Generic[R]):
                 logger.exception("Error reporting timer server event %r", event[0])
             finally:
                 if event[0] == "expired":
-                    self._native.ack_expired()
+                    self._core.ack_expired()
 
     def _report(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
@@ -110,30 +110,30 @@ class NativeServer(Generic[R]):
     # -- the timer map, shared by both transports --------------------------------------------
 
     def register_timers(self, timer_requests: Iterable[R]) -> None:
-        self._native.register([self._tuple_from_request(r) for r in timer_requests])
+        self._core.register([self._tuple_from_request(r) for r in timer_requests])
 
     def clear_timers(self, worker_ids: Iterable[int]) -> None:
-        self._native.clear(list(worker_ids))
+        self._core.clear(list(worker_ids))
 
     def get_expired_timers(self, deadline: float) -> dict[int, list[R]]:
         return {
             pid: [self._request_from_tuple(r) for r in requests]
-            for pid, requests in self._native.expired(deadline)
+            for pid, requests in self._core.expired(deadline)
         }
 
     @property
     def _timers(self) -> dict[tuple[int, str], R]:
         """A snapshot of the live timers, keyed by ``(pid, scope_id)`` as torch's."""
-        return {(r[0], r[1]): self._request_from_tuple(r) for r in self._native.timers()}
+        return {(r[0], r[1]): self._request_from_tuple(r) for r in self._core.timers()}
 
     @property
     def _request_count(self) -> int:
         """Requests received (acquires and releases), as torch's File server counts them."""
-        return int(self._native.stats()["requests"])
+        return int(self._core.stats()["requests"])
 
     def stats(self) -> dict[str, int]:
         """Counters: requests, malformed, refused, reaped, live_timers, events_dropped."""
-        return self._native.stats()
+        return self._core.stats()
 
 
 def worker_pid(worker_id: Any) -> int:

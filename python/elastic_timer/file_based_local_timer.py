@@ -201,7 +201,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
 
     def get_last_progress_time(self) -> int:
         """When the watchdog last made progress (now, unless a pass is stuck)."""
-        return int(self._native.last_progress())
+        return int(self._core.last_progress())
 
     def _report_expired(self, expiries: list[Expiry]) -> None:
         debug_info_logging.log_debug_info_for_expired_timers(
@@ -228,7 +228,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
                 continue
             if outcome == "delegated":
                 reaped = self._reap_worker(pid, signal)
-                self._native.complete_reap(pid, reaped)
+                self._core.complete_reap(pid, reaped)
                 outcome = "signalled" if reaped else "failed"
             if outcome == "gone":
                 logger.info("Process with pid=%s does not exist. Skipping", pid)

@@ -144,7 +144,7 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
             )
             if outcome == "delegated":
                 reaped = self._reap_worker_no_throw(pid)
-                self._native.complete_reap(pid, reaped)
+                self._core.complete_reap(pid, reaped)
                 outcome = "signalled" if reaped else "failed"
             if outcome == "signalled":
                 logger.info("Successfully reaped worker=[%s]", pid)
