@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import sys
 import threading
 import time
@@ -196,10 +197,37 @@ class TimerServer(abc.ABC):
 
 _timer_client: TimerClient | None = None
 
+# The variable torchrun's agent sets for its workers to the FIFO of its FileTimerServer.
+TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
 
-def configure(timer_client: TimerClient | None) -> None:
-    """Configures the timer client ``expires`` uses by default. Call it before ``expires``."""
+
+class _FromEnvironment:
+    """``configure()``'s default: build a FileTimerClient for torchrun's FIFO."""
+
+
+_FROM_ENVIRONMENT = _FromEnvironment()
+
+
+def configure(timer_client: TimerClient | _FromEnvironment | None = _FROM_ENVIRONMENT) -> None:
+    """
+    Configures the timer client ``expires`` uses by default. Call it before ``expires``.
+
+    Without an argument, in a worker started by torchrun (or ``elastic-timer-run``) with the
+    watchdog enabled, it uses a ``FileTimerClient`` on the FIFO named by
+    ``TORCHELASTIC_TIMER_FILE``. ``configure(None)`` unsets the client, as in torch.
+    """
     global _timer_client
+    if isinstance(timer_client, _FromEnvironment):
+        path = os.environ.get(TIMER_FILE_ENV)
+        if not path:
+            raise RuntimeError(
+                f"configure() needs a timer client, or {TIMER_FILE_ENV} naming the timer "
+                "server's FIFO (torchrun sets it when TORCHELASTIC_ENABLE_FILE_TIMER=1; "
+                "elastic-timer-run enables it)"
+            )
+        from .file_based_local_timer import FileTimerClient
+
+        timer_client = FileTimerClient(path)
     _timer_client = timer_client
     logger.info("Timer client configured to: %s", type(_timer_client).__name__)
 

@@ -1,0 +1,46 @@
+"""``elastic-timer-run``: torchrun, with elastic-timer's native server as the workers' watchdog.
+
+Takes every torchrun argument unchanged. It enables the watchdog
+(``TORCHELASTIC_ENABLE_FILE_TIMER=1`` unless already set) and makes the agent use
+elastic-timer's ``FileTimerServer``. Workers call ``elastic_timer.configure()`` (no
+argument: the FIFO comes from ``TORCHELASTIC_TIMER_FILE``) and wrap risky code in
+``elastic_timer.expires(after=...)``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from . import torch as torch_integration
+
+HELP_PREAMBLE = """\
+elastic-timer-run: torchrun with elastic-timer's native watchdog.
+
+Every torchrun argument below works unchanged. On top of torchrun:
+  * TORCHELASTIC_ENABLE_FILE_TIMER=1 is set unless you set it yourself, so the agent runs a
+    timer server and tells the workers its FIFO in TORCHELASTIC_TIMER_FILE;
+  * the timer server is elastic-timer's: it kills a hung worker at its deadline, even if the
+    agent's interpreter is stuck, and never signals anything but a worker.
+  * --max-restarts above 0: a hung worker is reaped and the worker group restarted, as
+    torchrun documents. (torch's own server also signals the agent after a reap, which ends
+    the job instead; elastic-timer-run turns that off.) With --max-restarts 0 (the default)
+    torch's behaviour is kept: the agent is signalled too and the job ends.
+
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    from torch.distributed import run as torchrun
+
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(HELP_PREAMBLE)
+    args = torchrun.parse_args(argv)  # type: ignore[no-untyped-call]
+    os.environ.setdefault("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
+    torch_integration.install(signal_self=args.max_restarts == 0)
+    torchrun.run(args)  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main()

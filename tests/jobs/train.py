@@ -1,0 +1,35 @@
+"""A tiny training job for the torchrun end-to-end tests.
+
+Each worker runs a few steps inside ``expires(after=STEP_TIMEOUT)``. The rank named by
+HANG_RANK hangs in its second step on the attempts listed in HANG_ATTEMPTS (torchrun's
+TORCHELASTIC_RESTART_COUNT); every other step takes 50 ms. Each worker appends a line to
+$JOB_LOG when it finishes, so the test can see which attempt completed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import elastic_timer as timer
+
+STEP_TIMEOUT = float(os.environ.get("STEP_TIMEOUT", "1"))
+
+
+def main() -> None:
+    rank = int(os.environ["RANK"])
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    hang_rank = int(os.environ.get("HANG_RANK", "-1"))
+    hang_attempts = {int(a) for a in os.environ.get("HANG_ATTEMPTS", "").split(",") if a}
+    timer.configure()
+    for step in range(3):
+        with timer.expires(after=STEP_TIMEOUT):
+            if rank == hang_rank and attempt in hang_attempts and step == 1:
+                time.sleep(3600)
+            time.sleep(0.05)
+    with open(os.environ["JOB_LOG"], "a") as log:
+        log.write(f"rank {rank} attempt {attempt} pid {os.getpid()} done\n")
+
+
+if __name__ == "__main__":
+    main()
