@@ -54,8 +54,7 @@ def main() -> int:
 
     started = time.monotonic()
     processes = [
-        ctx.Process(target=worker, args=(rank, args.transport, channel))
-        for rank in range(WORKERS)
+        ctx.Process(target=worker, args=(rank, args.transport, channel)) for rank in range(WORKERS)
     ]
     for process in processes:
         process.start()

@@ -192,6 +192,11 @@ impl PyServer {
             .collect()
     }
 
+    /// Counts and reports a request that Python could not make sense of.
+    fn reject(&self, py: Python<'_>, reason: String) {
+        py.detach(|| lock(&self.server).reject(reason));
+    }
+
     fn complete_reap(&self, py: Python<'_>, pid: i64, reaped: bool) {
         py.detach(|| lock(&self.server).complete_reap(pid, reaped));
     }

@@ -507,6 +507,13 @@ impl Server {
             .collect()
     }
 
+    /// Counts and reports a request that could not be decoded outside the loop.
+    pub fn reject(&self, reason: String) {
+        let mut state = self.shared.lock();
+        state.stats.malformed += 1;
+        state.emit(Event::Malformed(reason));
+    }
+
     /// The answer to a [`ReapOutcome::Delegated`] reap.
     pub fn complete_reap(&self, pid: i64, reaped: bool) {
         let mut state = self.shared.lock();

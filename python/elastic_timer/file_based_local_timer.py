@@ -9,7 +9,7 @@ import json
 import logging
 import os
 import signal as _signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from . import _native, debug_info_logging
 from ._server import Expiry, NativeServer, RequestTuple, overrides, worker_pid
@@ -162,6 +162,9 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         pid = worker_pid(request.worker_id)
         return (pid, request.scope_id, request.expiration_time, request.signal)
 
+    def clear_timers(self, worker_pids: Iterable[int]) -> None:
+        super().clear_timers(worker_pids)
+
     def start(self) -> None:
         logger.info(
             "Starting %s... max_interval=%s, daemon=%s, file_path=%s",
@@ -263,4 +266,3 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         except Exception:
             logger.exception("Error terminating pid=%s", worker_pid)
         return False
-

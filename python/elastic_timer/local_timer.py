@@ -98,6 +98,7 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         self._init_native(native, daemon)
         self._needs_pump = not reads_queue
         self._pump: threading.Thread | None = None
+        self._pump_stop = threading.Event()
 
     def _request_from_tuple(self, request: RequestTuple) -> TimerRequest:
         return TimerRequest(request[0], request[1], request[2])
@@ -116,12 +117,14 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         self._stop_signaled = False
         self._start_native()
         if self._needs_pump:
+            self._pump_stop.clear()
             self._pump = threading.Thread(target=self._pump_requests, daemon=self._daemon)
             self._pump.start()
 
     def stop(self) -> None:
         logger.info("Stopping %s", type(self).__name__)
         self._stop_signaled = True
+        self._pump_stop.set()
         if self._pump is not None:
             self._pump.join()
             self._pump = None
@@ -129,19 +132,28 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
             logger.info("No watchdog thread running, doing nothing")
 
     def _pump_requests(self) -> None:
-        """Feeds the native server from a queue it cannot read itself."""
-        while not self._stop_signaled:
+        """Feeds the native server from a queue it cannot read itself (a manager proxy)."""
+        while not self._pump_stop.is_set():
             try:
                 batch = max(1, self._request_queue.size())
-                self.register_timers(self._request_queue.get(batch, timeout=0.1))
+                items: list[Any] = self._request_queue.get(batch, timeout=0.1)
             except Exception:
-                logger.exception("Error reading timer requests")
+                # A dead manager fails at once, every time: do not spin.
+                logger.exception("Error reading timer requests; retrying in 1 s")
+                self._pump_stop.wait(1.0)
+                continue
+            requests = []
+            for item in items:
+                try:
+                    requests.append(self._tuple_from_request(item))
+                except (AttributeError, TypeError) as err:
+                    # One bad item costs itself only, as on the native path.
+                    self._core.reject(f"queue item {item!r:.200} is not a timer request: {err}")
+            self._core.register(requests)
 
     def _report_expired(self, expiries: list[Expiry]) -> None:
         for pid, timers, _signal, outcome, detail in expiries:
-            logger.info(
-                "Reaping worker_id=[%s]. Expired timers: %s", pid, [t[1] for t in timers]
-            )
+            logger.info("Reaping worker_id=[%s]. Expired timers: %s", pid, [t[1] for t in timers])
             if outcome == "delegated":
                 reaped = self._reap_worker_no_throw(pid)
                 self._core.complete_reap(pid, reaped)
@@ -170,4 +182,3 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         except Exception:
             logger.exception("Error terminating pid=%s", worker_id)
         return False
-

@@ -9,6 +9,7 @@ argument: the FIFO comes from ``TORCHELASTIC_TIMER_FILE``) and wrap risky code i
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -37,9 +38,20 @@ def main(argv: list[str] | None = None) -> None:
     if "-h" in argv or "--help" in argv:
         sys.stdout.write(HELP_PREAMBLE)
     args = torchrun.parse_args(argv)  # type: ignore[no-untyped-call]
+    _log_like_torch()
     os.environ.setdefault("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
     torch_integration.install(signal_self=args.max_restarts == 0)
     torchrun.run(args)  # type: ignore[no-untyped-call]
+
+
+def _log_like_torch() -> None:
+    """Show our server's records (reaps above all) beside the agent's, at torch's LOGLEVEL."""
+    logger = logging.getLogger("elastic_timer")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("LOGLEVEL", "INFO"))
 
 
 if __name__ == "__main__":

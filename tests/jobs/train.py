@@ -1,9 +1,10 @@
 """A tiny training job for the torchrun end-to-end tests.
 
-Each worker runs a few steps inside ``expires(after=STEP_TIMEOUT)``. The rank named by
+Each worker runs STEPS steps (3 by default) inside ``expires(after=STEP_TIMEOUT)``. The rank named by
 HANG_RANK hangs in its second step on the attempts listed in HANG_ATTEMPTS (torchrun's
-TORCHELASTIC_RESTART_COUNT); every other step takes 50 ms. Each worker appends a line to
-$JOB_LOG when it finishes, so the test can see which attempt completed.
+TORCHELASTIC_RESTART_COUNT); every other step takes STEP_SECONDS (50 ms by default). Each
+worker appends a line to $JOB_LOG when it finishes, so the test can see which attempt
+completed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 import elastic_timer as timer
 
 STEP_TIMEOUT = float(os.environ.get("STEP_TIMEOUT", "1"))
+STEP_SECONDS = float(os.environ.get("STEP_SECONDS", "0.05"))
+STEPS = int(os.environ.get("STEPS", "3"))
 
 
 def main() -> None:
@@ -22,11 +25,11 @@ def main() -> None:
     hang_rank = int(os.environ.get("HANG_RANK", "-1"))
     hang_attempts = {int(a) for a in os.environ.get("HANG_ATTEMPTS", "").split(",") if a}
     timer.configure()
-    for step in range(3):
+    for step in range(STEPS):
         with timer.expires(after=STEP_TIMEOUT):
             if rank == hang_rank and attempt in hang_attempts and step == 1:
                 time.sleep(3600)
-            time.sleep(0.05)
+            time.sleep(STEP_SECONDS)
     with open(os.environ["JOB_LOG"], "a") as log:
         log.write(f"rank {rank} attempt {attempt} pid {os.getpid()} done\n")
 

@@ -1,0 +1,204 @@
+"""elastic-timer and the real torch, mixed in every pairing.
+
+Each scenario is run with the server and the clients taken from either package: the stuck
+worker must die with the requested signal, the happy one must exit 0, and a File server must
+report the same ``log_event`` events. Servers that signal their own process after a reap
+(torch's File server always does) run in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.distributed.elastic.timer as torch_timer
+
+import elastic_timer
+
+PACKAGES: dict[str, Any] = {"torch": torch_timer, "ours": elastic_timer}
+CTX = mp.get_context("fork")
+
+# A File server in its own process. It logs each log_event call as a JSON line to EVENTS,
+# prints "ready" once serving, and serves until it is killed (by itself, after a reap).
+FILE_SERVER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    package, fifo, events = sys.argv[1:4]
+    if package == "torch":
+        import torch.distributed.elastic.timer as timer
+    else:
+        import elastic_timer as timer
+
+    def log_event(name, request):
+        fields = None if request is None else [request.worker_pid, request.scope_id, request.signal]
+        with open(events, "a") as out:
+            out.write(json.dumps([name, fields]) + "\\n")
+
+    server = timer.FileTimerServer(fifo, "interop", max_interval=0.05, log_event=log_event)
+    server.start()
+    print("ready", flush=True)
+    time.sleep(30)
+    server.stop()
+    """
+)
+
+
+def file_worker(package: str, fifo: str, after: float, work: float, sig: int) -> None:
+    timer = PACKAGES[package]
+    timer.configure(timer.FileTimerClient(fifo, signal=sig))
+    with timer.expires(after=after, scope="work"):
+        time.sleep(work)
+
+
+def local_worker(package: str, mp_queue: Any, after: float, work: float) -> None:
+    timer = PACKAGES[package]
+    timer.configure(timer.LocalTimerClient(mp_queue))
+    with timer.expires(after=after):
+        time.sleep(work)
+
+
+def start_file_server(package: str, tmp_path: Path) -> tuple[subprocess.Popen[str], str, Path]:
+    fifo = str(tmp_path / f"{package}.fifo")
+    events = tmp_path / f"{package}-events.jsonl"
+    server = subprocess.Popen(
+        [sys.executable, "-c", FILE_SERVER_SCRIPT, package, fifo, str(events)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    assert server.stdout.readline().strip() == "ready"
+    return server, fifo, events
+
+
+def run_file_scenario(
+    server_package: str, client_package: str, sig: int, tmp_path: Path
+) -> dict[str, Any]:
+    """A happy worker, then a stuck one, against one File server in its own process.
+
+    The stuck one comes last: a server that signals itself after a reap serves no more.
+    """
+    server, fifo, events = start_file_server(server_package, tmp_path)
+    try:
+        happy = CTX.Process(target=file_worker, args=(client_package, fifo, 5.0, 0.1, sig))
+        happy.start()
+        happy.join(15)
+        stuck = CTX.Process(target=file_worker, args=(client_package, fifo, 0.3, 30, sig))
+        stuck.start()
+        stuck.join(15)
+        server_exit = server.wait(15)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    recorded = [json.loads(line) for line in events.read_text().splitlines()]
+    return {
+        "happy": happy.exitcode,
+        "stuck": stuck.exitcode,
+        "server": server_exit,
+        "events": [
+            (name, None if f is None else (f[0] == stuck.pid, f[1], f[2])) for name, f in recorded
+        ],
+    }
+
+
+@pytest.mark.parametrize("server_package", ["torch", "ours"])
+@pytest.mark.parametrize("client_package", ["torch", "ours"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_file_transport_pairings(
+    server_package: str, client_package: str, sig: int, tmp_path: Path
+) -> None:
+    """torch's client works with our server and ours with torch's: the stuck worker dies of
+    the signal it asked for, the happy one exits 0, the server then signals itself (torch's
+    behaviour, kept by default), and the log_event calls are the same."""
+    outcome = run_file_scenario(server_package, client_package, sig, tmp_path)
+    assert outcome["happy"] == 0
+    assert outcome["stuck"] == -sig
+    assert outcome["server"] == -sig
+    assert outcome["events"] == [
+        ("watchdog started", None),
+        ("timer expired", (True, "work", sig)),
+        ("kill worker process", (True, "work", sig)),
+    ]
+
+
+def test_mixed_file_clients_on_one_server(tmp_path: Path) -> None:
+    """Half the workers use torch's client and half ours, on one of our servers."""
+    fifo = str(tmp_path / "mixed.fifo")
+    server = elastic_timer.FileTimerServer(fifo, "mixed", signal_self=False)
+    server.start()
+    try:
+        workers = [
+            CTX.Process(target=file_worker, args=(package, fifo, 0.3, work, signal.SIGKILL))
+            for package in ("torch", "ours", "torch", "ours")
+            for work in (30, 0.05)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(15)
+        assert [w.exitcode for w in workers] == [-signal.SIGKILL, 0] * 4
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("server_package", ["torch", "ours"])
+@pytest.mark.parametrize("client_package", ["torch", "ours"])
+def test_local_transport_pairings(server_package: str, client_package: str) -> None:
+    """Pickled TimerRequests cross between the packages in both directions."""
+    mp_queue = CTX.Queue()
+    server = PACKAGES[server_package].LocalTimerServer(mp_queue, max_interval=0.05)
+    server.start()
+    try:
+        stuck = CTX.Process(target=local_worker, args=(client_package, mp_queue, 0.3, 30))
+        happy = CTX.Process(target=local_worker, args=(client_package, mp_queue, 5.0, 0.2))
+        for worker in (stuck, happy):
+            worker.start()
+        for worker in (stuck, happy):
+            worker.join(15)
+        assert stuck.exitcode == -signal.SIGKILL
+        assert happy.exitcode == 0
+    finally:
+        server.stop()
+
+
+def test_mixed_local_clients_on_one_server() -> None:
+    """torch's and our LocalTimerClients share one queue and one (native) server."""
+    mp_queue = CTX.Queue()
+    server = elastic_timer.LocalTimerServer(mp_queue, max_interval=0.05)
+    server.start()
+    try:
+        workers = [
+            CTX.Process(target=local_worker, args=(package, mp_queue, 0.3, work))
+            for package in ("torch", "ours")
+            for work in (30, 0.05)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(15)
+        assert [w.exitcode for w in workers] == [-signal.SIGKILL, 0, -signal.SIGKILL, 0]
+    finally:
+        server.stop()
+
+
+def test_torch_request_on_our_queue_decodes_natively() -> None:
+    """The native reader decodes torch's own pickles, byte for byte as torch's client sends."""
+    from multiprocessing.reduction import ForkingPickler
+
+    request = torch_timer.api.TimerRequest(os.getpid(), "scope", 12.5)
+    payload = bytes(ForkingPickler.dumps(request))
+    assert elastic_timer._native.decode_pickle(payload) == (
+        os.getpid(),
+        "scope",
+        12.5,
+        signal.SIGKILL,
+    )
