@@ -276,28 +276,112 @@ impl PyServer {
 /// pidfds are file descriptors of the server's process: leave most of its budget alone.
 const MAX_PIDFDS: usize = 256;
 
-/// Sends one request to the FIFO server at `path`, as torch's FileTimerClient does, but
-/// waiting (bounded) for a server that is starting and for room in a full pipe.
-#[pyfunction]
-#[allow(clippy::too_many_arguments)]
-fn send_request(
-    py: Python<'_>,
-    path: PathBuf,
-    pid: i64,
-    scope_id: &str,
-    expiration_time: &Bound<'_, PyAny>,
-    signal: i64,
-    connect_timeout: f64,
-    send_timeout: f64,
-) -> PyResult<()> {
-    let options = SendOptions {
-        connect_timeout: seconds(connect_timeout, "connect_timeout")?,
-        send_timeout: seconds(send_timeout, "send_timeout")?,
-    };
-    let mut line = Vec::with_capacity(128 + scope_id.len());
-    codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
-    py.detach(|| fifo::send_line(&path, &line, options))?;
-    Ok(())
+/// A client's connection to a FIFO server: each request is one JSON line in one `write`.
+#[pyclass(module = "elastic_timer._native", name = "FifoClient", frozen)]
+struct PyFifoClient(fifo::Client);
+
+#[pymethods]
+impl PyFifoClient {
+    #[new]
+    fn new(path: PathBuf, connect_timeout: f64, send_timeout: f64) -> PyResult<Self> {
+        let options = SendOptions {
+            connect_timeout: seconds(connect_timeout, "connect_timeout")?,
+            send_timeout: seconds(send_timeout, "send_timeout")?,
+        };
+        Ok(Self(fifo::Client::new(path, options)))
+    }
+
+    /// Sends one request as torch's FileTimerClient does, but waiting (bounded) for a server
+    /// that is starting and for room in a full pipe.
+    fn send(
+        &self,
+        py: Python<'_>,
+        pid: i64,
+        scope_id: &str,
+        expiration_time: &Bound<'_, PyAny>,
+        signal: i64,
+    ) -> PyResult<()> {
+        let mut line = Vec::with_capacity(128 + scope_id.len());
+        codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
+        // Keep the GIL for a write that cannot wait; let go of it for one that may.
+        if !self.0.try_send(&line)? {
+            py.detach(|| self.0.send(&line))?;
+        }
+        Ok(())
+    }
+}
+
+impl From<queue::SendError> for PyErr {
+    fn from(err: queue::SendError) -> Self {
+        match err {
+            queue::SendError::TooLarge(_) => PyValueError::new_err(err.to_string()),
+            queue::SendError::Timeout(_) => PyTimeoutError::new_err(err.to_string()),
+            queue::SendError::Io(io) => io.into(),
+        }
+    }
+}
+
+/// A client's writer to a `multiprocessing.Queue`: puts a `TimerRequest` frame on the
+/// queue's pipe directly, as `put` and its feeder thread would.
+#[pyclass(module = "elastic_timer._native", name = "QueueWriter", frozen)]
+struct PyQueueWriter {
+    writer: queue::Writer,
+    timeout: Duration,
+    /// The queue owning the fd and semaphores, kept alive with the writer.
+    _queue: Py<PyAny>,
+}
+
+#[pymethods]
+impl PyQueueWriter {
+    /// `fd` is the queue's `_writer` pipe end, `write_lock` and `items` the addresses of its
+    /// `_wlock` and `_sem` semaphores; `queue` is the queue itself.
+    #[new]
+    fn new(
+        queue: Py<PyAny>,
+        fd: i32,
+        write_lock: usize,
+        items: usize,
+        timeout: f64,
+    ) -> PyResult<Self> {
+        // SAFETY: the fd and semaphores belong to `queue`, which this object keeps alive; the
+        // fd is duplicated at once.
+        let writer = unsafe {
+            queue::Writer::new(
+                std::os::fd::BorrowedFd::borrow_raw(fd),
+                Semaphore::from_raw(write_lock as *mut libc::sem_t),
+                Semaphore::from_raw(items as *mut libc::sem_t),
+            )?
+        };
+        Ok(Self {
+            writer,
+            timeout: seconds(timeout, "send_timeout")?,
+            _queue: queue,
+        })
+    }
+
+    /// Puts `TimerRequest(pid, scope_id, expiration_time)` on the queue. Returns False, having
+    /// sent nothing, if the frame is too large to write atomically (use `put` then).
+    fn send(
+        &self,
+        py: Python<'_>,
+        pid: i64,
+        scope_id: &str,
+        expiration_time: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let mut frame = Vec::with_capacity(160 + scope_id.len());
+        codec::encode_pickle_frame(pid, scope_id, number(expiration_time)?, &mut frame);
+        // Keep the GIL for a write that cannot wait; let go of it for one that may.
+        let sent = match self.writer.try_send(&frame) {
+            Ok(true) => Ok(()),
+            Ok(false) => py.detach(|| self.writer.send(&frame, self.timeout)),
+            Err(err) => Err(err),
+        };
+        match sent {
+            Ok(()) => Ok(true),
+            Err(queue::SendError::TooLarge(_)) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
+    }
 }
 
 /// A Python int or float as the JSON number torch would write.
@@ -338,7 +422,8 @@ fn decode_pickle(payload: &[u8]) -> PyResult<RequestTuple> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyServer>()?;
-    m.add_function(wrap_pyfunction!(send_request, m)?)?;
+    m.add_class::<PyFifoClient>()?;
+    m.add_class::<PyQueueWriter>()?;
     m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;

@@ -309,6 +309,48 @@ pub fn decode_pickle(payload: &[u8]) -> Result<Request, CodecError> {
     })
 }
 
+/// Appends one `multiprocessing.Queue` frame (4-byte big-endian length, then the pickle)
+/// carrying `elastic_timer.api.TimerRequest(pid, scope, expiration)`, as `Queue.put` would
+/// write it: torch's server and Python's `Queue.get` unpickle it like any other item.
+pub fn encode_pickle_frame(pid: i64, scope: &str, expiration: Number, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    // Protocol 2: every Python that has multiprocessing reads it.
+    out.extend_from_slice(b"\x80\x02celastic_timer.api\nTimerRequest\n)\x81N}(");
+    push_pickle_str("worker_id", out);
+    push_pickle_int(pid, out);
+    push_pickle_str("scope_id", out);
+    push_pickle_str(scope, out);
+    push_pickle_str("expiration_time", out);
+    match expiration {
+        Number::Int(value) => push_pickle_int(value, out),
+        Number::Float(value) => {
+            out.push(b'G');
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+    }
+    // SETITEMS, TUPLE2 (None, slots), BUILD, STOP.
+    out.extend_from_slice(b"u\x86b.");
+    let size = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+    out[start..start + 4].copy_from_slice(&size.to_be_bytes());
+}
+
+fn push_pickle_str(value: &str, out: &mut Vec<u8>) {
+    out.push(b'X'); // BINUNICODE
+    out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn push_pickle_int(value: i64, out: &mut Vec<u8>) {
+    if let Ok(small) = i32::try_from(value) {
+        out.push(b'J'); // BININT
+        out.extend_from_slice(&small.to_le_bytes());
+    } else {
+        out.extend_from_slice(&[0x8a, 8]); // LONG1, 8 bytes of two's complement
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+}
+
 /// The classes a queue frame may name; anything else is refused before it is looked at.
 const ACCEPTED_CLASSES: [(&str, &str); 4] = [
     ("torch.distributed.elastic.timer.api", "TimerRequest"),
@@ -1448,6 +1490,30 @@ mod tests {
                 pickle[at] = byte;
             }
             let _ = decode_pickle(&pickle);
+        }
+    }
+
+    #[test]
+    fn encoded_frames_decode_to_the_same_request() {
+        for (pid, scope, expiration) in [
+            (4242_i64, "step", Number::Float(1.5)),
+            (7, "é 中 😀", Number::Int(-1)),
+            (1_i64 << 40, "", Number::Float(f64::INFINITY)),
+            (-3, "x", Number::Int(i64::MAX)),
+        ] {
+            let mut frame = Vec::new();
+            encode_pickle_frame(pid, scope, expiration, &mut frame);
+            let size = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+            assert_eq!(size, frame.len() - 4);
+            let decoded = decode_pickle(&frame[4..]).expect("decodes");
+            let expected = match expiration {
+                Number::Int(value) => value as f64,
+                Number::Float(value) => value,
+            };
+            assert_eq!(
+                (decoded.pid, decoded.scope.as_str(), decoded.expiration),
+                (pid, scope, expected)
+            );
         }
     }
 }

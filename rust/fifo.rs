@@ -8,7 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -161,20 +161,64 @@ pub struct SendOptions {
 
 /// Sends one request line (which must end with a newline) to the server reading `path`.
 pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), SendError> {
-    if line.len() > MAX_LINE + 1 {
-        return Err(SendError::TooLong(line.len() - 1));
+    Client::new(path.into(), options).send(line)
+}
+
+/// A client of one server's FIFO.
+///
+/// Each request opens the FIFO, writes one line and closes it, as torch's client does: torch's
+/// server reads with a blocking `readline` that only returns at end of file, so a client that
+/// kept the FIFO open would stall its watchdog loop.
+#[derive(Debug)]
+pub struct Client {
+    path: PathBuf,
+    options: SendOptions,
+}
+
+impl Client {
+    pub fn new(path: PathBuf, options: SendOptions) -> Self {
+        Self { path, options }
     }
-    let fd = connect(path, options.connect_timeout)?;
-    write_all(&fd, line, options.send_timeout).map_err(|err| match err {
-        // The server closed the FIFO between our open and our write.
-        SendError::Io(source) if source.kind() == io::ErrorKind::BrokenPipe => {
-            SendError::NoServer {
-                path: path.display().to_string(),
-                source,
-            }
+
+    /// Sends the line if that needs no waiting (a server reading, room in the pipe). Returns
+    /// false, having sent nothing, when `send` must do it.
+    pub fn try_send(&self, line: &[u8]) -> Result<bool, SendError> {
+        // Only atomic writes: a partial write would be sent again by `send`.
+        if line.len() > libc::PIPE_BUF {
+            return Ok(false);
         }
-        other => other,
-    })
+        let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let Ok(fd) = fs::open(&self.path, flags, Mode::empty()) else {
+            return Ok(false);
+        };
+        let kind = FileType::from_raw_mode(fs::fstat(&fd).map_err(io::Error::from)?.st_mode);
+        if kind != FileType::Fifo {
+            return Ok(false);
+        }
+        match rustix::io::write(&fd, line) {
+            Ok(_) => Ok(true),
+            Err(Errno::AGAIN | Errno::PIPE | Errno::INTR) => Ok(false),
+            Err(err) => Err(SendError::Io(err.into())),
+        }
+    }
+
+    /// Sends one request line (which must end with a newline), waiting as the options allow.
+    pub fn send(&self, line: &[u8]) -> Result<(), SendError> {
+        if line.len() > MAX_LINE + 1 {
+            return Err(SendError::TooLong(line.len() - 1));
+        }
+        let fd = connect(&self.path, self.options.connect_timeout)?;
+        write_all(&fd, line, self.options.send_timeout).map_err(|err| match err {
+            // The server closed the FIFO between our open and our write.
+            SendError::Io(source) if source.kind() == io::ErrorKind::BrokenPipe => {
+                SendError::NoServer {
+                    path: self.path.display().to_string(),
+                    source,
+                }
+            }
+            other => other,
+        })
+    }
 }
 
 fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, SendError> {
@@ -363,5 +407,25 @@ mod tests {
         let err = send_line(&path, b"x\n", OPTIONS).unwrap_err();
         assert!(matches!(err, SendError::NoServer { .. }), "{err:?}");
         std::fs::remove_file(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_client_never_keeps_the_fifo_open() {
+        let path = temp_fifo("closed");
+        let mut reader = Reader::open(&path).expect("open");
+        let client = Client::new(path.clone(), OPTIONS);
+        assert!(client.try_send(b"first\n").expect("try"));
+        client.send(b"second\n").expect("send");
+        assert_eq!(collect(&mut reader), ["first", "second"]);
+        // A blocking reader sees end of file once the lines are read: no client holds the
+        // FIFO open (torch's server depends on that).
+        let flags = OFlags::RDONLY | OFlags::NONBLOCK;
+        let blocking = fs::open(&path, flags, Mode::empty()).expect("open");
+        rustix::fs::fcntl_setfl(&blocking, OFlags::empty()).expect("blocking");
+        drop(reader);
+        let mut buf = [0u8; 8];
+        assert_eq!(rustix::io::read(&blocking, &mut buf).expect("read"), 0);
+        remove(&path).expect("rm");
+        assert!(!client.try_send(b"x\n").expect("try without server"));
     }
 }

@@ -26,8 +26,10 @@ const FRAME_WAIT: Duration = Duration::from_millis(200);
 #[derive(Debug)]
 pub struct Semaphore(*mut libc::sem_t);
 
-// SAFETY: POSIX semaphores are made to be used from any thread.
+// SAFETY: POSIX semaphores are made to be used from any thread, concurrently.
 unsafe impl Send for Semaphore {}
+// SAFETY: as above; every operation is a thread-safe libc call on the shared handle.
+unsafe impl Sync for Semaphore {}
 
 impl Semaphore {
     /// # Safety
@@ -59,6 +61,20 @@ impl Semaphore {
             match io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::ETIMEDOUT) => return Ok(false),
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+    }
+
+    fn try_wait(&self) -> io::Result<bool> {
+        loop {
+            // SAFETY: the handle is valid (see `from_raw`).
+            if unsafe { libc::sem_trywait(self.0) } == 0 {
+                return Ok(true);
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(false),
                 _ => return Err(io::Error::last_os_error()),
             }
         }
@@ -211,6 +227,131 @@ impl Reader {
     }
 }
 
+/// Why a client could not put a frame on the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("frame of {0} bytes is larger than PIPE_BUF and cannot be written atomically")]
+    TooLarge(usize),
+    #[error("the queue had no room within {0:?} (is its server reading?)")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A client's writer to one `multiprocessing.Queue`: what `put` and its feeder thread do,
+/// done at once on the caller's thread (take `_sem`, then write one frame under `_wlock`).
+#[derive(Debug)]
+pub struct Writer {
+    fd: OwnedFd,
+    write_lock: Semaphore,
+    items: Semaphore,
+}
+
+impl Writer {
+    /// `fd` is the queue's `_writer` end (duplicated, flags left alone).
+    pub fn new(fd: BorrowedFd<'_>, write_lock: Semaphore, items: Semaphore) -> io::Result<Self> {
+        Ok(Self {
+            fd: fd.try_clone_to_owned()?,
+            write_lock,
+            items,
+        })
+    }
+
+    /// Writes the frame if that needs no waiting (a free slot, the write lock, room in the
+    /// pipe). Returns false, having changed nothing, when `send` must do it.
+    pub fn try_send(&self, frame: &[u8]) -> Result<bool, SendError> {
+        if frame.len() > libc::PIPE_BUF {
+            return Err(SendError::TooLarge(frame.len()));
+        }
+        if !self.items.try_wait()? {
+            return Ok(false);
+        }
+        if !self.write_lock.try_wait()? {
+            self.items.post()?;
+            return Ok(false);
+        }
+        let result = self.write_frame(frame, Duration::ZERO, Duration::ZERO);
+        self.write_lock.post()?;
+        match result {
+            Ok(()) => Ok(true),
+            Err(SendError::Timeout(_)) => {
+                self.items.post()?;
+                Ok(false)
+            }
+            Err(err) => {
+                self.items.post()?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes one frame, waiting at most `timeout` for a slot and for room in the pipe.
+    pub fn send(&self, frame: &[u8], timeout: Duration) -> Result<(), SendError> {
+        if frame.len() > libc::PIPE_BUF {
+            return Err(SendError::TooLarge(frame.len()));
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
+        // A bounded queue's slot, as `put` takes it.
+        if !self.items.wait_for(timeout)? {
+            return Err(SendError::Timeout(timeout));
+        }
+        let written = self.write_locked(frame, left, timeout);
+        if written.is_err() {
+            self.items.post()?;
+        }
+        written
+    }
+
+    fn write_locked(
+        &self,
+        frame: &[u8],
+        left: impl Fn() -> Duration,
+        timeout: Duration,
+    ) -> Result<(), SendError> {
+        if !self.write_lock.wait_for(left())? {
+            return Err(SendError::Timeout(timeout));
+        }
+        let result = self.write_frame(frame, left(), timeout);
+        self.write_lock.post()?;
+        result
+    }
+
+    fn write_frame(
+        &self,
+        frame: &[u8],
+        wait: Duration,
+        timeout: Duration,
+    ) -> Result<(), SendError> {
+        // The fd is blocking and shared with Python: write only once the pipe has room, so
+        // the caller (a training step) never hangs on a server that stopped reading. With
+        // the write lock held nobody else fills that room, and a write of at most PIPE_BUF
+        // bytes is atomic.
+        let mut fds = [PollFd::new(&self.fd, PollFlags::OUT)];
+        let wait = rustix::time::Timespec::try_from(wait).unwrap_or(rustix::time::Timespec {
+            tv_sec: i64::MAX,
+            tv_nsec: 0,
+        });
+        loop {
+            match poll(&mut fds, Some(&wait)) {
+                Ok(0) => return Err(SendError::Timeout(timeout)),
+                Ok(_) => break,
+                Err(Errno::INTR) => continue,
+                Err(err) => return Err(SendError::Io(err.into())),
+            }
+        }
+        let mut rest = frame;
+        while !rest.is_empty() {
+            match rustix::io::write(&self.fd, rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(Errno::INTR) => {}
+                Err(err) => return Err(SendError::Io(err.into())),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Parses a frame header: returns its length and the payload size, or None if incomplete.
 fn parse_header(bytes: &[u8]) -> Option<(usize, u64)> {
     let short = i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
@@ -357,5 +498,35 @@ mod tests {
         assert_eq!(items.value(), 0);
         lock.handle().post().expect("give back");
         assert_eq!(collect(&mut reader), [b"x".to_vec()]);
+    }
+
+    #[test]
+    fn a_writer_frames_what_a_reader_reads_and_keeps_the_count() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut write_lock = TestSemaphore::new(1);
+        let mut slots = TestSemaphore::new(2); // a queue with maxsize=2
+        let writer =
+            Writer::new(write.as_fd(), write_lock.handle(), slots.handle()).expect("writer");
+        writer
+            .send(&frame(b"one"), Duration::from_millis(50))
+            .expect("send");
+        writer
+            .send(&frame(b"two"), Duration::from_millis(50))
+            .expect("send");
+        assert_eq!(slots.value(), 0);
+        // Full: the third waits for a slot, then gives up.
+        assert!(matches!(
+            writer.send(&frame(b"three"), Duration::from_millis(20)),
+            Err(SendError::Timeout(_))
+        ));
+        assert_eq!(write_lock.value(), 1, "the write lock is given back");
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), slots.handle()).expect("reader");
+        assert_eq!(collect(&mut reader), [b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(slots.value(), 2, "reading gives the slots back");
+        assert_eq!(items.value(), 0);
+        assert!(matches!(
+            writer.send(&vec![0; libc::PIPE_BUF + 1], Duration::ZERO),
+            Err(SendError::TooLarge(_))
+        ));
     }
 }

@@ -30,6 +30,8 @@ use crate::reaper::{self, Outcome, Refusal, Tracked, Workers};
 const EVENT_CAPACITY: usize = 4096;
 /// How long the loop waits for its events to be reported before it signals its own process.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
+/// Distinct refused pids reported (each once); past this, refusals are only counted.
+const MAX_REFUSED_REPORTED: usize = 1024;
 /// Upper bound on the retry interval of a failed reap.
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
@@ -173,6 +175,8 @@ struct State {
     stats: Stats,
     /// Workers whose reap was handed to Python and not yet answered.
     delegated: HashSet<i64>,
+    /// Pids already reported as refused: a misbehaving client is logged once, not flooded.
+    refused_pids: HashSet<i64>,
     /// When the running pass started; None while the loop waits (it is then making progress).
     busy_since: Option<f64>,
     events: Option<SyncSender<Event>>,
@@ -227,7 +231,11 @@ impl Shared {
             Ok(pid) => pid,
             Err(reason) => {
                 state.stats.refused += 1;
-                state.emit(Event::Refused { request, reason });
+                let first = state.refused_pids.len() < MAX_REFUSED_REPORTED
+                    && state.refused_pids.insert(request.pid);
+                if first {
+                    state.emit(Event::Refused { request, reason });
+                }
                 return;
             }
         };
@@ -375,6 +383,7 @@ impl Server {
             workers: Workers::new(config.max_pidfds),
             stats: Stats::default(),
             delegated: HashSet::new(),
+            refused_pids: HashSet::new(),
             busy_since: None,
             events: None,
         };

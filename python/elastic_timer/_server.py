@@ -98,7 +98,8 @@ class NativeServer(Generic[R]):
             logger.warning("Skipping malformed timer request: %s", event[1])
         elif kind == "refused":
             logger.error(
-                "Refusing timer request %s: %s; it will never be signalled",
+                "Refusing timer request %s: %s; it will never be signalled "
+                "(further refusals for this pid are only counted in stats())",
                 self._request_from_tuple(event[1]),
                 event[2],
             )

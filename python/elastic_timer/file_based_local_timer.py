@@ -94,17 +94,19 @@ class FileTimerClient(TimerClient):
         self.signal = signal
         self._connect_timeout = connect_timeout
         self._send_timeout = send_timeout
+        self._fifo: _native.FifoClient | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        # The open FIFO stays with this process; a copy opens its own.
+        return {**self.__dict__, "_fifo": None}
 
     def _send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None:
-        _native.send_request(
-            self._file_path,
-            pid,
-            scope_id,
-            expiration_time,
-            signal,
-            self._connect_timeout,
-            self._send_timeout,
-        )
+        fifo = self._fifo
+        if fifo is None:
+            fifo = self._fifo = _native.FifoClient(
+                self._file_path, self._connect_timeout, self._send_timeout
+            )
+        fifo.send(pid, scope_id, expiration_time, signal)
 
     def _send_request(self, request: FileTimerRequest) -> None:
         self._send(request.worker_pid, request.scope_id, request.expiration_time, request.signal)
