@@ -13,27 +13,18 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::codec::{self, CodecError, Number, Request};
 use crate::fifo::{self, SendError, SendOptions};
 use crate::queue::{self, Semaphore};
+use crate::reaper;
 use crate::server::{Config, Event, ReapOutcome, Server, Transport};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
 
 fn to_tuple(request: Request) -> RequestTuple {
-    (
-        request.pid,
-        request.scope,
-        request.expiration,
-        request.signal,
-    )
+    (request.pid, request.scope, request.expiration, request.signal)
 }
 
 fn from_tuple((pid, scope, expiration, signal): RequestTuple) -> Request {
-    Request {
-        pid,
-        scope,
-        expiration,
-        signal,
-    }
+    Request { pid, scope, expiration, signal }
 }
 
 impl From<SendError> for PyErr {
@@ -62,9 +53,7 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A native timer server (see `elastic_timer._server` for how the Python classes use it).
@@ -102,7 +91,7 @@ impl PyServer {
             max_interval: seconds(max_interval, "max_interval")?,
             signal_self,
             delegate_reaps,
-            max_pidfds: MAX_PIDFDS,
+            max_pidfds: reaper::pidfd_budget(),
         };
         Self::build(Transport::Fifo(path), config, None)
     }
@@ -122,7 +111,7 @@ impl PyServer {
             max_interval: seconds(max_interval, "max_interval")?,
             signal_self: false,
             delegate_reaps,
-            max_pidfds: MAX_PIDFDS,
+            max_pidfds: reaper::pidfd_budget(),
         };
         // SAFETY: the fd and semaphores belong to `queue`, which this object keeps alive; the
         // fd is duplicated at once.
@@ -144,7 +133,7 @@ impl PyServer {
             max_interval: seconds(max_interval, "max_interval")?,
             signal_self: false,
             delegate_reaps,
-            max_pidfds: MAX_PIDFDS,
+            max_pidfds: reaper::pidfd_budget(),
         };
         Self::build(Transport::Direct, config, None)
     }
@@ -186,10 +175,7 @@ impl PyServer {
     }
 
     fn timers(&self, py: Python<'_>) -> Vec<RequestTuple> {
-        py.detach(|| lock(&self.server).timers())
-            .into_iter()
-            .map(to_tuple)
-            .collect()
+        py.detach(|| lock(&self.server).timers()).into_iter().map(to_tuple).collect()
     }
 
     /// Counts and reports a request that Python could not make sense of.
@@ -235,9 +221,7 @@ impl PyServer {
         let object = match event {
             Event::Malformed(reason) => ("malformed", reason).into_pyobject(py)?.into_any(),
             Event::Refused { request, reason } => {
-                ("refused", to_tuple(request), reason.to_string())
-                    .into_pyobject(py)?
-                    .into_any()
+                ("refused", to_tuple(request), reason.to_string()).into_pyobject(py)?.into_any()
             }
             Event::WorkerExited { pid, dropped } => {
                 ("exited", pid, dropped).into_pyobject(py)?.into_any()
@@ -272,9 +256,6 @@ impl PyServer {
         }
     }
 }
-
-/// pidfds are file descriptors of the server's process: leave most of its budget alone.
-const MAX_PIDFDS: usize = 256;
 
 /// A client's connection to a FIFO server: each request is one JSON line in one `write`.
 #[pyclass(module = "elastic_timer._native", name = "FifoClient", frozen)]
@@ -352,11 +333,7 @@ impl PyQueueWriter {
                 Semaphore::from_raw(items as *mut libc::sem_t),
             )?
         };
-        Ok(Self {
-            writer,
-            timeout: seconds(timeout, "send_timeout")?,
-            _queue: queue,
-        })
+        Ok(Self { writer, timeout: seconds(timeout, "send_timeout")?, _queue: queue })
     }
 
     /// Puts `TimerRequest(pid, scope_id, expiration_time)` on the queue. Returns False, having

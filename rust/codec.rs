@@ -50,11 +50,7 @@ pub enum CodecError {
     #[error("{0} is missing")]
     MissingKey(&'static str),
     #[error("{key} must be {expected}, not {found}")]
-    WrongType {
-        key: &'static str,
-        expected: &'static str,
-        found: &'static str,
-    },
+    WrongType { key: &'static str, expected: &'static str, found: &'static str },
     #[error("{key} is out of range")]
     OutOfRange { key: &'static str },
     #[error("invalid pickle: {0}")]
@@ -141,12 +137,8 @@ fn json_value(jiter: &mut Jiter) -> Result<Value, CodecError> {
 /// Classifies a number jiter has validated the way Python does: digits alone make an int
 /// (of any size: ours must fit an i64), anything else a float (`1e400` is `inf`).
 fn json_number(bytes: &[u8]) -> Result<Value, CodecError> {
-    let unparsable = || {
-        CodecError::InvalidJson(format!(
-            "unparsable number {}",
-            String::from_utf8_lossy(bytes)
-        ))
-    };
+    let unparsable =
+        || CodecError::InvalidJson(format!("unparsable number {}", String::from_utf8_lossy(bytes)));
     let text = std::str::from_utf8(bytes).map_err(|_| unparsable())?;
     if text.bytes().all(|b| b == b'-' || b.is_ascii_digit()) {
         Ok(text.parse().map_or(Value::BigInt, Value::Int))
@@ -228,10 +220,7 @@ fn push_float_repr(x: f64, out: &mut Vec<u8>) {
         // Fixed notation, as repr uses for 1e-4 <= |x| < 1e16, always with a fraction.
         if exponent < 0 {
             out.extend_from_slice(b"0.");
-            out.extend(std::iter::repeat_n(
-                b'0',
-                exponent.unsigned_abs() as usize - 1,
-            ));
+            out.extend(std::iter::repeat_n(b'0', exponent.unsigned_abs() as usize - 1));
             out.extend_from_slice(digits);
         } else {
             let (int, frac) = digits.split_at(digits.len().min(exponent as usize + 1));
@@ -254,9 +243,7 @@ fn push_float_repr(x: f64, out: &mut Vec<u8>) {
 
 /// Splits Rust's `{:e}` output, e.g. `1.25e-7`, into its digits `125` and exponent `-7`.
 fn split_scientific(scientific: &str) -> (String, i32) {
-    let (mantissa, exponent) = scientific
-        .split_once('e')
-        .expect("`{:e}` writes an exponent");
+    let (mantissa, exponent) = scientific.split_once('e').expect("`{:e}` writes an exponent");
     let exponent = exponent.parse().expect("`{:e}` writes an integer exponent");
     (mantissa.replace('.', ""), exponent)
 }
@@ -355,10 +342,7 @@ fn push_pickle_int(value: i64, out: &mut Vec<u8>) {
 const ACCEPTED_CLASSES: [(&str, &str); 4] = [
     ("torch.distributed.elastic.timer.api", "TimerRequest"),
     ("elastic_timer.api", "TimerRequest"),
-    (
-        "torch.distributed.elastic.timer.file_based_local_timer",
-        "FileTimerRequest",
-    ),
+    ("torch.distributed.elastic.timer.file_based_local_timer", "FileTimerRequest"),
     ("elastic_timer.file_based_local_timer", "FileTimerRequest"),
 ];
 
@@ -486,11 +470,7 @@ fn number_field(key: &'static str, value: Option<&Value>) -> Result<f64, CodecEr
 }
 
 fn wrong_type(key: &'static str, expected: &'static str, found: &Value) -> CodecError {
-    CodecError::WrongType {
-        key,
-        expected,
-        found: found.kind(),
-    }
+    CodecError::WrongType { key, expected, found: found.kind() }
 }
 
 /// The restricted unpickler: CPython's stack machine for the opcodes a request needs.
@@ -507,14 +487,7 @@ struct Machine<'a> {
 
 impl<'a> Machine<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Self {
-            data,
-            pos: 0,
-            at: 0,
-            stack: Vec::new(),
-            marks: Vec::new(),
-            memo: HashMap::new(),
-        }
+        Self { data, pos: 0, at: 0, stack: Vec::new(), marks: Vec::new(), memo: HashMap::new() }
     }
 
     fn run(mut self) -> Result<Value, CodecError> {
@@ -675,10 +648,7 @@ impl<'a> Machine<'a> {
 
     fn take_slice(&mut self, len: usize) -> Result<&'a [u8], CodecError> {
         let data = self.data;
-        let bytes = self
-            .pos
-            .checked_add(len)
-            .and_then(|end| data.get(self.pos..end));
+        let bytes = self.pos.checked_add(len).and_then(|end| data.get(self.pos..end));
         let bytes = bytes.ok_or_else(|| self.invalid("truncated"))?;
         self.pos += len;
         Ok(bytes)
@@ -692,10 +662,7 @@ impl<'a> Machine<'a> {
     /// A newline-terminated argument of GLOBAL.
     fn line(&mut self) -> Result<&'a str, CodecError> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
-        let len = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| self.invalid("truncated"))?;
+        let len = rest.iter().position(|&b| b == b'\n').ok_or_else(|| self.invalid("truncated"))?;
         let line = self.take_slice(len + 1)?;
         std::str::from_utf8(&line[..len]).map_err(|_| self.invalid("invalid UTF-8"))
     }
@@ -829,20 +796,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn request(pid: i64, scope: &str, expiration: f64, signal: i32) -> Request {
-        Request {
-            pid,
-            scope: scope.to_owned(),
-            expiration,
-            signal,
-        }
+        Request { pid, scope: scope.to_owned(), expiration, signal }
     }
 
     fn mistyped(key: &'static str, expected: &'static str, found: &'static str) -> CodecError {
-        CodecError::WrongType {
-            key,
-            expected,
-            found,
-        }
+        CodecError::WrongType { key, expected, found }
     }
 
     #[test]
@@ -886,12 +844,7 @@ mod tests {
             ),
         ];
         for (line, expected) in cases {
-            assert_eq!(
-                decode_json_line(line).as_ref(),
-                Ok(expected),
-                "{}",
-                line.escape_ascii()
-            );
+            assert_eq!(decode_json_line(line).as_ref(), Ok(expected), "{}", line.escape_ascii());
         }
         let nan = br#"{"pid": 1, "scope_id": "s", "expiration_time": NaN, "signal": 9}"#;
         assert!(decode_json_line(nan).is_ok_and(|r| r.expiration.is_nan() && !r.is_release()));
@@ -901,12 +854,7 @@ mod tests {
     fn json_refusals_say_why() {
         let invalid =
             |line: &[u8]| matches!(decode_json_line(line), Err(CodecError::InvalidJson(_)));
-        let deep = [
-            b"{\"a\": ".repeat(10_000),
-            b"1".to_vec(),
-            b"}".repeat(10_000),
-        ]
-        .concat();
+        let deep = [b"{\"a\": ".repeat(10_000), b"1".to_vec(), b"}".repeat(10_000)].concat();
         for line in [
             &b""[..],
             b"   ",
@@ -928,17 +876,13 @@ mod tests {
         }
         // A valid line with `key` set to the JSON `value`, or left out if `value` is empty.
         let with = |key: &str, value: &str| {
-            let fields: Vec<String> = [
-                ("pid", "1"),
-                ("scope_id", r#""s""#),
-                ("expiration_time", "1.5"),
-                ("signal", "9"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k, if k == key { value } else { v }))
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| format!("\"{k}\": {v}"))
-            .collect();
+            let fields: Vec<String> =
+                [("pid", "1"), ("scope_id", r#""s""#), ("expiration_time", "1.5"), ("signal", "9")]
+                    .into_iter()
+                    .map(|(k, v)| (k, if k == key { value } else { v }))
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| format!("\"{k}\": {v}"))
+                    .collect();
             format!("{{{}}}", fields.join(", ")).into_bytes()
         };
         let cases = [
@@ -947,32 +891,17 @@ mod tests {
             (b"1".to_vec(), CodecError::NotAnObject),
             (with("pid", ""), CodecError::MissingKey("pid")),
             (with("scope_id", ""), CodecError::MissingKey("scope_id")),
-            (
-                with("expiration_time", ""),
-                CodecError::MissingKey("expiration_time"),
-            ),
+            (with("expiration_time", ""), CodecError::MissingKey("expiration_time")),
             (with("signal", ""), CodecError::MissingKey("signal")),
             (with("pid", "true"), mistyped("pid", "an int", "a bool")),
             (with("pid", "1.0"), mistyped("pid", "an int", "a float")),
             (with("pid", r#""1""#), mistyped("pid", "an int", "a str")),
             (with("pid", "null"), mistyped("pid", "an int", "None")),
-            (
-                with("pid", "9223372036854775808"),
-                CodecError::OutOfRange { key: "pid" },
-            ),
+            (with("pid", "9223372036854775808"), CodecError::OutOfRange { key: "pid" }),
             (with("pid", "1e3"), mistyped("pid", "an int", "a float")),
-            (
-                with("scope_id", "5"),
-                mistyped("scope_id", "a str", "an int"),
-            ),
-            (
-                with("scope_id", r#"["s"]"#),
-                mistyped("scope_id", "a str", "a list"),
-            ),
-            (
-                with("scope_id", "{}"),
-                mistyped("scope_id", "a str", "a dict"),
-            ),
+            (with("scope_id", "5"), mistyped("scope_id", "a str", "an int")),
+            (with("scope_id", r#"["s"]"#), mistyped("scope_id", "a str", "a list")),
+            (with("scope_id", "{}"), mistyped("scope_id", "a str", "a dict")),
             (
                 with("expiration_time", "false"),
                 mistyped("expiration_time", "an int or a float", "a bool"),
@@ -983,30 +912,14 @@ mod tests {
             ),
             (
                 with("expiration_time", "123456789012345678901234567890"),
-                CodecError::OutOfRange {
-                    key: "expiration_time",
-                },
+                CodecError::OutOfRange { key: "expiration_time" },
             ),
-            (
-                with("signal", "2147483648"),
-                CodecError::OutOfRange { key: "signal" },
-            ),
-            (
-                with("signal", "-2147483649"),
-                CodecError::OutOfRange { key: "signal" },
-            ),
-            (
-                with("signal", "9.0"),
-                mistyped("signal", "an int", "a float"),
-            ),
+            (with("signal", "2147483648"), CodecError::OutOfRange { key: "signal" }),
+            (with("signal", "-2147483649"), CodecError::OutOfRange { key: "signal" }),
+            (with("signal", "9.0"), mistyped("signal", "an int", "a float")),
         ];
         for (line, expected) in cases {
-            assert_eq!(
-                decode_json_line(&line),
-                Err(expected),
-                "{}",
-                line.escape_ascii()
-            );
+            assert_eq!(decode_json_line(&line), Err(expected), "{}", line.escape_ascii());
         }
     }
 
@@ -1018,10 +931,7 @@ mod tests {
                 .as_deref(),
             Some("pid must be an int, not a str")
         );
-        assert_eq!(
-            message(br#"{"pid": 1}"#).as_deref(),
-            Some("scope_id is missing")
-        );
+        assert_eq!(message(br#"{"pid": 1}"#).as_deref(), Some("scope_id is missing"));
         assert_eq!(
             message(b"{\"pid\": 1} x").as_deref(),
             Some("invalid JSON: trailing characters at index 11")
@@ -1095,10 +1005,7 @@ mod tests {
             ("é", r#""\u00e9""#),
             ("中", r#""\u4e2d""#),
             ("😀", r#""\ud83d\ude00""#),
-            (
-                "mix é中😀 \u{7f}\"\\",
-                r#""mix \u00e9\u4e2d\ud83d\ude00 \u007f\"\\""#,
-            ),
+            ("mix é中😀 \u{7f}\"\\", r#""mix \u00e9\u4e2d\ud83d\ude00 \u007f\"\\""#),
             ("\u{2028}\u{feff}", r#""\u2028\ufeff""#),
         ];
         for (s, python) in cases {
@@ -1286,38 +1193,24 @@ mod tests {
         assert_eq!(int(&[0xff; 8]), Some(-1));
         assert_eq!(int(&[0xff; 12]), Some(-1));
         assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0x80]), Some(i64::MIN));
-        assert_eq!(
-            int(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0]),
-            Some(i64::MAX)
-        );
+        assert_eq!(int(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0]), Some(i64::MAX));
         assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), None); // 2**63
-        assert_eq!(
-            int(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0xff]),
-            None
-        );
+        assert_eq!(int(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0xff]), None);
         assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
     }
 
     #[test]
     fn pickle_refusals_say_why() {
-        let posix_system = || CodecError::UnsupportedClass {
-            module: "posix".into(),
-            name: "system".into(),
-        };
+        let posix_system =
+            || CodecError::UnsupportedClass { module: "posix".into(), name: "system".into() };
         let cases = [
             (OS_SYSTEM, posix_system()),
             (OS_SYSTEM_P2, posix_system()),
             (PID_STR, mistyped("worker_id", "an int", "a str")),
             (PID_BOOL, mistyped("worker_id", "an int", "a bool")),
             (SCOPE_INT, mistyped("scope_id", "a str", "an int")),
-            (
-                EXPIRATION_STR,
-                mistyped("expiration_time", "an int or a float", "a str"),
-            ),
-            (
-                EXPIRATION_NONE,
-                mistyped("expiration_time", "an int or a float", "None"),
-            ),
+            (EXPIRATION_STR, mistyped("expiration_time", "an int or a float", "a str")),
+            (EXPIRATION_NONE, mistyped("expiration_time", "an int or a float", "None")),
             (NO_EXPIRATION, CodecError::MissingKey("expiration_time")),
             (TORCH_HUGE_PID, CodecError::OutOfRange { key: "worker_id" }),
             (
@@ -1335,9 +1228,8 @@ mod tests {
         let unsupported = |what: &str| Err(CodecError::UnsupportedPickle(what.into()));
         let invalid = |why: &str| Err(CodecError::InvalidPickle(why.into()));
         let spam = |op: &[u8], times: usize| [&b"\x80\x04"[..], &op.repeat(times), b"."].concat();
-        let memo_spam: Vec<u8> = (0..100u32)
-            .flat_map(|i| [&b"r"[..], &i.to_le_bytes()].concat())
-            .collect();
+        let memo_spam: Vec<u8> =
+            (0..100u32).flat_map(|i| [&b"r"[..], &i.to_le_bytes()].concat()).collect();
         let cases: [(Vec<u8>, Result<Request, CodecError>); 18] = [
             (
                 b"".to_vec(),
@@ -1347,24 +1239,12 @@ mod tests {
                 b"cos\nsystem\n(S'echo'\ntR.".to_vec(),
                 unsupported("no PROTO opcode (protocols 0 and 1 are not supported) at offset 0"),
             ),
-            (
-                b"\x80\x01N.".to_vec(),
-                unsupported("protocol 1 at offset 0"),
-            ),
-            (
-                b"\x80\x06N.".to_vec(),
-                unsupported("protocol 6 at offset 0"),
-            ),
-            (
-                b"\x80\x04NN\x52.".to_vec(),
-                unsupported("opcode 0x52 at offset 4"),
-            ),
+            (b"\x80\x01N.".to_vec(), unsupported("protocol 1 at offset 0")),
+            (b"\x80\x06N.".to_vec(), unsupported("protocol 6 at offset 0")),
+            (b"\x80\x04NN\x52.".to_vec(), unsupported("opcode 0x52 at offset 4")),
             (
                 b"\x80\x04cos\nsystem\n.".to_vec(),
-                Err(CodecError::UnsupportedClass {
-                    module: "os".into(),
-                    name: "system".into(),
-                }),
+                Err(CodecError::UnsupportedClass { module: "os".into(), name: "system".into() }),
             ),
             (
                 b"\x80\x04X\xff\xff\xff\xff".to_vec(),
@@ -1374,18 +1254,9 @@ mod tests {
                 b"\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
                 unsupported("string longer than 65536 bytes at offset 2"),
             ),
-            (
-                b"\x80\x04\x8c\x02\xff\xfe.".to_vec(),
-                invalid("invalid UTF-8 at offset 2"),
-            ),
-            (
-                spam(b"(", 100),
-                unsupported("more than 64 stack entries at offset 66"),
-            ),
-            (
-                spam(b"N", 100),
-                unsupported("more than 64 stack entries at offset 66"),
-            ),
+            (b"\x80\x04\x8c\x02\xff\xfe.".to_vec(), invalid("invalid UTF-8 at offset 2")),
+            (spam(b"(", 100), unsupported("more than 64 stack entries at offset 66")),
+            (spam(b"N", 100), unsupported("more than 64 stack entries at offset 66")),
             (
                 [&b"\x80\x04N"[..], &memo_spam, b"."].concat(),
                 unsupported("more than 64 memo entries at offset 323"),
@@ -1394,34 +1265,14 @@ mod tests {
                 [&b"\x80\x04]"[..], &spam(b"(NNNNNNNNNNNNNNNNNNNNe", 10)[2..]].concat(),
                 unsupported("more than 128 items in a container at offset 156"),
             ),
-            (
-                b"\x80\x04))\x85.".to_vec(),
-                unsupported("nested tuple at offset 4"),
-            ),
-            (
-                b"\x80\x04]]a.".to_vec(),
-                unsupported("nested container at offset 4"),
-            ),
-            (
-                b"\x80\x04h\x05.".to_vec(),
-                invalid("memo entry 5 not found at offset 2"),
-            ),
-            (
-                b"\x80\x04N(\x85.".to_vec(),
-                invalid("stack underflow at offset 4"),
-            ),
-            (
-                b"\x80\x04N}b.".to_vec(),
-                invalid("BUILD without a fresh TimerRequest at offset 4"),
-            ),
+            (b"\x80\x04))\x85.".to_vec(), unsupported("nested tuple at offset 4")),
+            (b"\x80\x04]]a.".to_vec(), unsupported("nested container at offset 4")),
+            (b"\x80\x04h\x05.".to_vec(), invalid("memo entry 5 not found at offset 2")),
+            (b"\x80\x04N(\x85.".to_vec(), invalid("stack underflow at offset 4")),
+            (b"\x80\x04N}b.".to_vec(), invalid("BUILD without a fresh TimerRequest at offset 4")),
         ];
         for (pickle, expected) in cases {
-            assert_eq!(
-                decode_pickle(&pickle),
-                expected,
-                "{}",
-                pickle.escape_ascii()
-            );
+            assert_eq!(decode_pickle(&pickle), expected, "{}", pickle.escape_ascii());
         }
         for pickle in [
             &b"\x80\x04."[..],
@@ -1448,10 +1299,7 @@ mod tests {
         );
         // An object BUILD never gave state has none of its fields.
         let bare = b"\x80\x04\x8c\x11elastic_timer.api\x8c\x0cTimerRequest\x93)\x81.";
-        assert_eq!(
-            decode_pickle(bare),
-            Err(CodecError::MissingKey("worker_id"))
-        );
+        assert_eq!(decode_pickle(bare), Err(CodecError::MissingKey("worker_id")));
     }
 
     #[test]

@@ -128,10 +128,7 @@ impl DeadlineMap {
                 (self.last_seq, Change::Added)
             }
         };
-        let slot = Slot {
-            timer: Timer { request, deadline },
-            seq,
-        };
+        let slot = Slot { timer: Timer { request, deadline }, seq };
         if let Some(key) = slot.index_key() {
             self.index.insert(key);
         }
@@ -149,6 +146,11 @@ impl DeadlineMap {
         }
         self.len -= slots.len();
         slots.len()
+    }
+
+    /// How many timers `pid` has.
+    pub fn worker_len(&self, pid: Pid) -> usize {
+        self.workers.get(&pid).map_or(0, HashSet::len)
     }
 
     /// The earliest deadline of any timer.
@@ -228,8 +230,7 @@ impl DeadlineMap {
 
 /// Orders expirations ascending with NaN (of either sign) after every number.
 fn nan_last(a: f64, b: f64) -> Ordering {
-    a.partial_cmp(&b)
-        .unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
+    a.partial_cmp(&b).unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
 }
 
 #[cfg(test)]
@@ -239,12 +240,7 @@ mod tests {
     use std::time::Duration;
 
     fn req(pid: Pid, scope: &str, expiration: f64, signal: i32) -> Request {
-        Request {
-            pid,
-            scope: scope.to_owned(),
-            expiration,
-            signal,
-        }
+        Request { pid, scope: scope.to_owned(), expiration, signal }
     }
 
     fn acquire(pid: Pid, scope: &str, expiration: f64) -> Request {
@@ -277,14 +273,8 @@ mod tests {
     fn registering_again_replaces() {
         let base = Instant::now();
         let mut map = DeadlineMap::new();
-        assert_eq!(
-            map.apply(acquire(1, "a", 5.0), Some(at(base, 5))),
-            Change::Added
-        );
-        assert_eq!(
-            map.apply(req(1, "a", 7.0, 15), Some(at(base, 7))),
-            Change::Replaced
-        );
+        assert_eq!(map.apply(acquire(1, "a", 5.0), Some(at(base, 5))), Change::Added);
+        assert_eq!(map.apply(req(1, "a", 7.0, 15), Some(at(base, 7))), Change::Replaced);
         assert_eq!(map.len(), 1);
         let timer = map.get(1, "a").expect("registered above");
         assert_eq!(timer.request, req(1, "a", 7.0, 15));
@@ -302,10 +292,7 @@ mod tests {
         assert_eq!(map.apply(release(1, "a"), None), Change::Released);
         assert_eq!(map.get(1, "a"), None);
         assert_eq!(map.next_deadline(), Some(at(base, 6)));
-        assert_eq!(
-            map.apply(req(1, "b", f64::NEG_INFINITY, 0), None),
-            Change::Released
-        );
+        assert_eq!(map.apply(req(1, "b", f64::NEG_INFINITY, 0), None), Change::Released);
         assert_drained(&map);
     }
 
@@ -336,16 +323,10 @@ mod tests {
         map.postpone_worker(1, far);
         assert_eq!(map.get(1, "inf").expect("registered above").deadline, None);
 
-        assert_eq!(
-            map.apply(acquire(1, "nan", 3.0), Some(at(base, 3))),
-            Change::Replaced
-        );
+        assert_eq!(map.apply(acquire(1, "nan", 3.0), Some(at(base, 3))), Change::Replaced);
         assert_eq!(map.due_workers(far), vec![1]);
         assert_eq!(map.apply(release(1, "inf"), None), Change::Released);
-        assert_eq!(
-            map.apply(acquire(1, "inf", f64::INFINITY), None),
-            Change::Added
-        );
+        assert_eq!(map.apply(acquire(1, "inf", f64::INFINITY), None), Change::Added);
         assert_eq!(map.remove_worker(1), 2);
         assert_drained(&map);
     }
@@ -491,9 +472,7 @@ mod tests {
 
         /// Due timers in registration order.
         fn due(&self, now: Instant) -> impl Iterator<Item = &Timer> {
-            self.0
-                .iter()
-                .filter(move |t| t.deadline.is_some_and(|d| d <= now))
+            self.0.iter().filter(move |t| t.deadline.is_some_and(|d| d <= now))
         }
 
         fn due_workers(&self, now: Instant) -> Vec<Pid> {
@@ -526,13 +505,7 @@ mod tests {
 
     fn view(t: &Timer) -> View {
         let r = &t.request;
-        (
-            r.pid,
-            r.scope.clone(),
-            r.expiration.to_bits(),
-            r.signal,
-            t.deadline,
-        )
+        (r.pid, r.scope.clone(), r.expiration.to_bits(), r.signal, t.deadline)
     }
 
     fn views<'a>(timers: impl IntoIterator<Item = &'a Timer>) -> Vec<View> {
@@ -541,13 +514,7 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Apply {
-            pid: Pid,
-            scope: u8,
-            expiration: f64,
-            signal: i32,
-            deadline: Option<u64>,
-        },
+        Apply { pid: Pid, scope: u8, expiration: f64, signal: i32, deadline: Option<u64> },
         RemoveWorker(Pid),
         Postpone(Pid, u64),
     }

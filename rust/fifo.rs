@@ -72,12 +72,7 @@ impl Reader {
             ));
         }
         let write = fs::open(path, OFlags::WRONLY | flags, Mode::empty())?;
-        Ok(Self {
-            read,
-            _write: write,
-            pending: Vec::with_capacity(MAX_LINE + 1),
-            discarding: 0,
-        })
+        Ok(Self { read, _write: write, pending: Vec::with_capacity(MAX_LINE + 1), discarding: 0 })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -211,10 +206,7 @@ impl Client {
         write_all(&fd, line, self.options.send_timeout).map_err(|err| match err {
             // The server closed the FIFO between our open and our write.
             SendError::Io(source) if source.kind() == io::ErrorKind::BrokenPipe => {
-                SendError::NoServer {
-                    path: self.path.display().to_string(),
-                    source,
-                }
+                SendError::NoServer { path: self.path.display().to_string(), source }
             }
             other => other,
         })
@@ -224,10 +216,8 @@ impl Client {
 fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, SendError> {
     let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let deadline = Instant::now() + timeout;
-    let no_server = |source: io::Error| SendError::NoServer {
-        path: path.display().to_string(),
-        source,
-    };
+    let no_server =
+        |source: io::Error| SendError::NoServer { path: path.display().to_string(), source };
     loop {
         match fs::open(path, flags, Mode::empty()) {
             Ok(fd) => {
@@ -265,11 +255,8 @@ fn write_all(fd: &OwnedFd, mut line: &[u8], timeout: Duration) -> Result<(), Sen
                     return Err(SendError::Timeout(timeout));
                 }
                 let mut fds = [PollFd::new(fd, PollFlags::OUT)];
-                let wait =
-                    rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec {
-                        tv_sec: i64::MAX,
-                        tv_nsec: 0,
-                    });
+                let wait = rustix::time::Timespec::try_from(left)
+                    .unwrap_or(rustix::time::Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
                 match poll(&mut fds, Some(&wait)) {
                     Ok(_) | Err(Errno::INTR) => {}
                     Err(err) => return Err(SendError::Io(err.into())),
@@ -342,10 +329,7 @@ mod tests {
             assert!(collect(&mut reader).is_empty());
         }
         rustix::io::write(&writer, b"\nok\n").expect("write");
-        assert_eq!(
-            collect(&mut reader),
-            [format!("<too long: {}>", 3 * MAX_LINE), "ok".into()]
-        );
+        assert_eq!(collect(&mut reader), [format!("<too long: {}>", 3 * MAX_LINE), "ok".into()]);
         remove(&path).expect("rm");
     }
 

@@ -40,10 +40,7 @@ impl Semaphore {
     }
 
     fn wait_for(&self, timeout: Duration) -> io::Result<bool> {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `now` is a valid out-pointer.
         unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
         let nanos = now.tv_nsec as u64 + u64::from(timeout.subsec_nanos());
@@ -250,11 +247,7 @@ pub struct Writer {
 impl Writer {
     /// `fd` is the queue's `_writer` end (duplicated, flags left alone).
     pub fn new(fd: BorrowedFd<'_>, write_lock: Semaphore, items: Semaphore) -> io::Result<Self> {
-        Ok(Self {
-            fd: fd.try_clone_to_owned()?,
-            write_lock,
-            items,
-        })
+        Ok(Self { fd: fd.try_clone_to_owned()?, write_lock, items })
     }
 
     /// Writes the frame if that needs no waiting (a free slot, the write lock, room in the
@@ -328,10 +321,8 @@ impl Writer {
         // the write lock held nobody else fills that room, and a write of at most PIPE_BUF
         // bytes is atomic.
         let mut fds = [PollFd::new(&self.fd, PollFlags::OUT)];
-        let wait = rustix::time::Timespec::try_from(wait).unwrap_or(rustix::time::Timespec {
-            tv_sec: i64::MAX,
-            tv_nsec: 0,
-        });
+        let wait = rustix::time::Timespec::try_from(wait)
+            .unwrap_or(rustix::time::Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
         loop {
             match poll(&mut fds, Some(&wait)) {
                 Ok(0) => return Err(SendError::Timeout(timeout)),
@@ -422,10 +413,7 @@ mod tests {
         assert!(collect(&mut reader).is_empty());
         let bytes = [frame(b"first"), frame(b""), frame(b"third")].concat();
         rustix::io::write(&write, &bytes).expect("write");
-        assert_eq!(
-            collect(&mut reader),
-            [b"first".to_vec(), vec![], b"third".to_vec()]
-        );
+        assert_eq!(collect(&mut reader), [b"first".to_vec(), vec![], b"third".to_vec()]);
         assert_eq!(items.value(), 3, "one post per frame");
         assert_eq!(lock.value(), 1, "the read lock is given back");
     }
@@ -466,13 +454,7 @@ mod tests {
             got.extend(collect(&mut reader));
         }
         writer.join().expect("writer");
-        assert_eq!(
-            got,
-            [
-                format!("<{}>", MAX_FRAME + 1).into_bytes(),
-                b"after".to_vec()
-            ]
-        );
+        assert_eq!(got, [format!("<{}>", MAX_FRAME + 1).into_bytes(), b"after".to_vec()]);
         assert_eq!(items.value(), 2);
     }
 
@@ -507,12 +489,8 @@ mod tests {
         let mut slots = TestSemaphore::new(2); // a queue with maxsize=2
         let writer =
             Writer::new(write.as_fd(), write_lock.handle(), slots.handle()).expect("writer");
-        writer
-            .send(&frame(b"one"), Duration::from_millis(50))
-            .expect("send");
-        writer
-            .send(&frame(b"two"), Duration::from_millis(50))
-            .expect("send");
+        writer.send(&frame(b"one"), Duration::from_millis(50)).expect("send");
+        writer.send(&frame(b"two"), Duration::from_millis(50)).expect("send");
         assert_eq!(slots.value(), 0);
         // Full: the third waits for a slot, then gives up.
         assert!(matches!(

@@ -62,8 +62,9 @@ pub fn validate_signal(signal: i32) -> Result<Signal, Refusal> {
 enum Handle {
     /// A pidfd: signals go to exactly the process that registered, and it reports the exit.
     Pidfd(OwnedFd),
-    /// No pidfd (old kernel or too many open): signal by pid.
-    Pid,
+    /// No pidfd (old kernel, or past the budget): signal by pid, but only while the process
+    /// with that pid is still the one that registered (same start time).
+    Pid { started: Option<u64> },
 }
 
 /// What `Workers::track` found.
@@ -89,12 +90,7 @@ pub struct Workers {
 impl Workers {
     /// `max_pidfds` bounds the file descriptors spent on pidfds; workers past it are signalled by pid.
     pub fn new(max_pidfds: usize) -> Self {
-        Self {
-            handles: HashMap::new(),
-            pidfds_available: true,
-            max_pidfds,
-            pidfd_count: 0,
-        }
+        Self { handles: HashMap::new(), pidfds_available: true, max_pidfds, pidfd_count: 0 }
     }
 
     /// Starts tracking `pid` when its first timer is registered.
@@ -113,18 +109,23 @@ impl Workers {
                 Err(err @ (rustix::io::Errno::NOSYS | rustix::io::Errno::PERM)) => {
                     self.pidfds_available = false;
                     fallback_reason = Some(err.into());
-                    Handle::Pid
+                    Handle::Pid { started: None }
                 }
                 Err(err) => {
                     fallback_reason = Some(err.into());
-                    Handle::Pid
+                    Handle::Pid { started: None }
                 }
             }
         } else {
             if !is_alive(pid) {
                 return (Tracked::Gone, None);
             }
-            Handle::Pid
+            Handle::Pid { started: None }
+        };
+        let handle = match handle {
+            // Record who registered, so a reused pid is told apart at signal time.
+            Handle::Pid { started: None } => Handle::Pid { started: start_time(pid) },
+            handle => handle,
         };
         if matches!(handle, Handle::Pidfd(_)) {
             self.pidfd_count += 1;
@@ -132,7 +133,7 @@ impl Workers {
         let handle: &Handle = self.handles.entry(pid).or_insert(handle);
         match handle {
             Handle::Pidfd(fd) => (Tracked::New(fd.as_fd()), fallback_reason),
-            Handle::Pid => (Tracked::Known, fallback_reason),
+            Handle::Pid { .. } => (Tracked::Known, fallback_reason),
         }
     }
 
@@ -143,7 +144,7 @@ impl Workers {
                 self.pidfd_count -= 1;
                 Some(fd)
             }
-            Handle::Pid => None,
+            Handle::Pid { .. } => None,
         }
     }
 
@@ -151,7 +152,13 @@ impl Workers {
     pub fn signal(&self, pid: Pid, signal: Signal) -> Outcome {
         let sent = match self.handles.get(&pid) {
             Some(Handle::Pidfd(fd)) => process::pidfd_send_signal(fd, signal),
-            Some(Handle::Pid) => process::kill_process(pid, signal),
+            Some(Handle::Pid { started }) => {
+                // The worker exited and its pid may have been reused: not the same process.
+                if started.is_some() && start_time(pid) != *started {
+                    return Outcome::Gone;
+                }
+                process::kill_process(pid, signal)
+            }
             // Never seen alive: whatever has this pid now is not the worker that registered.
             None => return Outcome::Gone,
         };
@@ -171,11 +178,23 @@ impl Workers {
     }
 }
 
+/// A process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the pid,
+/// it names one process for good. None if there is no such process (or no /proc).
+fn start_time(pid: Pid) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// File descriptors to spend on pidfds: a quarter of the soft `RLIMIT_NOFILE`, within reason.
+pub fn pidfd_budget() -> usize {
+    let limit = process::getrlimit(process::Resource::Nofile).current.unwrap_or(1024);
+    usize::try_from(limit / 4).unwrap_or(usize::MAX).clamp(64, 16_384)
+}
+
 fn is_alive(pid: Pid) -> bool {
-    !matches!(
-        process::test_kill_process(pid),
-        Err(rustix::io::Errno::SRCH)
-    )
+    !matches!(process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
 }
 
 /// Signals this process (torch's File server does so after it reaps; see `server::Config`).
@@ -191,10 +210,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn sleeper() -> Child {
-        Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep")
+        Command::new("sleep").arg("30").spawn().expect("spawn sleep")
     }
 
     fn pid_of(child: &Child) -> Pid {
@@ -212,31 +228,17 @@ mod tests {
             Err(Refusal::PidOutOfRange(i64::from(i32::MAX) + 1))
         );
         let own_raw = i64::from(own.as_raw_nonzero().get());
-        assert_eq!(
-            validate_pid(own_raw, own),
-            Err(Refusal::OwnProcess(own_raw))
-        );
-        assert_eq!(
-            validate_pid(4242, own)
-                .map(Pid::as_raw_nonzero)
-                .map(|p| p.get()),
-            Ok(4242)
-        );
+        assert_eq!(validate_pid(own_raw, own), Err(Refusal::OwnProcess(own_raw)));
+        assert_eq!(validate_pid(4242, own).map(Pid::as_raw_nonzero).map(|p| p.get()), Ok(4242));
     }
 
     #[test]
     fn refuses_signal_numbers_the_kernel_does_not_know() {
         for signal in [-9, 0, libc::SIGRTMAX() + 1, 1000] {
-            assert_eq!(
-                validate_signal(signal).err(),
-                Some(Refusal::InvalidSignal(signal))
-            );
+            assert_eq!(validate_signal(signal).err(), Some(Refusal::InvalidSignal(signal)));
         }
         assert_eq!(validate_signal(9).map(Signal::as_raw), Ok(9));
-        assert_eq!(
-            validate_signal(libc::SIGRTMAX()).map(Signal::as_raw),
-            Ok(libc::SIGRTMAX())
-        );
+        assert_eq!(validate_signal(libc::SIGRTMAX()).map(Signal::as_raw), Ok(libc::SIGRTMAX()));
     }
 
     #[test]
@@ -246,10 +248,7 @@ mod tests {
         let mut workers = Workers::new(16);
         assert!(matches!(workers.track(pid).0, Tracked::New(_)));
         assert!(matches!(workers.track(pid).0, Tracked::Known));
-        assert!(matches!(
-            workers.signal(pid, Signal::KILL),
-            Outcome::Signalled
-        ));
+        assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Signalled));
         let status = child.wait().expect("wait");
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         // Reaped and gone: a second signal reaches nobody, even if the pid is reused.
@@ -265,10 +264,7 @@ mod tests {
         let mut workers = Workers::new(1);
         assert!(matches!(workers.track(pid_of(&first)).0, Tracked::New(_)));
         assert!(matches!(workers.track(pid_of(&second)).0, Tracked::Known));
-        assert!(matches!(
-            workers.signal(pid_of(&second), Signal::TERM),
-            Outcome::Signalled
-        ));
+        assert!(matches!(workers.signal(pid_of(&second), Signal::TERM), Outcome::Signalled));
         assert_eq!(second.wait().expect("wait").signal(), Some(libc::SIGTERM));
         assert!(workers.forget(pid_of(&second)).is_none());
         assert_eq!(workers.len(), 1);
@@ -292,16 +288,11 @@ mod tests {
         let pid = pid_of(&child);
         let mut workers = Workers::new(16);
         let (tracked, _) = workers.track(pid);
-        let Tracked::New(fd) = tracked else {
-            panic!("expected a pidfd")
-        };
+        let Tracked::New(fd) = tracked else { panic!("expected a pidfd") };
         let fd = fd.try_clone_to_owned().expect("dup");
         child.kill().expect("kill");
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut fds = [rustix::event::PollFd::new(
-            &fd,
-            rustix::event::PollFlags::IN,
-        )];
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
         while Instant::now() < deadline {
             if rustix::event::poll(&mut fds, None).expect("poll") == 1 {
                 break;
@@ -309,5 +300,23 @@ mod tests {
         }
         assert!(fds[0].revents().contains(rustix::event::PollFlags::IN));
         child.wait().expect("wait");
+    }
+
+    #[test]
+    fn a_worker_tracked_by_pid_is_known_by_its_start_time() {
+        let mut child = sleeper();
+        let pid = pid_of(&child);
+        let started = start_time(pid).expect("a live child has a start time");
+        assert_eq!(start_time(pid), Some(started), "stable");
+        let mut workers = Workers::new(0); // no pidfds: by pid only
+        assert!(matches!(workers.track(pid).0, Tracked::Known));
+        // Pretend the worker exited and another process took its pid.
+        workers.handles.insert(pid, Handle::Pid { started: Some(started + 1) });
+        assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Gone));
+        assert!(child.try_wait().expect("try_wait").is_none(), "the other process was not hit");
+        workers.handles.insert(pid, Handle::Pid { started: Some(started) });
+        assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Signalled));
+        assert_eq!(child.wait().expect("wait").signal(), Some(libc::SIGKILL));
+        assert!((64..=16_384).contains(&pidfd_budget()));
     }
 }

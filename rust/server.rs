@@ -6,7 +6,7 @@
 //! It never needs Python: what it has to report goes, as [`Event`]s, down a bounded channel
 //! that the bindings drain from a thread of their own.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ const EVENT_CAPACITY: usize = 4096;
 const REPORT_GRACE: Duration = Duration::from_secs(1);
 /// Distinct refused pids reported (each once); past this, refusals are only counted.
 const MAX_REFUSED_REPORTED: usize = 1024;
+/// How long a reap handed to Python may go unanswered before it is handed over again.
+const DELEGATE_GRACE: Duration = Duration::from_secs(10);
 /// Upper bound on the retry interval of a failed reap.
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
@@ -82,10 +84,7 @@ pub enum Event {
     Warning(String),
     /// One pass's expired workers. When `ack` is set the loop signals its own process after
     /// the reporter acknowledges (or after a grace period).
-    Expired {
-        expiries: Vec<Expiry>,
-        ack: Option<SyncSender<()>>,
-    },
+    Expired { expiries: Vec<Expiry>, ack: Option<SyncSender<()>> },
 }
 
 /// One worker with expired timers, and what was done about it.
@@ -141,10 +140,7 @@ struct Clock {
 
 impl Clock {
     fn now() -> Self {
-        Self {
-            mono: Instant::now(),
-            wall: wall_now(),
-        }
+        Self { mono: Instant::now(), wall: wall_now() }
     }
 
     /// The monotonic deadline of a wall-clock expiration (None: never, for inf and NaN).
@@ -154,8 +150,7 @@ impl Clock {
         }
         let ahead = expiration - self.wall;
         if ahead >= 0.0 {
-            self.mono
-                .checked_add(Duration::try_from_secs_f64(ahead).ok()?)
+            self.mono.checked_add(Duration::try_from_secs_f64(ahead).ok()?)
         } else {
             let behind = Duration::try_from_secs_f64(-ahead).unwrap_or(Duration::MAX);
             Some(self.mono.checked_sub(behind).unwrap_or(self.mono))
@@ -164,17 +159,15 @@ impl Clock {
 }
 
 fn wall_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 struct State {
     timers: DeadlineMap,
     workers: Workers,
     stats: Stats,
-    /// Workers whose reap was handed to Python and not yet answered.
-    delegated: HashSet<i64>,
+    /// Workers whose reap was handed to Python and not yet answered, and since when.
+    delegated: HashMap<i64, Instant>,
     /// Pids already reported as refused: a misbehaving client is logged once, not flooded.
     refused_pids: HashSet<i64>,
     /// When the running pass started; None while the loop waits (it is then making progress).
@@ -183,10 +176,15 @@ struct State {
 }
 
 impl State {
-    fn emit(&mut self, event: Event) {
-        let Some(events) = &self.events else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = events.try_send(event) {
-            self.stats.events_dropped += 1;
+    /// Queues an event for the reporter; false (and counted) if it had to be dropped.
+    fn emit(&mut self, event: Event) -> bool {
+        let Some(events) = &self.events else { return false };
+        match events.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.events_dropped += 1;
+                false
+            }
         }
     }
 }
@@ -204,9 +202,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent data (no invariant spans a panic
         // point), so a poisoned lock is still usable.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn wake(&self) {
@@ -262,13 +258,8 @@ impl Shared {
     }
 
     fn worker_exited(&self, state: &mut State, pid: i64) {
-        let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
-            return;
-        };
-        if let Some(pidfd) = state.workers.forget(raw) {
-            let _ = epoll::delete(&self.epoll, &pidfd);
-        }
-        let dropped = state.timers.remove_worker(pid);
+        let dropped = state.timers.worker_len(pid);
+        self.forget_worker(state, pid);
         if dropped > 0 {
             state.emit(Event::WorkerExited { pid, dropped });
         }
@@ -288,18 +279,16 @@ impl Shared {
         let mut self_signal = 0;
         let retry = now + self.retry_interval();
         for pid in due {
-            if state.delegated.contains(&pid) {
-                // Python has not answered yet: look again later, without asking twice.
-                state.timers.postpone_worker(pid, retry);
-                continue;
+            if let Some(&asked) = state.delegated.get(&pid) {
+                if now.saturating_duration_since(asked) < DELEGATE_GRACE {
+                    // Python has not answered yet: look again later, without asking twice.
+                    state.timers.postpone_worker(pid, retry);
+                    continue;
+                }
             }
             let expired = state.timers.due_timers(pid, now);
             // torch: in expiration order, the first timer with a positive signal decides.
-            let signal = expired
-                .iter()
-                .map(|t| t.request.signal)
-                .find(|&s| s > 0)
-                .unwrap_or(0);
+            let signal = expired.iter().map(|t| t.request.signal).find(|&s| s > 0).unwrap_or(0);
             let timers: Vec<Request> = expired.iter().map(|t| t.request.clone()).collect();
             let outcome = if signal <= 0 {
                 ReapOutcome::NotSignalled
@@ -309,36 +298,45 @@ impl Shared {
                 self.signal_worker(state, pid, signal)
             };
             match &outcome {
-                ReapOutcome::NotSignalled | ReapOutcome::Gone => {
-                    state.timers.remove_worker(pid);
+                ReapOutcome::NotSignalled => {
+                    // Only the expired timers go: a later timer with a signal stays armed.
+                    for timer in &timers {
+                        let release = Request { expiration: -1.0, ..timer.clone() };
+                        state.timers.apply(release, None);
+                    }
                 }
+                ReapOutcome::Gone => self.forget_worker(state, pid),
                 ReapOutcome::Signalled => {
-                    state.timers.remove_worker(pid);
+                    self.forget_worker(state, pid);
                     state.stats.reaped += 1;
                     self_signal = signal;
                 }
                 ReapOutcome::Failed(_) => state.timers.postpone_worker(pid, retry),
                 ReapOutcome::Delegated => {
-                    state.delegated.insert(pid);
+                    state.delegated.insert(pid, now);
                     state.timers.postpone_worker(pid, retry);
                 }
             }
-            expiries.push(Expiry {
-                pid,
-                timers,
-                signal,
-                outcome,
-            });
+            expiries.push(Expiry { pid, timers, signal, outcome });
         }
         (!expiries.is_empty()).then_some((expiries, self_signal))
     }
 
+    /// Drops a worker and its timers (it was reaped, or it is gone).
+    fn forget_worker(&self, state: &mut State, pid: i64) {
+        if let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+            if let Some(pidfd) = state.workers.forget(raw) {
+                let _ = epoll::delete(&self.epoll, &pidfd);
+            }
+        }
+        state.timers.remove_worker(pid);
+    }
+
     fn signal_worker(&self, state: &State, pid: i64, signal: i32) -> ReapOutcome {
         // Both were validated at intake.
-        let (Ok(target), Ok(signal)) = (
-            reaper::validate_pid(pid, self.own_pid),
-            reaper::validate_signal(signal),
-        ) else {
+        let (Ok(target), Ok(signal)) =
+            (reaper::validate_pid(pid, self.own_pid), reaper::validate_signal(signal))
+        else {
             return ReapOutcome::Gone;
         };
         match state.workers.signal(target, signal) {
@@ -382,7 +380,7 @@ impl Server {
             timers: DeadlineMap::new(),
             workers: Workers::new(config.max_pidfds),
             stats: Stats::default(),
-            delegated: HashSet::new(),
+            delegated: HashMap::new(),
             refused_pids: HashSet::new(),
             busy_since: None,
             events: None,
@@ -409,15 +407,9 @@ impl Server {
     /// is created again.
     pub fn start(&mut self) -> io::Result<Receiver<Event>> {
         if self.thread.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "server already started",
-            ));
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "server already started"));
         }
-        let transport = self
-            .parked
-            .take()
-            .expect("a stopped server holds its transport");
+        let transport = self.parked.take().expect("a stopped server holds its transport");
         let source = match Source::open(transport) {
             Ok(source) => source,
             Err((err, transport)) => {
@@ -427,18 +419,14 @@ impl Server {
         };
         let (sender, receiver) = mpsc::sync_channel(EVENT_CAPACITY);
         self.shared.lock().events = Some(sender);
-        self.shared
-            .command
-            .store(Command::Run as u8, Ordering::SeqCst);
+        self.shared.command.store(Command::Run as u8, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
-        let thread = thread::Builder::new()
-            .name("elastic-timer".into())
-            .spawn(move || {
-                let source = run_loop(&shared, source);
-                // Dropping the sender ends the reporter once it has drained the events.
-                shared.lock().events = None;
-                source.park()
-            })?;
+        let thread = thread::Builder::new().name("elastic-timer".into()).spawn(move || {
+            let source = run_loop(&shared, source);
+            // Dropping the sender ends the reporter once it has drained the events.
+            shared.lock().events = None;
+            source.park()
+        })?;
         self.thread = Some(thread);
         Ok(receiver)
     }
@@ -493,27 +481,15 @@ impl Server {
     pub fn expired(&self, deadline: f64) -> BTreeMap<i64, Vec<Request>> {
         let state = self.shared.lock();
         let mut by_worker: BTreeMap<i64, Vec<Request>> = BTreeMap::new();
-        for timer in state
-            .timers
-            .iter()
-            .filter(|t| t.request.expiration <= deadline)
-        {
-            by_worker
-                .entry(timer.request.pid)
-                .or_default()
-                .push(timer.request.clone());
+        for timer in state.timers.iter().filter(|t| t.request.expiration <= deadline) {
+            by_worker.entry(timer.request.pid).or_default().push(timer.request.clone());
         }
         by_worker
     }
 
     /// Every live timer's request.
     pub fn timers(&self) -> Vec<Request> {
-        self.shared
-            .lock()
-            .timers
-            .iter()
-            .map(|t| t.request.clone())
-            .collect()
+        self.shared.lock().timers.iter().map(|t| t.request.clone()).collect()
     }
 
     /// Counts and reports a request that could not be decoded outside the loop.
@@ -528,7 +504,7 @@ impl Server {
         let mut state = self.shared.lock();
         state.delegated.remove(&pid);
         if reaped {
-            state.timers.remove_worker(pid);
+            self.shared.forget_worker(&mut state, pid);
             state.stats.reaped += 1;
         } else {
             let retry = Instant::now() + self.shared.retry_interval();
@@ -540,10 +516,7 @@ impl Server {
 
     pub fn stats(&self) -> Stats {
         let state = self.shared.lock();
-        Stats {
-            live_timers: state.timers.len(),
-            ..state.stats
-        }
+        Stats { live_timers: state.timers.len(), ..state.stats }
     }
 
     /// Wall-clock seconds of the loop's last progress: now while it waits, else when its
@@ -626,15 +599,10 @@ impl Source {
 
 fn run_loop(shared: &Shared, mut source: Source) -> Source {
     if let Some(fd) = source.fd() {
-        if let Err(err) = epoll::add(
-            &shared.epoll,
-            fd,
-            EventData::new_u64(TAG_SOURCE),
-            EventFlags::IN,
-        ) {
-            shared
-                .lock()
-                .emit(Event::Warning(format!("cannot watch the transport: {err}")));
+        if let Err(err) =
+            epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_SOURCE), EventFlags::IN)
+        {
+            shared.lock().emit(Event::Warning(format!("cannot watch the transport: {err}")));
             return source;
         }
     }
@@ -654,9 +622,7 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
         ) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(err) => {
-                shared
-                    .lock()
-                    .emit(Event::Warning(format!("epoll_wait failed: {err}")));
+                shared.lock().emit(Event::Warning(format!("epoll_wait failed: {err}")));
                 thread::sleep(Duration::from_millis(10));
             }
         }
@@ -706,10 +672,7 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
         if let Some((expiries, self_signal)) = shared.expire(&mut state, clock.mono) {
             if self_signal > 0 && shared.config.signal_self {
                 let (ack, acked) = mpsc::sync_channel(1);
-                state.emit(Event::Expired {
-                    expiries,
-                    ack: Some(ack),
-                });
+                state.emit(Event::Expired { expiries, ack: Some(ack) });
                 drop(state);
                 // Let the reporter log the reap first (bounded: Python may be wedged).
                 let _ = acked.recv_timeout(REPORT_GRACE);
@@ -717,10 +680,17 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
                     let _ = reaper::signal_self(signal);
                 }
             } else {
-                state.emit(Event::Expired {
-                    expiries,
-                    ack: None,
-                });
+                let delegated: Vec<i64> = expiries
+                    .iter()
+                    .filter(|e| matches!(e.outcome, ReapOutcome::Delegated))
+                    .map(|e| e.pid)
+                    .collect();
+                if !state.emit(Event::Expired { expiries, ack: None }) {
+                    // Nobody will answer these: ask again at the next retry.
+                    for pid in delegated {
+                        state.delegated.remove(&pid);
+                    }
+                }
             }
         }
         if command != Command::Run as u8 {
@@ -749,10 +719,7 @@ mod tests {
 
     fn fifo_server(name: &str, config: Config) -> (Server, PathBuf) {
         let path = std::env::temp_dir().join(format!("et-server-{}-{name}", std::process::id()));
-        (
-            Server::new(Transport::Fifo(path.clone()), config).expect("server"),
-            path,
-        )
+        (Server::new(Transport::Fifo(path.clone()), config).expect("server"), path)
     }
 
     fn sleeper() -> Child {
@@ -760,12 +727,7 @@ mod tests {
     }
 
     fn request(pid: u32, scope: &str, after: f64, signal: i32) -> Request {
-        Request {
-            pid: i64::from(pid),
-            scope: scope.into(),
-            expiration: wall_now() + after,
-            signal,
-        }
+        Request { pid: i64::from(pid), scope: scope.into(), expiration: wall_now() + after, signal }
     }
 
     fn send(path: &std::path::Path, request: &Request) {
@@ -794,19 +756,10 @@ mod tests {
         let status = worker.wait().expect("wait");
         let waited = sent.elapsed();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
-        assert!(
-            waited >= Duration::from_millis(150),
-            "fired early: {waited:?}"
-        );
-        assert!(
-            waited < Duration::from_millis(150 + 200),
-            "fired late: {waited:?}"
-        );
+        assert!(waited >= Duration::from_millis(150), "fired early: {waited:?}");
+        assert!(waited < Duration::from_millis(150 + 200), "fired late: {waited:?}");
         match events.recv_timeout(Duration::from_secs(1)).expect("event") {
-            Event::Expired {
-                expiries,
-                ack: None,
-            } => {
+            Event::Expired { expiries, ack: None } => {
                 assert_eq!(expiries.len(), 1);
                 assert!(matches!(expiries[0].outcome, ReapOutcome::Signalled));
                 assert_eq!(expiries[0].timers[0].scope, "step");
@@ -825,10 +778,7 @@ mod tests {
         send(&path, &request(worker.id(), "step", 0.1, libc::SIGKILL));
         send(&path, &request(worker.id(), "step", -1.0 - wall_now(), 0));
         thread::sleep(Duration::from_millis(300));
-        assert!(
-            worker.try_wait().expect("try_wait").is_none(),
-            "worker was killed"
-        );
+        assert!(worker.try_wait().expect("try_wait").is_none(), "worker was killed");
         server.stop();
         assert_eq!(server.stats().requests, 2);
         worker.kill().expect("kill");
@@ -841,10 +791,7 @@ mod tests {
         let events = server.start().expect("start");
         let worker = sleeper();
         send(&path, &request(worker.id(), "kept", 60.0, libc::SIGKILL));
-        let bad = Request {
-            pid: -1,
-            ..request(1, "minus-one", -1.0, libc::SIGKILL)
-        };
+        let bad = Request { pid: -1, ..request(1, "minus-one", -1.0, libc::SIGKILL) };
         send(&path, &bad);
         fifo::send_line(
             &path,
@@ -859,13 +806,9 @@ mod tests {
         while seen.len() < 2 {
             seen.push(events.recv_timeout(Duration::from_secs(2)).expect("event"));
         }
-        assert!(seen.iter().any(|e| matches!(
-            e,
-            Event::Refused {
-                reason: Refusal::ReservedPid(-1),
-                ..
-            }
-        )));
+        assert!(seen
+            .iter()
+            .any(|e| matches!(e, Event::Refused { reason: Refusal::ReservedPid(-1), .. })));
         assert!(seen.iter().any(|e| matches!(e, Event::Malformed(_))));
         let timers = server.timers();
         assert!(timers.iter().any(|t| t.scope == "kept"));
@@ -914,10 +857,7 @@ mod tests {
         let (mut server, path) = fifo_server("once", config());
         let _events = server.start().expect("start");
         for i in 0..50 {
-            send(
-                &path,
-                &request(std::process::id(), &format!("s{i}"), -1.0 - wall_now(), 0),
-            );
+            send(&path, &request(std::process::id(), &format!("s{i}"), -1.0 - wall_now(), 0));
         }
         server.run_once();
         assert_eq!(server.stats().requests, 50);
@@ -926,13 +866,8 @@ mod tests {
 
     #[test]
     fn a_delegated_reap_waits_for_its_answer_and_a_failed_one_is_retried() {
-        let (mut server, _path) = fifo_server(
-            "delegate",
-            Config {
-                delegate_reaps: true,
-                ..config()
-            },
-        );
+        let (mut server, _path) =
+            fifo_server("delegate", Config { delegate_reaps: true, ..config() });
         let events = server.start().expect("start");
         let mut worker = sleeper();
         server.register([request(worker.id(), "d", 0.0, libc::SIGTERM)]);
@@ -951,10 +886,7 @@ mod tests {
         };
         server.complete_reap(expiries[0].pid, true);
         assert!(server.timers().is_empty());
-        assert!(
-            worker.try_wait().expect("try_wait").is_none(),
-            "delegation never signals"
-        );
+        assert!(worker.try_wait().expect("try_wait").is_none(), "delegation never signals");
         server.stop();
         worker.kill().expect("kill");
         worker.wait().expect("wait");

@@ -176,14 +176,14 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             self._file_path,
         )
         self._start_native()
-        self._log_event("watchdog started", None)
+        self._emit("watchdog started", None)
 
     def stop(self) -> None:
         logger.info("Stopping %s", type(self).__name__)
         if not self._stop_native():
             logger.info("No watchdog thread running, doing nothing")
         self._remove_fifo()
-        self._log_event("watchdog stopped", None)
+        self._emit("watchdog stopped", None)
 
     def run_once(self) -> None:
         """Processes every request already sent, runs one pass, and stops (for tests)."""
@@ -208,6 +208,13 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         """When the watchdog last made progress (now, unless a pass is stuck)."""
         return int(self._core.last_progress())
 
+    def _emit(self, name: str, request: FileTimerRequest | None) -> None:
+        """Calls ``log_event``; one that raises is logged and never stops a reap."""
+        try:
+            self._log_event(name, request)
+        except Exception:
+            logger.exception("log_event(%r) raised", name)
+
     def _report_expired(self, expiries: list[Expiry]) -> None:
         debug_info_logging.log_debug_info_for_expired_timers(
             self._run_id,
@@ -224,7 +231,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             )
             chosen = None
             for request in requests:
-                self._log_event("timer expired", request)
+                self._emit("timer expired", request)
                 if request.signal > 0:
                     chosen = request
                     break
@@ -232,14 +239,12 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
                 logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
                 continue
             if outcome == "delegated":
-                reaped = self._reap_worker(pid, signal)
-                self._core.complete_reap(pid, reaped)
-                outcome = "signalled" if reaped else "failed"
+                outcome = "signalled" if self._reap_delegated(pid, signal) else "failed"
             if outcome == "gone":
                 logger.info("Process with pid=%s does not exist. Skipping", pid)
             elif outcome == "signalled":
                 logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
-                self._log_event("kill worker process", chosen)
+                self._emit("kill worker process", chosen)
                 self_signal = signal
             else:
                 logger.error(
@@ -254,6 +259,18 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             if overrides(self, FileTimerServer, "_reap_worker"):
                 self._reap_worker(os.getpid(), self_signal)
             # Otherwise the native loop signals this process once this report is done.
+
+    def _reap_delegated(self, pid: int, signal: int) -> bool:
+        """Runs an overridden ``_reap_worker`` and always gives the answer to the loop."""
+        reaped = False
+        try:
+            reaped = bool(self._reap_worker(pid, signal))
+        except Exception:
+            # As in torch, where the exception ends the pass and the reap is tried again.
+            logger.exception("Error running _reap_worker for pid=%s", pid)
+        finally:
+            self._core.complete_reap(pid, reaped)
+        return reaped
 
     def _reap_worker(self, worker_pid: int, signal: int) -> bool:
         if worker_pid <= 1:

@@ -184,8 +184,12 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         for pid, timers, _signal, outcome, detail in expiries:
             logger.info("Reaping worker_id=[%s]. Expired timers: %s", pid, [t[1] for t in timers])
             if outcome == "delegated":
-                reaped = self._reap_worker_no_throw(pid)
-                self._core.complete_reap(pid, reaped)
+                reaped = False
+                try:
+                    reaped = self._reap_worker_no_throw(pid)
+                finally:
+                    # Always answer, or the loop would wait for this worker for good.
+                    self._core.complete_reap(pid, reaped)
                 outcome = "signalled" if reaped else "failed"
             if outcome == "signalled":
                 logger.info("Successfully reaped worker=[%s]", pid)

@@ -1,7 +1,7 @@
 """A tiny training job for the torchrun end-to-end tests.
 
-Each worker runs STEPS steps (3 by default) inside ``expires(after=STEP_TIMEOUT)``. The rank named by
-HANG_RANK hangs in its second step on the attempts listed in HANG_ATTEMPTS (torchrun's
+Each worker runs STEPS steps (3 by default) inside ``expires(after=STEP_TIMEOUT)``. The rank
+named by HANG_RANK hangs in its second step on the attempts listed in HANG_ATTEMPTS (torchrun's
 TORCHELASTIC_RESTART_COUNT); every other step takes STEP_SECONDS (50 ms by default). Each
 worker appends a line to $JOB_LOG when it finishes, so the test can see which attempt
 completed.

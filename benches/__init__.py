@@ -1,0 +1,1 @@
+"""Benchmarks of elastic-timer against ``torch.distributed.elastic.timer``: see ``run.py``."""

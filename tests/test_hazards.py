@@ -1,0 +1,276 @@
+"""Requests that would make torch's servers kill the wrong processes, sent to ours.
+
+torch calls ``os.kill(pid, signal)`` with whatever pid a request names: pid -1 kills every
+process of the user, 0 or -pgid a whole process group, 1 is init. These tests send such
+requests, already expired, for real. They run only inside a fresh PID namespace (``unshare
+--pid --fork --mount-proc``), whose processes are the only ones anything could hit; the
+namespace's init is a tiny Python program that runs the scenario as its child.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+
+# pid 1 of the namespace: runs the scenario as a child (so the server is not init), and
+# passes on its exit status. When it exits, the kernel kills what is left in the namespace.
+INIT = """
+import subprocess, sys
+scenario = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+status = scenario.wait()
+print(f"scenario exit status: {status}", file=sys.stderr)
+sys.exit(0 if status == 0 else 1)
+"""
+
+# Shared by the scenarios: log capture and a liveness check that does not count zombies.
+PRELUDE = """
+import json, logging, multiprocessing as mp, os, signal, subprocess, sys, tempfile, time
+from elastic_timer import (
+    FileTimerClient, FileTimerRequest, FileTimerServer, LocalTimerClient, LocalTimerServer,
+    expires,
+)
+from elastic_timer.api import TimerRequest
+
+records = []
+
+class Capture(logging.Handler):
+    def emit(self, record):
+        records.append({"level": record.levelname, "message": record.getMessage()})
+
+logging.getLogger().addHandler(Capture())
+logging.getLogger().setLevel(logging.INFO)
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.01)
+    return predicate()
+
+def report(result):
+    print("RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def run_in_new_pid_namespace(scenario: str, timeout: float = 60) -> dict[str, Any]:
+    """Runs Python source ``scenario`` in a fresh PID namespace with its own /proc, and returns
+    the dict it reported with ``report(...)``. Fails if it did not exit 0."""
+    source = PRELUDE + textwrap.dedent(scenario)
+    run = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", INIT, source],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    [line] = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    return result
+
+
+HAZARDS_SCENARIO = """
+def stuck_file(path):
+    with expires(after=0.3, client=FileTimerClient(path)):
+        time.sleep(10)
+
+def stuck_local(queue):
+    with expires(after=0.3, client=LocalTimerClient(queue)):
+        time.sleep(10)
+
+os.setpgrp()  # a process group of our own, with the sentinels in it
+ctx = mp.get_context("fork")
+sentinels = [subprocess.Popen(["sleep", "30"]) for _ in range(2)]
+me = os.getpid()
+ghost = next(p for p in range(20000, 30000) if not os.path.exists(f"/proc/{p}"))
+path = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+file_server = FileTimerServer(path, "hazards", max_interval=0.1, signal_self=False)
+file_server.start()
+queue = ctx.Queue()
+local_server = LocalTimerServer(queue, max_interval=0.1)
+local_server.start()
+
+past = time.time() - 1  # every hazardous request is already expired
+hazards = {
+    "minus-one": -1, "zero": 0, "init": 1, "own": me, "own-group": -os.getpgrp(),
+    "huge": 2**40,
+}
+client = FileTimerClient(path)
+for scope, pid in hazards.items():
+    client._send_request(FileTimerRequest(pid, scope, past, signal.SIGKILL))
+    queue.put(TimerRequest(pid, scope, past))
+client._send_request(FileTimerRequest(sentinels[0].pid, "signal-999", past, 999))
+client._send_request(FileTimerRequest(ghost, "ghost", past, signal.SIGKILL))
+queue.put(TimerRequest(ghost, "ghost", past))
+# Through register_timers, once the above are in: a pid refused before (counted, not logged
+# again) and a new one.
+wait_for(lambda: file_server.stats()["refused"] >= 7 and local_server.stats()["refused"] >= 6)
+file_server.register_timers(
+    [FileTimerRequest(p, s, past, signal.SIGKILL) for p, s in ((-1, "again"), (-5, "direct"))]
+)
+local_server.register_timers([TimerRequest(p, s, past) for p, s in ((0, "again"), (-5, "direct"))])
+
+# Real stuck workers, after all that: the servers must still reap them.
+workers = {
+    "file": ctx.Process(target=stuck_file, args=(path,)),
+    "local": ctx.Process(target=stuck_local, args=(queue,)),
+}
+for worker in workers.values():
+    worker.start()
+for worker in workers.values():
+    worker.join(10)
+wait_for(lambda: file_server.stats()["refused"] >= 9 and local_server.stats()["refused"] >= 8)
+wait_for(lambda: sum("Refusing" in r["message"] for r in records) >= 15)
+time.sleep(0.3)  # whatever a server would wrongly do, it has done by now
+
+result = {
+    "me": me,
+    "hazards": hazards,
+    "ghost": ghost,
+    "sentinels_alive": [alive(s.pid) for s in sentinels],
+    "server_alive": alive(me),
+    "worker_exitcodes": {name: w.exitcode for name, w in workers.items()},
+    "file_stats": file_server.stats(),
+    "local_stats": local_server.stats(),
+    "file_timers": sorted(file_server._timers),
+    "local_timers": sorted(local_server._timers),
+    "records": records,
+}
+file_server.stop()
+local_server.stop()
+for sentinel in sentinels:
+    sentinel.kill()
+    sentinel.wait()
+report(result)
+"""
+
+
+@pytest.fixture(scope="module")
+def hazards() -> dict[str, Any]:
+    """One run of the scenario above; the tests below read its outcome."""
+    return run_in_new_pid_namespace(HAZARDS_SCENARIO)
+
+
+def test_other_processes_survive_hazardous_requests(hazards: dict[str, Any]) -> None:
+    """Expired requests naming pid -1, 0, 1, our process group, the server itself or a huge
+    pid kill nobody: the namespace's other processes and the server are all alive."""
+    assert hazards["sentinels_alive"] == [True, True]
+    assert hazards["server_alive"] is True
+
+
+def test_servers_keep_reaping_real_stuck_workers(hazards: dict[str, Any]) -> None:
+    """After refusing all that, both servers still kill a real stuck worker at its deadline."""
+    assert hazards["worker_exitcodes"] == {"file": -9, "local": -9}
+    assert hazards["file_stats"]["reaped"] == 1
+    assert hazards["local_stats"]["reaped"] == 1
+
+
+def test_refusals_are_counted(hazards: dict[str, Any]) -> None:
+    """stats()["refused"] counts every refused request, from the transport or register_timers,
+    including those not logged again."""
+    # six hazardous pids, signal 999, two through register_timers; Local requests have no signal
+    assert hazards["file_stats"]["refused"] == 9
+    assert hazards["local_stats"]["refused"] == 8
+    assert hazards["file_stats"]["malformed"] == 0
+    assert hazards["local_stats"]["malformed"] == 0
+
+
+def test_each_refusal_is_logged_with_its_reason(hazards: dict[str, Any]) -> None:
+    """Each refused pid is logged at ERROR, once, naming the request and why it is refused."""
+    reasons = {
+        "minus-one": "pid -1 does not name a single worker process",
+        "zero": "pid 0 does not name a single worker process",
+        "init": "pid 1 does not name a single worker process",
+        "own": f"pid {hazards['me']} is the timer server's own process",
+        "own-group": f"pid {hazards['hazards']['own-group']} does not name a single worker",
+        "huge": f"pid {2**40} is out of range",
+    }
+    errors = [r["message"] for r in hazards["records"] if r["level"] == "ERROR"]
+    for request_class in ("FileTimerRequest", "TimerRequest"):
+        for scope, reason in reasons.items():
+            found = [
+                m
+                for m in errors
+                if m.startswith(f"Refusing timer request {request_class}(")
+                and f"scope_id='{scope}'" in m
+            ]
+            assert len(found) == 1, (request_class, scope, errors)
+            assert reason in found[0]
+            assert "it will never be signalled" in found[0]
+    [bad_signal] = [m for m in errors if "scope_id='signal-999'" in m]
+    assert "signal 999 is not a valid signal number" in bad_signal
+    direct = [m for m in errors if "scope_id='direct'" in m]
+    assert len(direct) == 2
+    assert all("pid -5 does not name a single worker process" in m for m in direct)
+    assert not [m for m in errors if "scope_id='again'" in m]  # a pid is logged only once
+    assert len(errors) == 15
+
+
+def test_nothing_hazardous_or_dead_is_kept(hazards: dict[str, Any]) -> None:
+    """Neither server keeps a timer for a refused pid or for a pid no process has."""
+    assert hazards["file_timers"] == []
+    assert hazards["local_timers"] == []
+    assert hazards["file_stats"]["live_timers"] == 0
+    assert hazards["local_stats"]["live_timers"] == 0
+
+
+PID_REUSE_SCENARIO = """
+path = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+server = FileTimerServer(path, "pid-reuse", max_interval=0.1, signal_self=False)
+server.start()
+
+def crash_then_reuse_pid():
+    # A worker with a 1 s timer crashes at once; the next process created gets its pid.
+    worker = subprocess.Popen(["sleep", "30"])
+    server.register_timers(
+        [FileTimerRequest(worker.pid, "step", time.time() + 1.0, signal.SIGKILL)]
+    )
+    worker.kill()
+    worker.wait()
+    dropped = wait_for(lambda: (worker.pid, "step") not in server._timers, timeout=0.5)
+    with open("/proc/sys/kernel/ns_last_pid", "w") as last_pid:
+        last_pid.write(str(worker.pid - 1))
+    innocent = subprocess.Popen(["sleep", "30"])
+    time.sleep(1.3)  # past the dead worker's deadline
+    outcome = {
+        "pid_reused": innocent.pid == worker.pid,
+        "timer_dropped": dropped,
+        "innocent_status": innocent.poll(),
+    }
+    innocent.kill()
+    innocent.wait()
+    return outcome
+
+result = {"first": crash_then_reuse_pid()}
+# Many live workers with timers: 300, more than the server keeps pidfds for (256).
+others = [subprocess.Popen(["sleep", "30"]) for _ in range(300)]
+far = time.time() + 3600
+server.register_timers([FileTimerRequest(p.pid, "busy", far, signal.SIGKILL) for p in others])
+result["many"] = crash_then_reuse_pid()
+server.stop()
+for other in others:
+    other.kill()
+    other.wait()
+report(result)
+"""
+
+
+def test_a_reused_pid_is_never_signalled_for_a_dead_worker() -> None:
+    """A worker that crashes before its deadline takes its timer with it: when its pid is
+    reused by another process, that process is not killed at the old deadline. This must
+    hold however many workers the host runs (here 300, past the server's 256 pidfds)."""
+    result = run_in_new_pid_namespace(PID_REUSE_SCENARIO)
+    assert result["first"] == {"pid_reused": True, "timer_dropped": True, "innocent_status": None}
+    assert result["many"]["pid_reused"] is True
+    assert result["many"]["innocent_status"] is None, "an innocent process was SIGKILLed"
+    assert result["many"]["timer_dropped"] is True
