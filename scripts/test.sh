@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs the package with its test and lint tools
 # (torch among them, from PyPI), checks formatting and lints, then runs the Rust unit tests
-# and the whole pytest suite (torch-interop tests included; none is skipped).
+# and the whole pytest suite (torch-interop tests included; none is skipped), then fuzzes the two
+# decoders briefly (cargo-fuzz on the stable toolchain, with RUSTC_BOOTSTRAP for its -Z flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +17,15 @@ python3 -m mypy
 
 cargo test --lib
 python3 -m pytest
+
+# A bounded fuzz run of each decoder, from the committed seeds (fuzz/seeds); new inputs go to the
+# uncommitted fuzz/corpus. FUZZ_SECONDS=0 skips it.
+FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    for target in decode_json_line decode_pickle; do
+        mkdir -p "fuzz/corpus/$target"
+        (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "corpus/$target" "seeds/$target" \
+            -- -max_total_time="$FUZZ_SECONDS")
+    done
+fi
