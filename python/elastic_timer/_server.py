@@ -9,6 +9,7 @@ If Python is wedged the reporter waits, and the reaping goes on.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
@@ -142,6 +143,22 @@ def worker_pid(worker_id: Any) -> int:
     if isinstance(worker_id, bool) or not isinstance(worker_id, int):
         raise TypeError(f"worker_id must be a pid (int), got {worker_id!r}")
     return worker_id
+
+
+def kill_worker(pid: int, sig: int) -> bool:
+    """The servers' default ``_reap_worker``: torch's, but never signals a pid <= 1."""
+    if pid <= 1:
+        logger.error("Refusing to signal pid=%s: not a single worker process", pid)
+        return True
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        logger.info("Process with pid=%s does not exist. Skipping", pid)
+        return True
+    except Exception:
+        logger.exception("Error terminating pid=%s", pid)
+    return False
 
 
 def overrides(instance: object, base: type, name: str) -> bool:

@@ -12,7 +12,14 @@ import signal as _signal
 from collections.abc import Callable, Iterable
 
 from . import _native, debug_info_logging
-from ._server import Expiry, NativeServer, RequestTuple, overrides, worker_pid
+from ._server import (
+    Expiry,
+    NativeServer,
+    RequestTuple,
+    kill_worker,
+    overrides,
+    worker_pid,
+)
 from .api import TimerClient, TimerRequest
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer"]
@@ -273,15 +280,4 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         return reaped
 
     def _reap_worker(self, worker_pid: int, signal: int) -> bool:
-        if worker_pid <= 1:
-            logger.error("Refusing to signal pid=%s: not a single worker process", worker_pid)
-            return True
-        try:
-            os.kill(worker_pid, signal)
-            return True
-        except ProcessLookupError:
-            logger.info("Process with pid=%s does not exist. Skipping", worker_pid)
-            return True
-        except Exception:
-            logger.exception("Error terminating pid=%s", worker_pid)
-        return False
+        return kill_worker(worker_pid, signal)

@@ -16,7 +16,7 @@ from queue import Empty
 from typing import Any
 
 from . import _native
-from ._server import Expiry, NativeServer, RequestTuple, overrides, worker_pid
+from ._server import Expiry, NativeServer, RequestTuple, kill_worker, overrides, worker_pid
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer
 
 __all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue"]
@@ -203,15 +203,4 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
                 )
 
     def _reap_worker(self, worker_id: int) -> bool:
-        if worker_pid(worker_id) <= 1:
-            logger.error("Refusing to signal pid=%s: not a single worker process", worker_id)
-            return True
-        try:
-            os.kill(worker_id, signal.SIGKILL)
-            return True
-        except ProcessLookupError:
-            logger.info("Process with pid=%s does not exist. Skipping", worker_id)
-            return True
-        except Exception:
-            logger.exception("Error terminating pid=%s", worker_id)
-        return False
+        return kill_worker(worker_pid(worker_id), signal.SIGKILL)
