@@ -64,6 +64,8 @@ struct PyServer {
     ack: Mutex<Option<SyncSender<()>>>,
     /// The Python queue whose pipe and semaphores a queue server reads: kept alive with it.
     _keepalive: Option<Py<PyAny>>,
+    /// The process that built the server; in a process forked from it the server is inert.
+    owner: u32,
 }
 
 impl PyServer {
@@ -73,7 +75,38 @@ impl PyServer {
             events: Mutex::new(None),
             ack: Mutex::new(None),
             _keepalive: keepalive,
+            owner: std::process::id(),
         })
+    }
+
+    fn is_forked_copy(&self) -> bool {
+        std::process::id() != self.owner
+    }
+
+    /// Refuses calls that would change the original's server from a forked child (its locks
+    /// may even be held: fork copied them as they were).
+    fn owned(&self) -> PyResult<()> {
+        if self.is_forked_copy() {
+            return Err(PyRuntimeError::new_err(format!(
+                "this timer server belongs to process {} (this process is a fork of it)",
+                self.owner
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        if self.is_forked_copy() {
+            // Dropping the channel ends could take locks another thread held at the fork.
+            if let Ok(events) = self.events.get_mut() {
+                std::mem::forget(events.take());
+            }
+            if let Ok(ack) = self.ack.get_mut() {
+                std::mem::forget(ack.take());
+            }
+        }
     }
 }
 
@@ -81,17 +114,20 @@ impl PyServer {
 impl PyServer {
     /// A server reading the FIFO at `path` (created now, replacing what is there).
     #[staticmethod]
+    #[pyo3(signature = (path, max_interval, signal_self, delegate_reaps, descendants_only=false))]
     fn fifo(
         path: PathBuf,
         max_interval: f64,
         signal_self: bool,
         delegate_reaps: bool,
+        descendants_only: bool,
     ) -> PyResult<Self> {
         let config = Config {
             max_interval: seconds(max_interval, "max_interval")?,
             signal_self,
             delegate_reaps,
             max_pidfds: reaper::pidfd_budget(),
+            descendants_only,
         };
         Self::build(Transport::Fifo(path), config, None)
     }
@@ -99,6 +135,7 @@ impl PyServer {
     /// A server reading a `multiprocessing.Queue` through its pipe `fd` and the addresses of
     /// its `_rlock` and `_sem` semaphores; `queue` is the queue itself, kept alive.
     #[staticmethod]
+    #[pyo3(signature = (queue, fd, read_lock, items, max_interval, delegate_reaps, descendants_only=false))]
     fn queue(
         queue: Py<PyAny>,
         fd: i32,
@@ -106,12 +143,14 @@ impl PyServer {
         items: usize,
         max_interval: f64,
         delegate_reaps: bool,
+        descendants_only: bool,
     ) -> PyResult<Self> {
         let config = Config {
             max_interval: seconds(max_interval, "max_interval")?,
             signal_self: false,
             delegate_reaps,
             max_pidfds: reaper::pidfd_budget(),
+            descendants_only,
         };
         // SAFETY: the fd and semaphores belong to `queue`, which this object keeps alive; the
         // fd is duplicated at once.
@@ -128,28 +167,36 @@ impl PyServer {
 
     /// A server whose requests all come through `register` (a queue read from Python).
     #[staticmethod]
-    fn direct(max_interval: f64, delegate_reaps: bool) -> PyResult<Self> {
+    #[pyo3(signature = (max_interval, delegate_reaps, descendants_only=false))]
+    fn direct(max_interval: f64, delegate_reaps: bool, descendants_only: bool) -> PyResult<Self> {
         let config = Config {
             max_interval: seconds(max_interval, "max_interval")?,
             signal_self: false,
             delegate_reaps,
             max_pidfds: reaper::pidfd_budget(),
+            descendants_only,
         };
         Self::build(Transport::Direct, config, None)
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
+        self.owned()?;
         let receiver = py.detach(|| lock(&self.server).start())?;
         *lock(&self.events) = Some(receiver);
         Ok(())
     }
 
+    /// Does nothing in a process forked from the server's.
     fn stop(&self, py: Python<'_>) {
-        py.detach(|| lock(&self.server).stop());
+        if !self.is_forked_copy() {
+            py.detach(|| lock(&self.server).stop());
+        }
     }
 
-    fn run_once(&self, py: Python<'_>) {
+    fn run_once(&self, py: Python<'_>) -> PyResult<()> {
+        self.owned()?;
         py.detach(|| lock(&self.server).run_once());
+        Ok(())
     }
 
     #[getter]
@@ -157,12 +204,16 @@ impl PyServer {
         py.detach(|| lock(&self.server).is_running())
     }
 
-    fn register(&self, py: Python<'_>, requests: Vec<RequestTuple>) {
+    fn register(&self, py: Python<'_>, requests: Vec<RequestTuple>) -> PyResult<()> {
+        self.owned()?;
         py.detach(|| lock(&self.server).register(requests.into_iter().map(from_tuple)));
+        Ok(())
     }
 
-    fn clear(&self, py: Python<'_>, pids: Vec<i64>) {
+    fn clear(&self, py: Python<'_>, pids: Vec<i64>) -> PyResult<()> {
+        self.owned()?;
         py.detach(|| lock(&self.server).clear(pids));
+        Ok(())
     }
 
     /// `{pid: [request, ...]}` for timers whose expiration is at or before `deadline`.
@@ -183,8 +234,10 @@ impl PyServer {
         py.detach(|| lock(&self.server).reject(reason));
     }
 
-    fn complete_reap(&self, py: Python<'_>, pid: i64, reaped: bool) {
+    fn complete_reap(&self, py: Python<'_>, pid: i64, reaped: bool) -> PyResult<()> {
+        self.owned()?;
         py.detach(|| lock(&self.server).complete_reap(pid, reaped));
+        Ok(())
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -108,6 +108,25 @@ pub fn decode_json_line(line: &[u8]) -> Result<Request, CodecError> {
     })
 }
 
+/// How every line torch's client (and ours) writes begins: `json.dumps` puts "version" first.
+const LINE_START: &[u8] = b"{\"version\"";
+
+/// Recovers the request at the end of a line that does not decode (or is too long).
+///
+/// A writer that leaves bytes without a newline in the FIFO (garbage, or a process killed in
+/// the middle of a write) glues them to the front of the next client's line. A client's
+/// line is written whole, in one write of at most `PIPE_BUF` bytes, and is the only place
+/// `{"version"` occurs in it (inside a JSON string the quote would be escaped), so the
+/// request is what follows the last `{"version"`. Returns how many bytes came before it, and
+/// the request; None if there is no such suffix or it does not decode either.
+pub fn salvage_json_line(line: &[u8]) -> Option<(usize, Request)> {
+    let start = line.windows(LINE_START.len()).rposition(|window| window == LINE_START)?;
+    if start == 0 {
+        return None;
+    }
+    decode_json_line(&line[start..]).ok().map(|request| (start, request))
+}
+
 /// Reads one JSON value as the [`Value`] Python's `json` would have made of it; containers
 /// are skipped and kept only by kind, since no field may be one.
 fn json_value(jiter: &mut Jiter) -> Result<Value, CodecError> {
@@ -1081,6 +1100,40 @@ mod tests {
             line.splice(at..at, junk);
             let _ = decode_json_line(&line);
         }
+
+        #[test]
+        fn a_request_after_garbage_is_salvaged(
+            garbage in prop::collection::vec(any::<u8>(), 0..512),
+            pid: i64,
+            scope: String,
+            expiration in finite(),
+            signal: i32,
+        ) {
+            let mut line = garbage.clone();
+            encode_json_line(pid, &scope, Number::Float(expiration), signal.into(), &mut line);
+            line.pop(); // the newline
+            let salvaged = salvage_json_line(&line);
+            if !garbage.is_empty() {
+                let (skipped, request) = salvaged.expect("salvaged");
+                prop_assert_eq!(skipped, garbage.len());
+                prop_assert_eq!(request.pid, pid);
+                prop_assert_eq!(request.scope, scope);
+                prop_assert_eq!(request.signal, signal);
+            }
+            let _ = salvage_json_line(&garbage);
+        }
+    }
+
+    #[test]
+    fn only_a_whole_request_at_the_end_of_a_line_is_salvaged() {
+        let good = br#"{"version": 1, "pid": 7, "scope_id": "{\"version\": 2}", "expiration_time": 1.5, "signal": 15}"#;
+        let glued = [&b"\x00garbage{\"version\" no newline"[..], good].concat();
+        let (skipped, request) = salvage_json_line(&glued).expect("salvaged");
+        assert_eq!(skipped, glued.len() - good.len());
+        assert_eq!(request, self::request(7, "{\"version\": 2}", 1.5, 15));
+        assert_eq!(salvage_json_line(good), None, "nothing before it: nothing to salvage");
+        assert_eq!(salvage_json_line(&glued[..glued.len() - 1]), None, "a cut request");
+        assert_eq!(salvage_json_line(b"junk{\"pid\": 7}"), None, "not torch's format");
     }
 
     // `pickle.dumps(obj, protocol=...).hex()` from CPython 3.11 and torch 2.15; protocol 4

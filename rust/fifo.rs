@@ -13,7 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags};
-use rustix::fs::{self, FileType, Mode, OFlags, CWD};
+use rustix::fs::{self, inotify, FileType, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
 /// The longest request line (without its newline): writes up to `PIPE_BUF` bytes are atomic.
@@ -22,13 +22,28 @@ pub const MAX_LINE: usize = libc::PIPE_BUF;
 /// How much one `read_lines` call takes before it lets the loop look at its deadlines again.
 const READ_BUDGET: usize = 1 << 20;
 
+/// Which file a path named: device and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    dev: u64,
+    ino: u64,
+}
+
+impl Identity {
+    fn of(stat: &fs::Stat) -> Self {
+        #[allow(clippy::useless_conversion, clippy::unnecessary_cast)]
+        Self { dev: stat.st_dev as u64, ino: stat.st_ino as u64 }
+    }
+}
+
 /// Creates the FIFO at `path`, replacing whatever is there (as torch's server does).
-pub fn create(path: &Path) -> io::Result<()> {
+pub fn create(path: &Path) -> io::Result<Identity> {
     match fs::unlink(path) {
         Ok(()) | Err(Errno::NOENT) => {}
         Err(err) => return Err(err.into()),
     }
-    Ok(fs::mkfifoat(CWD, path, Mode::from_raw_mode(0o666))?)
+    fs::mkfifoat(CWD, path, Mode::from_raw_mode(0o666))?;
+    Ok(Identity::of(&fs::stat(path)?))
 }
 
 /// Removes the FIFO at `path` if it is still there.
@@ -39,13 +54,80 @@ pub fn remove(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes the FIFO at `path` if it is still the one created (not another server's since).
+pub fn remove_if(path: &Path, identity: Identity) -> io::Result<()> {
+    match path_state(path, identity) {
+        PathState::Ours => remove(path),
+        _ => Ok(()),
+    }
+}
+
+/// What is at a FIFO's path now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// The FIFO with the identity given.
+    Ours,
+    /// Nothing (deleted, or renamed away).
+    Missing,
+    /// Something that is not a FIFO: no client can reach a server through it.
+    NotAFifo,
+    /// Another FIFO (another server started on the same path, say).
+    OtherFifo,
+}
+
+/// What is at `path` now, compared with the FIFO `identity`.
+pub fn path_state(path: &Path, identity: Identity) -> PathState {
+    match fs::stat(path) {
+        Ok(stat) if Identity::of(&stat) == identity => PathState::Ours,
+        Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Fifo => PathState::OtherFifo,
+        Ok(_) => PathState::NotAFifo,
+        Err(_) => PathState::Missing,
+    }
+}
+
+/// Notices when a FIFO's path may no longer lead to it: an inotify watch on the FIFO itself,
+/// which reports its unlinking (link count, `IN_ATTRIB`) and renaming (`IN_MOVE_SELF`) but
+/// not the clients' opens and writes.
+#[derive(Debug)]
+pub struct Watch {
+    inotify: OwnedFd,
+}
+
+impl Watch {
+    pub fn new(path: &Path) -> io::Result<Self> {
+        let inotify =
+            inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+        let flags = inotify::WatchFlags::ATTRIB
+            | inotify::WatchFlags::MOVE_SELF
+            | inotify::WatchFlags::DELETE_SELF;
+        inotify::add_watch(&inotify, path, flags)?;
+        Ok(Self { inotify })
+    }
+
+    /// Readable when the path should be looked at again.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// Discards the notifications read so far.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rustix::io::read(&self.inotify, &mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// One item read from the FIFO.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line<'a> {
     /// A complete line, without its newline.
     Complete(&'a [u8]),
-    /// A line longer than `MAX_LINE`, discarded; its length in bytes.
-    TooLong(usize),
+    /// A line longer than `MAX_LINE`: its length in bytes, and its last `MAX_LINE` bytes (a
+    /// client's request written after garbage that had no newline ends up there).
+    TooLong { len: usize, tail: &'a [u8] },
 }
 
 /// The server's end of the FIFO.
@@ -54,9 +136,12 @@ pub struct Reader {
     read: OwnedFd,
     /// Held so the FIFO always has a writer: no end-of-file, no busy loop between clients.
     _write: OwnedFd,
+    /// The end of the current line, at most `MAX_LINE` bytes: memory stays bounded whatever
+    /// is written.
     pending: Vec<u8>,
-    /// Bytes of an overlong line discarded so far (0: not inside one).
-    discarding: usize,
+    /// Bytes of the current line dropped from the front of `pending` to keep it bounded.
+    dropped: usize,
+    identity: Identity,
 }
 
 impl Reader {
@@ -71,12 +156,24 @@ impl Reader {
                 format!("{} is not a FIFO", path.display()),
             ));
         }
+        let identity = Identity::of(&fs::fstat(&read)?);
         let write = fs::open(path, OFlags::WRONLY | flags, Mode::empty())?;
-        Ok(Self { read, _write: write, pending: Vec::with_capacity(MAX_LINE + 1), discarding: 0 })
+        Ok(Self {
+            read,
+            _write: write,
+            pending: Vec::with_capacity(MAX_LINE),
+            dropped: 0,
+            identity,
+        })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.read.as_fd()
+    }
+
+    /// The FIFO this reader has open.
+    pub fn identity(&self) -> Identity {
+        self.identity
     }
 
     /// Reads what the FIFO holds (up to a budget) and hands each line to `sink`.
@@ -102,33 +199,44 @@ impl Reader {
     fn split(&mut self, mut bytes: &[u8], sink: &mut impl FnMut(Line<'_>)) {
         while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
             let (line, rest) = (&bytes[..end], &bytes[end + 1..]);
-            if self.discarding > 0 {
-                sink(Line::TooLong(self.discarding + line.len()));
-                self.discarding = 0;
-            } else if self.pending.is_empty() {
-                emit(line, sink);
+            if self.pending.is_empty() && self.dropped == 0 {
+                emit(line, 0, sink);
             } else {
-                self.pending.extend_from_slice(line);
-                emit(&self.pending, sink);
+                self.keep(line);
+                emit(&self.pending, self.dropped, sink);
                 self.pending.clear();
+                self.dropped = 0;
             }
             bytes = rest;
         }
-        if self.discarding > 0 {
-            self.discarding += bytes.len();
-        } else if self.pending.len() + bytes.len() > MAX_LINE {
-            // Keep memory bounded: the rest of this line is counted, not stored.
-            self.discarding = self.pending.len() + bytes.len();
+        self.keep(bytes);
+    }
+
+    /// Appends to the current line, keeping only its last `MAX_LINE` bytes.
+    fn keep(&mut self, bytes: &[u8]) {
+        let total = self.pending.len() + bytes.len();
+        if total <= MAX_LINE {
+            self.pending.extend_from_slice(bytes);
+            return;
+        }
+        let excess = total - MAX_LINE;
+        self.dropped += excess;
+        if excess >= self.pending.len() {
+            let skip = excess - self.pending.len();
             self.pending.clear();
+            self.pending.extend_from_slice(&bytes[skip..]);
         } else {
+            self.pending.drain(..excess);
             self.pending.extend_from_slice(bytes);
         }
     }
 }
 
-fn emit(line: &[u8], sink: &mut impl FnMut(Line<'_>)) {
-    if line.len() > MAX_LINE {
-        sink(Line::TooLong(line.len()));
+/// Hands on a complete line whose first `dropped` bytes were not kept.
+fn emit(line: &[u8], dropped: usize, sink: &mut impl FnMut(Line<'_>)) {
+    let len = dropped + line.len();
+    if len > MAX_LINE {
+        sink(Line::TooLong { len, tail: &line[line.len().saturating_sub(MAX_LINE)..] });
     } else if !line.iter().all(u8::is_ascii_whitespace) {
         sink(Line::Complete(line));
     }
@@ -286,7 +394,7 @@ mod tests {
             .read_lines(|line| {
                 lines.push(match line {
                     Line::Complete(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                    Line::TooLong(n) => format!("<too long: {n}>"),
+                    Line::TooLong { len, .. } => format!("<too long: {len}>"),
                 })
             })
             .expect("read");
@@ -330,6 +438,34 @@ mod tests {
         }
         rustix::io::write(&writer, b"\nok\n").expect("write");
         assert_eq!(collect(&mut reader), [format!("<too long: {}>", 3 * MAX_LINE), "ok".into()]);
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn an_overlong_line_keeps_only_its_last_pipe_buf_bytes() {
+        let path = temp_fifo("tail");
+        let mut reader = Reader::open(&path).expect("open");
+        let writer = fs::open(&path, OFlags::WRONLY, Mode::empty()).expect("writer");
+        let mut expected = Vec::new();
+        for i in 0..5 * MAX_LINE / 1000 {
+            let part = vec![b'a' + (i % 26) as u8; 1000];
+            rustix::io::write(&writer, &part).expect("write");
+            expected.extend_from_slice(&part);
+            assert!(reader.pending.len() <= MAX_LINE, "memory stays bounded");
+            assert!(reader.read_lines(|_| panic!("no line yet")).expect("read") > 0);
+        }
+        rustix::io::write(&writer, b"end\n").expect("write");
+        expected.extend_from_slice(b"end");
+        let mut seen = None;
+        reader
+            .read_lines(|line| match line {
+                Line::TooLong { len, tail } => seen = Some((len, tail.to_vec())),
+                Line::Complete(_) => panic!("too long"),
+            })
+            .expect("read");
+        let (len, tail) = seen.expect("a line");
+        assert_eq!(len, expected.len());
+        assert_eq!(tail, expected[expected.len() - MAX_LINE..]);
         remove(&path).expect("rm");
     }
 

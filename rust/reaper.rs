@@ -22,6 +22,8 @@ pub enum Refusal {
     OwnProcess(i64),
     #[error("signal {0} is not a valid signal number")]
     InvalidSignal(i32),
+    #[error("pid {0} is not a descendant of the timer server's process (descendants_only is set)")]
+    NotDescendant(i64),
 }
 
 /// What signalling a worker did.
@@ -67,6 +69,18 @@ enum Handle {
     Pid { started: Option<u64> },
 }
 
+/// Where a tracked worker stands relative to the server's process (see [`Workers::lineage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lineage {
+    Descendant,
+    NotDescendant,
+    /// The worker has exited (or its pid now names another process).
+    Gone,
+}
+
+/// Parents followed at most when looking for an ancestor (process trees are far shallower).
+const MAX_LINEAGE_DEPTH: usize = 4096;
+
 /// What `Workers::track` found.
 #[derive(Debug)]
 pub enum Tracked<'a> {
@@ -85,40 +99,65 @@ pub struct Workers {
     pidfds_available: bool,
     max_pidfds: usize,
     pidfd_count: usize,
+    /// Each reason for signalling by pid is reported once, not once per worker.
+    warned_unavailable: bool,
+    warned_budget: bool,
 }
 
 impl Workers {
     /// `max_pidfds` bounds the file descriptors spent on pidfds; workers past it are signalled by pid.
     pub fn new(max_pidfds: usize) -> Self {
-        Self { handles: HashMap::new(), pidfds_available: true, max_pidfds, pidfd_count: 0 }
+        Self {
+            handles: HashMap::new(),
+            pidfds_available: true,
+            max_pidfds,
+            pidfd_count: 0,
+            warned_unavailable: false,
+            warned_budget: false,
+        }
     }
 
     /// Starts tracking `pid` when its first timer is registered.
     ///
-    /// Returns an error only to report, once, that pidfds are unavailable (the worker is
-    /// tracked by pid all the same).
-    pub fn track(&mut self, pid: Pid) -> (Tracked<'_>, Option<io::Error>) {
+    /// The message, when there is one, says why this worker (and others after it) will be
+    /// signalled by pid instead of through a pidfd; each reason is given once.
+    pub fn track(&mut self, pid: Pid) -> (Tracked<'_>, Option<String>) {
         if self.handles.contains_key(&pid) {
             return (Tracked::Known, None);
         }
-        let mut fallback_reason = None;
+        let mut warning = None;
         let handle = if self.pidfds_available && self.pidfd_count < self.max_pidfds {
             match process::pidfd_open(pid, PidfdFlags::empty()) {
                 Ok(fd) => Handle::Pidfd(fd),
                 Err(rustix::io::Errno::SRCH) => return (Tracked::Gone, None),
-                Err(err @ (rustix::io::Errno::NOSYS | rustix::io::Errno::PERM)) => {
-                    self.pidfds_available = false;
-                    fallback_reason = Some(err.into());
-                    Handle::Pid { started: None }
-                }
                 Err(err) => {
-                    fallback_reason = Some(err.into());
+                    // ENOSYS or EPERM (an old kernel, a seccomp filter): none will open. Others
+                    // (EMFILE, ENOMEM) may pass: try again for the next worker.
+                    if matches!(err, rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) {
+                        self.pidfds_available = false;
+                    }
+                    if !self.warned_unavailable {
+                        self.warned_unavailable = true;
+                        warning = Some(format!(
+                            "pidfds unavailable ({}); signalling workers by pid, checked \
+                             against their start time (reported once)",
+                            io::Error::from(err)
+                        ));
+                    }
                     Handle::Pid { started: None }
                 }
             }
         } else {
             if !is_alive(pid) {
                 return (Tracked::Gone, None);
+            }
+            if self.pidfds_available && !self.warned_budget {
+                self.warned_budget = true;
+                warning = Some(format!(
+                    "more than {} workers: further workers are signalled by pid, checked \
+                     against their start time (reported once)",
+                    self.max_pidfds
+                ));
             }
             Handle::Pid { started: None }
         };
@@ -132,9 +171,52 @@ impl Workers {
         }
         let handle: &Handle = self.handles.entry(pid).or_insert(handle);
         match handle {
-            Handle::Pidfd(fd) => (Tracked::New(fd.as_fd()), fallback_reason),
-            Handle::Pid { .. } => (Tracked::Known, fallback_reason),
+            Handle::Pidfd(fd) => (Tracked::New(fd.as_fd()), warning),
+            Handle::Pid { .. } => (Tracked::Known, warning),
         }
+    }
+
+    /// The pidfd of a tracked worker, if it has one.
+    pub fn pidfd(&self, pid: Pid) -> Option<BorrowedFd<'_>> {
+        match self.handles.get(&pid)? {
+            Handle::Pidfd(fd) => Some(fd.as_fd()),
+            Handle::Pid { .. } => None,
+        }
+    }
+
+    /// Whether the tracked worker `pid` descends from `ancestor`: its chain of parents
+    /// (`/proc/<pid>/stat` field 4) reaches `ancestor` before init.
+    ///
+    /// The `/proc` entry read is the worker's and not that of a process that took its pid
+    /// since: with a pidfd, the worker is still running after the read; without, the entry
+    /// has the start time recorded when it was tracked.
+    pub fn lineage(&self, pid: Pid, ancestor: Pid) -> Lineage {
+        let Some(stat) = Stat::read(pid.as_raw_nonzero().get()) else { return Lineage::Gone };
+        match self.handles.get(&pid) {
+            Some(Handle::Pidfd(fd)) if has_exited(fd) => return Lineage::Gone,
+            Some(Handle::Pid { started: Some(started) }) if *started != stat.start_time => {
+                return Lineage::Gone
+            }
+            None => return Lineage::Gone,
+            Some(_) => {}
+        }
+        let ancestor = ancestor.as_raw_nonzero().get();
+        let mut parent = stat.ppid;
+        for _ in 0..MAX_LINEAGE_DEPTH {
+            if parent == ancestor {
+                return Lineage::Descendant;
+            }
+            if parent <= 1 {
+                return Lineage::NotDescendant;
+            }
+            // A parent that exits meanwhile leaves its children to init (or a subreaper):
+            // the worker is then no longer our descendant.
+            match Stat::read(parent) {
+                Some(stat) => parent = stat.ppid,
+                None => return Lineage::NotDescendant,
+            }
+        }
+        Lineage::NotDescendant
     }
 
     /// Stops tracking `pid` (it exited); returns its pidfd so the caller can unwatch it.
@@ -149,19 +231,33 @@ impl Workers {
     }
 
     /// Sends `signal` to the worker, through its pidfd where it has one.
+    ///
+    /// A stopped worker (SIGSTOP, or a terminal stop) would keep a catchable signal pending
+    /// and never act on it, so it is sent SIGCONT right after, the same way: it resumes and
+    /// the pending signal is delivered. SIGKILL needs no help.
     pub fn signal(&self, pid: Pid, signal: Signal) -> Outcome {
-        let sent = match self.handles.get(&pid) {
-            Some(Handle::Pidfd(fd)) => process::pidfd_send_signal(fd, signal),
+        let stopped = needs_resume(signal)
+            && Stat::read(pid.as_raw_nonzero().get()).is_some_and(|stat| stat.state == 'T');
+        let send = |signal| match self.handles.get(&pid) {
+            Some(Handle::Pidfd(fd)) => Some(process::pidfd_send_signal(fd, signal)),
             Some(Handle::Pid { started }) => {
                 // The worker exited and its pid may have been reused: not the same process.
                 if started.is_some() && start_time(pid) != *started {
-                    return Outcome::Gone;
+                    return None;
                 }
-                process::kill_process(pid, signal)
+                Some(process::kill_process(pid, signal))
             }
             // Never seen alive: whatever has this pid now is not the worker that registered.
+            None => None,
+        };
+        let sent = match send(signal) {
+            Some(sent) => sent,
             None => return Outcome::Gone,
         };
+        if sent.is_ok() && stopped {
+            // Its failure changes nothing: the signal was sent.
+            let _ = send(Signal::CONT);
+        }
         match sent {
             Ok(()) => Outcome::Signalled,
             Err(rustix::io::Errno::SRCH) => Outcome::Gone,
@@ -181,10 +277,47 @@ impl Workers {
 /// A process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the pid,
 /// it names one process for good. None if there is no such process (or no /proc).
 fn start_time(pid: Pid) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from its end.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(19)?.parse().ok()
+    Some(Stat::read(pid.as_raw_nonzero().get())?.start_time)
+}
+
+/// The fields of `/proc/<pid>/stat` the reaper reads.
+#[derive(Debug)]
+struct Stat {
+    /// Field 3: `R`, `S`, `D`, `T` (stopped), `t` (traced), `Z`, ...
+    state: char,
+    /// Field 4: the parent's pid.
+    ppid: i32,
+    /// Field 22: clock ticks since boot.
+    start_time: u64,
+}
+
+impl Stat {
+    /// None if there is no such process (or no /proc).
+    fn read(pid: i32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count from its end.
+        let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+        let state = fields.next()?.chars().next()?;
+        let ppid = fields.next()?.parse().ok()?;
+        let start_time = fields.nth(17)?.parse().ok()?;
+        Some(Self { state, ppid, start_time })
+    }
+}
+
+/// Signals a stopped process only acts on once continued: all but SIGKILL (which ends it
+/// anyway), SIGCONT itself, and the stop signals (which a SIGCONT would cancel).
+fn needs_resume(signal: Signal) -> bool {
+    !matches!(
+        signal,
+        Signal::KILL | Signal::CONT | Signal::STOP | Signal::TSTP | Signal::TTIN | Signal::TTOU
+    )
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is then readable).
+fn has_exited(pidfd: &OwnedFd) -> bool {
+    let mut fds = [rustix::event::PollFd::new(pidfd, rustix::event::PollFlags::IN)];
+    let zero = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
 
 /// File descriptors to spend on pidfds: a quarter of the soft `RLIMIT_NOFILE`, within reason.
@@ -300,6 +433,103 @@ mod tests {
         }
         assert!(fds[0].revents().contains(rustix::event::PollFlags::IN));
         child.wait().expect("wait");
+    }
+
+    fn state_of(pid: Pid) -> Option<char> {
+        Stat::read(pid.as_raw_nonzero().get()).map(|stat| stat.state)
+    }
+
+    fn stopped_sleeper() -> Child {
+        let child = sleeper();
+        process::kill_process(pid_of(&child), Signal::STOP).expect("SIGSTOP");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state_of(pid_of(&child)) != Some('T') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(state_of(pid_of(&child)), Some('T'));
+        child
+    }
+
+    #[test]
+    fn a_stopped_worker_is_continued_so_it_acts_on_a_catchable_signal() {
+        // Through a pidfd, and by pid (no pidfds at all).
+        for max_pidfds in [16, 0] {
+            let mut child = stopped_sleeper();
+            let pid = pid_of(&child);
+            let mut workers = Workers::new(max_pidfds);
+            let _ = workers.track(pid);
+            assert!(matches!(workers.signal(pid, Signal::TERM), Outcome::Signalled));
+            // Without the SIGCONT it would stay stopped, SIGTERM pending, for good.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = child.kill();
+            assert_eq!(child.wait().expect("wait").signal(), Some(libc::SIGTERM), "{max_pidfds}");
+        }
+        // A stop signal is not undone by a SIGCONT.
+        let mut child = sleeper();
+        let pid = pid_of(&child);
+        let mut workers = Workers::new(16);
+        let _ = workers.track(pid);
+        assert!(matches!(workers.signal(pid, Signal::TSTP), Outcome::Signalled));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state_of(pid) != Some('T') && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(state_of(pid), Some('T'));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    #[test]
+    fn lineage_follows_the_parent_chain() {
+        let own = process::getpid();
+        let mut workers = Workers::new(16);
+        // A child, and a grandchild (the shell's child).
+        let mut child = sleeper();
+        let mut shell = Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(shell.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("read");
+        let grandchild = Pid::from_raw(line.trim().parse().expect("pid")).expect("pid");
+        for pid in [pid_of(&child), grandchild] {
+            let _ = workers.track(pid);
+            assert_eq!(workers.lineage(pid, own), Lineage::Descendant);
+        }
+        // Our own parent is not our descendant (it is tracked, never signalled).
+        let parent = process::getppid().expect("a parent");
+        let _ = workers.track(parent);
+        assert_eq!(workers.lineage(parent, own), Lineage::NotDescendant);
+        // Untracked, or exited: gone.
+        assert_eq!(Workers::new(16).lineage(pid_of(&child), own), Lineage::Gone);
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert_eq!(workers.lineage(pid_of(&child), own), Lineage::Gone);
+        process::kill_process(grandchild, Signal::KILL).expect("kill grandchild");
+        shell.wait().expect("wait");
+    }
+
+    #[test]
+    fn falling_back_to_signalling_by_pid_is_reported_once() {
+        let mut children: Vec<Child> = (0..3).map(|_| sleeper()).collect();
+        let mut workers = Workers::new(1);
+        let warnings: Vec<Option<String>> =
+            children.iter().map(|child| workers.track(pid_of(child)).1).collect();
+        assert!(warnings[0].is_none(), "the first worker has a pidfd");
+        assert!(warnings[1].as_deref().is_some_and(|w| w.contains("more than 1 workers")));
+        assert!(warnings[2].is_none(), "reported once");
+        for child in &mut children {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+        }
     }
 
     #[test]

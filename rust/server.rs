@@ -24,7 +24,7 @@ use crate::codec::{self, Request};
 use crate::deadlines::DeadlineMap;
 use crate::fifo;
 use crate::queue;
-use crate::reaper::{self, Outcome, Refusal, Tracked, Workers};
+use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
 
 /// Events waiting for the reporter past this many are dropped (and counted).
 const EVENT_CAPACITY: usize = 4096;
@@ -39,6 +39,7 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 
 const TAG_WAKE: u64 = 0;
 const TAG_SOURCE: u64 = 1;
+const TAG_FIFO_WATCH: u64 = 2;
 const TAG_WORKER: u64 = 1 << 32;
 
 /// How a server behaves (see the Python classes for the user-facing names).
@@ -53,6 +54,9 @@ pub struct Config {
     pub delegate_reaps: bool,
     /// File descriptors the server may spend on pidfds.
     pub max_pidfds: usize,
+    /// Refuse acquires from processes that do not descend from the server's process (its
+    /// children, their children...): under torchrun every worker is the agent's child.
+    pub descendants_only: bool,
 }
 
 /// Where requests come from.
@@ -66,7 +70,9 @@ pub enum Transport {
 
 /// A transport opened for the running loop; parked back into its [`Transport`] on stop.
 enum Source {
-    Fifo(PathBuf, fifo::Reader),
+    /// The FIFO, and a watch telling when its path may no longer lead to it (None where
+    /// inotify is unavailable, or once another FIFO took the path).
+    Fifo(PathBuf, fifo::Reader, Option<fifo::Watch>),
     Queue(queue::Reader),
     Direct,
 }
@@ -173,6 +179,8 @@ struct State {
     /// When the running pass started; None while the loop waits (it is then making progress).
     busy_since: Option<f64>,
     events: Option<SyncSender<Event>>,
+    /// The FIFO this server created last (stop removes it only if it is still at the path).
+    fifo: Option<fifo::Identity>,
 }
 
 impl State {
@@ -225,36 +233,57 @@ impl Shared {
         });
         let pid = match checked {
             Ok(pid) => pid,
-            Err(reason) => {
-                state.stats.refused += 1;
-                let first = state.refused_pids.len() < MAX_REFUSED_REPORTED
-                    && state.refused_pids.insert(request.pid);
-                if first {
-                    state.emit(Event::Refused { request, reason });
-                }
-                return;
-            }
+            Err(reason) => return Self::refuse(state, request, reason),
         };
-        let (tracked, fallback) = state.workers.track(pid);
-        let gone = match tracked {
-            Tracked::New(pidfd) => {
-                let tag = TAG_WORKER + u64::from(pid.as_raw_nonzero().get().unsigned_abs());
-                epoll::add(&self.epoll, pidfd, EventData::new_u64(tag), EventFlags::IN).is_err()
-            }
-            Tracked::Known => false,
-            Tracked::Gone => true,
-        };
-        if let Some(err) = fallback {
-            state.emit(Event::Warning(format!(
-                "pidfds unavailable ({err}); signalling workers by pid"
-            )));
+        let (tracked, warning) = state.workers.track(pid);
+        let (new, gone) = (matches!(tracked, Tracked::New(_)), matches!(tracked, Tracked::Gone));
+        if let Some(warning) = warning {
+            state.emit(Event::Warning(warning));
         }
         if gone {
             // The worker exited before its request was read: nothing to guard.
             return;
         }
+        if self.config.descendants_only {
+            // Checked once the worker is tracked, so the check is about the process tracked.
+            let lineage = state.workers.lineage(pid, self.own_pid);
+            if lineage != Lineage::Descendant {
+                if new {
+                    state.workers.forget(pid);
+                }
+                if lineage == Lineage::NotDescendant {
+                    Self::refuse(
+                        state,
+                        request,
+                        Refusal::NotDescendant(i64::from(pid.as_raw_nonzero().get())),
+                    );
+                }
+                return;
+            }
+        }
+        if new {
+            let tag = TAG_WORKER + u64::from(pid.as_raw_nonzero().get().unsigned_abs());
+            let watched = state.workers.pidfd(pid).is_some_and(|pidfd| {
+                epoll::add(&self.epoll, pidfd, EventData::new_u64(tag), EventFlags::IN).is_ok()
+            });
+            if !watched {
+                // Its exit could not be noticed: forget it, a later request tries again.
+                state.workers.forget(pid);
+                return;
+            }
+        }
         let deadline = clock.deadline(request.expiration);
         state.timers.apply(request, deadline);
+    }
+
+    /// Counts a refused request, and reports it if it is the first for its pid.
+    fn refuse(state: &mut State, request: Request, reason: Refusal) {
+        state.stats.refused += 1;
+        let first = state.refused_pids.len() < MAX_REFUSED_REPORTED
+            && state.refused_pids.insert(request.pid);
+        if first {
+            state.emit(Event::Refused { request, reason });
+        }
     }
 
     fn worker_exited(&self, state: &mut State, pid: i64) {
@@ -370,9 +399,10 @@ pub struct Server {
 impl Server {
     /// Builds a server. A FIFO transport's FIFO is created now (replacing what is at its path).
     pub fn new(transport: Transport, config: Config) -> io::Result<Self> {
-        if let Transport::Fifo(path) = &transport {
-            fifo::create(path)?;
-        }
+        let fifo = match &transport {
+            Transport::Fifo(path) => Some(fifo::create(path)?),
+            _ => None,
+        };
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         epoll::add(&epoll, &wake, EventData::new_u64(TAG_WAKE), EventFlags::IN)?;
@@ -384,6 +414,7 @@ impl Server {
             refused_pids: HashSet::new(),
             busy_since: None,
             events: None,
+            fifo,
         };
         Ok(Self {
             shared: Arc::new(Shared {
@@ -403,9 +434,22 @@ impl Server {
         self.thread.is_some()
     }
 
+    /// Whether this is a copy of the server in a process forked from the one that built it.
+    /// The copy has no loop thread (fork copies only the forking thread), shares the epoll
+    /// instance, the eventfd and the FIFO with the original, and must touch none of them.
+    pub fn is_forked_copy(&self) -> bool {
+        rustix::process::getpid() != self.shared.own_pid
+    }
+
     /// Starts the loop; returns the events it will report. A FIFO removed since (by `stop`)
     /// is created again.
     pub fn start(&mut self) -> io::Result<Receiver<Event>> {
+        if self.is_forked_copy() {
+            return Err(io::Error::other(format!(
+                "this timer server belongs to process {} (this process is a fork of it)",
+                self.shared.own_pid.as_raw_nonzero()
+            )));
+        }
         if self.thread.is_some() {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "server already started"));
         }
@@ -442,6 +486,11 @@ impl Server {
     }
 
     fn finish(&mut self, command: Command) {
+        if self.is_forked_copy() {
+            // Stopping here would stop nothing (there is no loop thread in this process) and
+            // would remove the original's FIFO.
+            return;
+        }
         if let Some(thread) = self.thread.take() {
             self.shared.command.store(command as u8, Ordering::SeqCst);
             self.shared.wake();
@@ -452,8 +501,11 @@ impl Server {
             }
         }
         if let Some(Transport::Fifo(path)) = &self.parked {
-            // torch removes the FIFO on stop; clients then get BrokenPipeError.
-            let _ = fifo::remove(path);
+            // torch removes the FIFO on stop; clients then get BrokenPipeError. Not if another
+            // FIFO has taken the path since (another server's).
+            if let Some(identity) = self.shared.lock().fifo.take() {
+                let _ = fifo::remove_if(path, identity);
+            }
         }
     }
 
@@ -528,13 +580,22 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.is_forked_copy() {
+            // The thread is the original's: joining or detaching it here is undefined.
+            std::mem::forget(self.thread.take());
+            return;
+        }
         self.stop();
     }
 }
 
-/// Opens the FIFO, creating it again if `stop` removed it.
+/// Opens the FIFO, creating it again if `stop` removed it (or something else replaced it).
 fn open_fifo(path: &std::path::Path) -> io::Result<fifo::Reader> {
-    if !path.exists() {
+    let is_fifo = std::fs::metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_fifo()
+    });
+    if !is_fifo {
         fifo::create(path)?;
     }
     fifo::Reader::open(path)
@@ -544,7 +605,10 @@ impl Source {
     fn open(transport: Transport) -> Result<Self, (io::Error, Transport)> {
         match transport {
             Transport::Fifo(path) => match open_fifo(&path) {
-                Ok(reader) => Ok(Source::Fifo(path, reader)),
+                Ok(reader) => {
+                    let watch = fifo::Watch::new(&path).ok();
+                    Ok(Source::Fifo(path, reader, watch))
+                }
                 Err(err) => Err((err, Transport::Fifo(path))),
             },
             Transport::Queue(reader) => Ok(Source::Queue(reader)),
@@ -554,7 +618,7 @@ impl Source {
 
     fn park(self) -> Transport {
         match self {
-            Source::Fifo(path, _) => Transport::Fifo(path),
+            Source::Fifo(path, ..) => Transport::Fifo(path),
             Source::Queue(reader) => Transport::Queue(reader),
             Source::Direct => Transport::Direct,
         }
@@ -562,7 +626,7 @@ impl Source {
 
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
-            Source::Fifo(_, reader) => Some(reader.fd()),
+            Source::Fifo(_, reader, _) => Some(reader.fd()),
             Source::Queue(reader) => Some(reader.fd()),
             Source::Direct => None,
         }
@@ -571,17 +635,7 @@ impl Source {
     /// Reads and decodes what is available; returns how many bytes or frames were read.
     fn read(&mut self, requests: &mut Vec<Result<Request, String>>) -> io::Result<usize> {
         match self {
-            Source::Fifo(_, reader) => reader.read_lines(|line| {
-                requests.push(match line {
-                    fifo::Line::Complete(bytes) => {
-                        codec::decode_json_line(bytes).map_err(|err| err.to_string())
-                    }
-                    fifo::Line::TooLong(n) => Err(format!(
-                        "line of {n} bytes is longer than PIPE_BUF ({} bytes)",
-                        fifo::MAX_LINE
-                    )),
-                })
-            }),
+            Source::Fifo(_, reader, _) => reader.read_lines(|line| decode_line(line, requests)),
             Source::Queue(reader) => reader.read_frames(|frame| {
                 requests.push(match frame {
                     queue::Frame::Payload(bytes) => {
@@ -597,6 +651,100 @@ impl Source {
     }
 }
 
+/// Decodes one FIFO line. A line that does not decode but ends with a client's request
+/// (written after someone left garbage without a newline) costs only the garbage.
+fn decode_line(line: fifo::Line<'_>, requests: &mut Vec<Result<Request, String>>) {
+    let (error, end) = match line {
+        fifo::Line::Complete(bytes) => match codec::decode_json_line(bytes) {
+            Ok(request) => return requests.push(Ok(request)),
+            Err(err) => (err.to_string(), bytes),
+        },
+        fifo::Line::TooLong { len, tail } => (
+            format!("line of {len} bytes is longer than PIPE_BUF ({} bytes)", fifo::MAX_LINE),
+            tail,
+        ),
+    };
+    match codec::salvage_json_line(end) {
+        Some((_, request)) => {
+            requests.push(Err(format!("{error}; the request at its end was kept")));
+            requests.push(Ok(request));
+        }
+        None => requests.push(Err(error)),
+    }
+}
+
+impl Source {
+    /// Looks at the FIFO's path after the watch said it changed. A FIFO deleted, or replaced
+    /// by something that is not a FIFO, is created again, so clients keep reaching this
+    /// server. Another FIFO in its place (another server's) is left alone.
+    fn check_fifo(&mut self, shared: &Shared, decoded: &mut Vec<Result<Request, String>>) {
+        let Source::Fifo(path, reader, watch) = self else { return };
+        if let Some(watch) = watch.as_ref() {
+            watch.drain();
+        }
+        let state = fifo::path_state(path, reader.identity());
+        let what = match state {
+            fifo::PathState::Ours => return,
+            fifo::PathState::OtherFifo => {
+                if let Some(watch) = watch.take() {
+                    let _ = epoll::delete(&shared.epoll, watch.fd());
+                }
+                shared.lock().emit(Event::Warning(format!(
+                    "{} is now another FIFO (another timer server?): new requests go to that \
+                     one, and this server no longer removes it on stop",
+                    path.display()
+                )));
+                return;
+            }
+            fifo::PathState::Missing => "was deleted",
+            fifo::PathState::NotAFifo => "was replaced by a file that is not a FIFO",
+        };
+        let replacement = fifo::create(path).and_then(|identity| {
+            let reader = fifo::Reader::open(path)?;
+            Ok((identity, reader, fifo::Watch::new(path).ok()))
+        });
+        let (identity, new_reader, new_watch) = match replacement {
+            Ok(replacement) => replacement,
+            Err(err) => {
+                shared.lock().emit(Event::Warning(format!(
+                    "{} {what}, and creating it again failed: {err}; clients cannot reach \
+                     this server",
+                    path.display()
+                )));
+                return;
+            }
+        };
+        // What clients wrote into the old FIFO before it went is still read.
+        while matches!(reader.read_lines(|line| decode_line(line, decoded)), Ok(n) if n > 0) {}
+        let _ = epoll::delete(&shared.epoll, reader.fd());
+        if let Some(watch) = watch.take() {
+            let _ = epoll::delete(&shared.epoll, watch.fd());
+        }
+        *reader = new_reader;
+        *watch = new_watch;
+        let _ =
+            epoll::add(&shared.epoll, reader.fd(), EventData::new_u64(TAG_SOURCE), EventFlags::IN);
+        if let Some(watch) = watch.as_ref() {
+            let _ = epoll::add(
+                &shared.epoll,
+                watch.fd(),
+                EventData::new_u64(TAG_FIFO_WATCH),
+                EventFlags::IN,
+            );
+        }
+        let mut state = shared.lock();
+        state.fifo = Some(identity);
+        state.emit(Event::Warning(format!("{} {what}; created it again", path.display())));
+    }
+
+    fn watch_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Source::Fifo(_, _, Some(watch)) => Some(watch.fd()),
+            _ => None,
+        }
+    }
+}
+
 fn run_loop(shared: &Shared, mut source: Source) -> Source {
     if let Some(fd) = source.fd() {
         if let Err(err) =
@@ -605,6 +753,13 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
             shared.lock().emit(Event::Warning(format!("cannot watch the transport: {err}")));
             return source;
         }
+    }
+    if let Source::Fifo(_, reader, _) = &source {
+        shared.lock().fifo = Some(reader.identity());
+    }
+    if let Some(fd) = source.watch_fd() {
+        // Without it, a deleted FIFO is not noticed (clients then get BrokenPipeError).
+        let _ = epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_FIFO_WATCH), EventFlags::IN);
     }
     let mut ready: Vec<epoll::Event> = Vec::with_capacity(64);
     let mut decoded = Vec::new();
@@ -628,6 +783,7 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
         }
         let command = shared.command.load(Ordering::SeqCst);
         let mut read_source = command == Command::RunOnce as u8;
+        let mut fifo_changed = false;
         let mut exited = Vec::new();
         for event in &ready {
             match event.data.u64() {
@@ -636,8 +792,12 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
                     let _ = rustix::io::read(&shared.wake, &mut counter);
                 }
                 TAG_SOURCE => read_source = true,
+                TAG_FIFO_WATCH => fifo_changed = true,
                 tag => exited.push(i64::from((tag - TAG_WORKER) as u32)),
             }
+        }
+        if fifo_changed {
+            source.check_fifo(shared, &mut decoded);
         }
         if read_source {
             loop {
@@ -697,6 +857,9 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
             if let Some(fd) = source.fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
             }
+            if let Some(fd) = source.watch_fd() {
+                let _ = epoll::delete(&shared.epoll, fd);
+            }
             return source;
         }
     }
@@ -714,6 +877,7 @@ mod tests {
             signal_self: false,
             delegate_reaps: false,
             max_pidfds: 64,
+            descendants_only: false,
         }
     }
 
@@ -862,6 +1026,105 @@ mod tests {
         server.run_once();
         assert_eq!(server.stats().requests, 50);
         assert!(!server.is_running());
+    }
+
+    fn wait_until(mut condition: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        condition()
+    }
+
+    #[test]
+    fn descendants_only_refuses_other_processes() {
+        let (mut server, _path) =
+            fifo_server("descendants", Config { descendants_only: true, ..config() });
+        let events = server.start().expect("start");
+        let mut child = sleeper();
+        // Our parent: alive, not our descendant, and never signalled (its deadline is far).
+        let parent = rustix::process::getppid().expect("a parent").as_raw_nonzero().get();
+        let parent = parent.unsigned_abs();
+        server.register([
+            request(child.id(), "child", 3600.0, libc::SIGKILL),
+            request(parent, "parent", 3600.0, libc::SIGKILL),
+            request(parent, "again", 3600.0, libc::SIGKILL),
+        ]);
+        let timers = server.timers();
+        assert_eq!(timers.len(), 1);
+        assert_eq!(timers[0].scope, "child");
+        assert_eq!(server.stats().refused, 2);
+        match events.recv_timeout(Duration::from_secs(1)).expect("event") {
+            Event::Refused { request, reason: Refusal::NotDescendant(pid) } => {
+                assert_eq!((request.scope.as_str(), pid), ("parent", i64::from(parent)));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(events.try_recv().is_err(), "a refused pid is reported once");
+        server.stop();
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    #[test]
+    fn a_request_glued_to_garbage_is_kept() {
+        let (mut server, path) = fifo_server("garbage", config());
+        let _events = server.start().expect("start");
+        let worker = sleeper();
+        // A writer leaves bytes without a newline, short and then far past PIPE_BUF; each
+        // time, the next client's line is glued to them.
+        for garbage in [&b"\x00junk{\"version\""[..], &[b'x'; 3 * fifo::MAX_LINE]] {
+            let writer = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+            std::io::Write::write_all(&mut &writer, garbage).expect("write");
+            drop(writer);
+            let scope = format!("after-{}", garbage.len());
+            send(&path, &request(worker.id(), &scope, 3600.0, libc::SIGKILL));
+            assert!(wait_until(|| server.timers().iter().any(|t| t.scope == scope)), "{scope}");
+        }
+        let stats = server.stats();
+        assert_eq!((stats.requests, stats.malformed), (2, 2));
+        server.stop();
+        let mut worker = worker;
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+    }
+
+    #[test]
+    fn a_deleted_fifo_is_created_again_and_another_servers_is_left_alone() {
+        let (mut server, path) = fifo_server("deleted", config());
+        let events = server.start().expect("start");
+        let worker = sleeper();
+        for round in 0..2 {
+            std::fs::remove_file(&path).expect("rm");
+            assert!(wait_until(|| path.exists()), "created again");
+            let scope = format!("after-delete-{round}");
+            send(&path, &request(worker.id(), &scope, 3600.0, libc::SIGKILL));
+            assert!(wait_until(|| server.timers().iter().any(|t| t.scope == scope)));
+        }
+        let Event::Warning(warning) = events.recv_timeout(Duration::from_secs(1)).expect("event")
+        else {
+            panic!("expected a warning")
+        };
+        assert!(warning.ends_with("was deleted; created it again"), "{warning}");
+        // A regular file in its place: no client could reach a server through it.
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::write(&path, b"").expect("write");
+        assert!(wait_until(|| std::fs::metadata(&path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_fifo()
+        })));
+        // Another FIFO (another server's) in its place stays, even after our stop.
+        let other = path.with_extension("other");
+        fifo::create(&other).expect("mkfifo");
+        std::fs::rename(&other, &path).expect("rename");
+        let identity = fifo::Reader::open(&path).expect("open").identity();
+        thread::sleep(Duration::from_millis(100));
+        server.stop();
+        assert_eq!(fifo::path_state(&path, identity), fifo::PathState::Ours, "left alone");
+        fifo::remove(&path).expect("rm");
+        let mut worker = worker;
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
     }
 
     #[test]

@@ -10,13 +10,27 @@ _RequestTuple = tuple[int, str, float, int]
 
 class Server:
     @staticmethod
-    def fifo(path: str, max_interval: float, signal_self: bool, delegate_reaps: bool) -> Server: ...
-    @staticmethod
-    def queue(
-        queue: Any, fd: int, read_lock: int, items: int, max_interval: float, delegate_reaps: bool
+    def fifo(
+        path: str,
+        max_interval: float,
+        signal_self: bool,
+        delegate_reaps: bool,
+        descendants_only: bool = False,
     ) -> Server: ...
     @staticmethod
-    def direct(max_interval: float, delegate_reaps: bool) -> Server: ...
+    def queue(
+        queue: Any,
+        fd: int,
+        read_lock: int,
+        items: int,
+        max_interval: float,
+        delegate_reaps: bool,
+        descendants_only: bool = False,
+    ) -> Server: ...
+    @staticmethod
+    def direct(
+        max_interval: float, delegate_reaps: bool, descendants_only: bool = False
+    ) -> Server: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def run_once(self) -> None: ...

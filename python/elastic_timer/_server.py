@@ -36,11 +36,26 @@ class NativeServer(Generic[R]):
     _core: _native.Server
     _reporter: threading.Thread | None
     _daemon: bool
+    _owner_pid: int
 
     def _init_native(self, native: _native.Server, daemon: bool) -> None:
         self._core = native
         self._daemon = daemon
         self._reporter = None
+        self._owner_pid = os.getpid()
+
+    def _is_forked_copy(self, method: str) -> bool:
+        """True (and logged) when called in a process forked from the server's. The copy has
+        no loop thread; stopping it must not stop or remove anything of the original's."""
+        if os.getpid() == self._owner_pid:
+            return False
+        logger.warning(
+            "%s.%s() ignored: this server belongs to process %s, and this process is a fork of it",
+            type(self).__name__,
+            method,
+            self._owner_pid,
+        )
+        return True
 
     # -- subclass hooks ---------------------------------------------------------------------
 

@@ -141,6 +141,8 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             "watchdog stopped", "timer expired" and "kill worker process", as torch does.
         signal_self: after a pass that reaped a worker, signal this process with the same
             signal, as torch does (under torchrun that ends the agent). False turns it off.
+        descendants_only: refuse (log once per pid, and count) acquires from processes that
+            do not descend from this one. Under torchrun every worker is the agent's child.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         log_event: Callable[[str, FileTimerRequest | None], None] | None = None,
         *,
         signal_self: bool = True,
+        descendants_only: bool = False,
     ) -> None:
         self._file_path = file_path
         self._run_id = run_id
@@ -161,7 +164,9 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             log_event if log_event is not None else lambda name, request: None
         )
         delegate = overrides(self, FileTimerServer, "_reap_worker")
-        native = _native.Server.fifo(file_path, max_interval, signal_self, delegate)
+        native = _native.Server.fifo(
+            file_path, max_interval, signal_self, delegate, descendants_only
+        )
         self._init_native(native, daemon)
 
     def _request_from_tuple(self, request: RequestTuple) -> FileTimerRequest:
@@ -186,6 +191,8 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         self._emit("watchdog started", None)
 
     def stop(self) -> None:
+        if self._is_forked_copy("stop"):
+            return
         logger.info("Stopping %s", type(self).__name__)
         if not self._stop_native():
             logger.info("No watchdog thread running, doing nothing")
@@ -194,13 +201,15 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
 
     def run_once(self) -> None:
         """Processes every request already sent, runs one pass, and stops (for tests)."""
+        if self._is_forked_copy("run_once"):
+            return
         if not self._stop_native(run_once=True):
             logger.info("No watchdog thread running, doing nothing")
         self._remove_fifo()
 
     def _remove_fifo(self) -> None:
-        if os.path.exists(self._file_path):
-            os.remove(self._file_path)
+        # The native server removes the FIFO it created, unless another has taken its path.
+        self._core.stop()
 
     @staticmethod
     def is_process_running(pid: int) -> bool:

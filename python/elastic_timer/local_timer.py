@@ -97,7 +97,7 @@ class MultiprocessingRequestQueue(RequestQueue):
 
 
 def _native_queue_server(
-    mp_queue: Any, max_interval: float, delegate: bool
+    mp_queue: Any, max_interval: float, delegate: bool, descendants_only: bool
 ) -> tuple[_native.Server, bool]:
     """A native server reading the queue's pipe, or (False) one fed from Python."""
     try:
@@ -106,8 +106,10 @@ def _native_queue_server(
         items = mp_queue._sem._semlock.handle
     except AttributeError:
         # Not a plain multiprocessing.Queue (a manager proxy, say): read it from Python.
-        return _native.Server.direct(max_interval, delegate), False
-    server = _native.Server.queue(mp_queue, fd, read_lock, items, max_interval, delegate)
+        return _native.Server.direct(max_interval, delegate, descendants_only), False
+    server = _native.Server.queue(
+        mp_queue, fd, read_lock, items, max_interval, delegate, descendants_only
+    )
     return server, True
 
 
@@ -117,13 +119,24 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
     workers are killed with SIGKILL at their deadline by a native thread that needs no GIL.
 
     ``max_interval`` is accepted for compatibility: deadlines fire when due, not on the next
-    poll; it bounds how soon a failed reap is retried (at most 1 s).
+    poll; it bounds how soon a failed reap is retried (at most 1 s). ``descendants_only``
+    refuses (logs once per pid, and counts) acquires from processes that do not descend from
+    this one.
     """
 
-    def __init__(self, mp_queue: Any, max_interval: float = 60, daemon: bool = True) -> None:
+    def __init__(
+        self,
+        mp_queue: Any,
+        max_interval: float = 60,
+        daemon: bool = True,
+        *,
+        descendants_only: bool = False,
+    ) -> None:
         TimerServer.__init__(self, MultiprocessingRequestQueue(mp_queue), max_interval, daemon)
         delegate = overrides(self, LocalTimerServer, "_reap_worker")
-        native, reads_queue = _native_queue_server(mp_queue, max_interval, delegate)
+        native, reads_queue = _native_queue_server(
+            mp_queue, max_interval, delegate, descendants_only
+        )
         self._init_native(native, daemon)
         self._needs_pump = not reads_queue
         self._pump: threading.Thread | None = None
@@ -151,6 +164,8 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
             self._pump.start()
 
     def stop(self) -> None:
+        if self._is_forked_copy("stop"):
+            return
         logger.info("Stopping %s", type(self).__name__)
         self._stop_signaled = True
         self._pump_stop.set()
