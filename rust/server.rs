@@ -782,7 +782,16 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
             }
         }
         let command = shared.command.load(Ordering::SeqCst);
-        let mut read_source = command == Command::RunOnce as u8;
+        // Stopping, or a last pass: every request already written is read first, so a
+        // client whose write succeeded is never lost. The FIFO goes first (if it is still
+        // ours), so no new client can open it meanwhile.
+        let last = command != Command::Run as u8;
+        if let (true, Source::Fifo(path, ..)) = (last, &source) {
+            if let Some(identity) = shared.lock().fifo.take() {
+                let _ = fifo::remove_if(path, identity);
+            }
+        }
+        let mut read_source = last;
         let mut fifo_changed = false;
         let mut exited = Vec::new();
         for event in &ready {
@@ -803,7 +812,7 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
             loop {
                 match source.read(&mut decoded) {
                     Ok(0) => break,
-                    Ok(_) if command == Command::RunOnce as u8 => continue,
+                    Ok(_) if last => continue,
                     Ok(_) => break,
                     Err(err) => {
                         shared
