@@ -80,15 +80,16 @@ class NativeServer(Generic[R]):
 
     def _stop_native(self, *, run_once: bool = False) -> bool:
         """Stops the loop (after one last pass if ``run_once``); False if it was not running."""
-        if self._reporter is None:
+        # Taken first: stop() may be called again meanwhile (another thread, a signal handler).
+        reporter, self._reporter = self._reporter, None
+        if reporter is None:
             return False
         if run_once:
             self._core.run_once()
         else:
             self._core.stop()
-        if self._reporter is not threading.current_thread():
-            self._reporter.join(_REPORTER_JOIN_TIMEOUT)
-        self._reporter = None
+        if reporter is not threading.current_thread():
+            reporter.join(_REPORTER_JOIN_TIMEOUT)
         return True
 
     def _report_events(self) -> None:
