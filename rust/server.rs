@@ -1046,6 +1046,25 @@ mod tests {
     }
 
     #[test]
+    fn deadlines_are_monotonic_instants_fixed_on_receipt() {
+        let mono = Instant::now();
+        let clock = Clock { mono, wall: 1_000.0 };
+        assert_eq!(clock.deadline(1_002.5), Some(mono + Duration::from_millis(2_500)));
+        assert_eq!(clock.deadline(999.0), mono.checked_sub(Duration::from_secs(1)).or(Some(mono)));
+        assert_eq!(clock.deadline(1_000.0), Some(mono));
+        for never in [f64::INFINITY, f64::NAN, 1e300] {
+            assert_eq!(clock.deadline(never), None, "{never}");
+        }
+        assert!(clock.deadline(-1e300).is_some_and(|d| d <= mono), "long past: due at once");
+        // The map keeps the Instant: a later wall-clock step changes nothing (nothing reads
+        // the wall clock again for this timer).
+        let mut map = DeadlineMap::new();
+        let request = Request { pid: 7, scope: "s".into(), expiration: 1_002.5, signal: 9 };
+        map.apply(request, clock.deadline(1_002.5));
+        assert_eq!(map.next_deadline(), Some(mono + Duration::from_millis(2_500)));
+    }
+
+    #[test]
     fn descendants_only_refuses_other_processes() {
         let (mut server, _path) =
             fifo_server("descendants", Config { descendants_only: true, ..config() });
