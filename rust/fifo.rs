@@ -9,6 +9,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,18 @@ pub fn create(path: &Path) -> io::Result<Identity> {
         Err(err) => return Err(err.into()),
     }
     fs::mkfifoat(CWD, path, Mode::from_raw_mode(0o666))?;
-    Ok(Identity::of(&fs::stat(path)?))
+    // The sticky bit means nothing on a FIFO: it tells our clients that this server never
+    // needs them to close it, so they may keep it open (see `Client`).
+    let created = fs::stat(path)?;
+    fs::chmod(path, Mode::from_raw_mode(created.st_mode & 0o777) | Mode::SVTX)?;
+    Ok(Identity::of(&created))
+}
+
+/// Whether `fd` is a FIFO (Some), created by our server (true) or another one (false).
+fn fifo_kind(fd: &OwnedFd) -> io::Result<Option<bool>> {
+    let mode = fs::fstat(fd)?.st_mode;
+    Ok((FileType::from_raw_mode(mode) == FileType::Fifo)
+        .then_some(Mode::from_raw_mode(mode).contains(Mode::SVTX)))
 }
 
 /// Removes the FIFO at `path` if it is still there.
@@ -142,6 +154,8 @@ pub struct Reader {
     /// Bytes of the current line dropped from the front of `pending` to keep it bounded.
     dropped: usize,
     identity: Identity,
+    /// The read buffer, allocated once (zeroing 64 KiB per read cost more than the read).
+    chunk: Box<[u8]>,
 }
 
 impl Reader {
@@ -164,6 +178,7 @@ impl Reader {
             pending: Vec::with_capacity(MAX_LINE),
             dropped: 0,
             identity,
+            chunk: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
 
@@ -181,19 +196,27 @@ impl Reader {
     /// A partial line is kept for the next call. Returns the number of bytes read; 0 means the
     /// FIFO is empty.
     pub fn read_lines(&mut self, mut sink: impl FnMut(Line<'_>)) -> io::Result<usize> {
-        let mut chunk = [0u8; 64 * 1024];
+        let mut chunk = std::mem::take(&mut self.chunk);
         let mut total = 0;
-        while total < READ_BUDGET {
-            let n = match rustix::io::read(&self.read, &mut chunk) {
-                Ok(0) | Err(Errno::AGAIN) => break,
+        let result = loop {
+            if total >= READ_BUDGET {
+                break Ok(total);
+            }
+            let n = match rustix::io::read(&self.read, &mut chunk[..]) {
+                Ok(0) | Err(Errno::AGAIN) => break Ok(total),
                 Ok(n) => n,
                 Err(Errno::INTR) => continue,
-                Err(err) => return Err(err.into()),
+                Err(err) => break Err(err.into()),
             };
             total += n;
             self.split(&chunk[..n], &mut sink);
-        }
-        Ok(total)
+            if n < chunk.len() {
+                // Drained for now; epoll says when there is more.
+                break Ok(total);
+            }
+        };
+        self.chunk = chunk;
+        result
     }
 
     fn split(&mut self, mut bytes: &[u8], sink: &mut impl FnMut(Line<'_>)) {
@@ -269,18 +292,26 @@ pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), S
 
 /// A client of one server's FIFO.
 ///
-/// Each request opens the FIFO, writes one line and closes it, as torch's client does: torch's
-/// server reads with a blocking `readline` that only returns at end of file, so a client that
-/// kept the FIFO open would stall its watchdog loop.
+/// With torch's server each request opens the FIFO, writes one line and closes it, as torch's
+/// client does: torch's server reads with a blocking `readline` that only returns at end of
+/// file, so a client that kept the FIFO open would stall its watchdog loop. A FIFO our server
+/// created carries a mark (see `create`): then the FIFO is kept open between requests, and
+/// opened again when the server has gone.
 #[derive(Debug)]
 pub struct Client {
     path: PathBuf,
     options: SendOptions,
+    /// The open FIFO, while it is one of our servers'.
+    kept: Mutex<Option<OwnedFd>>,
 }
 
 impl Client {
     pub fn new(path: PathBuf, options: SendOptions) -> Self {
-        Self { path, options }
+        Self { path, options, kept: Mutex::new(None) }
+    }
+
+    fn kept(&self) -> MutexGuard<'_, Option<OwnedFd>> {
+        self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sends the line if that needs no waiting (a server reading, room in the pipe). Returns
@@ -290,16 +321,27 @@ impl Client {
         if line.len() > libc::PIPE_BUF {
             return Ok(false);
         }
-        let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        let Ok(fd) = fs::open(&self.path, flags, Mode::empty()) else {
-            return Ok(false);
+        let mut kept = self.kept();
+        let (fd, ours) = match kept.take() {
+            Some(fd) => (fd, true),
+            None => {
+                let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+                let Ok(fd) = fs::open(&self.path, flags, Mode::empty()) else {
+                    return Ok(false);
+                };
+                match fifo_kind(&fd)? {
+                    Some(ours) => (fd, ours),
+                    None => return Ok(false),
+                }
+            }
         };
-        let kind = FileType::from_raw_mode(fs::fstat(&fd).map_err(io::Error::from)?.st_mode);
-        if kind != FileType::Fifo {
-            return Ok(false);
-        }
         match rustix::io::write(&fd, line) {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                if ours {
+                    *kept = Some(fd);
+                }
+                Ok(true)
+            }
             Err(Errno::AGAIN | Errno::PIPE | Errno::INTR) => Ok(false),
             Err(err) => Err(SendError::Io(err.into())),
         }
@@ -310,18 +352,38 @@ impl Client {
         if line.len() > MAX_LINE + 1 {
             return Err(SendError::TooLong(line.len() - 1));
         }
-        let fd = connect(&self.path, self.options.connect_timeout)?;
-        write_all(&fd, line, self.options.send_timeout).map_err(|err| match err {
-            // The server closed the FIFO between our open and our write.
-            SendError::Io(source) if source.kind() == io::ErrorKind::BrokenPipe => {
-                SendError::NoServer { path: self.path.display().to_string(), source }
+        let mut kept = self.kept();
+        let mut reconnected = false;
+        loop {
+            let (fd, ours) = match kept.take() {
+                Some(fd) => (fd, true),
+                None => {
+                    reconnected = true;
+                    connect(&self.path, self.options.connect_timeout)?
+                }
+            };
+            match write_all(&fd, line, self.options.send_timeout) {
+                Ok(()) => {
+                    if ours {
+                        *kept = Some(fd);
+                    }
+                    return Ok(());
+                }
+                // Nobody reads this FIFO any more (the server stopped or restarted). A write
+                // of at most PIPE_BUF bytes is all or nothing, so sending again is safe.
+                Err(SendError::Io(source)) if source.kind() == io::ErrorKind::BrokenPipe => {
+                    if reconnected {
+                        let path = self.path.display().to_string();
+                        return Err(SendError::NoServer { path, source });
+                    }
+                }
+                Err(err) => return Err(err),
             }
-            other => other,
-        })
+        }
     }
 }
 
-fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, SendError> {
+fn connect(path: &Path, timeout: Duration) -> Result<(OwnedFd, bool), SendError> {
     let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let deadline = Instant::now() + timeout;
     let no_server =
@@ -329,15 +391,11 @@ fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd, SendError> {
     loop {
         match fs::open(path, flags, Mode::empty()) {
             Ok(fd) => {
-                let kind =
-                    FileType::from_raw_mode(fs::fstat(&fd).map_err(io::Error::from)?.st_mode);
-                if kind != FileType::Fifo {
-                    return Err(no_server(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "not a FIFO",
-                    )));
-                }
-                return Ok(fd);
+                let Some(ours) = fifo_kind(&fd)? else {
+                    let not_a_fifo = io::Error::new(io::ErrorKind::InvalidInput, "not a FIFO");
+                    return Err(no_server(not_a_fifo));
+                };
+                return Ok((fd, ours));
             }
             // No FIFO yet, or nobody reading it: the server may be starting.
             Err(err @ (Errno::NOENT | Errno::NXIO)) => {
@@ -530,15 +588,18 @@ mod tests {
     }
 
     #[test]
-    fn a_client_never_keeps_the_fifo_open() {
-        let path = temp_fifo("closed");
+    fn a_client_never_keeps_a_torch_fifo_open() {
+        // torch's server makes a plain FIFO and reads it with a blocking readline.
+        let path = std::env::temp_dir().join(format!("et-fifo-{}-torch", std::process::id()));
+        let _ = remove(&path);
+        fs::mkfifoat(CWD, &path, Mode::from_raw_mode(0o666)).expect("mkfifo");
         let mut reader = Reader::open(&path).expect("open");
         let client = Client::new(path.clone(), OPTIONS);
         assert!(client.try_send(b"first\n").expect("try"));
         client.send(b"second\n").expect("send");
         assert_eq!(collect(&mut reader), ["first", "second"]);
         // A blocking reader sees end of file once the lines are read: no client holds the
-        // FIFO open (torch's server depends on that).
+        // FIFO open.
         let flags = OFlags::RDONLY | OFlags::NONBLOCK;
         let blocking = fs::open(&path, flags, Mode::empty()).expect("open");
         rustix::fs::fcntl_setfl(&blocking, OFlags::empty()).expect("blocking");
@@ -547,5 +608,27 @@ mod tests {
         assert_eq!(rustix::io::read(&blocking, &mut buf).expect("read"), 0);
         remove(&path).expect("rm");
         assert!(!client.try_send(b"x\n").expect("try without server"));
+    }
+
+    #[test]
+    fn a_client_keeps_our_fifo_open_and_reconnects_after_a_restart() {
+        let path = temp_fifo("kept");
+        let mut reader = Reader::open(&path).expect("open");
+        let client = Client::new(path.clone(), OPTIONS);
+        assert!(client.try_send(b"first\n").expect("try"));
+        assert!(client.kept().is_some(), "our server's FIFO is kept open");
+        client.send(b"second\n").expect("send on the kept fd");
+        assert_eq!(collect(&mut reader), ["first", "second"]);
+        // The server stops (its FIFO goes) and starts again at the same path.
+        drop(reader);
+        create(&path).expect("mkfifo again");
+        let mut reader = Reader::open(&path).expect("reopen");
+        assert!(!client.try_send(b"third\n").expect("EPIPE: send must reconnect"));
+        client.send(b"third\n").expect("send after the restart");
+        assert_eq!(collect(&mut reader), ["third"]);
+        drop(reader);
+        remove(&path).expect("rm");
+        let err = client.send(b"x\n").unwrap_err();
+        assert!(matches!(err, SendError::NoServer { .. }), "{err:?}");
     }
 }
