@@ -18,13 +18,14 @@ import resource
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 _START = time.monotonic()
 
@@ -214,25 +215,63 @@ def spawn(name: str, target: Callable[..., None], *args: Any) -> Child:
     harness = os.getpid()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            parent_end.close()
-            _live.clear()
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-            if os.getppid() != harness:
-                os._exit(1)
-            target(child_end, *args)
-            code = 0
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                child_end.send(("error", traceback.format_exc()))
-        finally:
-            with contextlib.suppress(BaseException):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+        parent_end.close()
+        _live.clear()
+        _become_child(harness)
+        run_child(child_end, target, *args)
     child_end.close()
     return Child(name, pid, parent_end)
+
+
+def spawn_exec(name: str, code: str, *args: str) -> Child:
+    """
+    Like ``spawn``, but the child execs a fresh interpreter running ``code`` with
+    ``sys.argv[1:] == [<fd of its end of the pipe>, *args]`` and ``benches`` importable: a
+    process that has not inherited the harness's memory (torch's included).
+    """
+    parent_end, child_end = multiprocessing.Pipe()
+    harness = os.getpid()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            parent_end.close()
+            _become_child(harness)
+            os.set_inheritable(child_end.fileno(), True)
+            argv = [sys.executable, "-c", code, str(child_end.fileno()), *args]
+            os.execve(sys.executable, argv, env)
+        finally:
+            os._exit(127)
+    child_end.close()
+    return Child(name, pid, parent_end)
+
+
+def _become_child(harness: int) -> None:
+    # The harness turns SIGTERM into an exception and Ctrl-C is for the harness: a child
+    # dies of SIGTERM (servers reap with it) and leaves Ctrl-C to its parent.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # kept across exec
+    if os.getppid() != harness:
+        os._exit(1)
+
+
+def run_child(conn: Connection, target: Callable[..., None], *args: Any) -> NoReturn:
+    """Runs a child's body, reports an uncaught exception, and leaves the process."""
+    code = 1
+    try:
+        target(conn, *args)
+        code = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            conn.send(("error", traceback.format_exc()))
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
 
 
 def reply(conn: Connection, payload: object = None) -> None:
@@ -370,6 +409,25 @@ def process_cpu() -> float:
     """CPU seconds of this process, all threads, user and system."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def server_threads_cpu() -> float:
+    """
+    CPU seconds of this process's threads other than the calling one (the harness's agent in
+    a server process, which only sleeps through a window): the server's own threads, from
+    ``/proc/self/task/*/schedstat`` (nanoseconds, not ticks).
+    """
+    me = threading.get_native_id()
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        if int(tid) == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as schedstat:
+                total += int(schedstat.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # the thread has just ended
+            pass
+    return total / 1e9
 
 
 def rss_bytes() -> int:
@@ -516,8 +574,8 @@ def fmt(value: float) -> str:
     """Three significant figures, without exponents for everyday magnitudes."""
     if math.isinf(value):
         return "inf"
-    if value == 0:
-        return "0"
+    if value == int(value) and abs(value) < 1e15:  # counts
+        return f"{value:,.0f}"
     magnitude = abs(value)
     if magnitude >= 1000:
         return f"{value:,.0f}"

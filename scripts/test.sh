@@ -12,7 +12,8 @@ python3 -m pip install --quiet -e '.[dev]'
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --features python -- -D warnings
-python3 -m ruff check python tests examples
+python3 -m ruff check python tests examples benches
+python3 -m ruff format --check python tests examples benches
 python3 -m mypy
 
 cargo test --lib
