@@ -52,6 +52,22 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     })
 }
 
+/// A server's configuration from the Python keywords (the pidfd budget is the process's).
+fn config(
+    max_interval: f64,
+    signal_self: bool,
+    delegate_reaps: bool,
+    descendants_only: bool,
+) -> PyResult<Config> {
+    Ok(Config {
+        max_interval: seconds(max_interval, "max_interval")?,
+        signal_self,
+        delegate_reaps,
+        max_pidfds: reaper::pidfd_budget(),
+        descendants_only,
+    })
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -122,13 +138,7 @@ impl PyServer {
         delegate_reaps: bool,
         descendants_only: bool,
     ) -> PyResult<Self> {
-        let config = Config {
-            max_interval: seconds(max_interval, "max_interval")?,
-            signal_self,
-            delegate_reaps,
-            max_pidfds: reaper::pidfd_budget(),
-            descendants_only,
-        };
+        let config = config(max_interval, signal_self, delegate_reaps, descendants_only)?;
         Self::build(Transport::Fifo(path), config, None)
     }
 
@@ -145,13 +155,7 @@ impl PyServer {
         delegate_reaps: bool,
         descendants_only: bool,
     ) -> PyResult<Self> {
-        let config = Config {
-            max_interval: seconds(max_interval, "max_interval")?,
-            signal_self: false,
-            delegate_reaps,
-            max_pidfds: reaper::pidfd_budget(),
-            descendants_only,
-        };
+        let config = config(max_interval, false, delegate_reaps, descendants_only)?;
         // SAFETY: the fd and semaphores belong to `queue`, which this object keeps alive; the
         // fd is duplicated at once.
         let reader = unsafe {
@@ -169,13 +173,7 @@ impl PyServer {
     #[staticmethod]
     #[pyo3(signature = (max_interval, delegate_reaps, descendants_only=false))]
     fn direct(max_interval: f64, delegate_reaps: bool, descendants_only: bool) -> PyResult<Self> {
-        let config = Config {
-            max_interval: seconds(max_interval, "max_interval")?,
-            signal_self: false,
-            delegate_reaps,
-            max_pidfds: reaper::pidfd_budget(),
-            descendants_only,
-        };
+        let config = config(max_interval, false, delegate_reaps, descendants_only)?;
         Self::build(Transport::Direct, config, None)
     }
 
