@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,42 @@ def test_configure_without_argument_or_variable_is_a_clear_error() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert "TORCHELASTIC_TIMER_FILE" in result.stdout
+
+
+def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: Path) -> None:
+    """What torch's agent looks up resolves to our server after install(), with the
+    signal_self default asked for, and to torch's again after uninstall()."""
+    import torch.distributed.elastic.timer as torch_timer
+    import torch.distributed.elastic.timer.file_based_local_timer as torch_file_timer
+
+    import elastic_timer
+    from elastic_timer import torch as integration
+
+    def looked_up(module: Any) -> Any:  # what the agent gets, patched at run time
+        return getattr(module, "FileTimerServer")  # noqa: B009
+
+    original = looked_up(torch_timer)
+    integration.install(signal_self=False)
+    try:
+        assert integration.installed()
+        for module in (torch_timer, torch_file_timer):
+            assert issubclass(looked_up(module), elastic_timer.FileTimerServer)
+        # Built the way LocalElasticAgent builds it.
+        events: list[str] = []
+        server = looked_up(torch_timer)(
+            file_path=str(tmp_path / "agent.fifo"),
+            run_id="run",
+            max_interval=0.1,
+            daemon=True,
+            log_event=lambda name, request: events.append(name),
+        )
+        assert server._signal_self is False
+        server.start()
+        assert abs(server.get_last_progress_time() - time.time()) <= 2
+        server.stop()
+        assert events == ["watchdog started", "watchdog stopped"]
+    finally:
+        integration.uninstall()
+    assert not integration.installed()
+    assert looked_up(torch_timer) is original
+    assert looked_up(torch_file_timer) is original
