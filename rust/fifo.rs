@@ -7,9 +7,10 @@
 //! failing with `BlockingIOError` as torch's client does.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -172,6 +173,8 @@ impl Reader {
         }
         let identity = Identity::of(&fs::fstat(&read)?);
         let write = fs::open(path, OFlags::WRONLY | flags, Mode::empty())?;
+        close_in_forked_children(read.as_raw_fd());
+        close_in_forked_children(write.as_raw_fd());
         Ok(Self {
             read,
             _write: write,
@@ -219,6 +222,11 @@ impl Reader {
         result
     }
 
+    /// Reads what is left, then closes the FIFO at once (its read end first).
+    pub fn close(mut self, mut sink: impl FnMut(Line<'_>)) {
+        while matches!(self.read_lines(&mut sink), Ok(n) if n > 0) {}
+    }
+
     fn split(&mut self, mut bytes: &[u8], sink: &mut impl FnMut(Line<'_>)) {
         while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
             let (line, rest) = (&bytes[..end], &bytes[end + 1..]);
@@ -263,6 +271,54 @@ fn emit(line: &[u8], dropped: usize, sink: &mut impl FnMut(Line<'_>)) {
     } else if !line.iter().all(u8::is_ascii_whitespace) {
         sink(Line::Complete(line));
     }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // Before the fds close, and their numbers can be reused.
+        keep_in_forked_children(self.read.as_raw_fd());
+        keep_in_forked_children(self._write.as_raw_fd());
+    }
+}
+
+/// The server's FIFO fds, closed in every child forked from its process (-1: a free slot).
+///
+/// A forked child gets copies of all the fds (`CLOEXEC` closes them only on `exec`), and a
+/// child that holds the FIFO's read end keeps writes to it from failing: a client that
+/// kept the FIFO open would write, unread, into the FIFO of a server that stopped or moved
+/// on, instead of getting `EPIPE` and opening the path again. Workers forked from the
+/// agent's process are such children.
+static CLOSED_ON_FORK: [AtomicI32; 64] = [const { AtomicI32::new(-1) }; 64];
+static AT_FORK: Once = Once::new();
+
+extern "C" fn close_server_fds_in_child() {
+    // Runs in the child right after fork: atomics and close(2) only (async-signal-safe).
+    for slot in &CLOSED_ON_FORK {
+        let fd = slot.swap(-1, Ordering::Relaxed);
+        if fd >= 0 {
+            // SAFETY: the child's copy of a server fd, which nothing in the child uses (the
+            // server's thread, its only user, does not exist in the child).
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+fn close_in_forked_children(fd: RawFd) {
+    AT_FORK.call_once(|| {
+        // SAFETY: registers a handler that only closes fds; it cannot fail in a way that
+        // matters (without it, children keep the fds, as before).
+        unsafe { libc::pthread_atfork(None, None, Some(close_server_fds_in_child)) };
+    });
+    // Past 64 server fds (32 servers in one process), further ones stay open in children.
+    let _ = CLOSED_ON_FORK
+        .iter()
+        .find(|slot| slot.compare_exchange(-1, fd, Ordering::Relaxed, Ordering::Relaxed).is_ok());
+}
+
+fn keep_in_forked_children(fd: RawFd) {
+    let _ = CLOSED_ON_FORK
+        .iter()
+        .find(|slot| slot.compare_exchange(fd, -1, Ordering::Relaxed, Ordering::Relaxed).is_ok());
 }
 
 /// Why a client could not send a request.
@@ -524,6 +580,25 @@ mod tests {
         let (len, tail) = seen.expect("a line");
         assert_eq!(len, expected.len());
         assert_eq!(tail, expected[expected.len() - MAX_LINE..]);
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_forked_child_does_not_hold_the_servers_fifo() {
+        let path = temp_fifo("fork");
+        let reader = Reader::open(&path).expect("open");
+        let fds = [reader.read.as_raw_fd(), reader._write.as_raw_fd()];
+        // SAFETY: the child only calls fcntl and _exit (async-signal-safe).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let closed = fds.iter().all(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1);
+            unsafe { libc::_exit(i32::from(!closed)) };
+        }
+        let mut status = 0;
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{status}");
+        assert!(fds.iter().all(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1));
+        drop(reader);
         remove(&path).expect("rm");
     }
 

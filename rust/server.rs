@@ -276,6 +276,24 @@ impl Shared {
         state.timers.apply(request, deadline);
     }
 
+    /// Registers what the transport decoded; counts and reports what it could not.
+    fn intake_decoded(
+        &self,
+        state: &mut State,
+        decoded: &mut Vec<Result<Request, String>>,
+        clock: Clock,
+    ) {
+        for result in decoded.drain(..) {
+            match result {
+                Ok(request) => self.intake(state, request, clock),
+                Err(reason) => {
+                    state.stats.malformed += 1;
+                    state.emit(Event::Malformed(reason));
+                }
+            }
+        }
+    }
+
     /// Counts a refused request, and reports it if it is the first for its pid.
     fn refuse(state: &mut State, request: Request, reason: Refusal) {
         state.stats.refused += 1;
@@ -466,10 +484,10 @@ impl Server {
         self.shared.command.store(Command::Run as u8, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         let thread = thread::Builder::new().name("elastic-timer".into()).spawn(move || {
-            let source = run_loop(&shared, source);
+            let transport = run_loop(&shared, source);
             // Dropping the sender ends the reporter once it has drained the events.
             shared.lock().events = None;
-            source.park()
+            transport
         })?;
         self.thread = Some(thread);
         Ok(receiver)
@@ -624,6 +642,22 @@ impl Source {
         }
     }
 
+    /// Parks the transport once the last requests are read: the FIFO is closed right after
+    /// its last read, so a client writing later gets `EPIPE` (and opens the path again)
+    /// instead of writing into a pipe about to be closed unread.
+    fn close(self, decoded: &mut Vec<Result<Request, String>>) -> Transport {
+        match self {
+            Source::Fifo(path, reader, _) => {
+                reader.close(|line| decode_line(line, decoded));
+                Transport::Fifo(path)
+            }
+            mut source => {
+                while matches!(source.read(decoded), Ok(n) if n > 0) {}
+                source.park()
+            }
+        }
+    }
+
     fn fd(&self) -> Option<BorrowedFd<'_>> {
         match self {
             Source::Fifo(_, reader, _) => Some(reader.fd()),
@@ -745,13 +779,13 @@ impl Source {
     }
 }
 
-fn run_loop(shared: &Shared, mut source: Source) -> Source {
+fn run_loop(shared: &Shared, mut source: Source) -> Transport {
     if let Some(fd) = source.fd() {
         if let Err(err) =
             epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_SOURCE), EventFlags::IN)
         {
             shared.lock().emit(Event::Warning(format!("cannot watch the transport: {err}")));
-            return source;
+            return source.park();
         }
     }
     if let Source::Fifo(_, reader, _) = &source {
@@ -823,41 +857,37 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
                 }
             }
         }
-        let clock = Clock::now();
-        let mut state = shared.lock();
-        state.busy_since = Some(clock.wall);
-        for result in decoded.drain(..) {
-            match result {
-                Ok(request) => shared.intake(&mut state, request, clock),
-                Err(reason) => {
-                    state.stats.malformed += 1;
-                    state.emit(Event::Malformed(reason));
-                }
+        // One pass, under the lock (released by the end of the block, or early to signal
+        // this process).
+        {
+            let clock = Clock::now();
+            let mut state = shared.lock();
+            state.busy_since = Some(clock.wall);
+            shared.intake_decoded(&mut state, &mut decoded, clock);
+            for pid in exited {
+                shared.worker_exited(&mut state, pid);
             }
-        }
-        for pid in exited {
-            shared.worker_exited(&mut state, pid);
-        }
-        if let Some((expiries, self_signal)) = shared.expire(&mut state, clock.mono) {
-            if self_signal > 0 && shared.config.signal_self {
-                let (ack, acked) = mpsc::sync_channel(1);
-                state.emit(Event::Expired { expiries, ack: Some(ack) });
-                drop(state);
-                // Let the reporter log the reap first (bounded: Python may be wedged).
-                let _ = acked.recv_timeout(REPORT_GRACE);
-                if let Ok(signal) = reaper::validate_signal(self_signal) {
-                    let _ = reaper::signal_self(signal);
-                }
-            } else {
-                let delegated: Vec<i64> = expiries
-                    .iter()
-                    .filter(|e| matches!(e.outcome, ReapOutcome::Delegated))
-                    .map(|e| e.pid)
-                    .collect();
-                if !state.emit(Event::Expired { expiries, ack: None }) {
-                    // Nobody will answer these: ask again at the next retry.
-                    for pid in delegated {
-                        state.delegated.remove(&pid);
+            if let Some((expiries, self_signal)) = shared.expire(&mut state, clock.mono) {
+                if self_signal > 0 && shared.config.signal_self {
+                    let (ack, acked) = mpsc::sync_channel(1);
+                    state.emit(Event::Expired { expiries, ack: Some(ack) });
+                    drop(state);
+                    // Let the reporter log the reap first (bounded: Python may be wedged).
+                    let _ = acked.recv_timeout(REPORT_GRACE);
+                    if let Ok(signal) = reaper::validate_signal(self_signal) {
+                        let _ = reaper::signal_self(signal);
+                    }
+                } else {
+                    let delegated: Vec<i64> = expiries
+                        .iter()
+                        .filter(|e| matches!(e.outcome, ReapOutcome::Delegated))
+                        .map(|e| e.pid)
+                        .collect();
+                    if !state.emit(Event::Expired { expiries, ack: None }) {
+                        // Nobody will answer these: ask again at the next retry.
+                        for pid in delegated {
+                            state.delegated.remove(&pid);
+                        }
                     }
                 }
             }
@@ -869,7 +899,10 @@ fn run_loop(shared: &Shared, mut source: Source) -> Source {
             if let Some(fd) = source.watch_fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
             }
-            return source;
+            // What was written during this pass, read just before the FIFO closes.
+            let transport = source.close(&mut decoded);
+            shared.intake_decoded(&mut shared.lock(), &mut decoded, Clock::now());
+            return transport;
         }
     }
 }
