@@ -553,8 +553,8 @@ def test_clients_get_broken_pipe_while_the_server_restarts_then_work_again(
     assert client.exitcode == 0
     # Successes, failures, successes: one run of each.
     runs = [value for i, value in enumerate(sent) if i == 0 or sent[i - 1] != value]
-    assert runs == [1, 0, 1], runs
-    assert wait_for(lambda: server.stats()["requests"] == sum(sent))
+    assert runs == [1, 0, 1], (runs, len(sent), sum(sent))
+    assert wait_for(lambda: server.stats()["requests"] == sum(sent)), (server.stats(), sum(sent))
 
 
 # -- callbacks that raise -----------------------------------------------------------------------
