@@ -176,6 +176,10 @@ impl Workers {
         }
     }
 
+    pub fn is_tracked(&self, pid: Pid) -> bool {
+        self.handles.contains_key(&pid)
+    }
+
     /// The pidfd of a tracked worker, if it has one.
     pub fn pidfd(&self, pid: Pid) -> Option<BorrowedFd<'_>> {
         match self.handles.get(&pid)? {

@@ -235,6 +235,7 @@ impl Shared {
             Ok(pid) => pid,
             Err(reason) => return Self::refuse(state, request, reason),
         };
+        let fresh = !state.workers.is_tracked(pid);
         let (tracked, warning) = state.workers.track(pid);
         let (new, gone) = (matches!(tracked, Tracked::New(_)), matches!(tracked, Tracked::Gone));
         if let Some(warning) = warning {
@@ -248,7 +249,7 @@ impl Shared {
             // Checked once the worker is tracked, so the check is about the process tracked.
             let lineage = state.workers.lineage(pid, self.own_pid);
             if lineage != Lineage::Descendant {
-                if new {
+                if fresh {
                     state.workers.forget(pid);
                 }
                 if lineage == Lineage::NotDescendant {
