@@ -17,7 +17,6 @@ python3 -m ruff format --check python tests examples benches
 python3 -m mypy
 
 cargo test --lib
-python3 -m pytest
 
 # A bounded fuzz run of each decoder, from the committed seeds (fuzz/seeds); new inputs go to the
 # uncommitted fuzz/corpus. FUZZ_SECONDS=0 skips it.
@@ -30,3 +29,6 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
             -- -max_total_time="$FUZZ_SECONDS")
     done
 fi
+
+# Last, so its summary is the run's closing line.
+python3 -m pytest
