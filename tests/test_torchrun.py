@@ -196,7 +196,7 @@ def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: P
         return getattr(module, "FileTimerServer")  # noqa: B009
 
     original = looked_up(torch_timer)
-    integration.install(signal_self=False)
+    integration.install(signal_self=False, descendants_only=True)
     try:
         assert integration.installed()
         for module in (torch_timer, torch_file_timer):
@@ -211,6 +211,10 @@ def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: P
             log_event=lambda name, request: events.append(name),
         )
         assert server._signal_self is False
+        assert server._core.stats()["refused"] == 0
+        # A process the agent did not start is refused (this test's own parent, say).
+        server.register_timers([elastic_timer.FileTimerRequest(os.getppid(), "x", 1e12, 9)])
+        assert server._core.stats()["refused"] == 1
         server.start()
         assert abs(server.get_last_progress_time() - time.time()) <= 2
         server.stop()

@@ -22,7 +22,8 @@ Every torchrun argument below works unchanged. On top of torchrun:
   * TORCHELASTIC_ENABLE_FILE_TIMER=1 is set unless you set it yourself, so the agent runs a
     timer server and tells the workers its FIFO in TORCHELASTIC_TIMER_FILE;
   * the timer server is elastic-timer's: it kills a hung worker at its deadline, even if the
-    agent's interpreter is stuck, and never signals anything but a worker.
+    agent's interpreter is stuck, and never signals anything but a worker. It accepts timers
+    only from processes the agent started (its workers and their children).
   * --max-restarts above 0: a hung worker is reaped and the worker group restarted, as
     torchrun documents. (torch's own server also signals the agent after a reap, which ends
     the job instead; elastic-timer-run turns that off.) With --max-restarts 0 (the default)
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     args = torchrun.parse_args(argv)  # type: ignore[no-untyped-call]
     _log_like_torch()
     os.environ.setdefault("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
-    torch_integration.install(signal_self=args.max_restarts == 0)
+    # Every worker is the agent's child here: nothing else may have a timer reap anything.
+    torch_integration.install(signal_self=args.max_restarts == 0, descendants_only=True)
     torchrun.run(args)  # type: ignore[no-untyped-call]
 
 

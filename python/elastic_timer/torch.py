@@ -23,27 +23,36 @@ _TORCH_MODULES = (
 _originals: dict[str, Any] = {}
 
 
-def _agent_server(signal_self: bool) -> type[FileTimerServer]:
-    """Our server, with ``signal_self`` defaulting as asked (the agent does not pass it)."""
+def _agent_server(signal_self: bool, descendants_only: bool) -> type[FileTimerServer]:
+    """Our server, with these keywords defaulting as asked (the agent passes neither)."""
 
     class AgentFileTimerServer(FileTimerServer):
-        def __init__(self, *args: Any, signal_self: bool = signal_self, **kwargs: Any) -> None:
-            super().__init__(*args, signal_self=signal_self, **kwargs)
+        def __init__(
+            self,
+            *args: Any,
+            signal_self: bool = signal_self,
+            descendants_only: bool = descendants_only,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(
+                *args, signal_self=signal_self, descendants_only=descendants_only, **kwargs
+            )
 
     AgentFileTimerServer.__qualname__ = AgentFileTimerServer.__name__ = "FileTimerServer"
     AgentFileTimerServer.__module__ = FileTimerServer.__module__
     return AgentFileTimerServer
 
 
-def install(*, signal_self: bool = True) -> None:
+def install(*, signal_self: bool = True, descendants_only: bool = False) -> None:
     """
     Points torch's ``FileTimerServer`` at elastic-timer's (idempotent; ``uninstall`` undoes it).
 
     ``signal_self=True`` keeps torch's behaviour: after reaping a worker, the server signals
     the agent too, which ends the job. ``False`` leaves the agent alive to restart the worker
-    group, as torchrun documents for ``--max-restarts``.
+    group, as torchrun documents for ``--max-restarts``. ``descendants_only=True`` refuses
+    timers of processes that the agent did not start (torchrun's workers are its children).
     """
-    server = _agent_server(signal_self)
+    server = _agent_server(signal_self, descendants_only)
     for name in _TORCH_MODULES:
         module = importlib.import_module(name)
         _originals.setdefault(name, getattr(module, "FileTimerServer"))  # noqa: B009
