@@ -15,6 +15,7 @@ use crate::fifo::{self, SendError, SendOptions};
 use crate::queue::{self, Semaphore};
 use crate::reaper;
 use crate::server::{Config, Event, ReapOutcome, Server, Transport};
+use crate::stacks;
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
@@ -52,20 +53,49 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     })
 }
 
-/// A server's configuration from the Python keywords (the pidfd budget is the process's).
-fn config(
+/// A server's options, as the dict `elastic_timer._server.native_options` builds.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Options {
     max_interval: f64,
     signal_self: bool,
     delegate_reaps: bool,
     descendants_only: bool,
-) -> PyResult<Config> {
-    Ok(Config {
-        max_interval: seconds(max_interval, "max_interval")?,
-        signal_self,
-        delegate_reaps,
-        max_pidfds: reaper::pidfd_budget(),
-        descendants_only,
-    })
+    dry_run: bool,
+    escalate_after: Option<f64>,
+    stack_dump: Option<f64>,
+    stack_signal: i32,
+    stacks_dir: Option<PathBuf>,
+    py_spy: Option<PathBuf>,
+}
+
+impl Options {
+    /// The native configuration (the pidfd budget is the process's).
+    fn config(self) -> PyResult<Config> {
+        let stack_dump = match (self.stack_dump, self.stacks_dir) {
+            (Some(grace), Some(dir)) => Some(stacks::Config {
+                grace: seconds(grace, "stack_dump")?,
+                signal: reaper::validate_signal(self.stack_signal)
+                    .map_err(|err| PyValueError::new_err(format!("stack_signal: {err}")))?,
+                dir,
+                py_spy: self.py_spy,
+            }),
+            _ => None,
+        };
+        Ok(Config {
+            max_interval: seconds(self.max_interval, "max_interval")?,
+            signal_self: self.signal_self,
+            delegate_reaps: self.delegate_reaps,
+            max_pidfds: reaper::pidfd_budget(),
+            descendants_only: self.descendants_only,
+            dry_run: self.dry_run,
+            escalate_after: self
+                .escalate_after
+                .map(|s| seconds(s, "escalate_after"))
+                .transpose()?,
+            stack_dump,
+        })
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -130,32 +160,21 @@ impl Drop for PyServer {
 impl PyServer {
     /// A server reading the FIFO at `path` (created now, replacing what is there).
     #[staticmethod]
-    #[pyo3(signature = (path, max_interval, signal_self, delegate_reaps, descendants_only=false))]
-    fn fifo(
-        path: PathBuf,
-        max_interval: f64,
-        signal_self: bool,
-        delegate_reaps: bool,
-        descendants_only: bool,
-    ) -> PyResult<Self> {
-        let config = config(max_interval, signal_self, delegate_reaps, descendants_only)?;
-        Self::build(Transport::Fifo(path), config, None)
+    fn fifo(path: PathBuf, options: Options) -> PyResult<Self> {
+        Self::build(Transport::Fifo(path), options.config()?, None)
     }
 
     /// A server reading a `multiprocessing.Queue` through its pipe `fd` and the addresses of
     /// its `_rlock` and `_sem` semaphores; `queue` is the queue itself, kept alive.
     #[staticmethod]
-    #[pyo3(signature = (queue, fd, read_lock, items, max_interval, delegate_reaps, descendants_only=false))]
     fn queue(
         queue: Py<PyAny>,
         fd: i32,
         read_lock: usize,
         items: usize,
-        max_interval: f64,
-        delegate_reaps: bool,
-        descendants_only: bool,
+        options: Options,
     ) -> PyResult<Self> {
-        let config = config(max_interval, false, delegate_reaps, descendants_only)?;
+        let config = options.config()?;
         // SAFETY: the fd and semaphores belong to `queue`, which this object keeps alive; the
         // fd is duplicated at once.
         let reader = unsafe {
@@ -171,10 +190,8 @@ impl PyServer {
 
     /// A server whose requests all come through `register` (a queue read from Python).
     #[staticmethod]
-    #[pyo3(signature = (max_interval, delegate_reaps, descendants_only=false))]
-    fn direct(max_interval: f64, delegate_reaps: bool, descendants_only: bool) -> PyResult<Self> {
-        let config = config(max_interval, false, delegate_reaps, descendants_only)?;
-        Self::build(Transport::Direct, config, None)
+    fn direct(options: Options) -> PyResult<Self> {
+        Self::build(Transport::Direct, options.config()?, None)
     }
 
     fn start(&self, py: Python<'_>) -> PyResult<()> {
@@ -244,7 +261,11 @@ impl PyServer {
         dict.set_item("requests", stats.requests)?;
         dict.set_item("malformed", stats.malformed)?;
         dict.set_item("refused", stats.refused)?;
+        dict.set_item("expired", stats.expired)?;
         dict.set_item("reaped", stats.reaped)?;
+        dict.set_item("escalated", stats.escalated)?;
+        dict.set_item("unreapable", stats.unreapable)?;
+        dict.set_item("stack_dumps", stats.stack_dumps)?;
         dict.set_item("live_timers", stats.live_timers)?;
         dict.set_item("events_dropped", stats.events_dropped)?;
         Ok(dict)
@@ -278,6 +299,12 @@ impl PyServer {
                 ("exited", pid, dropped).into_pyobject(py)?.into_any()
             }
             Event::Warning(message) => ("warning", message).into_pyobject(py)?.into_any(),
+            Event::Escalated { pid, signal, after } => {
+                ("escalated", pid, signal, after.as_secs_f64()).into_pyobject(py)?.into_any()
+            }
+            Event::Unreapable { pid, after, state } => {
+                ("unreapable", pid, after.as_secs_f64(), state).into_pyobject(py)?.into_any()
+            }
             Event::Expired { expiries, ack } => {
                 *lock(&self.ack) = ack;
                 let expiries: Vec<_> = expiries
@@ -289,9 +316,13 @@ impl PyServer {
                             ReapOutcome::Gone => ("gone", None),
                             ReapOutcome::Failed(err) => ("failed", Some(err.to_string())),
                             ReapOutcome::Delegated => ("delegated", None),
+                            ReapOutcome::DryRun => ("dry_run", None),
                         };
                         let timers: Vec<_> = expiry.timers.into_iter().map(to_tuple).collect();
-                        (expiry.pid, timers, expiry.signal, outcome, detail)
+                        let stacks = expiry
+                            .stacks
+                            .map(|stacks| (stacks.source.name(), stacks.text, stacks.complete));
+                        (expiry.pid, timers, expiry.signal, outcome, detail, stacks)
                     })
                     .collect();
                 ("expired", expiries).into_pyobject(py)?.into_any()

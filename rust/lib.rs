@@ -13,6 +13,7 @@ pub mod fifo;
 pub mod queue;
 pub mod reaper;
 pub mod server;
+pub mod stacks;
 
 #[cfg(feature = "python")]
 mod bindings;

@@ -269,6 +269,16 @@ impl Workers {
         }
     }
 
+    /// Whether the tracked worker `pid` is still running (not exited, not a zombie).
+    pub fn is_running(&self, pid: Pid) -> bool {
+        match self.handles.get(&pid) {
+            Some(Handle::Pidfd(fd)) => !has_exited(fd),
+            Some(Handle::Pid { started }) => Stat::read(pid.as_raw_nonzero().get())
+                .is_some_and(|stat| stat.state != 'Z' && Some(stat.start_time) == *started),
+            None => false,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.handles.len()
     }
@@ -280,8 +290,32 @@ impl Workers {
 
 /// A process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the pid,
 /// it names one process for good. None if there is no such process (or no /proc).
-fn start_time(pid: Pid) -> Option<u64> {
+pub fn start_time(pid: Pid) -> Option<u64> {
     Some(Stat::read(pid.as_raw_nonzero().get())?.start_time)
+}
+
+/// What `/proc` says of a process that will not die: its name, state, where it waits in the
+/// kernel and (readable by root) its kernel stack.
+pub fn describe(pid: Pid) -> String {
+    let proc = format!("/proc/{}", pid.as_raw_nonzero());
+    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status.lines().find_map(|line| line.strip_prefix(name)).map(str::trim).unwrap_or("?")
+    };
+    let mut description =
+        format!("{} (pid {}): state {}", field("Name:"), pid.as_raw_nonzero(), field("State:"));
+    if let Ok(wchan) = std::fs::read_to_string(format!("{proc}/wchan")) {
+        if !wchan.is_empty() && wchan != "0" {
+            description.push_str(&format!(", waiting in {wchan}"));
+        }
+    }
+    if let Ok(stack) = std::fs::read_to_string(format!("{proc}/stack")) {
+        let frames: Vec<&str> = stack.lines().take(8).map(str::trim).collect();
+        if !frames.is_empty() {
+            description.push_str(&format!(", kernel stack: {}", frames.join(" < ")));
+        }
+    }
+    description
 }
 
 /// The fields of `/proc/<pid>/stat` the reaper reads.

@@ -25,6 +25,7 @@ use crate::deadlines::DeadlineMap;
 use crate::fifo;
 use crate::queue;
 use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
+use crate::stacks::{self, Stacks};
 
 /// Events waiting for the reporter past this many are dropped (and counted).
 const EVENT_CAPACITY: usize = 4096;
@@ -57,6 +58,13 @@ pub struct Config {
     /// Refuse acquires from processes that do not descend from the server's process (its
     /// children, their children...): under torchrun every worker is the agent's child.
     pub descendants_only: bool,
+    /// Report every expiry and signal nothing (to tune timeouts on a live job).
+    pub dry_run: bool,
+    /// SIGKILL a signalled worker still running this long after; one that outlives the
+    /// SIGKILL by as long is reported as unreapable.
+    pub escalate_after: Option<Duration>,
+    /// Ask an expired worker for its stacks before signalling it.
+    pub stack_dump: Option<stacks::Config>,
 }
 
 /// Where requests come from.
@@ -91,6 +99,10 @@ pub enum Event {
     /// One pass's expired workers. When `ack` is set the loop signals its own process after
     /// the reporter acknowledges (or after a grace period).
     Expired { expiries: Vec<Expiry>, ack: Option<SyncSender<()>> },
+    /// A signalled worker still ran `after` its signal, and was sent SIGKILL.
+    Escalated { pid: i64, signal: i32, after: Duration },
+    /// A worker still ran `after` SIGKILL (reported once): what `/proc` says of it.
+    Unreapable { pid: i64, after: Duration, state: String },
 }
 
 /// One worker with expired timers, and what was done about it.
@@ -103,6 +115,8 @@ pub struct Expiry {
     /// The chosen signal (0: none of its expired timers has a positive signal).
     pub signal: i32,
     pub outcome: ReapOutcome,
+    /// Its stacks, when the server asked for them first.
+    pub stacks: Option<Stacks>,
 }
 
 #[derive(Debug)]
@@ -116,6 +130,8 @@ pub enum ReapOutcome {
     Failed(io::Error),
     /// Handed to the caller, which answers with [`Server::complete_reap`].
     Delegated,
+    /// A dry run: would have been signalled; its expired timers are cleared.
+    DryRun,
 }
 
 /// Counters, readable at any time.
@@ -124,7 +140,12 @@ pub struct Stats {
     pub requests: u64,
     pub malformed: u64,
     pub refused: u64,
+    /// Expiries reported (a reap retried after a failure counts again).
+    pub expired: u64,
     pub reaped: u64,
+    pub escalated: u64,
+    pub unreapable: u64,
+    pub stack_dumps: u64,
     pub live_timers: usize,
     pub events_dropped: u64,
 }
@@ -164,12 +185,32 @@ impl Clock {
     }
 }
 
+/// A pid as the kernel takes it (None: out of range; such requests were refused at intake).
+fn raw_pid(pid: i64) -> Option<Pid> {
+    i32::try_from(pid).ok().and_then(Pid::from_raw)
+}
+
 fn wall_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// What the loop still has to do about a worker after its timers expired.
+#[derive(Debug)]
+enum Followup {
+    /// Collecting its stacks; then it is reaped as these timers say.
+    Dumping { dump: stacks::Dump, timers: Vec<Request>, signal: i32 },
+    /// Sent a catchable `signal` at `since`: SIGKILL if it still runs.
+    Escalate { signal: i32, since: Instant },
+    /// Sent SIGKILL at `since`: unreapable if it still runs.
+    Unreapable { since: Instant },
+}
+
 struct State {
     timers: DeadlineMap,
+    /// Workers past their expiry, by pid, with when to look at them again.
+    followups: HashMap<i64, (Instant, Followup)>,
+    /// Workers whose stacks were taken for an expiry that is still being retried.
+    dumped: HashSet<i64>,
     workers: Workers,
     stats: Stats,
     /// Workers whose reap was handed to Python and not yet answered, and since when.
@@ -307,8 +348,15 @@ impl Shared {
 
     fn worker_exited(&self, state: &mut State, pid: i64) {
         let dropped = state.timers.worker_len(pid);
+        let followup = state.followups.remove(&pid);
         self.forget_worker(state, pid);
-        if dropped > 0 {
+        if let Some((_, Followup::Dumping { dump, timers, signal })) = followup {
+            // It exited while its stacks were taken: report the expiry with what came.
+            let stacks = Some(dump.finish());
+            let expiry = Expiry { pid, timers, signal, outcome: ReapOutcome::Gone, stacks };
+            state.stats.expired += 1;
+            state.emit(Event::Expired { expiries: vec![expiry], ack: None });
+        } else if dropped > 0 {
             state.emit(Event::WorkerExited { pid, dropped });
         }
     }
@@ -317,16 +365,20 @@ impl Shared {
         self.config.max_interval.min(MAX_RETRY)
     }
 
-    /// Expires what is due: one torch watchdog pass, done at the deadline.
-    fn expire(&self, state: &mut State, now: Instant) -> Option<(Vec<Expiry>, i32)> {
-        let due = state.timers.due_workers(now);
-        if due.is_empty() {
-            return None;
-        }
-        let mut expiries = Vec::with_capacity(due.len());
+    /// Expires what is due: one torch watchdog pass, done at the deadline. Returns the
+    /// pass's expiries and the signal to send this process (0: none).
+    fn expire(&self, state: &mut State, now: Instant) -> (Vec<Expiry>, i32) {
+        let mut expiries = Vec::new();
         let mut self_signal = 0;
+        self.follow_up(state, now, &mut expiries, &mut self_signal);
         let retry = now + self.retry_interval();
-        for pid in due {
+        for pid in state.timers.due_workers(now) {
+            if let Some((at, _)) = state.followups.get(&pid) {
+                // Its stacks are being taken (or it is being killed): the followup decides.
+                let at = *at;
+                state.timers.postpone_worker(pid, at.max(retry));
+                continue;
+            }
             if let Some(&asked) = state.delegated.get(&pid) {
                 if now.saturating_duration_since(asked) < DELEGATE_GRACE {
                     // Python has not answered yet: look again later, without asking twice.
@@ -338,46 +390,161 @@ impl Shared {
             // torch: in expiration order, the first timer with a positive signal decides.
             let signal = expired.iter().map(|t| t.request.signal).find(|&s| s > 0).unwrap_or(0);
             let timers: Vec<Request> = expired.iter().map(|t| t.request.clone()).collect();
-            let outcome = if signal <= 0 {
-                ReapOutcome::NotSignalled
-            } else if self.config.delegate_reaps {
-                ReapOutcome::Delegated
-            } else {
-                self.signal_worker(state, pid, signal)
-            };
-            match &outcome {
-                ReapOutcome::NotSignalled => {
-                    // Only the expired timers go: a later timer with a signal stays armed.
-                    for timer in &timers {
-                        let release = Request { expiration: -1.0, ..timer.clone() };
-                        state.timers.apply(release, None);
-                    }
-                }
-                ReapOutcome::Gone => self.forget_worker(state, pid),
-                ReapOutcome::Signalled => {
-                    self.forget_worker(state, pid);
-                    state.stats.reaped += 1;
-                    self_signal = signal;
-                }
-                ReapOutcome::Failed(_) => state.timers.postpone_worker(pid, retry),
-                ReapOutcome::Delegated => {
-                    state.delegated.insert(pid, now);
-                    state.timers.postpone_worker(pid, retry);
+            if signal > 0 {
+                if let Some(dump) = self.start_dump(state, pid, now) {
+                    let at = dump.next_poll(now);
+                    state.timers.postpone_worker(pid, at);
+                    state.followups.insert(pid, (at, Followup::Dumping { dump, timers, signal }));
+                    continue;
                 }
             }
-            expiries.push(Expiry { pid, timers, signal, outcome });
+            expiries.push(self.reap(state, pid, timers, signal, None, now, &mut self_signal));
         }
-        (!expiries.is_empty()).then_some((expiries, self_signal))
+        (expiries, self_signal)
+    }
+
+    /// Acts on the followups that are due: finished dumps are reaped, escalations sent.
+    fn follow_up(
+        &self,
+        state: &mut State,
+        now: Instant,
+        expiries: &mut Vec<Expiry>,
+        self_signal: &mut i32,
+    ) {
+        let due: Vec<i64> =
+            state.followups.iter().filter(|(_, (at, _))| *at <= now).map(|(&pid, _)| pid).collect();
+        for pid in due {
+            let Some((_, followup)) = state.followups.remove(&pid) else { continue };
+            let Some(target) = raw_pid(pid) else { continue };
+            match followup {
+                Followup::Dumping { mut dump, timers, signal } => {
+                    if !dump.poll(now) {
+                        let at = dump.next_poll(now);
+                        state
+                            .followups
+                            .insert(pid, (at, Followup::Dumping { dump, timers, signal }));
+                        continue;
+                    }
+                    let stacks = dump.finish();
+                    if !stacks.text.is_empty() {
+                        state.stats.stack_dumps += 1;
+                    }
+                    state.dumped.insert(pid);
+                    let expiry =
+                        self.reap(state, pid, timers, signal, Some(stacks), now, self_signal);
+                    expiries.push(expiry);
+                }
+                _ if !state.workers.is_running(target) => self.forget_worker(state, pid),
+                Followup::Escalate { signal, since } => {
+                    match state.workers.signal(target, rustix::process::Signal::KILL) {
+                        Outcome::Signalled => {
+                            state.stats.escalated += 1;
+                            let after = now.saturating_duration_since(since);
+                            state.emit(Event::Escalated { pid, signal, after });
+                            let at = now + self.config.escalate_after.unwrap_or_default();
+                            state.followups.insert(pid, (at, Followup::Unreapable { since: now }));
+                        }
+                        Outcome::Gone => self.forget_worker(state, pid),
+                        Outcome::Failed(err) => {
+                            state.emit(Event::Warning(format!(
+                                "sending SIGKILL to worker pid={pid}, still running after signal \
+                             {signal}, failed: {err}"
+                            )));
+                        }
+                    }
+                }
+                Followup::Unreapable { since } => {
+                    // Reported once; its exit is still noticed (its pidfd stays watched).
+                    state.stats.unreapable += 1;
+                    let after = now.saturating_duration_since(since);
+                    state.emit(Event::Unreapable { pid, after, state: reaper::describe(target) });
+                }
+            }
+        }
+    }
+
+    /// Starts taking the stacks of an expired worker, if the server is asked to and can.
+    fn start_dump(&self, state: &State, pid: i64, now: Instant) -> Option<stacks::Dump> {
+        let config = self.config.stack_dump.as_ref()?;
+        let target = raw_pid(pid)?;
+        if state.dumped.contains(&pid) || !state.workers.is_running(target) {
+            return None;
+        }
+        let start_time = reaper::start_time(target)?;
+        let send = |signal| matches!(state.workers.signal(target, signal), Outcome::Signalled);
+        stacks::Dump::start(config, target.as_raw_nonzero().get(), start_time, send, now)
+    }
+
+    /// Does what an expiry calls for (signal, hand over, or only report) and keeps the books.
+    #[allow(clippy::too_many_arguments)]
+    fn reap(
+        &self,
+        state: &mut State,
+        pid: i64,
+        timers: Vec<Request>,
+        signal: i32,
+        stacks: Option<Stacks>,
+        now: Instant,
+        self_signal: &mut i32,
+    ) -> Expiry {
+        let retry = now + self.retry_interval();
+        let outcome = if signal <= 0 {
+            ReapOutcome::NotSignalled
+        } else if self.config.dry_run {
+            ReapOutcome::DryRun
+        } else if self.config.delegate_reaps {
+            ReapOutcome::Delegated
+        } else {
+            self.signal_worker(state, pid, signal)
+        };
+        match &outcome {
+            ReapOutcome::NotSignalled | ReapOutcome::DryRun => {
+                // Only the expired timers go: a later timer with a signal stays armed.
+                for timer in &timers {
+                    let release = Request { expiration: -1.0, ..timer.clone() };
+                    state.timers.apply(release, None);
+                }
+                state.dumped.remove(&pid);
+            }
+            ReapOutcome::Gone => self.forget_worker(state, pid),
+            ReapOutcome::Signalled => {
+                state.stats.reaped += 1;
+                *self_signal = signal;
+                match self.config.escalate_after {
+                    Some(grace) => {
+                        // Keep watching it (its pidfd tells when it is gone).
+                        state.timers.remove_worker(pid);
+                        state.dumped.remove(&pid);
+                        let followup = if signal == libc::SIGKILL {
+                            Followup::Unreapable { since: now }
+                        } else {
+                            Followup::Escalate { signal, since: now }
+                        };
+                        state.followups.insert(pid, (now + grace, followup));
+                    }
+                    None => self.forget_worker(state, pid),
+                }
+            }
+            ReapOutcome::Failed(_) => state.timers.postpone_worker(pid, retry),
+            ReapOutcome::Delegated => {
+                state.delegated.insert(pid, now);
+                state.timers.postpone_worker(pid, retry);
+            }
+        }
+        state.stats.expired += 1;
+        Expiry { pid, timers, signal, outcome, stacks }
     }
 
     /// Drops a worker and its timers (it was reaped, or it is gone).
     fn forget_worker(&self, state: &mut State, pid: i64) {
-        if let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+        if let Some(raw) = raw_pid(pid) {
             if let Some(pidfd) = state.workers.forget(raw) {
                 let _ = epoll::delete(&self.epoll, &pidfd);
             }
         }
         state.timers.remove_worker(pid);
+        state.followups.remove(&pid);
+        state.dumped.remove(&pid);
     }
 
     fn signal_worker(&self, state: &State, pid: i64, signal: i32) -> ReapOutcome {
@@ -396,7 +563,11 @@ impl Shared {
 
     /// When the loop must next look at its deadlines.
     fn next_timeout(&self, state: &State) -> Option<rustix::time::Timespec> {
-        let next = state.timers.next_deadline()?;
+        let followup = state.followups.values().map(|&(at, _)| at).min();
+        let next = match (state.timers.next_deadline(), followup) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
         let wait = next.saturating_duration_since(Instant::now());
         // epoll waits in whole milliseconds: round up so the deadline has passed on waking.
         let millis = wait.as_nanos().div_ceil(1_000_000);
@@ -427,6 +598,8 @@ impl Server {
         epoll::add(&epoll, &wake, EventData::new_u64(TAG_WAKE), EventFlags::IN)?;
         let state = State {
             timers: DeadlineMap::new(),
+            followups: HashMap::new(),
+            dumped: HashSet::new(),
             workers: Workers::new(config.max_pidfds),
             stats: Stats::default(),
             delegated: HashMap::new(),
@@ -868,7 +1041,8 @@ fn run_loop(shared: &Shared, mut source: Source) -> Transport {
             for pid in exited {
                 shared.worker_exited(&mut state, pid);
             }
-            if let Some((expiries, self_signal)) = shared.expire(&mut state, clock.mono) {
+            let (expiries, self_signal) = shared.expire(&mut state, clock.mono);
+            if !expiries.is_empty() {
                 if self_signal > 0 && shared.config.signal_self {
                     let (ack, acked) = mpsc::sync_channel(1);
                     state.emit(Event::Expired { expiries, ack: Some(ack) });
@@ -921,6 +1095,9 @@ mod tests {
             delegate_reaps: false,
             max_pidfds: 64,
             descendants_only: false,
+            dry_run: false,
+            escalate_after: None,
+            stack_dump: None,
         }
     }
 
@@ -1215,5 +1392,108 @@ mod tests {
         server.stop();
         worker.kill().expect("kill");
         worker.wait().expect("wait");
+    }
+
+    fn expiry(events: &Receiver<Event>) -> Expiry {
+        loop {
+            match events.recv_timeout(Duration::from_secs(5)).expect("event") {
+                Event::Expired { mut expiries, .. } => return expiries.remove(0),
+                Event::WorkerExited { .. } | Event::Warning(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_dry_run_reports_each_expiry_and_signals_nothing() {
+        let (mut server, _path) = fifo_server("dry", Config { dry_run: true, ..config() });
+        let events = server.start().expect("start");
+        let mut worker = sleeper();
+        server.register([
+            request(worker.id(), "first", 0.0, libc::SIGKILL),
+            request(worker.id(), "later", 0.2, libc::SIGKILL),
+        ]);
+        for scope in ["first", "later"] {
+            let expiry = expiry(&events);
+            assert!(matches!(expiry.outcome, ReapOutcome::DryRun), "{:?}", expiry.outcome);
+            assert_eq!((expiry.timers[0].scope.as_str(), expiry.signal), (scope, libc::SIGKILL));
+        }
+        assert!(worker.try_wait().expect("try_wait").is_none(), "a dry run kills nothing");
+        let stats = server.stats();
+        assert_eq!((stats.expired, stats.reaped, stats.live_timers), (2, 0, 0));
+        server.stop();
+        worker.kill().expect("kill");
+        worker.wait().expect("wait");
+    }
+
+    #[test]
+    fn a_worker_that_ignores_its_signal_is_killed_after_the_grace() {
+        let grace = Duration::from_millis(300);
+        let (mut server, _path) =
+            fifo_server("escalate", Config { escalate_after: Some(grace), ..config() });
+        let events = server.start().expect("start");
+        // A shell that ignores SIGTERM, waiting on a child that would die of it.
+        let mut worker =
+            Process::new("sh").args(["-c", "trap '' TERM; sleep 30 & wait"]).spawn().expect("sh");
+        thread::sleep(Duration::from_millis(100)); // the trap is set
+        server.register([request(worker.id(), "stuck", 0.0, libc::SIGTERM)]);
+        assert!(matches!(expiry(&events).outcome, ReapOutcome::Signalled));
+        let started = Instant::now();
+        let status = worker.wait().expect("wait");
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(started.elapsed() >= grace - Duration::from_millis(50), "{:?}", started.elapsed());
+        match events.recv_timeout(Duration::from_secs(1)).expect("event") {
+            Event::Escalated { pid, signal, after } => {
+                assert_eq!((pid, signal), (i64::from(worker.id()), libc::SIGTERM));
+                assert!(after >= grace, "{after:?}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let stats = server.stats();
+        assert_eq!((stats.reaped, stats.escalated, stats.unreapable), (1, 1, 0));
+        server.stop();
+    }
+
+    #[test]
+    fn a_worker_that_dies_of_its_signal_is_not_escalated() {
+        let grace = Duration::from_millis(200);
+        let (mut server, _path) =
+            fifo_server("no-escalate", Config { escalate_after: Some(grace), ..config() });
+        let events = server.start().expect("start");
+        let mut worker = sleeper();
+        server.register([request(worker.id(), "stuck", 0.0, libc::SIGTERM)]);
+        assert!(matches!(expiry(&events).outcome, ReapOutcome::Signalled));
+        assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGTERM));
+        thread::sleep(grace * 2);
+        assert!(events.try_recv().is_err(), "nothing more to report");
+        assert_eq!(server.stats().escalated, 0);
+        server.stop();
+    }
+
+    #[test]
+    fn stacks_are_taken_before_the_signal() {
+        let dir = std::env::temp_dir().join(format!("et-server-stacks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let stack_dump = stacks::Config {
+            grace: Duration::from_secs(2),
+            signal: rustix::process::Signal::USR2,
+            dir: dir.clone(),
+            // A stand-in for py-spy (the worker is not armed): prints its arguments.
+            py_spy: Some(PathBuf::from("echo")),
+        };
+        let (mut server, _path) =
+            fifo_server("stacks", Config { stack_dump: Some(stack_dump), ..config() });
+        let events = server.start().expect("start");
+        let mut worker = sleeper();
+        server.register([request(worker.id(), "stuck", 0.0, libc::SIGKILL)]);
+        let expiry = expiry(&events);
+        assert!(matches!(expiry.outcome, ReapOutcome::Signalled));
+        let stacks = expiry.stacks.expect("stacks");
+        assert_eq!(stacks.source, stacks::Source::PySpy);
+        assert_eq!(stacks.text, format!("dump --pid {}\n", worker.id()));
+        assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+        assert_eq!(server.stats().stack_dumps, 1);
+        server.stop();
+        std::fs::remove_dir_all(&dir).expect("rm");
     }
 }
