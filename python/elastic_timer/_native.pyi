@@ -9,28 +9,15 @@ PIPE_BUF: int
 _RequestTuple = tuple[int, str, float, int]
 
 class Server:
+    # ``options``: the dict ``elastic_timer._server.native_options`` builds.
     @staticmethod
-    def fifo(
-        path: str,
-        max_interval: float,
-        signal_self: bool,
-        delegate_reaps: bool,
-        descendants_only: bool = False,
-    ) -> Server: ...
+    def fifo(path: str, options: dict[str, Any]) -> Server: ...
     @staticmethod
     def queue(
-        queue: Any,
-        fd: int,
-        read_lock: int,
-        items: int,
-        max_interval: float,
-        delegate_reaps: bool,
-        descendants_only: bool = False,
+        queue: Any, fd: int, read_lock: int, items: int, options: dict[str, Any]
     ) -> Server: ...
     @staticmethod
-    def direct(
-        max_interval: float, delegate_reaps: bool, descendants_only: bool = False
-    ) -> Server: ...
+    def direct(options: dict[str, Any]) -> Server: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def run_once(self) -> None: ...

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from . import _native
 from .api import TimerRequest
+from .diagnostics import Diagnostics, EventSink
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +24,10 @@ R = TypeVar("R", bound=TimerRequest)
 
 # (pid, scope_id, expiration_time, signal): how requests cross into Rust.
 RequestTuple = tuple[int, str, float, int]
-# (pid, expired requests in expiration order, chosen signal, outcome, detail)
-Expiry = tuple[int, list[RequestTuple], int, str, "str | None"]
+# (source, text, complete): the stacks taken before a reap.
+Stacks = tuple[str, str, bool]
+# (pid, expired requests in expiration order, chosen signal, outcome, detail, stacks)
+Expiry = tuple[int, list[RequestTuple], int, str, "str | None", "Stacks | None"]
 
 # How long stop() waits for the reporter to finish reporting what the loop already did.
 _REPORTER_JOIN_TIMEOUT = 5.0
@@ -37,12 +40,16 @@ class NativeServer(Generic[R]):
     _reporter: threading.Thread | None
     _daemon: bool
     _owner_pid: int
+    _diagnostics: Diagnostics
+    _events: EventSink
 
-    def _init_native(self, native: _native.Server, daemon: bool) -> None:
+    def _init_native(self, native: _native.Server, daemon: bool, diagnostics: Diagnostics) -> None:
         self._core = native
         self._daemon = daemon
         self._reporter = None
         self._owner_pid = os.getpid()
+        self._diagnostics = diagnostics
+        self._events = EventSink(None, None)
 
     def _is_forked_copy(self, method: str) -> bool:
         """True (and logged) when called in a process forked from the server's. The copy has
@@ -65,14 +72,19 @@ class NativeServer(Generic[R]):
     def _tuple_from_request(self, request: R) -> RequestTuple:
         raise NotImplementedError
 
-    def _report_expired(self, expiries: list[Expiry]) -> None:
-        """Logs (and, for delegated reaps, performs) one pass's reaps."""
+    def _reap_expired(
+        self, pid: int, requests: list[R], signal: int, outcome: str, detail: str | None
+    ) -> str:
+        """Logs (and, for a delegated reap, performs) one expiry; returns its final outcome."""
         raise NotImplementedError
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _start_native(self) -> None:
+    def _start_native(self, **fields: Any) -> None:
+        """Starts the loop and its reporter; ``fields`` go in the "watchdog started" event."""
+        self._events = self._diagnostics.open()
         self._core.start()
+        self._events.emit("watchdog started", **fields)
         self._reporter = threading.Thread(
             target=self._report_events, name="elastic-timer-reporter", daemon=self._daemon
         )
@@ -91,6 +103,12 @@ class NativeServer(Generic[R]):
         if reporter is not threading.current_thread():
             reporter.join(_REPORTER_JOIN_TIMEOUT)
         return True
+
+    def _close_native(self, **fields: Any) -> None:
+        """After a stop: the "watchdog stopped" event, then the event log and stacks go."""
+        self._events.emit("watchdog stopped", **fields)
+        self._diagnostics.close(self._events)
+        self._events = EventSink(None, None)
 
     def _report_events(self) -> None:
         while True:
@@ -113,17 +131,64 @@ class NativeServer(Generic[R]):
             self._report_expired(event[1])
         elif kind == "malformed":
             logger.warning("Skipping malformed timer request: %s", event[1])
+            self._events.emit("malformed", reason=event[1])
         elif kind == "refused":
+            pid, scope, expiration, sig = event[1]
             logger.error(
                 "Refusing timer request %s: %s; it will never be signalled "
                 "(further refusals for this pid are only counted in stats())",
                 self._request_from_tuple(event[1]),
                 event[2],
             )
+            self._events.emit(
+                "refused", pid=pid, scope=scope, expiration=expiration, signal=sig, reason=event[2]
+            )
         elif kind == "exited":
             logger.info("Worker pid=%s exited; dropped its %s timer(s)", event[1], event[2])
+            self._events.emit("worker exited", pid=event[1], dropped=event[2])
+        elif kind == "escalated":
+            _, pid, sig, after = event
+            logger.warning(
+                "Worker pid=%s still ran %.2f s after signal %s: sent SIGKILL", pid, after, sig
+            )
+            self._events.emit("escalated", pid=pid, signal=sig, after=after)
+        elif kind == "unreapable":
+            _, pid, after, state = event
+            logger.error(
+                "Worker pid=%s still runs %.2f s after SIGKILL and cannot be reaped: %s "
+                "(reported once)",
+                pid,
+                after,
+                state,
+            )
+            self._events.emit("unreapable", pid=pid, after=after, state=state)
         else:
             logger.warning("%s", event[1])
+            self._events.emit("warning", message=event[1])
+
+    def _report_expired(self, expiries: list[Expiry]) -> list[str]:
+        """Reports one pass's expiries (stacks first); returns their final outcomes."""
+        outcomes = []
+        for pid, timers, sig, outcome, detail, stacks in expiries:
+            requests = [self._request_from_tuple(t) for t in timers]
+            if stacks is not None:
+                _log_stacks(pid, *stacks)
+            outcome = self._reap_expired(pid, requests, sig, outcome, detail)
+            outcomes.append(outcome)
+            source, text, complete = stacks if stacks is not None else (None, None, None)
+            self._events.emit(
+                "timer expired",
+                pid=pid,
+                scopes=[t[1] for t in timers],
+                expirations=[t[2] for t in timers],
+                signal=sig,
+                outcome=outcome,
+                detail=detail,
+                stacks=text,
+                stacks_source=source,
+                stacks_complete=complete,
+            )
+        return outcomes
 
     # -- the timer map, shared by both transports --------------------------------------------
 
@@ -150,8 +215,49 @@ class NativeServer(Generic[R]):
         return int(self._core.stats()["requests"])
 
     def stats(self) -> dict[str, int]:
-        """Counters: requests, malformed, refused, reaped, live_timers, events_dropped."""
+        """Counters: requests, malformed, refused, expired, reaped, escalated, unreapable,
+        stack_dumps, events_dropped; and live_timers, the timers held now."""
         return self._core.stats()
+
+
+def native_options(
+    max_interval: float,
+    diagnostics: Diagnostics,
+    *,
+    delegate_reaps: bool,
+    descendants_only: bool,
+    signal_self: bool = False,
+) -> dict[str, Any]:
+    """Every option of the native server, in one dict (see ``Options`` in bindings.rs)."""
+    return {
+        "max_interval": max_interval,
+        "signal_self": signal_self,
+        "delegate_reaps": delegate_reaps,
+        "descendants_only": descendants_only,
+        **diagnostics.native_options(),
+    }
+
+
+def log_dry_run(pid: int, scopes: list[str], signal: int) -> None:
+    logger.warning(
+        "Dry run: worker pid=%s would be reaped with signal %s; expired timers: %s",
+        pid,
+        signal,
+        scopes,
+    )
+
+
+def _log_stacks(pid: int, source: str, text: str, complete: bool) -> None:
+    if not text.strip():
+        logger.warning("No stacks from worker pid=%s: %s gave none in time", pid, source)
+        return
+    logger.warning(
+        "Stacks of expired worker pid=%s (from %s%s):\n%s",
+        pid,
+        source,
+        "" if complete else ", cut short by the grace period",
+        text.rstrip(),
+    )
 
 
 def worker_pid(worker_id: Any) -> int:

@@ -17,6 +17,8 @@ import time
 from contextlib import ContextDecorator
 from typing import Any
 
+from .diagnostics import arm_stack_dump
+
 __all__ = [
     "RequestQueue",
     "TimerClient",
@@ -228,6 +230,9 @@ def configure(timer_client: TimerClient | _FromEnvironment | None = _FROM_ENVIRO
         from .file_based_local_timer import FileTimerClient
 
         timer_client = FileTimerClient(path)
+    if timer_client is not None:
+        # A server taking stacks can then get them from this worker (torch's clients too).
+        arm_stack_dump()
     _timer_client = timer_client
     logger.info("Timer client configured to: %s", type(_timer_client).__name__)
 

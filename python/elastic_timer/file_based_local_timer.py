@@ -17,10 +17,13 @@ from ._server import (
     NativeServer,
     RequestTuple,
     kill_worker,
+    log_dry_run,
+    native_options,
     overrides,
     worker_pid,
 )
 from .api import TimerClient, TimerRequest
+from .diagnostics import Diagnostics, EventCallback, arm_stack_dump
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer"]
 
@@ -102,6 +105,7 @@ class FileTimerClient(TimerClient):
         self._connect_timeout = connect_timeout
         self._send_timeout = send_timeout
         self._fifo: _native.FifoClient | None = None
+        arm_stack_dump()
 
     def __getstate__(self) -> dict[str, object]:
         # The open FIFO stays with this process; a copy opens its own.
@@ -143,6 +147,9 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             signal, as torch does (under torchrun that ends the agent). False turns it off.
         descendants_only: refuse (log once per pid, and count) acquires from processes that
             do not descend from this one. Under torchrun every worker is the agent's child.
+        stack_dump, stack_signal, stacks_dir, escalate_after, dry_run, event_log, on_event:
+            opt-in diagnostics; see ``elastic_timer.diagnostics``. Where one is not given, its
+            ``ELASTIC_TIMER_*`` environment variable is read.
     """
 
     def __init__(
@@ -155,6 +162,13 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         *,
         signal_self: bool = True,
         descendants_only: bool = False,
+        stack_dump: float | None = None,
+        stack_signal: int | str | None = None,
+        stacks_dir: str | None = None,
+        escalate_after: float | None = None,
+        dry_run: bool | None = None,
+        event_log: str | None = None,
+        on_event: EventCallback | None = None,
     ) -> None:
         self._file_path = file_path
         self._run_id = run_id
@@ -163,11 +177,23 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         self._log_event: Callable[[str, FileTimerRequest | None], None] = (
             log_event if log_event is not None else lambda name, request: None
         )
-        delegate = overrides(self, FileTimerServer, "_reap_worker")
-        native = _native.Server.fifo(
-            file_path, max_interval, signal_self, delegate, descendants_only
+        diagnostics = Diagnostics.resolve(
+            stack_dump=stack_dump,
+            stack_signal=stack_signal,
+            stacks_dir=stacks_dir,
+            escalate_after=escalate_after,
+            dry_run=dry_run,
+            event_log=event_log,
+            on_event=on_event,
         )
-        self._init_native(native, daemon)
+        options = native_options(
+            max_interval,
+            diagnostics,
+            delegate_reaps=overrides(self, FileTimerServer, "_reap_worker"),
+            descendants_only=descendants_only,
+            signal_self=signal_self,
+        )
+        self._init_native(_native.Server.fifo(file_path, options), daemon, diagnostics)
 
     def _request_from_tuple(self, request: RequestTuple) -> FileTimerRequest:
         return FileTimerRequest(request[0], request[1], request[2], request[3])
@@ -187,7 +213,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             self._daemon,
             self._file_path,
         )
-        self._start_native()
+        self._start_native(fifo=self._file_path, run_id=self._run_id)
         self._emit("watchdog started", None)
 
     def stop(self) -> None:
@@ -198,6 +224,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             logger.info("No watchdog thread running, doing nothing")
         self._remove_fifo()
         self._emit("watchdog stopped", None)
+        self._close_native(fifo=self._file_path, run_id=self._run_id)
 
     def run_once(self) -> None:
         """Processes every request already sent, runs one pass, and stops (for tests)."""
@@ -206,6 +233,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         if not self._stop_native(run_once=True):
             logger.info("No watchdog thread running, doing nothing")
         self._remove_fifo()
+        self._close_native(fifo=self._file_path, run_id=self._run_id)
 
     def _remove_fifo(self) -> None:
         # The native server removes the FIFO it created, unless another has taken its path.
@@ -231,7 +259,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         except Exception:
             logger.exception("log_event(%r) raised", name)
 
-    def _report_expired(self, expiries: list[Expiry]) -> None:
+    def _report_expired(self, expiries: list[Expiry]) -> list[str]:
         debug_info_logging.log_debug_info_for_expired_timers(
             self._run_id,
             {
@@ -239,42 +267,57 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
                 for pid, timers, *_ in expiries
             },
         )
-        self_signal = 0
-        for pid, timers, signal, outcome, detail in expiries:
-            requests = [self._request_from_tuple(t) for t in timers]
-            logger.info(
-                "Reaping worker_pid=[%s]. Expired timers: %s", pid, [r.scope_id for r in requests]
-            )
-            chosen = None
-            for request in requests:
-                self._emit("timer expired", request)
-                if request.signal > 0:
-                    chosen = request
-                    break
-            if outcome == "not_signalled":
-                logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
-                continue
-            if outcome == "delegated":
-                outcome = "signalled" if self._reap_delegated(pid, signal) else "failed"
-            if outcome == "gone":
-                logger.info("Process with pid=%s does not exist. Skipping", pid)
-            elif outcome == "signalled":
-                logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
-                self._emit("kill worker process", chosen)
-                self_signal = signal
-            else:
-                logger.error(
-                    "Error reaping worker=[%s]%s. Will retry on next watchdog.",
-                    pid,
-                    f" ({detail})" if detail else "",
-                )
-        if self_signal > 0 and self._signal_self:
+        outcomes = super()._report_expired(expiries)
+        signals = [
+            signal
+            for (_, _, signal, *_), outcome in zip(expiries, outcomes)
+            if outcome == "signalled"
+        ]
+        if signals and self._signal_self:
             logger.info(
                 "Terminating the server process=[%s] because of expired timers", os.getpid()
             )
             if overrides(self, FileTimerServer, "_reap_worker"):
-                self._reap_worker(os.getpid(), self_signal)
+                self._reap_worker(os.getpid(), signals[-1])
             # Otherwise the native loop signals this process once this report is done.
+        return outcomes
+
+    def _reap_expired(
+        self,
+        pid: int,
+        requests: list[FileTimerRequest],
+        signal: int,
+        outcome: str,
+        detail: str | None,
+    ) -> str:
+        if outcome == "dry_run":
+            log_dry_run(pid, [r.scope_id for r in requests], signal)
+        else:
+            logger.info(
+                "Reaping worker_pid=[%s]. Expired timers: %s", pid, [r.scope_id for r in requests]
+            )
+        chosen = None
+        for request in requests:
+            self._emit("timer expired", request)
+            if request.signal > 0:
+                chosen = request
+                break
+        if outcome == "not_signalled":
+            logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
+        elif outcome == "delegated":
+            outcome = "signalled" if self._reap_delegated(pid, signal) else "failed"
+        if outcome == "gone":
+            logger.info("Process with pid=%s does not exist. Skipping", pid)
+        elif outcome == "signalled":
+            logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
+            self._emit("kill worker process", chosen)
+        elif outcome == "failed":
+            logger.error(
+                "Error reaping worker=[%s]%s. Will retry on next watchdog.",
+                pid,
+                f" ({detail})" if detail else "",
+            )
+        return outcome
 
     def _reap_delegated(self, pid: int, signal: int) -> bool:
         """Runs an overridden ``_reap_worker`` and always gives the answer to the loop."""

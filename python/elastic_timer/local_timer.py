@@ -16,8 +16,17 @@ from queue import Empty
 from typing import Any
 
 from . import _native
-from ._server import Expiry, NativeServer, RequestTuple, kill_worker, overrides, worker_pid
+from ._server import (
+    NativeServer,
+    RequestTuple,
+    kill_worker,
+    log_dry_run,
+    native_options,
+    overrides,
+    worker_pid,
+)
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer
+from .diagnostics import Diagnostics, EventCallback, arm_stack_dump
 
 __all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue"]
 
@@ -39,6 +48,7 @@ class LocalTimerClient(TimerClient):
         self._mp_queue = mp_queue
         self._send_timeout = send_timeout
         self._writer: _native.QueueWriter | None = None
+        arm_stack_dump()
 
     def __getstate__(self) -> dict[str, object]:
         # The writer holds this process's handles; a copy makes its own.
@@ -96,9 +106,7 @@ class MultiprocessingRequestQueue(RequestQueue):
         return requests
 
 
-def _native_queue_server(
-    mp_queue: Any, max_interval: float, delegate: bool, descendants_only: bool
-) -> tuple[_native.Server, bool]:
+def _native_queue_server(mp_queue: Any, options: dict[str, Any]) -> tuple[_native.Server, bool]:
     """A native server reading the queue's pipe, or (False) one fed from Python."""
     try:
         fd = mp_queue._reader.fileno()
@@ -106,11 +114,8 @@ def _native_queue_server(
         items = mp_queue._sem._semlock.handle
     except AttributeError:
         # Not a plain multiprocessing.Queue (a manager proxy, say): read it from Python.
-        return _native.Server.direct(max_interval, delegate, descendants_only), False
-    server = _native.Server.queue(
-        mp_queue, fd, read_lock, items, max_interval, delegate, descendants_only
-    )
-    return server, True
+        return _native.Server.direct(options), False
+    return _native.Server.queue(mp_queue, fd, read_lock, items, options), True
 
 
 class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
@@ -121,7 +126,10 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
     ``max_interval`` is accepted for compatibility: deadlines fire when due, not on the next
     poll; it bounds how soon a failed reap is retried (at most 1 s). ``descendants_only``
     refuses (logs once per pid, and counts) acquires from processes that do not descend from
-    this one.
+    this one. ``stack_dump``, ``stack_signal``, ``stacks_dir``, ``escalate_after``,
+    ``dry_run``, ``event_log`` and ``on_event`` are opt-in diagnostics (see
+    ``elastic_timer.diagnostics``); where one is not given, its ``ELASTIC_TIMER_*``
+    environment variable is read.
     """
 
     def __init__(
@@ -131,13 +139,32 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         daemon: bool = True,
         *,
         descendants_only: bool = False,
+        stack_dump: float | None = None,
+        stack_signal: int | str | None = None,
+        stacks_dir: str | None = None,
+        escalate_after: float | None = None,
+        dry_run: bool | None = None,
+        event_log: str | None = None,
+        on_event: EventCallback | None = None,
     ) -> None:
         TimerServer.__init__(self, MultiprocessingRequestQueue(mp_queue), max_interval, daemon)
-        delegate = overrides(self, LocalTimerServer, "_reap_worker")
-        native, reads_queue = _native_queue_server(
-            mp_queue, max_interval, delegate, descendants_only
+        diagnostics = Diagnostics.resolve(
+            stack_dump=stack_dump,
+            stack_signal=stack_signal,
+            stacks_dir=stacks_dir,
+            escalate_after=escalate_after,
+            dry_run=dry_run,
+            event_log=event_log,
+            on_event=on_event,
         )
-        self._init_native(native, daemon)
+        options = native_options(
+            max_interval,
+            diagnostics,
+            delegate_reaps=overrides(self, LocalTimerServer, "_reap_worker"),
+            descendants_only=descendants_only,
+        )
+        native, reads_queue = _native_queue_server(mp_queue, options)
+        self._init_native(native, daemon, diagnostics)
         self._needs_pump = not reads_queue
         self._pump: threading.Thread | None = None
         self._pump_stop = threading.Event()
@@ -174,6 +201,7 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
             self._pump = None
         if not self._stop_native():
             logger.info("No watchdog thread running, doing nothing")
+        self._close_native()
 
     def _pump_requests(self) -> None:
         """Feeds the native server from a queue it cannot read itself (a manager proxy)."""
@@ -195,27 +223,38 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
                     self._core.reject(f"queue item {item!r:.200} is not a timer request: {err}")
             self._core.register(requests)
 
-    def _report_expired(self, expiries: list[Expiry]) -> None:
-        for pid, timers, _signal, outcome, detail in expiries:
-            logger.info("Reaping worker_id=[%s]. Expired timers: %s", pid, [t[1] for t in timers])
-            if outcome == "delegated":
-                reaped = False
-                try:
-                    reaped = self._reap_worker_no_throw(pid)
-                finally:
-                    # Always answer, or the loop would wait for this worker for good.
-                    self._core.complete_reap(pid, reaped)
-                outcome = "signalled" if reaped else "failed"
-            if outcome == "signalled":
-                logger.info("Successfully reaped worker=[%s]", pid)
-            elif outcome == "gone":
-                logger.info("Process with pid=%s does not exist. Skipping", pid)
-            else:
-                logger.error(
-                    "Error reaping worker=[%s]%s. Will retry on next watchdog.",
-                    pid,
-                    f" ({detail})" if detail else "",
-                )
+    def _reap_expired(
+        self,
+        pid: int,
+        requests: list[TimerRequest],
+        signal: int,
+        outcome: str,
+        detail: str | None,
+    ) -> str:
+        scopes = [r.scope_id for r in requests]
+        if outcome == "dry_run":
+            log_dry_run(pid, scopes, signal)
+            return outcome
+        logger.info("Reaping worker_id=[%s]. Expired timers: %s", pid, scopes)
+        if outcome == "delegated":
+            reaped = False
+            try:
+                reaped = self._reap_worker_no_throw(pid)
+            finally:
+                # Always answer, or the loop would wait for this worker for good.
+                self._core.complete_reap(pid, reaped)
+            outcome = "signalled" if reaped else "failed"
+        if outcome == "signalled":
+            logger.info("Successfully reaped worker=[%s]", pid)
+        elif outcome == "gone":
+            logger.info("Process with pid=%s does not exist. Skipping", pid)
+        else:
+            logger.error(
+                "Error reaping worker=[%s]%s. Will retry on next watchdog.",
+                pid,
+                f" ({detail})" if detail else "",
+            )
+        return outcome
 
     def _reap_worker(self, worker_id: int) -> bool:
         return kill_worker(worker_pid(worker_id), signal.SIGKILL)

@@ -1,0 +1,445 @@
+"""Diagnostics: stacks before the kill, escalation, unreapable workers, dry runs and events.
+
+Real worker processes, real signals and exit codes. Every server here passes
+``signal_self=False`` (torch's File server would otherwise signal pytest after a reap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from elastic_timer import FileTimerClient, FileTimerServer, LocalTimerServer, diagnostics
+from elastic_timer.diagnostics import STACK_DUMP_ENV, STACKS_DIR_ENV, arm_stack_dump
+
+LOGGER = "elastic_timer"
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+# A worker that hangs in a function with a name to look for in its stacks. `{client}` builds
+# the client from `path`; the timer expires after 0.3 s.
+WORKER = """
+import os, signal, sys, time
+path = sys.argv[1]
+{setup}
+
+def stuck_in_a_collective():
+    time.sleep(60)
+
+with expires(after=0.3, client=client):
+    print("acquired", flush=True)
+    stuck_in_a_collective()
+"""
+
+OUR_CLIENT = """
+from elastic_timer import FileTimerClient, expires
+client = FileTimerClient(path, signal=int(sys.argv[2]))
+"""
+
+TORCH_CLIENT = """
+from torch.distributed.elastic.timer import FileTimerClient, expires
+client = FileTimerClient(path, signal=int(sys.argv[2]))
+"""
+
+IGNORES_SIGTERM = OUR_CLIENT + "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+
+
+def start_worker(
+    children: list[Any], fifo: str, setup: str, sig: int = signal.SIGKILL
+) -> subprocess.Popen[bytes]:
+    """Starts a worker (inheriting this process's environment now) and waits for its timer."""
+    script = WORKER.format(setup=setup)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, fifo, str(int(sig))], stdout=subprocess.PIPE
+    )
+    children.append(worker)
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == b"acquired\n"
+    return worker
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == name]
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> str:
+    return str(tmp_path / "timer.fifo")
+
+
+@pytest.fixture
+def file_server(fifo: str) -> Iterator[Callable[..., tuple[FileTimerServer, list[dict[str, Any]]]]]:
+    """Starts FileTimerServers on the test's FIFO with an event recorder; stops them after."""
+    built: list[FileTimerServer] = []
+
+    def make(**kwargs: Any) -> tuple[FileTimerServer, list[dict[str, Any]]]:
+        events: list[dict[str, Any]] = []
+        server = FileTimerServer(
+            fifo, "diag", max_interval=0.1, signal_self=False, on_event=events.append, **kwargs
+        )
+        built.append(server)
+        server.start()
+        return server, events
+
+    yield make
+    for server in built:
+        server.stop()
+
+
+# -- stacks before the kill -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setup", "source"), [(OUR_CLIENT, "faulthandler"), (TORCH_CLIENT, "py-spy")]
+)
+def test_the_stacks_of_an_expired_worker_are_logged_before_it_is_killed(
+    file_server: Callable[..., Any],
+    fifo: str,
+    children: list[Any],
+    caplog: pytest.LogCaptureFixture,
+    setup: str,
+    source: str,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server, events = file_server(stack_dump=10.0)
+    worker = start_worker(children, fifo, setup)
+    assert worker.wait(15) == -signal.SIGKILL
+    assert wait_for(lambda: events_named(events, "timer expired"))
+    (expired,) = events_named(events, "timer expired")
+    assert expired["pid"] == worker.pid
+    assert expired["outcome"] == "signalled"
+    assert expired["stacks_source"] == source
+    assert expired["stacks_complete"] is True
+    assert "stuck_in_a_collective" in expired["stacks"], expired["stacks"]
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("Stacks of expired")]
+    assert f"pid={worker.pid} (from {source})" in record.getMessage()
+    assert "stuck_in_a_collective" in record.getMessage()
+    # Logged before the reap's own lines.
+    reaped = [r for r in caplog.records if "Successfully reaped" in r.getMessage()]
+    assert caplog.records.index(record) < caplog.records.index(reaped[0])
+    assert server.stats()["stack_dumps"] == 1
+
+
+def test_a_worker_with_no_way_to_dump_it_is_killed_at_its_deadline(
+    file_server: Callable[..., Any],
+    fifo: str,
+    children: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A torch client (faulthandler not armed) and no py-spy installed: the kill is not
+    # delayed by the 10 s grace.
+    monkeypatch.setattr(diagnostics, "_find_py_spy", lambda: None)
+    server, events = file_server(stack_dump=10.0)
+    worker = start_worker(children, fifo, TORCH_CLIENT)
+    acquired = time.monotonic()
+    assert worker.wait(15) == -signal.SIGKILL
+    assert time.monotonic() - acquired < 2.0
+    assert wait_for(lambda: events_named(events, "timer expired"))
+    assert events_named(events, "timer expired")[0]["stacks"] is None
+    assert server.stats()["stack_dumps"] == 0
+
+
+def test_the_environment_turns_stack_dumps_on_for_a_server_built_without_them(
+    fifo: str,
+    children: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # As under torchrun, where the agent builds the server: only the environment says so.
+    monkeypatch.setenv(STACK_DUMP_ENV, "5")
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = FileTimerServer(fifo, "env", max_interval=0.1, signal_self=False)
+    server.start()
+    try:
+        stacks_dir = os.environ[STACKS_DIR_ENV]
+        worker = start_worker(children, fifo, OUR_CLIENT)
+        assert worker.wait(15) == -signal.SIGKILL
+        assert wait_for(
+            lambda: any("stuck_in_a_collective" in r.getMessage() for r in caplog.records)
+        )
+    finally:
+        server.stop()
+    assert STACKS_DIR_ENV not in os.environ, "the server's variable goes with it"
+    assert not os.path.exists(stacks_dir), "the directory it made goes too"
+
+
+def test_a_forked_worker_writes_its_stacks_to_a_file_of_its_own(tmp_path: Path) -> None:
+    (tmp_path / "signal").write_text(f"{int(signal.SIGUSR2)}\n")
+    script = textwrap.dedent(
+        """
+        import os, signal, sys, time
+        from elastic_timer.diagnostics import arm_stack_dump
+        assert arm_stack_dump()
+        pid = os.fork()
+        if pid == 0:
+            def only_in_the_child():
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(0.2)
+            only_in_the_child()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(pid)
+        """
+    )
+    env = {**os.environ, STACKS_DIR_ENV: str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=30
+    )
+    child = int(out.stdout)
+    files = {int(p.name.split("-")[0]): p.read_text() for p in tmp_path.glob("*.stacks")}
+    assert len(files) == 2 and child in files, files
+    assert "only_in_the_child" in files.pop(child)
+    assert list(files.values()) == [""], "the parent's file gets nothing of the child's"
+
+
+def test_arming_without_a_server_asking_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STACKS_DIR_ENV, raising=False)
+    assert arm_stack_dump() is False
+
+
+def test_a_stacks_dir_without_the_servers_signal_file_is_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    script = "from elastic_timer.diagnostics import arm_stack_dump; print(arm_stack_dump())"
+    env = {**os.environ, STACKS_DIR_ENV: str(tmp_path / "missing")}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.stdout.strip() == "False"
+    assert "Cannot arm stack dumps" in out.stderr
+
+
+# -- escalation and unreapable workers --------------------------------------------------------
+
+
+def test_a_worker_that_ignores_its_signal_is_killed_after_the_grace(
+    file_server: Callable[..., Any], fifo: str, children: list[Any]
+) -> None:
+    server, events = file_server(escalate_after=0.5)
+    worker = start_worker(children, fifo, IGNORES_SIGTERM, sig=signal.SIGTERM)
+    started = time.monotonic()
+    assert worker.wait(15) == -signal.SIGKILL
+    assert time.monotonic() - started >= 0.5
+    assert wait_for(lambda: events_named(events, "escalated"))
+    (escalated,) = events_named(events, "escalated")
+    assert (escalated["pid"], escalated["signal"]) == (worker.pid, signal.SIGTERM)
+    assert escalated["after"] >= 0.5
+    stats = server.stats()
+    assert (stats["reaped"], stats["escalated"], stats["unreapable"]) == (1, 1, 0)
+
+
+def test_without_escalation_a_worker_that_ignores_its_signal_keeps_running(
+    file_server: Callable[..., Any], fifo: str, children: list[Any]
+) -> None:
+    # torch's behaviour, the default: one signal, and the worker is forgotten.
+    server, events = file_server()
+    worker = start_worker(children, fifo, IGNORES_SIGTERM, sig=signal.SIGTERM)
+    assert wait_for(lambda: server.stats()["reaped"] == 1)
+    time.sleep(1.0)
+    assert worker.poll() is None
+    assert not events_named(events, "escalated")
+
+
+@pytest.fixture
+def freezer(tmp_path: Path) -> Iterator[Path]:
+    """A cgroup-v1 freezer group: a frozen process cannot act on SIGKILL until thawed, as a
+    process stuck in uninterruptible sleep cannot."""
+    assert (FREEZER / "freezer.state").exists() or FREEZER.is_dir(), (
+        "this test needs the cgroup-v1 freezer at /sys/fs/cgroup/freezer (and root)"
+    )
+    group = FREEZER / f"elastic-timer-test-{os.getpid()}-{tmp_path.name}"
+    group.mkdir()
+    try:
+        yield group
+    finally:
+        (group / "freezer.state").write_text("THAWED\n")
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip())
+        group.rmdir()
+
+
+def test_a_worker_that_survives_sigkill_is_reported_once_as_unreapable(
+    file_server: Callable[..., Any],
+    fifo: str,
+    children: list[Any],
+    freezer: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server, events = file_server(escalate_after=0.3)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    children.append(worker)
+    (freezer / "cgroup.procs").write_text(f"{worker.pid}\n")
+    (freezer / "freezer.state").write_text("FROZEN\n")
+    assert wait_for(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN")
+    # The worker cannot send its own request while frozen: send it on its behalf.
+    FileTimerClient(fifo)._send(worker.pid, "frozen", time.time() + 0.1, signal.SIGKILL)
+    assert wait_for(lambda: events_named(events, "unreapable"))
+    (unreapable,) = events_named(events, "unreapable")
+    assert unreapable["pid"] == worker.pid
+    assert unreapable["after"] >= 0.3
+    assert "state D" in unreapable["state"], unreapable["state"]
+    assert "refrigerator" in unreapable["state"], unreapable["state"]
+    assert worker.poll() is None, "still there after SIGKILL"
+    time.sleep(1.0)
+    messages = [r.getMessage() for r in caplog.records if "cannot be reaped" in r.getMessage()]
+    assert len(messages) == 1, "reported once"
+    assert server.stats()["unreapable"] == 1
+    (freezer / "freezer.state").write_text("THAWED\n")
+    assert worker.wait(10) == -signal.SIGKILL, "the pending SIGKILL lands once it thaws"
+
+
+# -- dry run ------------------------------------------------------------------------------------
+
+
+def dry_run_worker(queue: Any) -> None:
+    from elastic_timer import LocalTimerClient, configure, expires
+
+    configure(LocalTimerClient(queue))
+    with expires(after=0.2, scope="slow step"):
+        time.sleep(1.5)
+
+
+def test_a_dry_run_reports_the_expiry_and_kills_nothing(
+    children: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    events: list[dict[str, Any]] = []
+    server = LocalTimerServer(queue, max_interval=0.1, dry_run=True, on_event=events.append)
+    server.start()
+    try:
+        worker = ctx.Process(target=dry_run_worker, args=(queue,))
+        worker.start()
+        children.append(worker)
+        worker.join(20)
+        assert worker.exitcode == 0, "the block ran to its end"
+    finally:
+        server.stop()
+    (expired,) = events_named(events, "timer expired")
+    assert (expired["pid"], expired["scopes"], expired["outcome"]) == (
+        worker.pid,
+        ["slow step"],
+        "dry_run",
+    )
+    assert any(
+        f"Dry run: worker pid={worker.pid} would be reaped with signal 9" in r.getMessage()
+        for r in caplog.records
+    )
+    stats = server.stats()
+    assert (stats["expired"], stats["reaped"]) == (1, 0)
+
+
+# -- events and figures -------------------------------------------------------------------------
+
+
+def test_every_event_goes_to_the_event_log_as_one_json_object(
+    fifo: str, tmp_path: Path, children: list[Any]
+) -> None:
+    log = tmp_path / "events.jsonl"
+    server = FileTimerServer(
+        fifo, "events", max_interval=0.1, signal_self=False, event_log=str(log)
+    )
+    server.start()
+    try:
+        worker = start_worker(children, fifo, OUR_CLIENT)
+        assert worker.wait(15) == -signal.SIGKILL
+        with open(fifo, "wb") as f:
+            f.write(b"not json\n")
+        assert wait_for(lambda: server.stats()["malformed"] == 1)
+    finally:
+        server.stop()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    names = [r["event"] for r in records]
+    assert names[0] == "watchdog started" and names[-1] == "watchdog stopped", names
+    (expired,) = events_named(records, "timer expired")
+    assert expired["pid"] == worker.pid
+    assert expired["signal"] == signal.SIGKILL
+    assert expired["outcome"] == "signalled"
+    assert expired["stacks"] is None
+    (malformed,) = events_named(records, "malformed")
+    assert "not json" in malformed["reason"] or malformed["reason"]
+    assert all(r["server_pid"] == os.getpid() and r["time"] > 0 for r in records)
+
+
+def test_a_failing_event_callback_is_logged_and_reaping_goes_on(
+    fifo: str, children: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: dict[str, Any]) -> None:
+        raise RuntimeError("callback bug")
+
+    server = FileTimerServer(fifo, "broken", max_interval=0.1, signal_self=False, on_event=broken)
+    server.start()
+    try:
+        for _ in range(2):
+            worker = start_worker(children, fifo, OUR_CLIENT)
+            assert worker.wait(15) == -signal.SIGKILL
+        assert wait_for(lambda: server.stats()["reaped"] == 2)
+    finally:
+        server.stop()
+    assert any("on_event callback raised" in r.getMessage() for r in caplog.records)
+
+
+def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> None:
+    server, _ = file_server()
+    assert set(server.stats()) == {
+        "requests",
+        "malformed",
+        "refused",
+        "expired",
+        "reaped",
+        "escalated",
+        "unreapable",
+        "stack_dumps",
+        "live_timers",
+        "events_dropped",
+    }
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("stack_dump", -1.0, "stack_dump must be a positive number of seconds"),
+        ("escalate_after", 0.0, "escalate_after must be a positive number of seconds"),
+        ("stack_signal", "NOPE", "unknown signal 'NOPE'"),
+        ("stack_signal", 999, "not a valid signal number"),
+    ],
+)
+def test_bad_diagnostics_keywords_are_a_clear_error(
+    fifo: str, keyword: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        FileTimerServer(fifo, "bad", signal_self=False, **{keyword: value})
+
+
+def test_a_bad_environment_variable_is_a_warning_and_ignored(
+    fifo: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ELASTIC_TIMER_ESCALATE_AFTER", "soon")
+    monkeypatch.setenv("ELASTIC_TIMER_DRY_RUN", "maybe")
+    server = FileTimerServer(fifo, "env", signal_self=False)
+    assert server._diagnostics.escalate_after is None
+    assert server._diagnostics.dry_run is False
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "Ignoring ELASTIC_TIMER_ESCALATE_AFTER='soon'" in text
+    assert "Ignoring ELASTIC_TIMER_DRY_RUN='maybe'" in text
