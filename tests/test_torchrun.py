@@ -8,6 +8,7 @@ the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -91,6 +92,25 @@ def test_a_hung_worker_is_reaped_and_the_group_restarted(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr[-3000:]
     assert finished(tmp_path) == ["rank 0 attempt 0", "rank 0 attempt 1", "rank 1 attempt 1"]
     assert "Reaping worker_pid" in result.stderr
+
+
+def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: Path) -> None:
+    """A torchrun user cannot pass keywords to the agent's server: the environment does it.
+    The hung worker's stacks appear in the agent's log before its reap, and in the event log."""
+    env = job_env(tmp_path, hang_rank=1, hang_attempts="0")
+    events = tmp_path / "events.jsonl"
+    env.update(ELASTIC_TIMER_STACK_DUMP="5", ELASTIC_TIMER_EVENT_LOG=str(events))
+    result, _ = run([LAUNCHER, "--standalone", "--max-restarts", "1", *COMMON, JOB], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert finished(tmp_path) == ["rank 0 attempt 0", "rank 0 attempt 1", "rank 1 attempt 1"]
+    stacks_at = result.stderr.index("Stacks of expired worker pid=")
+    assert "(from faulthandler)" in result.stderr[stacks_at:]
+    assert 'train.py", line' in result.stderr[stacks_at:]
+    assert stacks_at < result.stderr.index("Reaping worker_pid")
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    (expired,) = [r for r in records if r["event"] == "timer expired"]
+    assert expired["outcome"] == "signalled"
+    assert "in main" in expired["stacks"], expired["stacks"]
 
 
 def test_stock_torchrun_kills_its_agent_instead_of_restarting(tmp_path: Path) -> None:
