@@ -1,0 +1,441 @@
+"""``elastic-timer``: command-line tools. ``elastic-timer serve`` runs a standalone timer server.
+
+``serve`` runs a ``FileTimerServer`` in the foreground until SIGTERM or SIGINT, for launchers
+other than torchrun (SLURM, a Kubernetes sidecar, a shell script). Workers on the same host
+reach it through its FIFO, as they would reach torchrun's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .file_based_local_timer import FileTimerServer
+from .metrics import MetricsServer, serve_metrics
+
+__all__ = ["main"]
+
+PROG = "elastic-timer"
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+STACKS_DIR_ENV = "ELASTIC_TIMER_STACKS_DIR"
+
+# Named, not __name__: run with `python -m`, this module is __main__.
+logger = logging.getLogger("elastic_timer.cli")
+
+SERVE_DESCRIPTION = """\
+Runs a timer server in the foreground until SIGTERM or SIGINT, for launchers other than
+torchrun (SLURM, a Kubernetes sidecar, a shell script). It creates a FIFO at --fifo and kills
+a worker whose timer expires (with the signal the worker's client asked for, SIGKILL by
+default). Stopping it removes the FIFO; it exits 0.
+
+Workers on the same host reach it through the FIFO, in either of two ways:
+  * elastic_timer.FileTimerClient(PATH), or torch's
+    torch.distributed.elastic.timer.FileTimerClient(PATH), passed to expires(client=...)
+    or to configure();
+  * TORCHELASTIC_TIMER_FILE=PATH in the worker's environment, and elastic_timer.configure()
+    with no argument.
+Then wrap code that may hang in `with elastic_timer.expires(after=SECONDS): ...`.
+"""
+
+SERVE_EPILOG = """\
+Diagnostics not given as options are read from the server's environment, as under
+torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_ESCALATE_AFTER,
+ELASTIC_TIMER_DRY_RUN and ELASTIC_TIMER_EVENT_LOG.
+
+exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments; 1 when the FIFO or the metrics
+address cannot be set up (for example permission denied, or the port is taken).
+
+example:
+  elastic-timer serve --fifo /run/job-42/timer.fifo --escalate-after 30 \\
+      --metrics 127.0.0.1:9464
+"""
+
+
+# -- argument types -----------------------------------------------------------------------------
+
+
+def positive_seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def signal_number(text: str) -> int:
+    """A signal a worker can catch, by name (USR2, SIGUSR2, SIGRTMIN+1) or number."""
+    spec = text.strip()
+    number: int | None = None
+    if spec.lstrip("+-").isdigit():
+        number = int(spec)
+    else:
+        name = spec.upper()
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        base, plus, offset = name.partition("+")
+        if plus and base in ("SIGRTMIN", "SIGRTMAX") and offset.isdigit():
+            number = int(signal.Signals[base]) + int(offset)
+        elif name in signal.Signals.__members__:
+            number = int(signal.Signals[name])
+    if number is None or number <= 0 or number not in signal.valid_signals():
+        raise argparse.ArgumentTypeError(f"unknown signal: {text!r}")
+    if number in (signal.SIGKILL, signal.SIGSTOP):
+        raise argparse.ArgumentTypeError(
+            f"{signal.Signals(number).name} cannot be caught, so workers cannot dump stacks on it"
+        )
+    return number
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets: [::1]:9464; an empty host: all interfaces)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit() or int(port_text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 0-65535, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        host = "0.0.0.0"
+    return host, int(port_text)
+
+
+def log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {text!r} (choose from {', '.join(LOG_LEVELS)})"
+        )
+    return level
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="elastic-timer: expiration timers that kill hung workers.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run a standalone timer server (a FIFO workers send their timers to)",
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--fifo",
+        required=True,
+        metavar="PATH",
+        help="Where to create the FIFO that workers send their timers to; anything already "
+        "at PATH is replaced, and the FIFO is removed when the server stops.",
+    )
+    serve.add_argument(
+        "--max-interval",
+        type=positive_seconds,
+        default=1.0,
+        metavar="SECONDS",
+        help="How soon a reap that failed is retried (timers fire at their deadline "
+        "regardless). Default: %(default)s.",
+    )
+    serve.add_argument(
+        "--run-id",
+        default="elastic-timer-serve",
+        metavar="ID",
+        help="The job's run id, shown in the log of expired timers. Default: %(default)s.",
+    )
+    serve.add_argument(
+        "--stack-dump",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="Before signalling an expired worker, ask it for its Python stacks and wait at "
+        "most this long for them. Default: off.",
+    )
+    serve.add_argument(
+        "--stack-signal",
+        type=signal_number,
+        metavar="SIGNAL",
+        help="The signal that asks a worker for its stacks (the one its faulthandler is "
+        "armed on), by name (USR2, SIGUSR2) or number. Default: SIGUSR2. Needs --stack-dump.",
+    )
+    serve.add_argument(
+        "--stacks-dir",
+        metavar="DIR",
+        help=f"Where workers write their stacks (created if missing); workers need "
+        f"{STACKS_DIR_ENV}=DIR in their environment. Default: a temporary directory the "
+        "server makes (and removes on stop), logged at start. Needs --stack-dump.",
+    )
+    serve.add_argument(
+        "--escalate-after",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="Send SIGKILL to a worker still alive this long after its signal; a worker that "
+        "survives SIGKILL too is reported once as unreapable. Default: off.",
+    )
+    serve.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="Log and report every expired timer, but signal nothing.",
+    )
+    serve.add_argument(
+        "--event-log",
+        metavar="PATH",
+        help="Append every event (a timer expired, a worker signalled...) to PATH as one "
+        "JSON object per line.",
+    )
+    serve.add_argument(
+        "--metrics",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics (the server's counters) at http://HOST:PORT/metrics; "
+        "port 0 picks a free port, and the address is logged. Default: off.",
+    )
+    serve.add_argument(
+        "--log-level",
+        type=log_level,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"The least severe log records shown on stderr ({', '.join(LOG_LEVELS)}). "
+        "Default: %(default)s.",
+    )
+    serve.set_defaults(handler=_serve, parser=serve)
+    return parser
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Rejects what the types alone cannot (paths, combinations) with ``parser.error``."""
+    fifo = os.path.abspath(args.fifo)
+    directory = os.path.dirname(fifo)
+    if not os.path.isdir(directory):
+        parser.error(f"--fifo: directory {directory} does not exist")
+    if os.path.isdir(fifo):
+        parser.error(f"--fifo: {fifo} is a directory")
+    if args.event_log is not None:
+        directory = os.path.dirname(os.path.abspath(args.event_log))
+        if not os.path.isdir(directory):
+            parser.error(f"--event-log: directory {directory} does not exist")
+    if args.stack_dump is None:
+        for option, given in (
+            ("--stack-signal", args.stack_signal is not None),
+            ("--stacks-dir", args.stacks_dir is not None),
+        ):
+            if given:
+                parser.error(f"{option} only applies with --stack-dump")
+    elif args.stacks_dir is not None and os.path.exists(args.stacks_dir):
+        if not os.path.isdir(args.stacks_dir):
+            parser.error(f"--stacks-dir: {args.stacks_dir} is not a directory")
+
+
+def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments the user asked for, and only those: a FileTimerServer that
+    predates them still serves the basic case."""
+    options: dict[str, Any] = {}
+    if args.stack_dump is not None:
+        options["stack_dump"] = args.stack_dump
+        options["stack_signal"] = (
+            int(signal.SIGUSR2) if args.stack_signal is None else args.stack_signal
+        )
+        if args.stacks_dir is not None:
+            options["stacks_dir"] = os.path.abspath(args.stacks_dir)
+    if args.escalate_after is not None:
+        options["escalate_after"] = args.escalate_after
+    if args.dry_run:
+        options["dry_run"] = True
+    if args.event_log is not None:
+        options["event_log"] = args.event_log
+    accepted = inspect.signature(FileTimerServer).parameters
+    for name in options:
+        if name not in accepted:
+            option = "--stack-dump" if name == "stack_signal" else "--" + name.replace("_", "-")
+            parser.error(
+                f"{option} is not supported by the installed elastic_timer "
+                f"(FileTimerServer has no {name!r} argument)"
+            )
+    return options
+
+
+def _configure_logging(level: str) -> None:
+    package_logger = logging.getLogger("elastic_timer")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(level)
+
+
+class _StopSignals:
+    """Sets ``event`` on the first SIGTERM or SIGINT.
+
+    The Python handlers do nothing: the interpreter writes each signal's number to a pipe
+    (``signal.set_wakeup_fd``), and a thread blocked on that pipe sets the event. Setting it
+    from the handler itself could deadlock, since the handler runs on the main thread, which
+    may be inside ``event.wait()`` holding the event's lock.
+    """
+
+    def __init__(self, signals: Sequence[signal.Signals]) -> None:
+        self.event = threading.Event()
+        self.received: signal.Signals | None = None
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._read_fd = read_fd
+        self._signals = frozenset(int(sig) for sig in signals)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, self._handler)
+        thread = threading.Thread(target=self._watch, name="elastic-timer-signals", daemon=True)
+        thread.start()
+
+    @staticmethod
+    def _handler(signum: int, frame: object) -> None:
+        """Nothing to do here: the wakeup fd carries the signal to ``_watch``."""
+
+    def _watch(self) -> None:
+        # Any signal with a Python handler is written to the wakeup fd; only ours stop.
+        while True:
+            data = os.read(self._read_fd, 1)
+            if not data:
+                return
+            if data[0] in self._signals:
+                self.received = signal.Signals(data[0])
+                self.event.set()
+                return
+
+
+class _SetupError(Exception):
+    """A one-line reason the server cannot run (exit status 1)."""
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    _check_serve_args(parser, args)
+    options = _server_options(parser, args)
+    _configure_logging(args.log_level)
+    # Before anything is created: a SIGTERM from now on stops the server cleanly.
+    stop = _StopSignals([signal.SIGTERM, signal.SIGINT])
+    try:
+        _run(parser, args, options, stop)
+    except _SetupError as e:
+        # Written after the cleanup's log records, so that it is the last line.
+        sys.stderr.write(f"{PROG} serve: error: {e}\n")
+        return 1
+    return 0
+
+
+def _run(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    options: dict[str, Any],
+    stop: _StopSignals,
+) -> None:
+    """Serves until ``stop``; whatever was set up is torn down on the way out."""
+    fifo = os.path.abspath(args.fifo)
+    server: FileTimerServer | None = None
+    metrics: MetricsServer | None = None
+
+    def stats() -> Mapping[str, int]:
+        return server.stats() if server is not None else {}
+
+    try:
+        if args.metrics is not None:
+            # Bound first: a taken port then leaves no FIFO behind, not even for a moment.
+            host, port = args.metrics
+            try:
+                metrics = serve_metrics(host, port, stats)
+            except OSError as e:
+                raise _SetupError(f"cannot serve metrics on {host}:{port}: {e}") from None
+        try:
+            server = FileTimerServer(
+                fifo, args.run_id, args.max_interval, daemon=True, signal_self=False, **options
+            )
+        except ValueError as e:
+            parser.error(str(e))
+        except OSError as e:
+            raise _SetupError(f"cannot create the FIFO at {fifo}: {e}") from None
+        try:
+            server.start()
+        except OSError as e:
+            raise _SetupError(f"cannot start the timer server: {e}") from None
+        _log_started(args, fifo, options, metrics)
+        stop.event.wait()
+        logger.info(
+            "elastic-timer serve: %s received, stopping",
+            stop.received.name if stop.received is not None else "a signal",
+        )
+    finally:
+        if server is not None:
+            server.stop()
+        if metrics is not None:
+            metrics.close()
+
+
+def _log_started(
+    args: argparse.Namespace,
+    fifo: str,
+    options: dict[str, Any],
+    metrics: MetricsServer | None,
+) -> None:
+    logger.info(
+        "elastic-timer serve: listening on FIFO %s (run_id=%s); workers use "
+        "FileTimerClient(%r), or TORCHELASTIC_TIMER_FILE=%s and elastic_timer.configure()",
+        fifo,
+        args.run_id,
+        fifo,
+        fifo,
+    )
+    if "stack_dump" in options:
+        # The server makes a temporary directory when none was given, and names it in this
+        # process's environment.
+        stacks_dir = options.get("stacks_dir") or os.environ.get(STACKS_DIR_ENV)
+        if stacks_dir:
+            logger.info(
+                "stack dumps on: workers must run with %s=%s in their environment "
+                "(an expired worker is asked for its stacks with %s, and signalled once they "
+                "are written or after %s s)",
+                STACKS_DIR_ENV,
+                stacks_dir,
+                _signal_name(options["stack_signal"]),
+                options["stack_dump"],
+            )
+        else:
+            logger.warning(
+                "stack dumps on, but the stacks directory is unknown: pass --stacks-dir DIR "
+                "and run workers with %s=DIR",
+                STACKS_DIR_ENV,
+            )
+    if args.dry_run:
+        logger.info("dry run: expired timers are logged and reported, nothing is signalled")
+    if metrics is not None:
+        host, port = metrics.address
+        shown = f"[{host}]" if ":" in host else host
+        logger.info("metrics on http://%s:%s/metrics", shown, port)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.handler(args.parser, args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""``elastic-timer serve`` (the standalone timer-server daemon) and its Prometheus metrics.
+
+Real processes and real signals: the daemon runs as ``python -m elastic_timer.cli serve`` and
+the workers as ``python -c`` scripts, each sending requests for its own pid only. Every
+process a test starts goes into the ``children`` fixture, which kills survivors by pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+import pytest
+
+from elastic_timer.metrics import CONTENT_TYPE, prometheus_text, serve_metrics
+
+CLI = [sys.executable, "-m", "elastic_timer.cli"]
+
+Children = list["BaseProcess | subprocess.Popen[bytes]"]
+
+# A worker: builds a client on the FIFO (argv[1]), says "armed" once its timer (argv[2]
+# seconds) is acquired, and hangs far past it.
+ELASTIC_WORKER = """\
+import sys, time
+import elastic_timer
+
+def hang_here():
+    time.sleep(60)
+
+client = elastic_timer.FileTimerClient(sys.argv[1])
+with elastic_timer.expires(after=float(sys.argv[2]), client=client):
+    print("armed", flush=True)
+    hang_here()
+"""
+
+# The same, with torch's client and torch's expires (the wire format is the same).
+TORCH_WORKER = """\
+import sys, time
+from torch.distributed.elastic.timer import FileTimerClient, expires
+
+client = FileTimerClient(sys.argv[1])
+with expires(after=float(sys.argv[2]), client=client):
+    print("armed", flush=True)
+    time.sleep(60)
+"""
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Polls ``predicate`` until it holds or ``timeout`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without the variables that would change a server's or a client's
+    behaviour behind the test's back (diagnostics, a torchrun FIFO)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("ELASTIC_TIMER_") and k != "TORCHELASTIC_TIMER_FILE"
+    }
+
+
+class Daemon:
+    """``elastic-timer serve --fifo <tmp>/t.fifo ARGS``, its stderr in a file."""
+
+    def __init__(self, tmp_path: Path, children: Children, args: list[str]) -> None:
+        self.fifo = str(tmp_path / "t.fifo")
+        self.log_path = tmp_path / "daemon.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [*CLI, "serve", "--fifo", self.fifo, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=clean_env(),
+            )
+        children.append(self.process)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        """Until the FIFO exists and the daemon has said it listens."""
+        ready = wait_for(
+            lambda: os.path.exists(self.fifo) and "listening on FIFO" in self.log(), timeout=15
+        )
+        assert ready, f"daemon not ready (exit code {self.process.poll()}):\n{self.log()}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Sends ``sig`` (to the daemon's pid) and returns its exit code, within 5 s."""
+        self.process.send_signal(sig)
+        return self.process.wait(5)
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path, children: Children) -> Iterator[Callable[..., Daemon]]:
+    def start(*args: str) -> Daemon:
+        daemon = Daemon(tmp_path, children, list(args))
+        daemon.wait_ready()
+        return daemon
+
+    yield start
+
+
+def start_worker(
+    children: Children, script: str, fifo: str, after: float, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Starts a worker and returns once its timer is acquired (it printed "armed")."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script, fifo, str(after)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        env=clean_env() if env is None else env,
+    )
+    children.append(worker)
+    assert worker.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(worker.stdout, selectors.EVENT_READ)
+        # torch's import alone can take several seconds.
+        assert selector.select(60), "the worker did not acquire its timer within 60 s"
+    assert worker.stdout.readline() == b"armed\n", f"worker exited with {worker.wait(5)}"
+    return worker
+
+
+def samples(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text page, by metric name."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split(" ")
+            found[name] = float(value)
+    return found
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
+    """(status, Content-Type, body) of a GET on 127.0.0.1:port."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_help_explains_every_option_and_how_workers_connect() -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    for option in (
+        "--fifo",
+        "--max-interval",
+        "--run-id",
+        "--stack-dump",
+        "--stack-signal",
+        "--stacks-dir",
+        "--escalate-after",
+        "--dry-run",
+        "--event-log",
+        "--metrics",
+        "--log-level",
+    ):
+        assert option in result.stdout, option
+    for how in ("FileTimerClient", "TORCHELASTIC_TIMER_FILE", "configure()", "SIGTERM"):
+        assert how in result.stdout, how
+    top = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=30, check=False)
+    assert top.returncode == 0 and "serve" in top.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--max-interval", "-1"], "--max-interval: must be a positive number of seconds"),
+        (["--max-interval", "0"], "--max-interval: must be a positive number of seconds"),
+        (["--max-interval", "soon"], "--max-interval: not a number of seconds"),
+        (["--escalate-after", "nan"], "--escalate-after: must be a positive number"),
+        (["--stack-dump", "1", "--stack-signal", "NOPE"], "--stack-signal: unknown signal"),
+        (["--stack-dump", "1", "--stack-signal", "KILL"], "SIGKILL cannot be caught"),
+        (["--stack-signal", "USR1"], "--stack-signal only applies with --stack-dump"),
+        (["--metrics", "localhost"], "--metrics: expected HOST:PORT"),
+        (["--metrics", "127.0.0.1:70000"], "--metrics: expected HOST:PORT"),
+        (["--log-level", "LOUD"], "--log-level: unknown log level"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_naming_the_problem(
+    tmp_path: Path, args: list[str], problem: str
+) -> None:
+    fifo = tmp_path / "t.fifo"
+    result = subprocess.run(
+        [*CLI, "serve", "--fifo", str(fifo), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [result.stderr.splitlines()[-1]], result.stderr
+    assert errors[0].startswith("elastic-timer serve: error: ")
+    assert problem in errors[0], errors[0]
+    assert not fifo.exists()
+
+
+def test_a_fifo_in_a_missing_directory_exits_2() -> None:
+    result = subprocess.run(
+        [*CLI, "serve", "--fifo", "/nonexistent/dir/x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last == "elastic-timer serve: error: --fifo: directory /nonexistent/dir does not exist"
+
+
+def test_a_fifo_that_cannot_be_created_exits_1_with_one_line() -> None:
+    """The directory exists, but nothing can be created in it (even by root)."""
+    result = subprocess.run(
+        [*CLI, "serve", "--fifo", "/proc/elastic-timer-test.fifo"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "elastic-timer serve: error: cannot create the FIFO at /proc/elastic-timer-test.fifo: "
+    )
+
+
+def test_a_metrics_port_in_use_exits_1_and_removes_the_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "t.fifo"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "serve", "--fifo", str(fifo), "--metrics", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=clean_env(),
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"elastic-timer serve: error: cannot serve metrics on 127.0.0.1:{port}: "
+    )
+    assert not fifo.exists()
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    daemon = start_daemon()
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5)
+    armed = time.monotonic()
+    assert worker.wait(5) == -signal.SIGKILL
+    assert time.monotonic() - armed >= 0.45  # not before its deadline
+    assert daemon.process.poll() is None  # the daemon outlives the reap (no self-signal)
+    assert f"Successfully reaped worker=[{worker.pid}]" in daemon.log()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not os.path.exists(daemon.fifo)
+    assert "SIGTERM received, stopping" in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+def test_daemon_reaps_a_torch_client_worker(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    daemon = start_daemon()
+    worker = start_worker(children, TORCH_WORKER, daemon.fifo, 0.5)
+    assert worker.wait(5) == -signal.SIGKILL
+    assert daemon.stop() == 0
+    assert not os.path.exists(daemon.fifo)
+
+
+def test_sigint_stops_the_daemon_cleanly(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    assert daemon.stop(signal.SIGINT) == 0
+    assert not os.path.exists(daemon.fifo)
+    assert "SIGINT received, stopping" in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_healthy_worker_is_left_alone(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    daemon = start_daemon()
+    script = ELASTIC_WORKER.replace("hang_here()\n", "time.sleep(0.1)\n")
+    worker = start_worker(children, script, daemon.fifo, 2.0)
+    assert worker.wait(5) == 0
+    time.sleep(2.2)  # past the deadline the release cancelled
+    assert "Reaping" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+def test_metrics_count_requests_and_the_reap(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    daemon = start_daemon("--metrics", "127.0.0.1:0")
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", daemon.log())
+    assert found, daemon.log()
+    port = int(found.group(1))
+
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.3)
+    assert worker.wait(5) == -signal.SIGKILL
+
+    def reaped_once() -> bool:
+        return samples(scrape(port)[2]).get("elastic_timer_reaped_total") == 1
+
+    assert wait_for(reaped_once)
+    status, content_type, body = scrape(port)
+    assert status == 200
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    values = samples(body)
+    assert values["elastic_timer_requests_total"] >= 1
+    assert values["elastic_timer_reaped_total"] == 1
+    assert values["elastic_timer_live_timers"] == 0
+    assert "# TYPE elastic_timer_reaped_total counter\n" in body
+    assert "# TYPE elastic_timer_live_timers gauge\n" in body
+    assert scrape(port, "/")[0] == 404
+
+    assert daemon.stop() == 0
+    with pytest.raises(OSError):  # the metrics server is gone with the daemon
+        scrape(port)
+
+
+def test_dry_run_reports_the_expiry_in_the_event_log_and_kills_nothing(
+    start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    daemon = start_daemon("--dry-run", "--event-log", str(events))
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5)
+    time.sleep(0.5 + 1.0)
+    assert worker.poll() is None, "dry run: the worker must not be signalled"
+
+    def expiry() -> dict[str, object] | None:
+        if not events.exists():
+            return None
+        for line in events.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "timer expired" and event.get("pid") == worker.pid:
+                assert isinstance(event, dict)
+                return event
+        return None
+
+    assert wait_for(lambda: expiry() is not None), events.read_text() if events.exists() else ""
+    event = expiry()
+    assert event is not None and event["outcome"] == "dry_run", event
+    worker.kill()
+    assert worker.wait(5) == -signal.SIGKILL
+    assert daemon.stop() == 0
+
+
+def test_escalate_after_kills_a_worker_that_ignores_its_signal(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    daemon = start_daemon("--escalate-after", "0.5")
+    stubborn = ELASTIC_WORKER.replace(
+        "client = elastic_timer.FileTimerClient(sys.argv[1])",
+        "import signal\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "client = elastic_timer.FileTimerClient(sys.argv[1], signal=signal.SIGTERM)",
+    )
+    worker = start_worker(children, stubborn, daemon.fifo, 0.3)
+    armed = time.monotonic()
+    assert worker.wait(5) == -signal.SIGKILL
+    assert time.monotonic() - armed >= 0.3 + 0.45  # SIGTERM at the deadline, SIGKILL later
+    assert daemon.stop() == 0
+
+
+def test_stack_dump_through_the_directory_the_daemon_names(
+    start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
+) -> None:
+    """A worker given the ELASTIC_TIMER_STACKS_DIR the daemon logs has its stacks taken before
+    it is killed."""
+    events = tmp_path / "events.jsonl"
+    daemon = start_daemon("--stack-dump", "5", "--event-log", str(events))
+    found = re.search(r"ELASTIC_TIMER_STACKS_DIR=(\S+) in their environment", daemon.log())
+    assert found, daemon.log()
+    assert os.path.isdir(found.group(1))
+    env = {**clean_env(), "ELASTIC_TIMER_STACKS_DIR": found.group(1)}
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5, env)
+    assert worker.wait(10) == -signal.SIGKILL
+    assert wait_for(lambda: "hang_here" in events.read_text())
+    expired = [
+        json.loads(line)
+        for line in events.read_text().splitlines()
+        if json.loads(line)["event"] == "timer expired"
+    ]
+    assert [e["pid"] for e in expired] == [worker.pid]
+    assert "hang_here" in expired[0]["stacks"]
+    assert daemon.stop() == 0
+
+
+# -- metrics.py -------------------------------------------------------------------------------
+
+
+def test_prometheus_text_format() -> None:
+    stats = {"live_timers": 2, "zeta": 7, "reaped": 1, "requests": 5, "events_dropped": 0}
+    assert prometheus_text(stats) == (
+        "# HELP elastic_timer_requests_total Timer requests received (acquires and releases).\n"
+        "# TYPE elastic_timer_requests_total counter\n"
+        "elastic_timer_requests_total 5\n"
+        "# HELP elastic_timer_reaped_total Workers signalled because a timer of theirs expired.\n"
+        "# TYPE elastic_timer_reaped_total counter\n"
+        "elastic_timer_reaped_total 1\n"
+        "# HELP elastic_timer_events_dropped_total "
+        "Events dropped because the reporting thread fell behind.\n"
+        "# TYPE elastic_timer_events_dropped_total counter\n"
+        "elastic_timer_events_dropped_total 0\n"
+        "# HELP elastic_timer_live_timers Timers currently registered.\n"
+        "# TYPE elastic_timer_live_timers gauge\n"
+        "elastic_timer_live_timers 2\n"
+        "# HELP elastic_timer_zeta The timer server's stats() value 'zeta'.\n"
+        "# TYPE elastic_timer_zeta gauge\n"
+        "elastic_timer_zeta 7\n"
+    )
+    assert prometheus_text({}) == ""
+    assert prometheus_text({"requests": 3}, prefix="job7") == (
+        "# HELP job7_requests_total Timer requests received (acquires and releases).\n"
+        "# TYPE job7_requests_total counter\n"
+        "job7_requests_total 3\n"
+    )
+
+
+def test_serve_metrics_answers_get_metrics_only_and_closes() -> None:
+    stats = {"requests": 0}
+    server = serve_metrics("127.0.0.1", 0, lambda: stats)
+    try:
+        host, port = server.address
+        assert host == "127.0.0.1" and port > 0
+        stats["requests"] = 42  # read on each scrape
+        status, content_type, body = scrape(port)
+        assert (status, content_type) == (200, CONTENT_TYPE)
+        assert body == prometheus_text({"requests": 42})
+        assert scrape(port, "/metrics?x=1")[0] == 200
+        assert scrape(port, "/other")[0] == 404
+    finally:
+        server.close()
+    server.close()  # a second close does nothing
+    with pytest.raises(OSError):
+        scrape(port)
