@@ -104,7 +104,7 @@ def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: P
     assert result.returncode == 0, result.stderr[-3000:]
     assert finished(tmp_path) == ["rank 0 attempt 0", "rank 0 attempt 1", "rank 1 attempt 1"]
     stacks_at = result.stderr.index("Stacks of expired worker pid=")
-    assert "(from faulthandler)" in result.stderr[stacks_at:]
+    assert "from faulthandler)" in result.stderr[stacks_at:]
     assert 'train.py", line' in result.stderr[stacks_at:]
     assert stacks_at < result.stderr.index("Reaping worker_pid")
     records = [json.loads(line) for line in events.read_text().splitlines()]

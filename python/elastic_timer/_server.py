@@ -172,7 +172,7 @@ class NativeServer(Generic[R]):
         for pid, timers, sig, outcome, detail, stacks in expiries:
             requests = [self._request_from_tuple(t) for t in timers]
             if stacks is not None:
-                _log_stacks(pid, *stacks)
+                _log_stacks(pid, [r.scope_id for r in requests], *stacks)
             outcome = self._reap_expired(pid, requests, sig, outcome, detail)
             outcomes.append(outcome)
             source, text, complete = stacks if stacks is not None else (None, None, None)
@@ -247,13 +247,19 @@ def log_dry_run(pid: int, scopes: list[str], signal: int) -> None:
     )
 
 
-def _log_stacks(pid: int, source: str, text: str, complete: bool) -> None:
+def _log_stacks(pid: int, scopes: list[str], source: str, text: str, complete: bool) -> None:
     if not text.strip():
-        logger.warning("No stacks from worker pid=%s: %s gave none in time", pid, source)
+        logger.warning(
+            "No stacks from expired worker pid=%s (timers %s): %s gave none in time",
+            pid,
+            scopes,
+            source,
+        )
         return
     logger.warning(
-        "Stacks of expired worker pid=%s (from %s%s):\n%s",
+        "Stacks of expired worker pid=%s (timers %s; from %s%s):\n%s",
         pid,
+        scopes,
         source,
         "" if complete else ", cut short by the grace period",
         text.rstrip(),
