@@ -69,13 +69,14 @@ def start_worker(
     return worker
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Polls ``predicate`` until it is truthy or ``timeout`` passes; returns whether it was."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.01)
-    return predicate()
+    return bool(predicate())
 
 
 def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -424,6 +425,7 @@ def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> N
         ("escalate_after", 0.0, "escalate_after must be a positive number of seconds"),
         ("stack_signal", "NOPE", "unknown signal 'NOPE'"),
         ("stack_signal", 999, "not a valid signal number"),
+        ("stack_signal", "KILL", "SIGKILL cannot be caught"),
     ],
 )
 def test_bad_diagnostics_keywords_are_a_clear_error(

@@ -8,7 +8,6 @@ reach it through its FIFO, as they would reach torchrun's.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .diagnostics import STACKS_DIR_ENV, parse_stack_signal
 from .file_based_local_timer import FileTimerServer
 from .metrics import MetricsServer, serve_metrics
 
@@ -26,7 +26,6 @@ __all__ = ["main"]
 PROG = "elastic-timer"
 LOG_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-STACKS_DIR_ENV = "ELASTIC_TIMER_STACKS_DIR"
 
 # Named, not __name__: run with `python -m`, this module is __main__.
 logger = logging.getLogger("elastic_timer.cli")
@@ -75,27 +74,11 @@ def positive_seconds(text: str) -> float:
 
 
 def signal_number(text: str) -> int:
-    """A signal a worker can catch, by name (USR2, SIGUSR2, SIGRTMIN+1) or number."""
-    spec = text.strip()
-    number: int | None = None
-    if spec.lstrip("+-").isdigit():
-        number = int(spec)
-    else:
-        name = spec.upper()
-        if not name.startswith("SIG"):
-            name = "SIG" + name
-        base, plus, offset = name.partition("+")
-        if plus and base in ("SIGRTMIN", "SIGRTMAX") and offset.isdigit():
-            number = int(signal.Signals[base]) + int(offset)
-        elif name in signal.Signals.__members__:
-            number = int(signal.Signals[name])
-    if number is None or number <= 0 or number not in signal.valid_signals():
-        raise argparse.ArgumentTypeError(f"unknown signal: {text!r}")
-    if number in (signal.SIGKILL, signal.SIGSTOP):
-        raise argparse.ArgumentTypeError(
-            f"{signal.Signals(number).name} cannot be caught, so workers cannot dump stacks on it"
-        )
-    return number
+    """A signal a worker can catch, by name (USR2, SIGUSR2) or number."""
+    try:
+        return parse_stack_signal(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -241,9 +224,8 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
             parser.error(f"--stacks-dir: {args.stacks_dir} is not a directory")
 
 
-def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments the user asked for, and only those: a FileTimerServer that
-    predates them still serves the basic case."""
+def _server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The diagnostics keywords the user gave (the others come from the environment)."""
     options: dict[str, Any] = {}
     if args.stack_dump is not None:
         options["stack_dump"] = args.stack_dump
@@ -258,14 +240,6 @@ def _server_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         options["dry_run"] = True
     if args.event_log is not None:
         options["event_log"] = args.event_log
-    accepted = inspect.signature(FileTimerServer).parameters
-    for name in options:
-        if name not in accepted:
-            option = "--stack-dump" if name == "stack_signal" else "--" + name.replace("_", "-")
-            parser.error(
-                f"{option} is not supported by the installed elastic_timer "
-                f"(FileTimerServer has no {name!r} argument)"
-            )
     return options
 
 
@@ -321,7 +295,7 @@ class _SetupError(Exception):
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     _check_serve_args(parser, args)
-    options = _server_options(parser, args)
+    options = _server_options(args)
     _configure_logging(args.log_level)
     # Before anything is created: a SIGTERM from now on stops the server cleanly.
     stop = _StopSignals([signal.SIGTERM, signal.SIGINT])

@@ -75,6 +75,15 @@ def parse_signal(value: str | int) -> int:
     return number
 
 
+def parse_stack_signal(value: str | int) -> int:
+    """A signal workers can arm ``faulthandler`` on: one they can catch."""
+    number = parse_signal(value)
+    if number in (_signal.SIGKILL, _signal.SIGSTOP):
+        name = _signal.Signals(number).name
+        raise ValueError(f"{name} cannot be caught, so workers cannot dump their stacks on it")
+    return number
+
+
 def _seconds(value: float, name: str) -> float:
     seconds = float(value)
     if not seconds > 0 or seconds == float("inf"):
@@ -144,7 +153,7 @@ class Diagnostics:
         else:
             stack_dump = _seconds(stack_dump, "stack_dump")
         if stack_signal is None:
-            stack_signal = _from_env(STACK_SIGNAL_ENV, parse_signal) or DEFAULT_STACK_SIGNAL
+            stack_signal = _from_env(STACK_SIGNAL_ENV, parse_stack_signal) or DEFAULT_STACK_SIGNAL
         if escalate_after is None:
             escalate_after = _from_env(
                 ESCALATE_AFTER_ENV, lambda s: _seconds(float(s), ESCALATE_AFTER_ENV)
@@ -160,7 +169,7 @@ class Diagnostics:
             stacks_dir = tempfile.mkdtemp(prefix="elastic-timer-stacks-")
         return cls(
             stack_dump=stack_dump,
-            stack_signal=parse_signal(stack_signal),
+            stack_signal=parse_stack_signal(stack_signal),
             stacks_dir=stacks_dir,
             escalate_after=escalate_after,
             dry_run=bool(dry_run),
