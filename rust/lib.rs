@@ -5,7 +5,8 @@
 //!
 //! Data flow: a transport reader (`fifo` or `queue`) turns bytes into frames, `codec` turns
 //! frames into [`codec::Request`]s, the one [`deadlines::DeadlineMap`] keeps them ordered by
-//! deadline, and `server` runs the loop that expires them and asks `reaper` to signal.
+//! deadline, and `server` runs the loop that expires them and asks `reaper` to signal
+//! (after `stacks` has asked the worker where it is stuck, when stack dumps are on).
 
 pub mod codec;
 pub mod deadlines;
