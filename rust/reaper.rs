@@ -505,8 +505,14 @@ mod tests {
             let _ = child.kill();
             assert_eq!(child.wait().expect("wait").signal(), Some(libc::SIGTERM), "{max_pidfds}");
         }
-        // A stop signal is not undone by a SIGCONT.
-        let mut child = sleeper();
+        // A stop signal is not undone by a SIGCONT. (The child gets a process group of its
+        // own, whose parent is in another: the kernel drops SIGTSTP sent to an orphaned group,
+        // as ours may be when the tests run from a background job.)
+        let mut child =
+            std::os::unix::process::CommandExt::process_group(&mut Command::new("sleep"), 0)
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep");
         let pid = pid_of(&child);
         let mut workers = Workers::new(16);
         let _ = workers.track(pid);
