@@ -137,7 +137,8 @@ def _parameters(function: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
 @pytest.mark.parametrize("dotted", SIGNATURES)
 def test_signatures_match_torch(dotted: str) -> None:
     """Every call that works against torch's API (positional or keyword) works against ours;
-    our additions are keyword-only parameters with defaults, after torch's."""
+    our additions are keyword-only parameters with defaults, after torch's, and the servers'
+    opt-in ``**diagnostics`` (see test_diagnostics)."""
     theirs = _parameters(_resolve("torch.distributed.elastic.timer", dotted))
     ours = _parameters(_resolve("elastic_timer", dotted))
     assert [(n, k) for n, k, _ in ours[: len(theirs)]] == [(n, k) for n, k, _ in theirs]
@@ -145,7 +146,10 @@ def test_signatures_match_torch(dotted: str) -> None:
         if their_default is not inspect.Parameter.empty:
             assert default == their_default, name
         # else: a default where torch requires the argument only accepts more calls.
-    for name, kind, default in ours[len(theirs) :]:
+    additions = ours[len(theirs) :]
+    if additions and additions[-1][:2] == ("diagnostics", inspect.Parameter.VAR_KEYWORD):
+        additions.pop()
+    for name, kind, default in additions:
         assert kind is inspect.Parameter.KEYWORD_ONLY, name
         assert default is not inspect.Parameter.empty, name
 

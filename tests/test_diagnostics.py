@@ -435,6 +435,24 @@ def test_bad_diagnostics_keywords_are_a_clear_error(
         FileTimerServer(fifo, "bad", signal_self=False, **{keyword: value})
 
 
+@pytest.mark.parametrize("server", [FileTimerServer, LocalTimerServer])
+def test_the_diagnostics_keywords_are_those_documented_and_a_typo_is_an_error(
+    fifo: str, server: type[Any]
+) -> None:
+    assert set(diagnostics.DiagnosticsOptions.__annotations__) == {
+        "stack_dump",
+        "stack_signal",
+        "stacks_dir",
+        "escalate_after",
+        "dry_run",
+        "event_log",
+        "on_event",
+    }
+    args = (fifo, "typo") if server is FileTimerServer else (mp.get_context("spawn").Queue(),)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\): stack_dum$"):
+        server(*args, stack_dum=5.0)
+
+
 def test_a_bad_environment_variable_is_a_warning_and_ignored(
     fifo: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

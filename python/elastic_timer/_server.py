@@ -12,11 +12,14 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _native
 from .api import TimerRequest
-from .diagnostics import Diagnostics, EventSink
+from .diagnostics import Diagnostics, DiagnosticsOptions, EventSink
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +46,31 @@ class NativeServer(Generic[R]):
     _diagnostics: Diagnostics
     _events: EventSink
 
-    def _init_native(self, native: _native.Server, daemon: bool, diagnostics: Diagnostics) -> None:
+    def _native_options(
+        self,
+        max_interval: float,
+        *,
+        delegate_reaps: bool,
+        descendants_only: bool,
+        signal_self: bool = False,
+        **diagnostics: Unpack[DiagnosticsOptions],
+    ) -> dict[str, Any]:
+        """Resolves the diagnostics and returns every option of the native server, in one
+        dict (see ``Options`` in bindings.rs). Call before ``_init_native``."""
+        self._diagnostics = Diagnostics.resolve(**diagnostics)
+        return {
+            "max_interval": max_interval,
+            "signal_self": signal_self,
+            "delegate_reaps": delegate_reaps,
+            "descendants_only": descendants_only,
+            **self._diagnostics.native_options(),
+        }
+
+    def _init_native(self, native: _native.Server, daemon: bool) -> None:
         self._core = native
         self._daemon = daemon
         self._reporter = None
         self._owner_pid = os.getpid()
-        self._diagnostics = diagnostics
         self._events = EventSink(None, None)
 
     def _is_forked_copy(self, method: str) -> bool:
@@ -218,24 +240,6 @@ class NativeServer(Generic[R]):
         """Counters: requests, malformed, refused, expired, reaped, escalated, unreapable,
         stack_dumps, events_dropped; and live_timers, the timers held now."""
         return self._core.stats()
-
-
-def native_options(
-    max_interval: float,
-    diagnostics: Diagnostics,
-    *,
-    delegate_reaps: bool,
-    descendants_only: bool,
-    signal_self: bool = False,
-) -> dict[str, Any]:
-    """Every option of the native server, in one dict (see ``Options`` in bindings.rs)."""
-    return {
-        "max_interval": max_interval,
-        "signal_self": signal_self,
-        "delegate_reaps": delegate_reaps,
-        "descendants_only": descendants_only,
-        **diagnostics.native_options(),
-    }
 
 
 def log_dry_run(pid: int, scopes: list[str], signal: int) -> None:

@@ -36,9 +36,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, TypedDict
 
-__all__ = ["Diagnostics", "EventSink", "arm_stack_dump"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Diagnostics", "DiagnosticsOptions", "EventSink", "arm_stack_dump"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,18 @@ def _find_py_spy() -> str | None:
     return found
 
 
+class DiagnosticsOptions(TypedDict, total=False):
+    """The diagnostics keywords both servers take (see the module's docstring)."""
+
+    stack_dump: float | None
+    stack_signal: int | str | None
+    stacks_dir: str | None
+    escalate_after: float | None
+    dry_run: bool | None
+    event_log: str | None
+    on_event: EventCallback | None
+
+
 @dataclass(frozen=True)
 class Diagnostics:
     """A server's opt-in diagnostics, resolved from its keywords and the environment."""
@@ -135,19 +150,19 @@ class Diagnostics:
     owns_stacks_dir: bool = False
 
     @classmethod
-    def resolve(
-        cls,
-        *,
-        stack_dump: float | None,
-        stack_signal: int | str | None,
-        stacks_dir: str | None,
-        escalate_after: float | None,
-        dry_run: bool | None,
-        event_log: str | None,
-        on_event: EventCallback | None,
-    ) -> Diagnostics:
+    def resolve(cls, **options: Unpack[DiagnosticsOptions]) -> Diagnostics:
         """Keywords win; the environment fills what they leave out. A bad keyword raises
-        ValueError; a bad environment variable is logged and ignored."""
+        ValueError (an unknown one TypeError); a bad environment variable is logged and
+        ignored."""
+        unknown = sorted(options.keys() - DiagnosticsOptions.__annotations__.keys())
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+        stack_dump = options.get("stack_dump")
+        stack_signal = options.get("stack_signal")
+        stacks_dir = options.get("stacks_dir")
+        escalate_after = options.get("escalate_after")
+        dry_run = options.get("dry_run")
+        event_log = options.get("event_log")
         if stack_dump is None:
             stack_dump = _from_env(STACK_DUMP_ENV, lambda s: _seconds(float(s), STACK_DUMP_ENV))
         else:
@@ -174,7 +189,7 @@ class Diagnostics:
             escalate_after=escalate_after,
             dry_run=bool(dry_run),
             event_log=event_log,
-            on_event=on_event,
+            on_event=options.get("on_event"),
             owns_stacks_dir=owns_stacks_dir,
         )
 

@@ -10,6 +10,7 @@ import logging
 import os
 import signal as _signal
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from . import _native, debug_info_logging
 from ._server import (
@@ -18,12 +19,14 @@ from ._server import (
     RequestTuple,
     kill_worker,
     log_dry_run,
-    native_options,
     overrides,
     worker_pid,
 )
 from .api import TimerClient, TimerRequest
-from .diagnostics import Diagnostics, EventCallback, arm_stack_dump
+from .diagnostics import DiagnosticsOptions, arm_stack_dump
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["FileTimerClient", "FileTimerRequest", "FileTimerServer"]
 
@@ -147,9 +150,10 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             signal, as torch does (under torchrun that ends the agent). False turns it off.
         descendants_only: refuse (log once per pid, and count) acquires from processes that
             do not descend from this one. Under torchrun every worker is the agent's child.
-        stack_dump, stack_signal, stacks_dir, escalate_after, dry_run, event_log, on_event:
-            opt-in diagnostics; see ``elastic_timer.diagnostics``. Where one is not given, its
-            ``ELASTIC_TIMER_*`` environment variable is read.
+        **diagnostics: opt-in diagnostics, ``stack_dump``, ``stack_signal``, ``stacks_dir``,
+            ``escalate_after``, ``dry_run``, ``event_log`` and ``on_event``; see
+            ``elastic_timer.diagnostics``. Where one is not given, its ``ELASTIC_TIMER_*``
+            environment variable is read.
     """
 
     def __init__(
@@ -162,13 +166,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         *,
         signal_self: bool = True,
         descendants_only: bool = False,
-        stack_dump: float | None = None,
-        stack_signal: int | str | None = None,
-        stacks_dir: str | None = None,
-        escalate_after: float | None = None,
-        dry_run: bool | None = None,
-        event_log: str | None = None,
-        on_event: EventCallback | None = None,
+        **diagnostics: Unpack[DiagnosticsOptions],
     ) -> None:
         self._file_path = file_path
         self._run_id = run_id
@@ -177,23 +175,14 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         self._log_event: Callable[[str, FileTimerRequest | None], None] = (
             log_event if log_event is not None else lambda name, request: None
         )
-        diagnostics = Diagnostics.resolve(
-            stack_dump=stack_dump,
-            stack_signal=stack_signal,
-            stacks_dir=stacks_dir,
-            escalate_after=escalate_after,
-            dry_run=dry_run,
-            event_log=event_log,
-            on_event=on_event,
-        )
-        options = native_options(
+        options = self._native_options(
             max_interval,
-            diagnostics,
             delegate_reaps=overrides(self, FileTimerServer, "_reap_worker"),
             descendants_only=descendants_only,
             signal_self=signal_self,
+            **diagnostics,
         )
-        self._init_native(_native.Server.fifo(file_path, options), daemon, diagnostics)
+        self._init_native(_native.Server.fifo(file_path, options), daemon)
 
     def _request_from_tuple(self, request: RequestTuple) -> FileTimerRequest:
         return FileTimerRequest(request[0], request[1], request[2], request[3])

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from queue import Empty
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _native
 from ._server import (
@@ -21,12 +21,14 @@ from ._server import (
     RequestTuple,
     kill_worker,
     log_dry_run,
-    native_options,
     overrides,
     worker_pid,
 )
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer
-from .diagnostics import Diagnostics, EventCallback, arm_stack_dump
+from .diagnostics import DiagnosticsOptions, arm_stack_dump
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["LocalTimerClient", "LocalTimerServer", "MultiprocessingRequestQueue"]
 
@@ -126,8 +128,8 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
     ``max_interval`` is accepted for compatibility: deadlines fire when due, not on the next
     poll; it bounds how soon a failed reap is retried (at most 1 s). ``descendants_only``
     refuses (logs once per pid, and counts) acquires from processes that do not descend from
-    this one. ``stack_dump``, ``stack_signal``, ``stacks_dir``, ``escalate_after``,
-    ``dry_run``, ``event_log`` and ``on_event`` are opt-in diagnostics (see
+    this one. The other keywords (``stack_dump``, ``stack_signal``, ``stacks_dir``,
+    ``escalate_after``, ``dry_run``, ``event_log``, ``on_event``) are opt-in diagnostics (see
     ``elastic_timer.diagnostics``); where one is not given, its ``ELASTIC_TIMER_*``
     environment variable is read.
     """
@@ -139,32 +141,17 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         daemon: bool = True,
         *,
         descendants_only: bool = False,
-        stack_dump: float | None = None,
-        stack_signal: int | str | None = None,
-        stacks_dir: str | None = None,
-        escalate_after: float | None = None,
-        dry_run: bool | None = None,
-        event_log: str | None = None,
-        on_event: EventCallback | None = None,
+        **diagnostics: Unpack[DiagnosticsOptions],
     ) -> None:
         TimerServer.__init__(self, MultiprocessingRequestQueue(mp_queue), max_interval, daemon)
-        diagnostics = Diagnostics.resolve(
-            stack_dump=stack_dump,
-            stack_signal=stack_signal,
-            stacks_dir=stacks_dir,
-            escalate_after=escalate_after,
-            dry_run=dry_run,
-            event_log=event_log,
-            on_event=on_event,
-        )
-        options = native_options(
+        options = self._native_options(
             max_interval,
-            diagnostics,
             delegate_reaps=overrides(self, LocalTimerServer, "_reap_worker"),
             descendants_only=descendants_only,
+            **diagnostics,
         )
         native, reads_queue = _native_queue_server(mp_queue, options)
-        self._init_native(native, daemon, diagnostics)
+        self._init_native(native, daemon)
         self._needs_pump = not reads_queue
         self._pump: threading.Thread | None = None
         self._pump_stop = threading.Event()
