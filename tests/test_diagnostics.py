@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from elastic_timer import FileTimerClient, FileTimerServer, LocalTimerServer, diagnostics
 from elastic_timer.diagnostics import STACK_DUMP_ENV, STACKS_DIR_ENV, arm_stack_dump
@@ -67,16 +68,6 @@ def start_worker(
     assert worker.stdout is not None
     assert worker.stdout.readline() == b"acquired\n"
     return worker
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
-    """Polls ``predicate`` until it is truthy or ``timeout`` passes; returns whether it was."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from elastic_timer import FileTimerClient, FileTimerRequest, FileTimerServer, expires
 from elastic_timer._native import PIPE_BUF
@@ -114,16 +115,6 @@ def late_client_worker(path: str) -> None:
 
 
 # -- helpers and fixtures ---------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Polls ``predicate`` until it holds or ``timeout`` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def messages(caplog: pytest.LogCaptureFixture, level: int = logging.DEBUG) -> list[str]:

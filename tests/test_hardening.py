@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from elastic_timer import (
     FileTimerClient,
@@ -40,15 +41,6 @@ FAR = 3600.0
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def stat_fields(pid: int) -> list[str] | None:

@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from elastic_timer.metrics import CONTENT_TYPE, prometheus_text, serve_metrics
 
@@ -55,16 +56,6 @@ with expires(after=float(sys.argv[2]), client=client):
     print("armed", flush=True)
     time.sleep(60)
 """
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Polls ``predicate`` until it holds or ``timeout`` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def clean_env() -> dict[str, str]:
