@@ -343,13 +343,16 @@ def _accepts(callable_: Any, parameter: str) -> bool:
     return parameter in inspect.signature(callable_).parameters
 
 
-def make_server(timer: ModuleType, transport: Transport, max_interval: float | None) -> Any:
+def make_server(
+    timer: ModuleType, transport: Transport, max_interval: float | None, **extra: Any
+) -> Any:
     """
     The transport's server, with the class's default ``max_interval`` if None. A server that
     can be told not to signal its own process after a reap (ours: ``signal_self``) is told so;
-    torch's cannot, so servers that may reap run in children that survive it.
+    torch's cannot, so servers that may reap run in children that survive it. ``extra``
+    keywords go to the server as they are (ours only: the diagnostics).
     """
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra)
     if max_interval is not None:
         kwargs["max_interval"] = max_interval
     if transport.kind == "file":
