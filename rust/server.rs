@@ -369,8 +369,7 @@ impl Shared {
     /// pass's expiries and the signal to send this process (0: none).
     fn expire(&self, state: &mut State, now: Instant) -> (Vec<Expiry>, i32) {
         let mut expiries = Vec::new();
-        let mut self_signal = 0;
-        self.follow_up(state, now, &mut expiries, &mut self_signal);
+        self.follow_up(state, now, &mut expiries);
         let retry = now + self.retry_interval();
         for pid in state.timers.due_workers(now) {
             if let Some((at, _)) = state.followups.get(&pid) {
@@ -398,19 +397,20 @@ impl Shared {
                     continue;
                 }
             }
-            expiries.push(self.reap(state, pid, timers, signal, None, now, &mut self_signal));
+            expiries.push(self.reap(state, pid, timers, signal, None, now));
         }
+        // torch's File server signals itself with the signal of the pass's last reap.
+        let self_signal = expiries
+            .iter()
+            .filter(|e| matches!(e.outcome, ReapOutcome::Signalled))
+            .map(|e| e.signal)
+            .next_back()
+            .unwrap_or(0);
         (expiries, self_signal)
     }
 
     /// Acts on the followups that are due: finished dumps are reaped, escalations sent.
-    fn follow_up(
-        &self,
-        state: &mut State,
-        now: Instant,
-        expiries: &mut Vec<Expiry>,
-        self_signal: &mut i32,
-    ) {
+    fn follow_up(&self, state: &mut State, now: Instant, expiries: &mut Vec<Expiry>) {
         let due: Vec<i64> =
             state.followups.iter().filter(|(_, (at, _))| *at <= now).map(|(&pid, _)| pid).collect();
         for pid in due {
@@ -430,9 +430,7 @@ impl Shared {
                         state.stats.stack_dumps += 1;
                     }
                     state.dumped.insert(pid);
-                    let expiry =
-                        self.reap(state, pid, timers, signal, Some(stacks), now, self_signal);
-                    expiries.push(expiry);
+                    expiries.push(self.reap(state, pid, timers, signal, Some(stacks), now));
                 }
                 _ if !state.workers.is_running(target) => self.forget_worker(state, pid),
                 Followup::Escalate { signal, since } => {
@@ -476,7 +474,6 @@ impl Shared {
     }
 
     /// Does what an expiry calls for (signal, hand over, or only report) and keeps the books.
-    #[allow(clippy::too_many_arguments)]
     fn reap(
         &self,
         state: &mut State,
@@ -485,7 +482,6 @@ impl Shared {
         signal: i32,
         stacks: Option<Stacks>,
         now: Instant,
-        self_signal: &mut i32,
     ) -> Expiry {
         let retry = now + self.retry_interval();
         let outcome = if signal <= 0 {
@@ -509,7 +505,6 @@ impl Shared {
             ReapOutcome::Gone => self.forget_worker(state, pid),
             ReapOutcome::Signalled => {
                 state.stats.reaped += 1;
-                *self_signal = signal;
                 match self.config.escalate_after {
                     Some(grace) => {
                         // Keep watching it (its pidfd tells when it is gone).
