@@ -104,8 +104,17 @@ class NativeServer(Generic[R]):
 
     def _start_native(self, **fields: Any) -> None:
         """Starts the loop and its reporter; ``fields`` go in the "watchdog started" event."""
+        if self._core.running:
+            # Before the diagnostics are opened again: they belong to the running loop.
+            raise FileExistsError("server already started")
         self._events = self._diagnostics.open()
-        self._core.start()
+        try:
+            self._core.start()
+        except BaseException:
+            # Nothing started: leave no event log open and no stacks directory announced.
+            self._diagnostics.close(self._events)
+            self._events = EventSink(None, None)
+            raise
         self._events.emit("watchdog started", **fields)
         self._reporter = threading.Thread(
             target=self._report_events, name="elastic-timer-reporter", daemon=self._daemon
