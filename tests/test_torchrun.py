@@ -191,6 +191,8 @@ def test_launcher_help_explains_the_restart_behaviour(flag: str) -> None:
     result = subprocess.run([LAUNCHER, flag], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "--max-restarts above 0" in result.stdout
+    for variable in ("STACK_DUMP", "ESCALATE_AFTER", "DRY_RUN", "EVENT_LOG"):
+        assert f"ELASTIC_TIMER_{variable}=" in result.stdout
     assert "--nproc-per-node" in result.stdout  # torchrun's own arguments follow
 
 

@@ -29,6 +29,14 @@ Every torchrun argument below works unchanged. On top of torchrun:
     the job instead; elastic-timer-run turns that off.) With --max-restarts 0 (the default)
     torch's behaviour is kept: the agent is signalled too and the job ends.
 
+Opt-in diagnostics, set in the environment of this command:
+  ELASTIC_TIMER_STACK_DUMP=SECONDS   log a hung worker's Python stacks before it is killed
+                                     (waiting at most SECONDS for them)
+  ELASTIC_TIMER_ESCALATE_AFTER=SECONDS
+                                     SIGKILL a worker that outlives its signal that long
+  ELASTIC_TIMER_DRY_RUN=1            report expiries, kill nothing
+  ELASTIC_TIMER_EVENT_LOG=PATH       every event as one JSON object per line
+
 """
 
 
