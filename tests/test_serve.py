@@ -68,6 +68,13 @@ def clean_env() -> dict[str, str]:
     }
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs ``elastic-timer ARGS`` to completion (commands that exit on their own)."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=30, check=False, env=env
+    )
+
+
 class Daemon:
     """``elastic-timer serve --fifo <tmp>/t.fifo ARGS``, its stderr in a file."""
 
@@ -153,9 +160,7 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
 
 
 def test_help_explains_every_option_and_how_workers_connect() -> None:
-    result = subprocess.run(
-        [*CLI, "serve", "--help"], capture_output=True, text=True, timeout=30, check=False
-    )
+    result = run_cli("serve", "--help")
     assert result.returncode == 0, result.stderr
     for option in (
         "--fifo",
@@ -173,7 +178,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         assert option in result.stdout, option
     for how in ("FileTimerClient", "TORCHELASTIC_TIMER_FILE", "configure()", "SIGTERM"):
         assert how in result.stdout, how
-    top = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=30, check=False)
+    top = run_cli("--help")
     assert top.returncode == 0 and "serve" in top.stdout
 
 
@@ -196,13 +201,7 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_problem(
     tmp_path: Path, args: list[str], problem: str
 ) -> None:
     fifo = tmp_path / "t.fifo"
-    result = subprocess.run(
-        [*CLI, "serve", "--fifo", str(fifo), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("serve", "--fifo", str(fifo), *args)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
@@ -213,13 +212,7 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_problem(
 
 
 def test_a_fifo_in_a_missing_directory_exits_2() -> None:
-    result = subprocess.run(
-        [*CLI, "serve", "--fifo", "/nonexistent/dir/x"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("serve", "--fifo", "/nonexistent/dir/x")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
@@ -228,13 +221,7 @@ def test_a_fifo_in_a_missing_directory_exits_2() -> None:
 
 def test_a_fifo_that_cannot_be_created_exits_1_with_one_line() -> None:
     """The directory exists, but nothing can be created in it (even by root)."""
-    result = subprocess.run(
-        [*CLI, "serve", "--fifo", "/proc/elastic-timer-test.fifo"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_cli("serve", "--fifo", "/proc/elastic-timer-test.fifo")
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith(
@@ -248,13 +235,8 @@ def test_a_metrics_port_in_use_exits_1_and_removes_the_fifo(tmp_path: Path) -> N
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [*CLI, "serve", "--fifo", str(fifo), "--metrics", f"127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=clean_env(),
+        result = run_cli(
+            "serve", "--fifo", str(fifo), "--metrics", f"127.0.0.1:{port}", env=clean_env()
         )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
