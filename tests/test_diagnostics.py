@@ -412,6 +412,22 @@ def test_a_second_start_fails_and_leaves_the_running_servers_diagnostics_alone(
     assert "stuck_in_a_collective" in log.read_text()
 
 
+def test_an_event_log_that_cannot_be_opened_fails_start_and_announces_nothing(
+    fifo: str, tmp_path: Path
+) -> None:
+    server = FileTimerServer(
+        fifo,
+        "no-log",
+        signal_self=False,
+        stack_dump=5.0,
+        event_log=str(tmp_path / "missing" / "events.jsonl"),
+    )
+    with pytest.raises(FileNotFoundError):
+        server.start()
+    assert STACKS_DIR_ENV not in os.environ, "no worker is told of a server that did not start"
+    server.stop()
+
+
 def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> None:
     server, _ = file_server()
     assert set(server.stats()) == {

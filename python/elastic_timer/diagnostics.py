@@ -206,13 +206,20 @@ class Diagnostics:
 
     def open(self) -> EventSink:
         """Prepares the stacks directory for workers started from now on, and opens the
-        event log. Called when the server starts."""
+        event log. Called when the server starts; raises OSError, having announced nothing,
+        if either cannot be set up."""
+        # The log first: a log that cannot be opened must not leave the variable set.
+        sink = EventSink(self.event_log, self.on_event)
         if self.stack_dump is not None and self.stacks_dir is not None:
-            os.makedirs(self.stacks_dir, exist_ok=True)
-            with open(os.path.join(self.stacks_dir, _SIGNAL_FILE), "w") as f:
-                f.write(f"{self.stack_signal}\n")
+            try:
+                os.makedirs(self.stacks_dir, exist_ok=True)
+                with open(os.path.join(self.stacks_dir, _SIGNAL_FILE), "w") as f:
+                    f.write(f"{self.stack_signal}\n")
+            except OSError:
+                sink.close()
+                raise
             os.environ[STACKS_DIR_ENV] = self.stacks_dir
-        return EventSink(self.event_log, self.on_event)
+        return sink
 
     def close(self, sink: EventSink) -> None:
         """Undoes ``open`` (the stacks directory goes if this server made it)."""
