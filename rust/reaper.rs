@@ -18,8 +18,6 @@ pub enum Refusal {
     ReservedPid(i64),
     #[error("pid {0} is out of range")]
     PidOutOfRange(i64),
-    #[error("pid {0} is the timer server's own process")]
-    OwnProcess(i64),
     #[error("signal {0} is not a valid signal number")]
     InvalidSignal(i32),
     #[error("pid {0} is not a descendant of the timer server's process (descendants_only is set)")]
@@ -36,17 +34,14 @@ pub enum Outcome {
     Failed(io::Error),
 }
 
-/// Checks that `pid` names one process other than init and this one.
-pub fn validate_pid(pid: i64, own_pid: Pid) -> Result<Pid, Refusal> {
+/// Checks that `pid` names one process other than init. The server's own process is one: a
+/// process may time itself (torch's tests do), and is then signalled as it asked.
+pub fn validate_pid(pid: i64) -> Result<Pid, Refusal> {
     if pid <= 1 {
         return Err(Refusal::ReservedPid(pid));
     }
     let raw = i32::try_from(pid).map_err(|_| Refusal::PidOutOfRange(pid))?;
-    let pid_checked = Pid::from_raw(raw).ok_or(Refusal::PidOutOfRange(pid))?;
-    if pid_checked == own_pid {
-        return Err(Refusal::OwnProcess(pid));
-    }
-    Ok(pid_checked)
+    Pid::from_raw(raw).ok_or(Refusal::PidOutOfRange(pid))
 }
 
 /// Checks that `signal` is a signal number the kernel accepts (1..=SIGRTMAX).
@@ -279,6 +274,22 @@ impl Workers {
         }
     }
 
+    /// How many workers are tracked without a pidfd (their exits announce themselves nowhere).
+    pub fn without_pidfd(&self) -> usize {
+        self.handles.len() - self.pidfd_count
+    }
+
+    /// The workers tracked without a pidfd that no longer run (exited, a zombie, or their pid
+    /// now names a later process): the loop asks for them, since no fd reports their exit.
+    pub fn exited_without_pidfd(&self) -> Vec<Pid> {
+        self.handles
+            .iter()
+            .filter(|(_, handle)| matches!(handle, Handle::Pid { .. }))
+            .map(|(&pid, _)| pid)
+            .filter(|&pid| !self.is_running(pid))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.handles.len()
     }
@@ -389,18 +400,17 @@ mod tests {
     }
 
     #[test]
-    fn refuses_pids_that_are_not_one_other_process() {
-        let own = process::getpid();
+    fn refuses_pids_that_are_not_one_process() {
         for pid in [-1, 0, 1, -3, i64::from(i32::MIN)] {
-            assert_eq!(validate_pid(pid, own), Err(Refusal::ReservedPid(pid)));
+            assert_eq!(validate_pid(pid), Err(Refusal::ReservedPid(pid)));
         }
         assert_eq!(
-            validate_pid(i64::from(i32::MAX) + 1, own),
+            validate_pid(i64::from(i32::MAX) + 1),
             Err(Refusal::PidOutOfRange(i64::from(i32::MAX) + 1))
         );
-        let own_raw = i64::from(own.as_raw_nonzero().get());
-        assert_eq!(validate_pid(own_raw, own), Err(Refusal::OwnProcess(own_raw)));
-        assert_eq!(validate_pid(4242, own).map(Pid::as_raw_nonzero).map(|p| p.get()), Ok(4242));
+        let own = i64::from(process::getpid().as_raw_nonzero().get());
+        assert_eq!(validate_pid(own).map(Pid::as_raw_nonzero).map(|p| i64::from(p.get())), Ok(own));
+        assert_eq!(validate_pid(4242).map(Pid::as_raw_nonzero).map(|p| p.get()), Ok(4242));
     }
 
     #[test]
@@ -552,6 +562,9 @@ mod tests {
         let parent = process::getppid().expect("a parent");
         let _ = workers.track(parent);
         assert_eq!(workers.lineage(parent, own), Lineage::NotDescendant);
+        // Nor is the server's own process (it may time itself, but not as a descendant).
+        let _ = workers.track(own);
+        assert_eq!(workers.lineage(own, own), Lineage::NotDescendant);
         // Untracked, or exited: gone.
         assert_eq!(Workers::new(16).lineage(pid_of(&child), own), Lineage::Gone);
         child.kill().expect("kill");

@@ -219,6 +219,8 @@ struct State {
     refused_pids: HashSet<i64>,
     /// When the running pass started; None while the loop waits (it is then making progress).
     busy_since: Option<f64>,
+    /// When to look next for the exits of workers tracked without a pidfd.
+    next_sweep: Instant,
     events: Option<SyncSender<Event>>,
     /// The FIFO this server created last (stop removes it only if it is still at the path).
     fifo: Option<fifo::Identity>,
@@ -266,7 +268,7 @@ impl Shared {
             state.timers.apply(request, None);
             return;
         }
-        let checked = reaper::validate_pid(request.pid, self.own_pid).and_then(|pid| {
+        let checked = reaper::validate_pid(request.pid).and_then(|pid| {
             if request.signal > 0 {
                 reaper::validate_signal(request.signal)?;
             }
@@ -361,13 +363,26 @@ impl Shared {
         }
     }
 
+    /// Drops the timers of workers tracked without a pidfd that have exited, as a pidfd's
+    /// readiness does for the others; at most once per retry interval (torch's File server
+    /// probes its workers once per pass).
+    fn sweep_exited(&self, state: &mut State, now: Instant) {
+        if state.workers.without_pidfd() == 0 || now < state.next_sweep {
+            return;
+        }
+        state.next_sweep = now + self.retry_interval();
+        for pid in state.workers.exited_without_pidfd() {
+            self.worker_exited(state, i64::from(pid.as_raw_nonzero().get()));
+        }
+    }
+
     fn retry_interval(&self) -> Duration {
         self.config.max_interval.min(MAX_RETRY)
     }
 
     /// Expires what is due: one torch watchdog pass, done at the deadline. Returns the
-    /// pass's expiries and the signal to send this process (0: none).
-    fn expire(&self, state: &mut State, now: Instant) -> (Vec<Expiry>, i32) {
+    /// pass's expiries and the signals to send this process once they are reported.
+    fn expire(&self, state: &mut State, now: Instant) -> (Vec<Expiry>, Vec<i32>) {
         let mut expiries = Vec::new();
         self.follow_up(state, now, &mut expiries);
         let retry = now + self.retry_interval();
@@ -399,14 +414,29 @@ impl Shared {
             }
             expiries.push(self.reap(state, pid, timers, signal, None, now));
         }
-        // torch's File server signals itself with the signal of the pass's last reap.
-        let self_signal = expiries
-            .iter()
-            .filter(|e| matches!(e.outcome, ReapOutcome::Signalled))
-            .map(|e| e.signal)
-            .next_back()
-            .unwrap_or(0);
-        (expiries, self_signal)
+        let self_signals = self.self_signals(&expiries);
+        (expiries, self_signals)
+    }
+
+    /// The signals this process gets after the pass is reported: those its own timers asked
+    /// for (a process may time itself), then, for torch's File server (`signal_self`), the
+    /// signal of the pass's last reap (once, if that reap was this process's own).
+    fn self_signals(&self, expiries: &[Expiry]) -> Vec<i32> {
+        let signalled = || expiries.iter().filter(|e| matches!(e.outcome, ReapOutcome::Signalled));
+        let mut signals: Vec<i32> =
+            signalled().filter(|e| self.is_own(e.pid)).map(|e| e.signal).collect();
+        if self.config.signal_self {
+            if let Some(last) = signalled().map(|e| e.signal).next_back() {
+                if signals.last() != Some(&last) {
+                    signals.push(last);
+                }
+            }
+        }
+        signals
+    }
+
+    fn is_own(&self, pid: i64) -> bool {
+        pid == i64::from(self.own_pid.as_raw_nonzero().get())
     }
 
     /// Acts on the followups that are due: finished dumps are reaped, escalations sent.
@@ -544,11 +574,15 @@ impl Shared {
 
     fn signal_worker(&self, state: &State, pid: i64, signal: i32) -> ReapOutcome {
         // Both were validated at intake.
-        let (Ok(target), Ok(signal)) =
-            (reaper::validate_pid(pid, self.own_pid), reaper::validate_signal(signal))
+        let (Ok(target), Ok(signal)) = (reaper::validate_pid(pid), reaper::validate_signal(signal))
         else {
             return ReapOutcome::Gone;
         };
+        if target == self.own_pid {
+            // Signalled once the pass is reported (see `self_signals`): signalling now could
+            // end this process before anyone hears why.
+            return ReapOutcome::Signalled;
+        }
         match state.workers.signal(target, signal) {
             Outcome::Signalled => ReapOutcome::Signalled,
             Outcome::Gone => ReapOutcome::Gone,
@@ -559,10 +593,8 @@ impl Shared {
     /// When the loop must next look at its deadlines.
     fn next_timeout(&self, state: &State) -> Option<rustix::time::Timespec> {
         let followup = state.followups.values().map(|&(at, _)| at).min();
-        let next = match (state.timers.next_deadline(), followup) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
+        let sweep = (state.workers.without_pidfd() > 0).then_some(state.next_sweep);
+        let next = [state.timers.next_deadline(), followup, sweep].into_iter().flatten().min()?;
         let wait = next.saturating_duration_since(Instant::now());
         // epoll waits in whole milliseconds: round up so the deadline has passed on waking.
         let millis = wait.as_nanos().div_ceil(1_000_000);
@@ -600,6 +632,7 @@ impl Server {
             delegated: HashMap::new(),
             refused_pids: HashSet::new(),
             busy_since: None,
+            next_sweep: Instant::now(),
             events: None,
             fifo,
         };
@@ -1036,16 +1069,19 @@ fn run_loop(shared: &Shared, mut source: Source) -> Transport {
             for pid in exited {
                 shared.worker_exited(&mut state, pid);
             }
-            let (expiries, self_signal) = shared.expire(&mut state, clock.mono);
+            shared.sweep_exited(&mut state, clock.mono);
+            let (expiries, self_signals) = shared.expire(&mut state, clock.mono);
             if !expiries.is_empty() {
-                if self_signal > 0 && shared.config.signal_self {
+                if !self_signals.is_empty() {
                     let (ack, acked) = mpsc::sync_channel(1);
                     state.emit(Event::Expired { expiries, ack: Some(ack) });
                     drop(state);
                     // Let the reporter log the reap first (bounded: Python may be wedged).
                     let _ = acked.recv_timeout(REPORT_GRACE);
-                    if let Ok(signal) = reaper::validate_signal(self_signal) {
-                        let _ = reaper::signal_self(signal);
+                    for signal in self_signals {
+                        if let Ok(signal) = reaper::validate_signal(signal) {
+                            let _ = reaper::signal_self(signal);
+                        }
                     }
                 } else {
                     let delegated: Vec<i64> = expiries
@@ -1199,22 +1235,46 @@ mod tests {
 
     #[test]
     fn the_timers_of_an_exited_worker_are_dropped_when_it_exits() {
-        let (mut server, path) = fifo_server("exit", config());
-        let _events = server.start().expect("start");
-        let mut worker = sleeper();
-        send(&path, &request(worker.id(), "a", 60.0, libc::SIGKILL));
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while server.timers().is_empty() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
+        // With a pidfd (its readiness), and without one (past a budget of 0: the sweep).
+        for max_pidfds in [64, 0] {
+            let config = Config { max_pidfds, ..config() };
+            let (mut server, path) = fifo_server(&format!("exit-{max_pidfds}"), config);
+            let events = server.start().expect("start");
+            let mut worker = sleeper();
+            send(&path, &request(worker.id(), "a", 60.0, libc::SIGKILL));
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while server.timers().is_empty() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(server.timers().len(), 1);
+            worker.kill().expect("kill");
+            worker.wait().expect("wait");
+            let exited = loop {
+                match events.recv_timeout(Duration::from_secs(2)).expect("an exit event") {
+                    Event::WorkerExited { pid, dropped } => break (pid, dropped),
+                    Event::Warning(_) => continue,
+                    other => panic!("unexpected {other:?}"),
+                }
+            };
+            assert_eq!(exited, (i64::from(worker.id()), 1), "max_pidfds={max_pidfds}");
+            assert!(server.timers().is_empty());
+            server.stop();
         }
-        assert_eq!(server.timers().len(), 1);
-        worker.kill().expect("kill");
-        worker.wait().expect("wait");
-        while !server.timers().is_empty() && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
+    }
+
+    #[test]
+    fn the_servers_own_process_may_time_itself_unless_only_descendants_are_served() {
+        let own = std::process::id();
+        for descendants_only in [false, true] {
+            let config = Config { descendants_only, ..config() };
+            let server = Server::new(Transport::Direct, config).expect("server");
+            server.register([request(own, "self", 60.0, libc::SIGTERM)]);
+            let listed = server.timers().iter().any(|t| t.pid == i64::from(own));
+            assert_eq!(listed, !descendants_only);
+            assert_eq!(server.stats().refused, u64::from(descendants_only));
+            server.register([request(own, "self", -1.0 - wall_now(), 0)]);
+            assert!(server.timers().is_empty());
         }
-        assert!(server.timers().is_empty());
-        server.stop();
     }
 
     #[test]

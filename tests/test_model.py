@@ -4,7 +4,7 @@ A hypothesis state machine drives ``register_timers``, ``clear_timers`` and
 ``get_expired_timers`` of a FileTimerServer that is never started (so nothing is ever
 signalled) and compares ``_timers`` after every step with a few lines of Python written from
 torch's source. The pids are those of real ``sleep`` processes, because the server drops
-requests naming no live process; the refusals it adds (pids 0 and 1, its own pid, invalid
+requests naming no live process; the refusals it adds (pids 0 and 1, invalid
 signals) are part of the model.
 """
 
@@ -102,13 +102,13 @@ class TimerMapMachine(RuleBasedStateMachine):
         super().__init__()
         fifo = self.fifo_dir / f"model-{next(self.counter)}.fifo"
         self.server = FileTimerServer(str(fifo), "model", signal_self=False)
-        self.model = TorchTimerModel(set(self.pids))
+        self.model = TorchTimerModel({*self.pids, os.getpid()})
 
     def teardown(self) -> None:
         self.server.stop()  # never started: this only removes the FIFO
 
     def all_pids(self) -> list[int]:
-        # Live sleepers, plus pids our server refuses: 0, 1 and its own (pytest's).
+        # Live sleepers, pids our server refuses (0, 1), and its own (pytest's), accepted.
         return [*self.pids, 0, 1, os.getpid()]
 
     @rule(data=st.data())
