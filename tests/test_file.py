@@ -407,6 +407,33 @@ def test_timer_map_is_torchs_dict(
     assert server._request_count == 7
 
 
+def test_register_timers_keeps_the_good_requests_of_a_bad_batch(
+    make_server: Callable[..., FileTimerServer],
+    sleeper: Callable[[], subprocess.Popen[bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Junk, or a FileTimerRequest with a field of the wrong type, beside valid requests: the
+    valid ones are registered, each bad one is logged and counted as malformed."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    server = make_server()  # never started: nothing here can be signalled
+    pid = sleeper().pid
+    far = time.time() + FAR
+    bad: list[Any] = [
+        "garbage",
+        None,
+        b"bytes",
+        FileTimerRequest(pid, "x", far, "SIGKILL"),  # type: ignore[arg-type]
+        FileTimerRequest(str(pid), "x", far, 9),  # type: ignore[arg-type]
+    ]
+    batch = [FileTimerRequest(pid, "first", far, 9), *bad, FileTimerRequest(pid, "last", far, 9)]
+    server.register_timers(batch)
+    assert set(server._timers) == {(pid, "first"), (pid, "last")}
+    assert server.stats()["malformed"] == len(bad)
+    skipped = [r for r in caplog.records if "Skipping malformed timer request" in r.getMessage()]
+    assert len(skipped) == len(bad)
+    assert "signal must be a signal number, got 'SIGKILL'" in skipped[3].getMessage()
+
+
 def test_timers_of_a_dead_pid_are_not_kept(
     make_server: Callable[..., FileTimerServer],
 ) -> None:

@@ -283,6 +283,71 @@ def test_run_watchdog_on_a_stopped_server(children: Children) -> None:
     assert mp_queue.qsize() == 0
 
 
+JUNK: list[Any] = ["garbage", None, b"bytes", 42]
+
+
+def test_run_watchdog_keeps_the_good_requests_of_a_bad_batch(
+    children: Children, caplog: pytest.LogCaptureFixture
+) -> None:
+    """torch's loop, driven by hand, reads junk beside a valid expired request: the junk is
+    logged and counted, and the valid request's worker is still reaped in that same pass."""
+    caplog.set_level(logging.WARNING, logger="elastic_timer")
+    mp_queue = FORK.Queue()
+    server = LocalTimerServer(mp_queue, max_interval=1)
+    victim, bystander = _sleeper(children), _sleeper(children)
+    now = time.time()
+    for item in JUNK[:2]:
+        mp_queue.put(item)
+    mp_queue.put(TimerRequest(victim.pid, "expired", now - 60))
+    mp_queue.put(TimerRequest(str(bystander.pid), "string-pid", now - 60))
+    for item in JUNK[2:]:
+        mp_queue.put(item)
+    mp_queue.put(TimerRequest(bystander.pid, "later", now + 60))
+    server._run_watchdog()
+    assert victim.wait(5) == -signal.SIGKILL
+    assert bystander.poll() is None
+    assert list(server._timers) == [(bystander.pid, "later")]
+    assert server.stats()["malformed"] == 5
+    reasons = [r.getMessage() for r in _messages(caplog, "Skipping malformed timer request")]
+    assert len(reasons) == 5, reasons
+    assert "'garbage' is not a timer request" in reasons[0]
+    assert "worker_id must be a pid (int), got '" in reasons[2]
+
+
+def _junk(item: Any) -> Callable[[int, float], Any]:
+    return lambda pid, far: item
+
+
+# Bad items for a batch, made from a live worker's pid and a far expiration.
+BAD_ITEMS: dict[str, Callable[[int, float], Any]] = {
+    **{f"junk-{item!r}": _junk(item) for item in JUNK},
+    "float-pid": lambda pid, far: TimerRequest(float(pid), "x", far),
+    "int-scope": lambda pid, far: TimerRequest(pid, 42, far),  # type: ignore[arg-type]
+    "str-expiration": lambda pid, far: TimerRequest(pid, "x", "soon"),  # type: ignore[arg-type]
+    "huge-pid": lambda pid, far: TimerRequest(2**70, "x", far),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_ITEMS.values(), ids=BAD_ITEMS.keys())
+def test_register_timers_registers_every_valid_request_of_a_batch(
+    children: Children, bad: Callable[[int, float], Any]
+) -> None:
+    """Any caller's batch: each bad item (junk, or a TimerRequest with a field of the wrong
+    type or out of range) costs only itself; the requests around it are registered."""
+    server = LocalTimerServer(FORK.Queue())  # never started: never reaps
+    worker = _sleeper(children)
+    far = time.time() + 60
+    server.register_timers(
+        [
+            TimerRequest(worker.pid, "before", far),
+            bad(worker.pid, far),
+            TimerRequest(worker.pid, "after", far),
+        ]
+    )
+    assert set(server._timers) == {(worker.pid, "before"), (worker.pid, "after")}
+    assert server.stats()["malformed"] == 1
+
+
 def test_timers_registered_before_start_fire_after_start(
     servers: Servers, children: Children
 ) -> None:

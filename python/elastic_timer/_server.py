@@ -224,7 +224,22 @@ class NativeServer(Generic[R]):
     # -- the timer map, shared by both transports --------------------------------------------
 
     def register_timers(self, timer_requests: Iterable[R]) -> None:
-        self._core.register([self._tuple_from_request(r) for r in timer_requests])
+        """Registers every valid request of the batch, in order. A bad item (not a request,
+        or fields of the wrong type) costs only itself: it is logged and counted as malformed,
+        as on the native path, so a batch from ``_run_watchdog`` keeps its good requests."""
+        requests = []
+        for item in timer_requests:
+            try:
+                requests.append(self._tuple_from_request(item))
+            except (AttributeError, TypeError) as err:
+                self._reject(f"{item!r:.200} is not a timer request: {err}")
+        self._core.register(requests)
+
+    def _reject(self, reason: str) -> None:
+        """Counts a malformed request; the reporter logs it, or this thread if none runs."""
+        self._core.reject(reason)
+        if self._reporter is None:
+            logger.warning("Skipping malformed timer request: %s", reason)
 
     def clear_timers(self, worker_ids: Iterable[int]) -> None:
         self._core.clear(list(worker_ids))
@@ -284,6 +299,23 @@ def worker_pid(worker_id: Any) -> int:
     if isinstance(worker_id, bool) or not isinstance(worker_id, int):
         raise TypeError(f"worker_id must be a pid (int), got {worker_id!r}")
     return worker_id
+
+
+def request_tuple(worker_id: Any, scope_id: Any, expiration_time: Any, sig: Any) -> RequestTuple:
+    """A request as it crosses into Rust; TypeError names the first field that cannot."""
+    pid = worker_pid(worker_id)
+    if not -(2**63) <= pid < 2**63:
+        raise TypeError(f"worker_id {pid} is out of range")
+    if not isinstance(scope_id, str):
+        raise TypeError(f"scope_id must be a str, got {scope_id!r:.100}")
+    if isinstance(expiration_time, bool) or not isinstance(expiration_time, (int, float)):
+        raise TypeError(f"expiration_time must be a number, got {expiration_time!r:.100}")
+    if isinstance(sig, bool) or not isinstance(sig, int) or not -(2**31) <= sig < 2**31:
+        raise TypeError(f"signal must be a signal number, got {sig!r:.100}")
+    try:
+        return (pid, scope_id, float(expiration_time), sig)
+    except OverflowError as err:
+        raise TypeError(f"expiration_time {expiration_time} is out of range") from err
 
 
 def kill_worker(pid: int, sig: int) -> bool:

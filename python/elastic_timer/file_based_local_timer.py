@@ -20,7 +20,7 @@ from ._server import (
     kill_worker,
     log_dry_run,
     overrides,
-    worker_pid,
+    request_tuple,
 )
 from .api import TimerClient, TimerRequest
 from .diagnostics import DiagnosticsOptions, arm_stack_dump
@@ -188,8 +188,9 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         return FileTimerRequest(request[0], request[1], request[2], request[3])
 
     def _tuple_from_request(self, request: FileTimerRequest) -> RequestTuple:
-        pid = worker_pid(request.worker_id)
-        return (pid, request.scope_id, request.expiration_time, request.signal)
+        return request_tuple(
+            request.worker_id, request.scope_id, request.expiration_time, request.signal
+        )
 
     def clear_timers(self, worker_pids: Iterable[int]) -> None:
         super().clear_timers(worker_pids)

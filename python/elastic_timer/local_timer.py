@@ -22,6 +22,7 @@ from ._server import (
     kill_worker,
     log_dry_run,
     overrides,
+    request_tuple,
     worker_pid,
 )
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer
@@ -160,8 +161,9 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         return TimerRequest(request[0], request[1], request[2])
 
     def _tuple_from_request(self, request: TimerRequest) -> RequestTuple:
-        pid = worker_pid(request.worker_id)
-        return (pid, request.scope_id, request.expiration_time, signal.SIGKILL)
+        return request_tuple(
+            request.worker_id, request.scope_id, request.expiration_time, signal.SIGKILL
+        )
 
     def start(self) -> None:
         logger.info(
@@ -201,14 +203,7 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
                 logger.exception("Error reading timer requests; retrying in 1 s")
                 self._pump_stop.wait(1.0)
                 continue
-            requests = []
-            for item in items:
-                try:
-                    requests.append(self._tuple_from_request(item))
-                except (AttributeError, TypeError) as err:
-                    # One bad item costs itself only, as on the native path.
-                    self._core.reject(f"queue item {item!r:.200} is not a timer request: {err}")
-            self._core.register(requests)
+            self.register_timers(items)
 
     def _reap_expired(
         self,
