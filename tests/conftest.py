@@ -1,16 +1,77 @@
-"""Shared fixtures: a clean global timer client, and cleanup of the servers and child processes
-a test starts (only those: nothing else is ever signalled)."""
+"""Shared fixtures and rules: a clean global timer client, cleanup of the servers and child
+processes a test starts (only those: nothing else is ever signalled), no skipped test, and a
+failed test's leftover processes killed."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 
 import elastic_timer
+
+# multiprocessing's own helpers outlive the test that started them, and later tests use them.
+_SHARED_HELPERS = (b"multiprocessing.resource_tracker", b"multiprocessing.forkserver")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Fails every skipped test (a skip would hide a missing feature: this suite has none to
+    hide), and keeps each phase's report on the item for the fixtures below."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and this suite fails every skip: {report.longrepr}"
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+def _descendants() -> set[int]:
+    """The pids of this process's live descendants (from /proc), with multiprocessing's own
+    helpers left out."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except OSError:
+            continue
+        if fields[0] not in (b"Z", b"X") and not any(h in command for h in _SHARED_HELPERS):
+            parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.fixture(autouse=True)
+def kill_what_a_failed_test_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails (an assertion, or pytest-timeout) may leave workers behind that
+    would disturb the tests after it: the processes it started that still run are killed."""
+    before = _descendants()
+    yield
+    reports = (getattr(request.node, f"report_{when}", None) for when in ("setup", "call"))
+    if not any(report is not None and report.failed for report in reports):
+        return
+    for pid in _descendants() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class Stoppable(Protocol):
@@ -48,3 +109,9 @@ def children() -> Iterator[list[BaseProcess | subprocess.Popen[bytes]]]:
             if child.is_alive():
                 child.kill()
             child.join(10)
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> str:
+    """Where the test's File server puts its FIFO."""
+    return str(tmp_path / "timer.fifo")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch.distributed.elastic.timer as torch_timer
 import torch.distributed.elastic.timer.file_based_local_timer as torch_file_timer
+from helpers import wait_for
 
 import elastic_timer
 from elastic_timer import (
@@ -593,15 +594,6 @@ def test_a_failed_reap_keeps_the_timers_and_is_retried() -> None:
     assert set(server._timers) == {("busy", "a")}
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
-
-
 @pytest.mark.parametrize("daemon", [True, False])
 def test_start_and_stop_run_the_watchdog_thread(
     daemon: bool, caplog: pytest.LogCaptureFixture
@@ -620,8 +612,8 @@ def test_start_and_stop_run_the_watchdog_thread(
     try:
         assert thread is not None
         assert thread.daemon is daemon
-        assert _wait_for(lambda: server.reaped == ["late"]), server.reaped
-        assert _wait_for(lambda: not server._timers)
+        assert wait_for(lambda: server.reaped == ["late"]), server.reaped
+        assert wait_for(lambda: not server._timers)
     finally:
         server.stop()
     assert server._watchdog_thread is None

@@ -8,13 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ["client", "throughput", "reap", "cpu", "scale"]
-
-pytest.importorskip("torch")
-pytest.importorskip("matplotlib")
 
 
 def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:

@@ -75,11 +75,6 @@ def events_named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]
 
 
 @pytest.fixture
-def fifo(tmp_path: Path) -> str:
-    return str(tmp_path / "timer.fifo")
-
-
-@pytest.fixture
 def file_server(fifo: str) -> Iterator[Callable[..., tuple[FileTimerServer, list[dict[str, Any]]]]]:
     """Starts FileTimerServers on the test's FIFO with an event recorder; stops them after."""
     built: list[FileTimerServer] = []

@@ -126,11 +126,6 @@ def logged(caplog: pytest.LogCaptureFixture, text: str, level: int = logging.DEB
 
 
 @pytest.fixture
-def fifo(tmp_path: Path) -> str:
-    return str(tmp_path / "timer.fifo")
-
-
-@pytest.fixture
 def make_server(fifo: str) -> Iterator[Callable[..., FileTimerServer]]:
     """Builds servers on the test's FIFO, never signalling pytest; all stopped at teardown."""
     built: list[FileTimerServer] = []
@@ -158,42 +153,28 @@ def server(make_server: Callable[..., FileTimerServer]) -> FileTimerServer:
 
 
 @pytest.fixture
-def procs() -> Iterator[Callable[..., BaseProcess]]:
-    """Starts worker processes; any still alive at teardown is killed by pid and joined."""
-    started: list[BaseProcess] = []
+def procs(children: list[Any]) -> Callable[..., BaseProcess]:
+    """Starts worker processes (conftest's ``children`` kills the survivors at teardown)."""
 
     def start(target: Callable[..., None], *args: Any) -> BaseProcess:
         process = CTX.Process(target=target, args=args, daemon=True)
         process.start()
-        started.append(process)
+        children.append(process)
         return process
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(10)
+    return start
 
 
 @pytest.fixture
-def sleeper() -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+def sleeper(children: list[Any]) -> Callable[[], subprocess.Popen[bytes]]:
     """Starts ``sleep 30`` processes: real pids for the server to accept; killed at teardown."""
-    started: list[subprocess.Popen[bytes]] = []
 
     def start() -> subprocess.Popen[bytes]:
         process = subprocess.Popen(["sleep", "30"])
-        started.append(process)
+        children.append(process)
         return process
 
-    try:
-        yield start
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-            process.wait(10)
+    return start
 
 
 def far_line(pid: int, scope: str, sig: int = signal.SIGKILL) -> bytes:

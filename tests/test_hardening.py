@@ -167,11 +167,6 @@ def orphan_acquires_local(queue: Any) -> None:
 
 
 @pytest.fixture
-def fifo(tmp_path: Path) -> str:
-    return str(tmp_path / "timer.fifo")
-
-
-@pytest.fixture
 def orphans() -> Iterator[Callable[..., tuple[int, int]]]:
     """Starts processes that are not descendants of the test; each is killed at teardown, by
     pid, if it is still the process started (same start time)."""

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import pytest
+from helpers import wait_for
 
 from elastic_timer import LocalTimerClient, LocalTimerServer, TimerRequest, configure, expires
 
@@ -133,15 +134,6 @@ def _sleeper(children: Children) -> subprocess.Popen[bytes]:
     child = subprocess.Popen(["sleep", "30"])
     children.append(child)
     return child
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
 
 
 def _join(process: BaseProcess, timeout: float = 10) -> int | None:
@@ -374,10 +366,10 @@ def test_a_worker_that_exits_drops_its_timers(
     mp_queue = FORK.Queue()
     server = _start_server(servers, mp_queue)
     worker = _start(children, _exit_holding_a_timer, mp_queue)
-    assert _wait_for(lambda: any(key[0] == worker.pid for key in server._timers))
+    assert wait_for(lambda: any(key[0] == worker.pid for key in server._timers))
     assert _join(worker) == 3
-    assert _wait_for(lambda: not server._timers)
-    assert _wait_for(lambda: bool(_messages(caplog, f"Worker pid={worker.pid} exited")))
+    assert wait_for(lambda: not server._timers)
+    assert wait_for(lambda: bool(_messages(caplog, f"Worker pid={worker.pid} exited")))
 
 
 def test_deadlines_follow_acquires_and_releases(
@@ -405,8 +397,8 @@ def test_deadlines_follow_acquires_and_releases(
     assert released.poll() is None, "killed at the deadline of a released timer"
     assert moved.wait(5) == -signal.SIGKILL
     assert released.wait(5) == -signal.SIGKILL
-    assert _wait_for(lambda: server.stats()["reaped"] == 3)
-    assert _wait_for(lambda: len(_messages(caplog, "Successfully reaped worker=")) == 3)
+    assert wait_for(lambda: server.stats()["reaped"] == 3)
+    assert wait_for(lambda: len(_messages(caplog, "Successfully reaped worker=")) == 3)
     assert _messages(caplog, f"Reaping worker_id=[{released.pid}]. Expired timers: ['second']")
     assert _messages(caplog, f"Reaping worker_id=[{expired.pid}]. Expired timers: ['zero']")
     assert server._timers == {}
@@ -421,7 +413,7 @@ def test_queue_is_drained_and_consistent(servers: Servers, children: Children) -
     mp_queue = FORK.Queue()
     server = _start_server(servers, mp_queue)
     assert _join(_start(children, _put_many, mp_queue, 500)) == 0
-    assert _wait_for(lambda: server.stats()["requests"] == 500), server.stats()
+    assert wait_for(lambda: server.stats()["requests"] == 500), server.stats()
     assert mp_queue.qsize() == 0
     assert mp_queue.empty()
     assert server.stats()["malformed"] == 0
@@ -452,7 +444,7 @@ def test_a_python_consumer_can_share_the_queue(servers: Servers, children: Child
     try:
         producer = _start(children, _put_many, mp_queue, 300)
         assert _join(producer) == 0
-        assert _wait_for(lambda: server.stats()["requests"] + len(taken) == 300), (
+        assert wait_for(lambda: server.stats()["requests"] + len(taken) == 300), (
             server.stats(),
             len(taken),
         )
@@ -475,7 +467,7 @@ def test_a_bounded_queue_never_blocks_the_client(servers: Servers, children: Chi
     client = _start(children, _put_bounded, mp_queue, 200, slowest)
     assert _join(client, timeout=20) == 0
     assert 0 <= slowest.value < 1.0
-    assert _wait_for(lambda: server.stats()["requests"] == 200), server.stats()
+    assert wait_for(lambda: server.stats()["requests"] == 200), server.stats()
     assert mp_queue.qsize() == 0
 
 
@@ -497,9 +489,9 @@ def test_malformed_items_are_logged_and_skipped(
     mp_queue.put("x" * 100_000)
     worker = _start(children, _hang, mp_queue, 0.3)
     assert _join(worker) == -signal.SIGKILL
-    assert _wait_for(lambda: server.stats()["malformed"] == 5), server.stats()
+    assert wait_for(lambda: server.stats()["malformed"] == 5), server.stats()
     # The count is the loop's; the log records come from the reporter thread, just after.
-    assert _wait_for(lambda: len(_messages(caplog, "Skipping malformed timer request")) >= 5)
+    assert wait_for(lambda: len(_messages(caplog, "Skipping malformed timer request")) >= 5)
 
     reasons = [
         r.getMessage().split(": ", 1)[1]
@@ -581,7 +573,7 @@ def test_a_failed_override_reap_is_retried(
     gaps = [b - a for (_, a), (_, b) in zip(server.calls, server.calls[1:])]
     assert all(0.03 <= gap < 1.0 for gap in gaps), gaps
     assert len(_messages(caplog, f"Error reaping worker=[{worker.pid}]")) == 2
-    assert _wait_for(lambda: bool(_messages(caplog, f"Successfully reaped worker=[{worker.pid}]")))
+    assert wait_for(lambda: bool(_messages(caplog, f"Successfully reaped worker=[{worker.pid}]")))
 
 
 def test_a_raising_override_counts_as_reaped(
@@ -595,8 +587,8 @@ def test_a_raising_override_counts_as_reaped(
     servers.append(server)
     server.start()
     worker = _start(children, _hang, mp_queue, 0.2)
-    assert _wait_for(lambda: len(server.calls) == 1)
-    assert _wait_for(lambda: not server._timers)
+    assert wait_for(lambda: len(server.calls) == 1)
+    assert wait_for(lambda: not server._timers)
     time.sleep(0.3)
     assert len(server.calls) == 1
     assert worker.is_alive()
@@ -686,7 +678,7 @@ def test_workers_are_reaped_while_the_server_process_holds_the_gil(
     try:
         state = _stat(worker)
         assert state is not None and state[1] == gil_server.pid
-        assert _wait_for(lambda: (_stat(worker) or ("?", 0))[0] == "Z", timeout=2.5)
+        assert wait_for(lambda: (_stat(worker) or ("?", 0))[0] == "Z", timeout=2.5)
         zombie_at = time.time()
         assert zombie_at - holding_since < 1.5
         released_line = lines.get(timeout=10).split()
