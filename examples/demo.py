@@ -3,8 +3,9 @@
     python examples/demo.py [--transport local|file] [--start-method spawn|fork|forkserver]
 
 Like torch's local_timer_example: every worker wraps its work in ``expires(after=1)``; the
-happy ones finish in 0.5 s and exit 0, the stuck ones would take 5 s and are killed with
-SIGKILL at their deadline. Exits 0 when every worker ended as expected.
+happy ones finish in 0.5 s, outlive their released deadline by half a second, and exit 0;
+the stuck ones would take 5 s and are killed with SIGKILL at their deadline. Exits 0 when
+every worker ended as expected.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def worker(rank: int, transport: str, channel: Any) -> None:
     stuck = rank % 2 == 0
     with timer.expires(after=1):
         time.sleep(5 if stuck else 0.5)
+    # Past the deadline the release cancelled: a lost release would get this worker killed.
+    time.sleep(1)
 
 
 def main() -> int:

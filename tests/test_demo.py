@@ -1,8 +1,9 @@
 """The README's demo job, for both transports and all three start methods.
 
 8 workers each wrap their work in ``expires(after=1)``; the even ranks would sleep 5 s and
-must be killed with SIGKILL at their deadline, the odd ones finish in 0.5 s and exit 0. The
-demo prints each worker's exit code and exits 0 only if every one is as expected.
+must be killed with SIGKILL at their deadline, the odd ones finish in 0.5 s, live on past
+their released deadline, and exit 0. The demo prints each worker's exit code and exits 0
+only if every one is as expected.
 """
 
 from __future__ import annotations

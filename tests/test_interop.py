@@ -52,18 +52,29 @@ FILE_SERVER_SCRIPT = textwrap.dedent(
 )
 
 
-def file_worker(package: str, fifo: str, after: float, work: float, sig: int) -> None:
+# A happy worker's block: done well within its timer, then it lives on past the deadline it
+# released, so a lost release would get it killed.
+HAPPY = {"after": 0.5, "work": 0.1, "linger": 0.8}
+
+
+def file_worker(
+    package: str, fifo: str, after: float, work: float, sig: int, linger: float = 0.0
+) -> None:
     timer = PACKAGES[package]
     timer.configure(timer.FileTimerClient(fifo, signal=sig))
     with timer.expires(after=after, scope="work"):
         time.sleep(work)
+    time.sleep(linger)
 
 
-def local_worker(package: str, mp_queue: Any, after: float, work: float) -> None:
+def local_worker(
+    package: str, mp_queue: Any, after: float, work: float, linger: float = 0.0
+) -> None:
     timer = PACKAGES[package]
     timer.configure(timer.LocalTimerClient(mp_queue))
     with timer.expires(after=after):
         time.sleep(work)
+    time.sleep(linger)
 
 
 def start_file_server(package: str, tmp_path: Path) -> tuple[subprocess.Popen[str], str, Path]:
@@ -88,7 +99,9 @@ def run_file_scenario(
     """
     server, fifo, events = start_file_server(server_package, tmp_path)
     try:
-        happy = CTX.Process(target=file_worker, args=(client_package, fifo, 5.0, 0.1, sig))
+        happy = CTX.Process(
+            target=file_worker, args=(client_package, fifo), kwargs={**HAPPY, "sig": sig}
+        )
         happy.start()
         happy.join(15)
         stuck = CTX.Process(target=file_worker, args=(client_package, fifo, 0.3, 30, sig))
@@ -137,7 +150,10 @@ def test_mixed_file_clients_on_one_server(tmp_path: Path) -> None:
     server.start()
     try:
         workers = [
-            CTX.Process(target=file_worker, args=(package, fifo, 0.3, work, signal.SIGKILL))
+            CTX.Process(
+                target=file_worker,
+                args=(package, fifo, 0.3, work, signal.SIGKILL, 0.0 if work == 30 else 0.5),
+            )
             for package in ("torch", "ours", "torch", "ours")
             for work in (30, 0.05)
         ]
@@ -159,7 +175,7 @@ def test_local_transport_pairings(server_package: str, client_package: str) -> N
     server.start()
     try:
         stuck = CTX.Process(target=local_worker, args=(client_package, mp_queue, 0.3, 30))
-        happy = CTX.Process(target=local_worker, args=(client_package, mp_queue, 5.0, 0.2))
+        happy = CTX.Process(target=local_worker, args=(client_package, mp_queue), kwargs=HAPPY)
         for worker in (stuck, happy):
             worker.start()
         for worker in (stuck, happy):
@@ -177,7 +193,9 @@ def test_mixed_local_clients_on_one_server() -> None:
     server.start()
     try:
         workers = [
-            CTX.Process(target=local_worker, args=(package, mp_queue, 0.3, work))
+            CTX.Process(
+                target=local_worker, args=(package, mp_queue, 0.3, work, 0.0 if work == 30 else 0.5)
+            )
             for package in ("torch", "ours")
             for work in (30, 0.05)
         ]

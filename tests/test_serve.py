@@ -287,10 +287,11 @@ def test_a_healthy_worker_is_left_alone(
     start_daemon: Callable[..., Daemon], children: Children
 ) -> None:
     daemon = start_daemon()
+    # Done within its timer, then alive past the deadline it released (a lost release kills it).
     script = ELASTIC_WORKER.replace("hang_here()\n", "time.sleep(0.1)\n")
-    worker = start_worker(children, script, daemon.fifo, 2.0)
-    assert worker.wait(5) == 0
-    time.sleep(2.2)  # past the deadline the release cancelled
+    script += "time.sleep(float(sys.argv[2]) + 0.5)\n"
+    worker = start_worker(children, script, daemon.fifo, 1.0)
+    assert worker.wait(10) == 0
     assert "Reaping" not in daemon.log()
     assert daemon.stop() == 0
 
