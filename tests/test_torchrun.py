@@ -387,6 +387,8 @@ def test_install_points_ft_launchers_copy_at_ours_and_uninstall_restores(
         assert (positional._run_id, positional._max_interval) == ("", 0.5)
         with pytest.raises(TypeError, match="at most 4 positional"):
             looked_up(ft_timer)(str(tmp_path / "x.fifo"), 0.5, True, None, "extra")
+        with pytest.raises(TypeError, match="multiple values for argument 'max_interval'"):
+            looked_up(ft_timer)(str(tmp_path / "x.fifo"), 0.5, max_interval=1)
         # torch's copy keeps torch's self-signal.
         torch_server = looked_up(torch_timer)(str(tmp_path / "torch.fifo"), "run", 0.1)
         servers.append(torch_server)
@@ -395,3 +397,36 @@ def test_install_points_ft_launchers_copy_at_ours_and_uninstall_restores(
         integration.uninstall()
     assert not integration.installed()
     assert [looked_up(module) for module in modules] == originals
+
+
+@pytest.mark.parametrize(
+    ("hidden", "warned"),
+    [
+        ("nvidia_resiliency_ext", False),  # not installed
+        ("nvidia_resiliency_ext.fault_tolerance", True),  # installed, but broken
+    ],
+)
+def test_without_a_usable_ft_launcher(hidden: str, warned: bool) -> None:
+    """install() then patches torch's server alone (with a warning when the package is there
+    but cannot be imported), and --launcher ft_launcher is a clear error, not a traceback."""
+    code = f"""if True:
+        import logging, sys
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        sys.modules[{hidden!r}] = None  # what an import of it then raises: ModuleNotFoundError
+        import torch.distributed.elastic.timer as torch_timer
+        import elastic_timer
+        from elastic_timer import torch as integration
+        from elastic_timer.run import main
+        integration.install()
+        print("patched", issubclass(torch_timer.FileTimerServer, elastic_timer.FileTimerServer))
+        integration.uninstall()
+        main(["--launcher", "ft_launcher", "train.py"])
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout == "patched True\n"
+    assert ("nvidia_resiliency_ext is installed but cannot be imported" in result.stderr) is warned
+    assert "elastic-timer-run: --launcher ft_launcher needs nvidia-resiliency-ext" in result.stderr
+    assert "Traceback" not in result.stderr

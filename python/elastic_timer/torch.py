@@ -102,7 +102,11 @@ def _importable(copy: _TimerCopy) -> bool:
         for name in copy.modules:
             importlib.import_module(name)
     except ImportError as error:
-        logger.warning("%s is installed but cannot be imported (%s): not patched", top, error)
+        logger.warning(
+            "%s is installed but cannot be imported (%s): its FileTimerServer is not patched",
+            top,
+            error,
+        )
         return False
     return True
 
