@@ -1,4 +1,4 @@
-"""Real torchrun jobs with elastic-timer's server inside the agent.
+"""Real torchrun (and ft_launcher) jobs with elastic-timer's server inside the agent.
 
 The job (tests/jobs/train.py) runs three steps per worker, each inside
 ``expires(after=1)``; the rank named by HANG_RANK hangs in its second step on the attempts
@@ -94,6 +94,11 @@ def test_a_hung_worker_is_reaped_and_the_group_restarted(tmp_path: Path) -> None
     assert "Reaping worker_pid" in result.stderr
 
 
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The records of an ELASTIC_TIMER_EVENT_LOG: only our server writes one."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: Path) -> None:
     """A torchrun user cannot pass keywords to the agent's server: the environment does it.
     The hung worker's stacks appear in the agent's log before its reap, and in the event log."""
@@ -107,8 +112,7 @@ def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: P
     assert "from faulthandler)" in result.stderr[stacks_at:]
     assert 'train.py", line' in result.stderr[stacks_at:]
     assert stacks_at < result.stderr.index("Reaping worker_pid")
-    records = [json.loads(line) for line in events.read_text().splitlines()]
-    (expired,) = [r for r in records if r["event"] == "timer expired"]
+    (expired,) = [r for r in read_events(events) if r["event"] == "timer expired"]
     assert expired["outcome"] == "signalled"
     assert "in main" in expired["stacks"], expired["stacks"]
 
@@ -246,3 +250,183 @@ def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: P
     assert not integration.installed()
     assert looked_up(torch_timer) is original
     assert looked_up(torch_file_timer) is original
+
+
+# -- ft_launcher (nvidia-resiliency-ext): torchrun's fork, with its own copy of torch's timer ---
+
+FT_LAUNCHER = [LAUNCHER, "--launcher", "ft_launcher"]
+STOCK_FT_LAUNCHER = [sys.executable, "-m", "nvidia_resiliency_ext.fault_tolerance.launcher"]
+FT_TIMER = "nvidia_resiliency_ext.fault_tolerance._torch_elastic_compat.timer"
+needs_ft_launcher = pytest.mark.skipif(
+    sys.version_info < (3, 10), reason="nvidia-resiliency-ext needs Python 3.10+"
+)
+
+
+def expired_by_our_server(events: Path) -> dict[str, Any]:
+    """The one reap of the job, from our server's event log; ft_launcher's agent built the
+    server (at the FIFO path that agent chose, and without a run_id)."""
+    records = read_events(events)
+    started = [r for r in records if r["event"] == "watchdog started"]
+    assert started, records
+    for record in started:
+        assert Path(record["fifo"]).name.startswith("watchdog_timer_"), record
+        assert record["run_id"] == "", record
+    (expired,) = [r for r in records if r["event"] == "timer expired"]
+    assert expired["outcome"] == "signalled", expired
+    assert expired["signal"] == signal.SIGKILL
+    assert [scope.split("#")[0] for scope in expired["scopes"]] == [JOB]
+    return expired
+
+
+@needs_ft_launcher
+def test_ft_launcher_job_has_its_hung_rank_reaped_by_our_server_and_restarted(
+    tmp_path: Path,
+) -> None:
+    """A 2-rank ft_launcher job: rank 1 hangs inside expires(after=1), our native server reaps
+    it, ft_launcher restarts the group (--max-restarts 1) and the job ends with exit code 0."""
+    env = job_env(tmp_path, hang_rank=1, hang_attempts="0")
+    events = tmp_path / "events.jsonl"
+    env["ELASTIC_TIMER_EVENT_LOG"] = str(events)
+    result, _ = run([*FT_LAUNCHER, "--standalone", "--max-restarts", "1", *COMMON, JOB], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert finished(tmp_path) == ["rank 0 attempt 0", "rank 0 attempt 1", "rank 1 attempt 1"]
+    expired_by_our_server(events)
+    # One server per attempt, as ft_launcher's agent starts one per worker group.
+    assert [r["event"] for r in read_events(events)].count("watchdog started") == 2
+
+
+@needs_ft_launcher
+def test_ft_launcher_without_restarts_ends_as_stock_ft_launcher(tmp_path: Path) -> None:
+    """--max-restarts 0: ft_launcher's own server never signals the agent, so ours does not
+    either: the hung rank is reaped and the job ends with stock ft_launcher's exit code."""
+    ours_dir, stock_dir = tmp_path / "ours", tmp_path / "stock"
+    ours_dir.mkdir()
+    stock_dir.mkdir()
+    ours_env = job_env(ours_dir, hang_rank=1, hang_attempts="0")
+    ours_env["ELASTIC_TIMER_EVENT_LOG"] = str(ours_dir / "events.jsonl")
+    ours, _ = run([*FT_LAUNCHER, "--standalone", *COMMON, JOB], ours_env)
+    stock_env = job_env(stock_dir, hang_rank=1, hang_attempts="0")
+    stock_env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
+    stock, _ = run([*STOCK_FT_LAUNCHER, "--standalone", *COMMON, JOB], stock_env)
+    assert "Reaping worker_pid" in stock.stderr, stock.stderr[-3000:]  # its watchdog ran
+    assert ours.returncode == stock.returncode != -signal.SIGKILL, ours.stderr[-3000:]
+    assert finished(ours_dir) == finished(stock_dir) == ["rank 0 attempt 0"]
+    expired_by_our_server(ours_dir / "events.jsonl")
+
+
+def test_launcher_help_says_both_launchers() -> None:
+    plain = subprocess.run([LAUNCHER, "--help"], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0
+    assert "--launcher torchrun" in plain.stdout
+    assert "--launcher ft_launcher" in plain.stdout
+    assert "usage: elastic-timer-run [-h]" in plain.stdout  # torchrun's arguments follow
+    assert "--ft-cfg-path" not in plain.stdout
+
+
+@needs_ft_launcher
+def test_launcher_help_with_ft_launcher_lists_its_arguments() -> None:
+    result = subprocess.run([*FT_LAUNCHER, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--max-restarts above 0" in result.stdout
+    assert "--ft-cfg-path" in result.stdout  # ft_launcher's own arguments follow
+
+
+def test_an_unknown_launcher_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [LAUNCHER, "--launcher", "mpirun", "train.py"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "unknown launcher 'mpirun' (choose from torchrun, ft_launcher)" in result.stderr
+
+
+@needs_ft_launcher
+def test_install_points_ft_launchers_copy_at_ours_and_uninstall_restores(
+    tmp_path: Path, servers: list[Any]
+) -> None:
+    """ft_launcher's agent looks up FileTimerServer in its own copy of torch's timer package:
+    install() patches that copy too, keeping ft_launcher's behaviour (no self-signal) and its
+    signature (no run_id), and uninstall() gives it its own class back."""
+    import importlib
+
+    import elastic_timer
+    from elastic_timer import torch as integration
+
+    names = (
+        FT_TIMER,
+        f"{FT_TIMER}.file_based_local_timer",
+        "torch.distributed.elastic.timer",
+        "torch.distributed.elastic.timer.file_based_local_timer",
+    )
+    modules = [importlib.import_module(name) for name in names]
+
+    def looked_up(module: Any) -> Any:  # what the agent gets, patched at run time
+        return getattr(module, "FileTimerServer")  # noqa: B009
+
+    originals = [looked_up(module) for module in modules]
+    ft_timer, _, torch_timer, _ = modules
+    integration.install(descendants_only=True)
+    try:
+        for module in modules:
+            assert issubclass(looked_up(module), elastic_timer.FileTimerServer)
+        events: list[str] = []
+        # Built the way ft_launcher's agent builds it.
+        server = looked_up(ft_timer)(
+            file_path=str(tmp_path / "ft.fifo"),
+            max_interval=0.1,
+            daemon=True,
+            log_event=lambda name, request: events.append(name),
+        )
+        assert server._run_id == ""
+        assert server._signal_self is False  # ft_launcher's own server never signals the agent
+        server.start()
+        server.stop()
+        assert events == ["watchdog started", "watchdog stopped"]
+        # ft_launcher's positional order has no run_id.
+        positional = looked_up(ft_timer)(str(tmp_path / "positional.fifo"), 0.5)
+        servers.append(positional)
+        assert (positional._run_id, positional._max_interval) == ("", 0.5)
+        with pytest.raises(TypeError, match="at most 4 positional"):
+            looked_up(ft_timer)(str(tmp_path / "x.fifo"), 0.5, True, None, "extra")
+        with pytest.raises(TypeError, match="multiple values for argument 'max_interval'"):
+            looked_up(ft_timer)(str(tmp_path / "x.fifo"), 0.5, max_interval=1)
+        # torch's copy keeps torch's self-signal.
+        torch_server = looked_up(torch_timer)(str(tmp_path / "torch.fifo"), "run", 0.1)
+        servers.append(torch_server)
+        assert (torch_server._run_id, torch_server._signal_self) == ("run", True)
+    finally:
+        integration.uninstall()
+    assert not integration.installed()
+    assert [looked_up(module) for module in modules] == originals
+
+
+@pytest.mark.parametrize(
+    ("hidden", "warned"),
+    [
+        ("nvidia_resiliency_ext", False),  # not installed
+        ("nvidia_resiliency_ext.fault_tolerance", True),  # installed, but broken
+    ],
+)
+def test_without_a_usable_ft_launcher(hidden: str, warned: bool) -> None:
+    """install() then patches torch's server alone (with a warning when the package is there
+    but cannot be imported), and --launcher ft_launcher is a clear error, not a traceback."""
+    code = f"""if True:
+        import logging, sys
+        logging.basicConfig(format="%(levelname)s %(message)s")
+        sys.modules[{hidden!r}] = None  # what an import of it then raises: ModuleNotFoundError
+        import torch.distributed.elastic.timer as torch_timer
+        import elastic_timer
+        from elastic_timer import torch as integration
+        from elastic_timer.run import main
+        integration.install()
+        print("patched", issubclass(torch_timer.FileTimerServer, elastic_timer.FileTimerServer))
+        integration.uninstall()
+        main(["--launcher", "ft_launcher", "train.py"])
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout == "patched True\n"
+    assert ("nvidia_resiliency_ext is installed but cannot be imported" in result.stderr) is warned
+    assert "elastic-timer-run: --launcher ft_launcher needs nvidia-resiliency-ext" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -139,7 +139,8 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
 
     Args:
         file_path: where to create the FIFO.
-        run_id: the job's run id, for the log.
+        run_id: the job's run id, for the log. Optional (default ``""``, what torch's agent
+            passes when ``TORCHELASTIC_RUN_ID`` is unset), since ft_launcher's agent passes none.
         max_interval: accepted for compatibility; deadlines fire when due, not on the next
             poll. It bounds how soon a failed reap is retried (at most 1 s).
         daemon: whether the reporting thread is a daemon (a non-daemon one keeps the
@@ -159,7 +160,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
     def __init__(
         self,
         file_path: str,
-        run_id: str,
+        run_id: str = "",
         max_interval: float = 10,
         daemon: bool = True,
         log_event: Callable[[str, FileTimerRequest | None], None] | None = None,

@@ -1,6 +1,8 @@
-"""``elastic-timer-run``: torchrun, with elastic-timer's native server as the workers' watchdog.
+"""``elastic-timer-run``: torchrun (or ft_launcher), with elastic-timer's native server as the
+workers' watchdog.
 
-Takes every torchrun argument unchanged. It enables the watchdog
+``elastic-timer-run [--launcher {torchrun,ft_launcher}] [launcher's arguments] script.py``.
+Every argument of the launcher works unchanged. It enables the watchdog
 (``TORCHELASTIC_ENABLE_FILE_TIMER=1`` unless already set) and makes the agent use
 elastic-timer's ``FileTimerServer``. Workers call ``elastic_timer.configure()`` (no
 argument: the FIFO comes from ``TORCHELASTIC_TIMER_FILE``) and wrap risky code in
@@ -9,16 +11,26 @@ argument: the FIFO comes from ``TORCHELASTIC_TIMER_FILE``) and wrap risky code i
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from . import torch as torch_integration
 
 HELP_PREAMBLE = """\
-elastic-timer-run: torchrun with elastic-timer's native watchdog.
+elastic-timer-run: torchrun, or ft_launcher, with elastic-timer's native watchdog.
 
-Every torchrun argument below works unchanged. On top of torchrun:
+usage: elastic-timer-run [--launcher {torchrun,ft_launcher}] [launcher's arguments] script.py ...
+
+  --launcher torchrun     torch's torchrun (the default, also without --launcher)
+  --launcher ft_launcher  nvidia-resiliency-ext's ft_launcher (pip install nvidia-resiliency-ext)
+
+--launcher, when given, comes first. Every argument of the launcher works unchanged: they are
+listed below (`elastic-timer-run --launcher ft_launcher --help` lists ft_launcher's). On top
+of the launcher:
   * TORCHELASTIC_ENABLE_FILE_TIMER=1 is set unless you set it yourself, so the agent runs a
     timer server and tells the workers its FIFO in TORCHELASTIC_TIMER_FILE;
   * the timer server is elastic-timer's: it kills a hung worker at its deadline, even if the
@@ -27,7 +39,9 @@ Every torchrun argument below works unchanged. On top of torchrun:
   * --max-restarts above 0: a hung worker is reaped and the worker group restarted, as
     torchrun documents. (torch's own server also signals the agent after a reap, which ends
     the job instead; elastic-timer-run turns that off.) With --max-restarts 0 (the default)
-    torch's behaviour is kept: the agent is signalled too and the job ends.
+    the launcher's behaviour is kept: under torchrun the agent is signalled too and the job
+    ends; under ft_launcher, whose own server never signals the agent, neither does ours,
+    and the job ends as ft_launcher ends it.
 
 Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_STACK_DUMP=SECONDS   log a hung worker's Python stacks before it is killed
@@ -40,24 +54,82 @@ Opt-in diagnostics, set in the environment of this command:
 """
 
 
+@dataclass(frozen=True)
+class Launcher:
+    """A launcher whose module has torchrun's ``parse_args(argv)`` and ``main(argv)``."""
+
+    module: str
+    distribution: str  # what to pip install when the module is missing
+
+
+LAUNCHERS = {
+    "torchrun": Launcher("torch.distributed.run", "torch"),
+    "ft_launcher": Launcher(
+        "nvidia_resiliency_ext.fault_tolerance.launcher", "nvidia-resiliency-ext"
+    ),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    from torch.distributed import run as torchrun
-
+    name, argv = _split_launcher(argv)
+    launcher = _import_launcher(name)
     if "-h" in argv or "--help" in argv:
         sys.stdout.write(HELP_PREAMBLE)
-    args = torchrun.parse_args(argv)  # type: ignore[no-untyped-call]
+    args = launcher.parse_args(argv)
     _log_like_torch()
     os.environ.setdefault("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
     # Every worker is the agent's child here: nothing else may have a timer reap anything.
-    torch_integration.install(signal_self=args.max_restarts == 0, descendants_only=True)
-    torchrun.run(args)  # type: ignore[no-untyped-call]
+    # --max-restarts 0 keeps what the launcher's own server does after a reap (None); above 0
+    # the agent must stay alive to restart the group.
+    torch_integration.install(
+        signal_self=None if args.max_restarts == 0 else False, descendants_only=True
+    )
+    # The launcher's own entry point, so that its exit codes and error files are unchanged.
+    launcher.main(argv)
+
+
+def _split_launcher(argv: list[str]) -> tuple[str, list[str]]:
+    """The leading ``--launcher NAME`` (or ``--launcher=NAME``), and the launcher's arguments.
+
+    Only a leading one counts: anything after the script is the script's."""
+    if argv and argv[0] == "--launcher":
+        if len(argv) < 2:
+            _usage_error("--launcher needs a name")
+        name, rest = argv[1], argv[2:]
+    elif argv and argv[0].startswith("--launcher="):
+        name, rest = argv[0].partition("=")[2], argv[1:]
+    else:
+        return "torchrun", argv
+    if name not in LAUNCHERS:
+        _usage_error(f"unknown launcher {name!r} (choose from {', '.join(LAUNCHERS)})")
+    return name, rest
+
+
+def _import_launcher(name: str) -> Any:
+    launcher = LAUNCHERS[name]
+    try:
+        return importlib.import_module(launcher.module)
+    except ModuleNotFoundError as error:
+        if error.name is None or not f"{launcher.module}.".startswith(f"{error.name}."):
+            raise
+        _usage_error(
+            f"--launcher {name} needs {launcher.distribution} ({error}): "
+            f"pip install {launcher.distribution}"
+        )
+
+
+def _usage_error(message: str) -> NoReturn:
+    sys.stderr.write(f"elastic-timer-run: {message}\n")
+    raise SystemExit(2)
 
 
 def _log_like_torch() -> None:
-    """Show our server's records (reaps above all) beside the agent's, at torch's LOGLEVEL."""
+    """Show our server's records (reaps above all) beside the agent's, at torch's LOGLEVEL.
+
+    A launcher that set up the root logger (ft_launcher does) shows them in its own format."""
     logger = logging.getLogger("elastic_timer")
-    if not logger.handlers:
+    if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
         logger.addHandler(handler)
