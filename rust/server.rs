@@ -1166,13 +1166,15 @@ mod tests {
         let (mut server, path) = fifo_server("stuck", config());
         let events = server.start().expect("start");
         let mut worker = sleeper();
-        let sent = Instant::now();
+        // Measured from the acquire: the deadline is 0.2 s after the request is made.
+        let acquired = Instant::now();
         send(&path, &request(worker.id(), "step", 0.2, libc::SIGKILL));
         let status = worker.wait().expect("wait");
-        let waited = sent.elapsed();
+        let waited = acquired.elapsed();
         assert_eq!(status.signal(), Some(libc::SIGKILL));
-        assert!(waited >= Duration::from_millis(150), "fired early: {waited:?}");
-        assert!(waited < Duration::from_millis(150 + 200), "fired late: {waited:?}");
+        assert!(waited >= Duration::from_millis(195), "fired early: {waited:?}");
+        // Generous on 2 loaded cores; the benches measure the real lateness.
+        assert!(waited < Duration::from_millis(200 + 1000), "fired late: {waited:?}");
         match events.recv_timeout(Duration::from_secs(1)).expect("event") {
             Event::Expired { expiries, ack: None } => {
                 assert_eq!(expiries.len(), 1);
@@ -1412,7 +1414,14 @@ mod tests {
         fifo::create(&other).expect("mkfifo");
         std::fs::rename(&other, &path).expect("rename");
         let identity = fifo::Reader::open(&path).expect("open").identity();
-        thread::sleep(Duration::from_millis(100));
+        // The loop has seen it once it says so.
+        loop {
+            match events.recv_timeout(Duration::from_secs(5)).expect("a warning") {
+                Event::Warning(warning) if warning.contains("is now another FIFO") => break,
+                Event::Warning(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
         server.stop();
         assert_eq!(fifo::path_state(&path, identity), fifo::PathState::Ours, "left alone");
         fifo::remove(&path).expect("rm");
@@ -1488,9 +1497,15 @@ mod tests {
             fifo_server("escalate", Config { escalate_after: Some(grace), ..config() });
         let events = server.start().expect("start");
         // A shell that ignores SIGTERM, waiting on a child that would die of it.
-        let mut worker =
-            Process::new("sh").args(["-c", "trap '' TERM; sleep 30 & wait"]).spawn().expect("sh");
-        thread::sleep(Duration::from_millis(100)); // the trap is set
+        let mut worker = Process::new("sh")
+            .args(["-c", "trap '' TERM; echo trapped; sleep 30 & wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        let mut line = String::new();
+        let stdout = worker.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
+        assert_eq!(line, "trapped\n", "the trap is set");
         server.register([request(worker.id(), "stuck", 0.0, libc::SIGTERM)]);
         assert!(matches!(expiry(&events).outcome, ReapOutcome::Signalled));
         let started = Instant::now();

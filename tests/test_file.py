@@ -107,10 +107,13 @@ def acquire_then_exit_worker(path: str, may_exit: Any) -> None:
     may_exit.wait(10)
 
 
-def late_client_worker(path: str) -> None:
-    """Sends an acquire and a release with a client willing to wait 3 s for a server."""
+def late_client_worker(path: str, asking: Any, acquired_at: Any) -> None:
+    """Sends an acquire and a release with a client willing to wait 3 s for a server, saying
+    when it starts asking and when the acquire got through."""
     client = FileTimerClient(path, connect_timeout=3.0)
+    asking.set()
     client.acquire("late", time.time() + 60)
+    acquired_at.value = time.time()
     client.release("late")
 
 
@@ -175,6 +178,12 @@ def sleeper(children: list[Any]) -> Callable[[], subprocess.Popen[bytes]]:
         return process
 
     return start
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc (R running, S sleeping, Z zombie...)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
 
 
 def far_line(pid: int, scope: str, sig: int = signal.SIGKILL) -> bytes:
@@ -662,12 +671,18 @@ def test_client_process_started_before_the_server(
     make_server: Callable[..., FileTimerServer], procs: Callable[..., BaseProcess], fifo: str
 ) -> None:
     """A worker whose first request comes before the server exists gets through, then works."""
-    worker = procs(late_client_worker, fifo)
-    time.sleep(0.3)
+    asking, acquired_at = CTX.Event(), CTX.Value("d", 0.0)
+    worker = procs(late_client_worker, fifo, asking, acquired_at)
+    assert asking.wait(10) and worker.pid is not None
+    pid = worker.pid
+    # Asleep inside the acquire (the client waits for the FIFO), not yet through it.
+    assert wait_for(lambda: process_state(pid) == "S" and acquired_at.value == 0.0)
+    created = time.time()
     server = make_server(max_interval=0.1)
     server.start()
     worker.join(10)
     assert worker.exitcode == 0
+    assert acquired_at.value >= created, "the acquire did not wait for the server"
     server.run_once()
     assert server._request_count == 2
 

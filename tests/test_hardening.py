@@ -501,9 +501,9 @@ def test_a_deleted_fifo_is_created_again_and_a_replacing_one_left_alone(
 # -- a restart while clients run ----------------------------------------------------------------
 
 
-def client_through_a_restart(path: str, done: Any, outcomes: Any) -> None:
+def client_through_a_restart(path: str, done: Any, outcomes: Any, counts: Any) -> None:
     """Sends releases (harmless) until told to stop; records 1 per success and 0 per
-    BrokenPipeError, in order."""
+    BrokenPipeError, in order, and counts both as it goes (``counts[1]``, ``counts[0]``)."""
     client = FileTimerClient(path, connect_timeout=0.02)
     sent: list[int] = []
     while not done.is_set() and len(sent) < 10_000:
@@ -512,6 +512,7 @@ def client_through_a_restart(path: str, done: Any, outcomes: Any) -> None:
             sent.append(1)
         except BrokenPipeError:
             sent.append(0)
+        counts[sent[-1]] += 1
         time.sleep(0.002)
     outcomes.put(sent)
 
@@ -525,15 +526,16 @@ def test_clients_get_broken_pipe_while_the_server_restarts_then_work_again(
     server = FileTimerServer(fifo, "restart", max_interval=0.1, signal_self=False)
     servers.append(server)
     server.start()
-    done, outcomes = CTX.Event(), CTX.Queue()
-    client = CTX.Process(target=client_through_a_restart, args=(fifo, done, outcomes))
+    done, outcomes, counts = CTX.Event(), CTX.Queue(), CTX.Array("i", 2)
+    client = CTX.Process(target=client_through_a_restart, args=(fifo, done, outcomes, counts))
     client.start()
     children.append(client)
-    time.sleep(0.3)
+    assert wait_for(lambda: counts[1] >= 10), "the client's requests never succeeded"
     server.stop()
-    time.sleep(0.3)
+    assert wait_for(lambda: counts[0] >= 10), "no BrokenPipeError without a server"
+    succeeded = counts[1]
     server.start()
-    time.sleep(0.3)
+    assert wait_for(lambda: counts[1] >= succeeded + 10), "no success after the restart"
     done.set()
     sent: list[int] = outcomes.get(timeout=10)
     client.join(5)
