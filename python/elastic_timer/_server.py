@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -94,11 +95,60 @@ class NativeServer(Generic[R]):
     def _tuple_from_request(self, request: R) -> RequestTuple:
         raise NotImplementedError
 
+    # How torch's server of this transport names a worker in "Reaping worker_...=[pid]".
+    _worker_label: str
+
+    def _reap_delegated(self, pid: int, signal: int) -> bool:
+        """Runs the overridden ``_reap_worker`` as torch's server of this transport does:
+        True if the worker counts as reaped. The caller answers the loop."""
+        raise NotImplementedError
+
+    def _timer_event(self, name: str, request: R | None) -> None:
+        """torch's ``log_event(name, request)`` for servers that have one."""
+
+    # -- one expiry, as torch's servers log and handle it ------------------------------------
+
     def _reap_expired(
         self, pid: int, requests: list[R], signal: int, outcome: str, detail: str | None
     ) -> str:
-        """Logs (and, for a delegated reap, performs) one expiry; returns its final outcome."""
-        raise NotImplementedError
+        """Logs (and, for a delegated reap, performs) one expiry; returns its final outcome.
+
+        ``requests`` are its expired timers in expiration order; torch reports those up to
+        the first with a positive signal (the one that decided the signal) as expired.
+        """
+        scopes = [r.scope_id for r in requests]
+        if outcome == "dry_run":
+            log_dry_run(pid, scopes, signal)
+        else:
+            logger.info("Reaping %s=[%s]. Expired timers: %s", self._worker_label, pid, scopes)
+        deciding = None
+        for request in requests:
+            self._timer_event("timer expired", request)
+            if request_signal(request) > 0:
+                deciding = request
+                break
+        if outcome == "delegated":
+            reaped = False
+            try:
+                reaped = self._reap_delegated(pid, signal)
+            finally:
+                # Always answer, or the loop would wait for this worker for good.
+                self._core.complete_reap(pid, reaped)
+            outcome = "signalled" if reaped else "failed"
+        if outcome == "not_signalled":
+            logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
+        elif outcome == "gone":
+            logger.info("Process with pid=%s does not exist. Skipping", pid)
+        elif outcome == "signalled":
+            logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
+            self._timer_event("kill worker process", deciding)
+        elif outcome == "failed":
+            logger.error(
+                "Error reaping worker=[%s]%s. Will retry on next watchdog.",
+                pid,
+                f" ({detail})" if detail else "",
+            )
+        return outcome
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -292,6 +342,11 @@ def _log_stacks(pid: int, scopes: list[str], source: str, text: str, complete: b
         "" if complete else ", cut short by the grace period",
         text.rstrip(),
     )
+
+
+def request_signal(request: TimerRequest) -> int:
+    """The signal a request asks for: its own (File), else SIGKILL (the Local transport's)."""
+    return int(getattr(request, "signal", signal.SIGKILL))
 
 
 def worker_pid(worker_id: Any) -> int:

@@ -18,7 +18,6 @@ from ._server import (
     NativeServer,
     RequestTuple,
     kill_worker,
-    log_dry_run,
     overrides,
     request_tuple,
 )
@@ -273,54 +272,19 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             # Otherwise the native loop signals this process once this report is done.
         return outcomes
 
-    def _reap_expired(
-        self,
-        pid: int,
-        requests: list[FileTimerRequest],
-        signal: int,
-        outcome: str,
-        detail: str | None,
-    ) -> str:
-        if outcome == "dry_run":
-            log_dry_run(pid, [r.scope_id for r in requests], signal)
-        else:
-            logger.info(
-                "Reaping worker_pid=[%s]. Expired timers: %s", pid, [r.scope_id for r in requests]
-            )
-        chosen = None
-        for request in requests:
-            self._emit("timer expired", request)
-            if request.signal > 0:
-                chosen = request
-                break
-        if outcome == "not_signalled":
-            logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
-        elif outcome == "delegated":
-            outcome = "signalled" if self._reap_delegated(pid, signal) else "failed"
-        if outcome == "gone":
-            logger.info("Process with pid=%s does not exist. Skipping", pid)
-        elif outcome == "signalled":
-            logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
-            self._emit("kill worker process", chosen)
-        elif outcome == "failed":
-            logger.error(
-                "Error reaping worker=[%s]%s. Will retry on next watchdog.",
-                pid,
-                f" ({detail})" if detail else "",
-            )
-        return outcome
+    _worker_label = "worker_pid"
 
     def _reap_delegated(self, pid: int, signal: int) -> bool:
-        """Runs an overridden ``_reap_worker`` and always gives the answer to the loop."""
-        reaped = False
+        # As torch's FileTimerServer, where the exception ends the pass and the reap is tried
+        # again: an override that raises has not reaped.
         try:
-            reaped = bool(self._reap_worker(pid, signal))
+            return bool(self._reap_worker(pid, signal))
         except Exception:
-            # As in torch, where the exception ends the pass and the reap is tried again.
             logger.exception("Error running _reap_worker for pid=%s", pid)
-        finally:
-            self._core.complete_reap(pid, reaped)
-        return reaped
+            return False
+
+    def _timer_event(self, name: str, request: FileTimerRequest | None) -> None:
+        self._emit(name, request)
 
     def _reap_worker(self, worker_pid: int, signal: int) -> bool:
         return kill_worker(worker_pid, signal)

@@ -20,7 +20,6 @@ from ._server import (
     NativeServer,
     RequestTuple,
     kill_worker,
-    log_dry_run,
     overrides,
     request_tuple,
     worker_pid,
@@ -205,38 +204,11 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
                 continue
             self.register_timers(items)
 
-    def _reap_expired(
-        self,
-        pid: int,
-        requests: list[TimerRequest],
-        signal: int,
-        outcome: str,
-        detail: str | None,
-    ) -> str:
-        scopes = [r.scope_id for r in requests]
-        if outcome == "dry_run":
-            log_dry_run(pid, scopes, signal)
-            return outcome
-        logger.info("Reaping worker_id=[%s]. Expired timers: %s", pid, scopes)
-        if outcome == "delegated":
-            reaped = False
-            try:
-                reaped = self._reap_worker_no_throw(pid)
-            finally:
-                # Always answer, or the loop would wait for this worker for good.
-                self._core.complete_reap(pid, reaped)
-            outcome = "signalled" if reaped else "failed"
-        if outcome == "signalled":
-            logger.info("Successfully reaped worker=[%s]", pid)
-        elif outcome == "gone":
-            logger.info("Process with pid=%s does not exist. Skipping", pid)
-        else:
-            logger.error(
-                "Error reaping worker=[%s]%s. Will retry on next watchdog.",
-                pid,
-                f" ({detail})" if detail else "",
-            )
-        return outcome
+    _worker_label = "worker_id"
+
+    def _reap_delegated(self, pid: int, signal: int) -> bool:
+        # As torch's LocalTimerServer: an override that raises counts as having reaped.
+        return self._reap_worker_no_throw(pid)
 
     def _reap_worker(self, worker_id: int) -> bool:
         return kill_worker(worker_pid(worker_id), signal.SIGKILL)
