@@ -212,7 +212,7 @@ class Diagnostics:
     owns_stacks_dir: bool = False
     # Whether the stacks directory is the user's ELASTIC_TIMER_STACKS_DIR (left set at stop).
     stacks_dir_from_env: bool = False
-    _announcement: _Announcement | None = field(default=None, init=False, repr=False)
+    _announcement: _Announcement | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def resolve(cls, **options: Unpack[DiagnosticsOptions]) -> Diagnostics:
