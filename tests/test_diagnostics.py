@@ -321,8 +321,8 @@ def test_a_file_server_names_its_stacks_directory_beside_its_fifo_while_it_runs(
     sidecar.write_text("/another/servers/stacks\n")
     server.stop()
     assert sidecar.read_text() == "/another/servers/stacks\n"
-    sidecar.unlink()
-    # Without stack dumps there is nothing to name.
+    # Without stack dumps there is nothing to name, and one left by a server that died with
+    # the FIFO this one replaced goes.
     plain = FileTimerServer(fifo, "plain", signal_self=False)
     plain.start()
     try:

@@ -302,6 +302,11 @@ class Diagnostics:
             if environment is not None:
                 _announced_dirs[environment] += 1
                 os.environ[STACKS_DIR_ENV] = environment
+        elif fifo is not None:
+            # One left by a server that died with the FIFO this server replaced: its clients
+            # would arm for stacks that nobody takes.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fifo + STACKS_SIDECAR_SUFFIX)
         return sink
 
     def close(self, sink: EventSink) -> None:
