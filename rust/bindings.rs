@@ -355,7 +355,8 @@ impl PyFifoClient {
     }
 
     /// Sends one request as torch's FileTimerClient does, but waiting (bounded) for a server
-    /// that is starting and for room in a full pipe.
+    /// that is starting and for room in a full pipe. Returns the stacks directory the server
+    /// named if this request opened a new connection to a server taking stacks, else None.
     fn send(
         &self,
         py: Python<'_>,
@@ -363,14 +364,14 @@ impl PyFifoClient {
         scope_id: &str,
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
-    ) -> PyResult<()> {
+    ) -> PyResult<Option<PathBuf>> {
         let mut line = Vec::with_capacity(128 + scope_id.len());
         codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
         // Keep the GIL for a write that cannot wait; let go of it for one that may.
         if !self.0.try_send(&line)? {
             py.detach(|| self.0.send(&line))?;
         }
-        Ok(())
+        Ok(self.0.take_stacks_dir())
     }
 }
 

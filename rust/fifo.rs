@@ -6,8 +6,10 @@
 //! of concurrent clients never interleave); a full pipe is waited on, bounded, instead of
 //! failing with `BlockingIOError` as torch's client does.
 
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{self, inotify, FileType, Mode, OFlags, CWD};
 use rustix::io::Errno;
+
+use crate::untrusted;
 
 /// The longest request line (without its newline): writes up to `PIPE_BUF` bytes are atomic.
 pub const MAX_LINE: usize = libc::PIPE_BUF;
@@ -57,6 +61,32 @@ fn fifo_kind(fd: &OwnedFd) -> io::Result<Option<bool>> {
     let mode = fs::fstat(fd)?.st_mode;
     Ok((FileType::from_raw_mode(mode) == FileType::Fifo)
         .then_some(Mode::from_raw_mode(mode).contains(Mode::SVTX)))
+}
+
+/// Where our server names its stacks directory for its clients, when it takes stacks: the
+/// file `<fifo>.stacks` beside the FIFO, holding the directory's path. (The Python server
+/// writes it at start and removes it at stop; `Client` reads it when it connects.)
+pub fn stacks_sidecar(fifo: &Path) -> PathBuf {
+    let mut path = fifo.as_os_str().to_owned();
+    path.push(".stacks");
+    path.into()
+}
+
+/// The stacks directory named beside the FIFO `fifo`, opened at `path`. It must be in a
+/// regular file of the FIFO's owner (no other user can send the workers elsewhere), and an
+/// absolute path of at most `PATH_MAX` bytes. None if there is none, or it is not fit.
+fn announced_stacks_dir(path: &Path, fifo: &OwnedFd) -> Option<PathBuf> {
+    let owner = fs::fstat(fifo).ok()?.st_uid;
+    let file = untrusted::open(&stacks_sidecar(path), &[owner]).ok()??;
+    let mut read = untrusted::read_bounded(&file, 0, libc::PATH_MAX as usize).ok()?;
+    if read.cut {
+        return None;
+    }
+    if read.bytes.last() == Some(&b'\n') {
+        read.bytes.pop();
+    }
+    let dir = PathBuf::from(OsString::from_vec(read.bytes));
+    dir.is_absolute().then_some(dir)
 }
 
 /// Removes the FIFO at `path` if it is still there.
@@ -352,22 +382,39 @@ pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), S
 /// client does: torch's server reads with a blocking `readline` that only returns at end of
 /// file, so a client that kept the FIFO open would stall its watchdog loop. A FIFO our server
 /// created carries a mark (see `create`): then the FIFO is kept open between requests, and
-/// opened again when the server has gone.
+/// opened again when the server has gone. On each connection to a marked FIFO (the first
+/// request, and after a restart; not per request), the client reads the stacks directory the
+/// server names beside it (`stacks_sidecar`), for `take_stacks_dir`.
 #[derive(Debug)]
 pub struct Client {
     path: PathBuf,
     options: SendOptions,
     /// The open FIFO, while it is one of our servers'.
     kept: Mutex<Option<OwnedFd>>,
+    /// The stacks directory our server named at the last connection, until taken.
+    stacks_dir: Mutex<Option<PathBuf>>,
 }
 
 impl Client {
     pub fn new(path: PathBuf, options: SendOptions) -> Self {
-        Self { path, options, kept: Mutex::new(None) }
+        Self { path, options, kept: Mutex::new(None), stacks_dir: Mutex::new(None) }
     }
 
     fn kept(&self) -> MutexGuard<'_, Option<OwnedFd>> {
         self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The stacks directory a server taking stacks named when this client connected to it
+    /// (once per connection: None until the next one).
+    pub fn take_stacks_dir(&self) -> Option<PathBuf> {
+        self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+
+    /// A request went through a new connection to `fifo`, one of our servers'.
+    fn connected(&self, fifo: &OwnedFd) {
+        if let Some(dir) = announced_stacks_dir(&self.path, fifo) {
+            *self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dir);
+        }
     }
 
     /// Sends the line if that needs no waiting (a server reading, room in the pipe). Returns
@@ -378,15 +425,15 @@ impl Client {
             return Ok(false);
         }
         let mut kept = self.kept();
-        let (fd, ours) = match kept.take() {
-            Some(fd) => (fd, true),
+        let (fd, ours, new) = match kept.take() {
+            Some(fd) => (fd, true, false),
             None => {
                 let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
                 let Ok(fd) = fs::open(&self.path, flags, Mode::empty()) else {
                     return Ok(false);
                 };
                 match fifo_kind(&fd)? {
-                    Some(ours) => (fd, ours),
+                    Some(ours) => (fd, ours, true),
                     None => return Ok(false),
                 }
             }
@@ -394,6 +441,9 @@ impl Client {
         match rustix::io::write(&fd, line) {
             Ok(_) => {
                 if ours {
+                    if new {
+                        self.connected(&fd);
+                    }
                     *kept = Some(fd);
                 }
                 Ok(true)
@@ -411,16 +461,20 @@ impl Client {
         let mut kept = self.kept();
         let mut reconnected = false;
         loop {
-            let (fd, ours) = match kept.take() {
-                Some(fd) => (fd, true),
+            let (fd, ours, new) = match kept.take() {
+                Some(fd) => (fd, true, false),
                 None => {
                     reconnected = true;
-                    connect(&self.path, self.options.connect_timeout)?
+                    let (fd, ours) = connect(&self.path, self.options.connect_timeout)?;
+                    (fd, ours, true)
                 }
             };
             match write_all(&fd, line, self.options.send_timeout) {
                 Ok(()) => {
                     if ours {
+                        if new {
+                            self.connected(&fd);
+                        }
                         *kept = Some(fd);
                     }
                     return Ok(());
@@ -705,5 +759,67 @@ mod tests {
         remove(&path).expect("rm");
         let err = client.send(b"x\n").unwrap_err();
         assert!(matches!(err, SendError::NoServer { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_client_learns_the_stacks_directory_when_it_connects_to_our_server() {
+        let path = temp_fifo("sidecar");
+        let sidecar = stacks_sidecar(&path);
+        assert_eq!(sidecar.to_str(), path.to_str().map(|p| format!("{p}.stacks")).as_deref());
+        std::fs::write(&sidecar, "/run/job/stacks\n").expect("write");
+        let mut reader = Reader::open(&path).expect("open");
+        let client = Client::new(path.clone(), OPTIONS);
+        assert!(client.try_send(b"first\n").expect("try"));
+        assert_eq!(client.take_stacks_dir(), Some(PathBuf::from("/run/job/stacks")));
+        client.send(b"second\n").expect("send");
+        assert_eq!(client.take_stacks_dir(), None, "read once per connection, not per request");
+        assert_eq!(collect(&mut reader), ["first", "second"]);
+        // A restart: the next connection reads it again.
+        drop(reader);
+        create(&path).expect("mkfifo again");
+        std::fs::write(&sidecar, "/run/job/stacks-2").expect("write");
+        reader = Reader::open(&path).expect("reopen");
+        client.send(b"third\n").expect("send after the restart");
+        assert_eq!(client.take_stacks_dir(), Some(PathBuf::from("/run/job/stacks-2")));
+        assert_eq!(collect(&mut reader), ["third"]);
+        drop(reader);
+        remove(&path).expect("rm");
+        std::fs::remove_file(&sidecar).expect("rm");
+    }
+
+    #[test]
+    fn a_stacks_sidecar_that_is_not_the_servers_is_ignored() {
+        let path = temp_fifo("bad-sidecar");
+        let sidecar = stacks_sidecar(&path);
+        let target = std::env::temp_dir().join(format!("et-fifo-{}-target", std::process::id()));
+        std::fs::write(&target, "/elsewhere\n").expect("write");
+        let fifo = fs::open(&path, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).expect("open");
+        let announced = || announced_stacks_dir(&path, &fifo);
+        std::os::unix::fs::symlink(&target, &sidecar).expect("symlink");
+        assert_eq!(announced(), None, "a symbolic link");
+        std::fs::remove_file(&sidecar).expect("rm");
+        std::fs::write(&sidecar, "relative/dir\n").expect("write");
+        assert_eq!(announced(), None, "not an absolute path");
+        std::fs::write(&sidecar, format!("/{}", "x".repeat(libc::PATH_MAX as usize)))
+            .expect("write");
+        assert_eq!(announced(), None, "longer than PATH_MAX");
+        std::fs::write(&sidecar, "/run/job/stacks\n").expect("write");
+        assert_eq!(announced(), Some(PathBuf::from("/run/job/stacks")));
+        // Another user's file (chown needs root, as the suite runs).
+        std::os::unix::fs::chown(&sidecar, Some(54321), None).expect("chown (needs root)");
+        assert_eq!(announced(), None, "not the FIFO owner's");
+        std::fs::remove_file(&sidecar).expect("rm");
+        std::fs::remove_file(&target).expect("rm");
+        // torch's server leaves a plain FIFO: a sidecar beside it is never read.
+        remove(&path).expect("rm");
+        fs::mkfifoat(CWD, &path, Mode::from_raw_mode(0o666)).expect("mkfifo");
+        std::fs::write(&sidecar, "/run/job/stacks\n").expect("write");
+        let mut reader = Reader::open(&path).expect("open");
+        let client = Client::new(path.clone(), OPTIONS);
+        client.send(b"x\n").expect("send");
+        assert_eq!(client.take_stacks_dir(), None);
+        assert_eq!(collect(&mut reader), ["x"]);
+        remove(&path).expect("rm");
+        std::fs::remove_file(&sidecar).expect("rm");
     }
 }

@@ -15,6 +15,7 @@ pub mod queue;
 pub mod reaper;
 pub mod server;
 pub mod stacks;
+pub mod untrusted;
 
 #[cfg(feature = "python")]
 mod bindings;

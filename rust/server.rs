@@ -492,7 +492,7 @@ impl Shared {
     }
 
     /// Starts taking the stacks of an expired worker, if the server is asked to and can.
-    fn start_dump(&self, state: &State, pid: i64, now: Instant) -> Option<stacks::Dump> {
+    fn start_dump(&self, state: &mut State, pid: i64, now: Instant) -> Option<stacks::Dump> {
         let config = self.config.stack_dump.as_ref()?;
         let target = raw_pid(pid)?;
         if state.dumped.contains(&pid) || !state.workers.is_running(target) {
@@ -500,7 +500,12 @@ impl Shared {
         }
         let start_time = reaper::start_time(target)?;
         let send = |signal| matches!(state.workers.signal(target, signal), Outcome::Signalled);
-        stacks::Dump::start(config, target.as_raw_nonzero().get(), start_time, send, now)
+        let (dump, refused) =
+            stacks::Dump::start(config, target.as_raw_nonzero().get(), start_time, send, now);
+        if let Some(reason) = refused {
+            state.emit(Event::Warning(reason));
+        }
+        dump
     }
 
     /// Does what an expiry calls for (signal, hand over, or only report) and keeps the books.

@@ -5,19 +5,25 @@
 //! worker from a later process given the same pid). Such a worker is sent that signal; for
 //! others the server runs `py-spy dump` when it has one. Nothing here blocks: the loop polls
 //! a dump until it is complete or its grace period ends, then reaps as usual.
+//!
+//! The stacks directory may be writable by others, and the server may run as root, so the
+//! worker's file is read as untrusted input (`untrusted`): it must be the worker's own
+//! regular file, and no more than [`MAX_TEXT`] bytes of it are kept.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 
+use crate::untrusted;
+
 /// How often a dump in progress is looked at.
 const POLL: Duration = Duration::from_millis(10);
 /// The most of a dump kept (a process with thousands of threads writes megabytes).
-const MAX_TEXT: u64 = 256 * 1024;
+const MAX_TEXT: usize = 256 * 1024;
 
 /// How a server collects stacks.
 #[derive(Debug, Clone)]
@@ -52,8 +58,8 @@ impl Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stacks {
     pub source: Source,
-    /// What the worker (or py-spy) wrote, up to [`MAX_TEXT`] bytes; empty if nothing came
-    /// within the grace period.
+    /// What the worker (or py-spy) wrote, up to [`MAX_TEXT`] bytes (then a line says it was
+    /// cut); empty if nothing came within the grace period.
     pub text: String,
     /// False if the grace period ended first (the text may be cut short).
     pub complete: bool,
@@ -68,7 +74,9 @@ pub fn armed_path(dir: &Path, pid: i32, start_time: u64) -> PathBuf {
 #[derive(Debug)]
 pub struct Dump {
     source: Source,
-    path: PathBuf,
+    /// The file the stacks go to, opened once: what is read is the file that was checked,
+    /// whatever is at its path by then.
+    file: File,
     /// Where this dump starts in the file (a worker left running by a dry run is dumped
     /// again into the same file).
     offset: u64,
@@ -80,36 +88,49 @@ pub struct Dump {
 
 impl Dump {
     /// Asks worker `pid` for its stacks: `send` delivers the dump signal to it (and says
-    /// whether it did). None if there is no way to get them.
+    /// whether it did). Returns the dump (None if there is no way to get the stacks), and,
+    /// if the worker's stacks file was not fit to read, why (then py-spy is tried).
     pub fn start(
         config: &Config,
         pid: i32,
         start_time: u64,
         send: impl FnOnce(Signal) -> bool,
         now: Instant,
-    ) -> Option<Self> {
+    ) -> (Option<Self>, Option<String>) {
         let until = now + config.grace;
         let armed = armed_path(&config.dir, pid, start_time);
-        if let Ok(metadata) = fs::metadata(&armed) {
-            if send(config.signal) {
-                let offset = metadata.len();
-                let source = Source::Faulthandler;
-                return Some(Self {
-                    source,
-                    path: armed,
+        let refused = match open_armed(&armed, pid) {
+            Ok(Some(file)) => {
+                // Before the signal: the worker may write at once.
+                let offset = file.metadata().map_or(0, |m| m.len());
+                if !send(config.signal) {
+                    return (None, None);
+                }
+                let dump = Self {
+                    source: Source::Faulthandler,
+                    file,
                     offset,
                     last_len: offset,
                     py_spy: None,
                     until,
                     complete: false,
-                });
+                };
+                return (Some(dump), None);
             }
-            return None;
-        }
+            Ok(None) => None,
+            Err(reason) => Some(format!(
+                "Not reading {}, the stacks file of worker pid={pid}: {reason}",
+                armed.display()
+            )),
+        };
+        (Self::start_py_spy(config, pid, start_time, until), refused)
+    }
+
+    fn start_py_spy(config: &Config, pid: i32, start_time: u64, until: Instant) -> Option<Self> {
         let py_spy = config.py_spy.as_ref()?;
-        let path = config.dir.join(format!("{pid}-{start_time}.py-spy"));
-        let output = File::create(&path).ok()?;
-        let errors = output.try_clone().ok()?;
+        let file = private_file(&config.dir.join(format!("{pid}-{start_time}.py-spy"))).ok()?;
+        let output = file.try_clone().ok()?;
+        let errors = file.try_clone().ok()?;
         let child = Command::new(py_spy)
             .args(["dump", "--pid", &pid.to_string()])
             .stdin(Stdio::null())
@@ -117,13 +138,12 @@ impl Dump {
             .stderr(errors)
             .spawn()
             .ok()?;
-        let py_spy = Some(child);
         Some(Self {
             source: Source::PySpy,
-            path,
+            file,
             offset: 0,
             last_len: 0,
-            py_spy,
+            py_spy: Some(child),
             until,
             complete: false,
         })
@@ -136,7 +156,7 @@ impl Dump {
             None => {
                 // faulthandler writes from its signal handler, in one burst: the dump is
                 // complete once the file has grown and then stayed the same for a poll.
-                let len = fs::metadata(&self.path).map_or(self.last_len, |m| m.len());
+                let len = self.file.metadata().map_or(self.last_len, |m| m.len());
                 let settled = len > self.offset && len == self.last_len;
                 self.last_len = len;
                 settled
@@ -158,12 +178,17 @@ impl Dump {
             }
             let _ = child.wait();
         }
-        let complete = self.complete;
-        let text = read_from(&self.path, self.offset).unwrap_or_default();
-        if self.source == Source::PySpy {
-            let _ = fs::remove_file(&self.path);
-        }
-        Stacks { source: self.source, text, complete }
+        let text = match untrusted::read_bounded(&self.file, self.offset, MAX_TEXT) {
+            Ok(read) => {
+                let mut text = String::from_utf8_lossy(&read.bytes).into_owned();
+                if read.cut {
+                    text.push_str(&format!("\n[cut: only the first {MAX_TEXT} bytes are shown]\n"));
+                }
+                text
+            }
+            Err(_) => String::new(),
+        };
+        Stacks { source: self.source, text, complete: self.complete }
     }
 }
 
@@ -177,13 +202,45 @@ impl Drop for Dump {
     }
 }
 
-/// Up to [`MAX_TEXT`] bytes of `path` from `offset`, as text.
-fn read_from(path: &Path, offset: u64) -> std::io::Result<String> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(offset))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_TEXT).read_to_end(&mut bytes)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+/// The stacks file worker `pid` armed, if it has one that is fit to read: its own (owned by
+/// its real or effective uid), not a link, a regular file. The directory may be writable by
+/// others, and the server may be root: what it logs must be what the worker wrote.
+fn open_armed(path: &Path, pid: i32) -> Result<Option<File>, untrusted::Refused> {
+    let Some(owners) = uids(pid) else {
+        return Ok(None);
+    };
+    untrusted::open(path, &owners)
+}
+
+/// The real and effective uids of process `pid` (`/proc/<pid>/status`).
+fn uids(pid: i32) -> Option<[u32; 2]> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    let mut fields = line.split_whitespace().map(str::parse);
+    Some([fields.next()?.ok()?, fields.next()?.ok()?])
+}
+
+/// A new file of the server's own at `path` for py-spy's output, opened for reading too and
+/// unlinked at once: nothing at that path (a link someone left there) is followed or read.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    let create = || {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+    };
+    let file = match create() {
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::remove_file(path)?;
+            create()?
+        }
+        result => result?,
+    };
+    fs::remove_file(path)?;
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -201,21 +258,32 @@ mod tests {
         dir
     }
 
+    /// This test process stands in for the worker: its uids own the files the test writes.
+    fn worker() -> (i32, u64) {
+        let pid = rustix::process::getpid();
+        (pid.as_raw_nonzero().get(), crate::reaper::start_time(pid).expect("start time"))
+    }
+
+    fn append(path: &Path, bytes: &[u8]) {
+        let mut file = fs::OpenOptions::new().append(true).open(path).expect("open");
+        std::io::Write::write_all(&mut file, bytes).expect("write");
+    }
+
     #[test]
     fn an_armed_worker_is_signalled_and_its_new_output_read() {
         let dir = temp_dir("armed");
-        let path = armed_path(&dir, 4242, 77);
+        let (pid, start_time) = worker();
+        let path = armed_path(&dir, pid, start_time);
         fs::write(&path, "an earlier dump\n").expect("write");
         let mut sent = None;
         let now = Instant::now();
-        let mut dump =
-            Dump::start(&config(&dir, None), 4242, 77, |s| sent.replace(s).is_none(), now)
-                .expect("started");
+        let send = |s| sent.replace(s).is_none();
+        let (dump, refused) = Dump::start(&config(&dir, None), pid, start_time, send, now);
+        let mut dump = dump.expect("started");
+        assert!(refused.is_none());
         assert_eq!(sent, Some(Signal::USR2));
         assert!(!dump.poll(now), "nothing written yet");
-        let mut file = fs::OpenOptions::new().append(true).open(&path).expect("open");
-        std::io::Write::write_all(&mut file, b"Thread 0x1 (most recent call first):\n")
-            .expect("write");
+        append(&path, b"Thread 0x1 (most recent call first):\n");
         assert!(!dump.poll(now), "grew: wait one more poll");
         assert!(dump.poll(now), "settled");
         let stacks = dump.finish();
@@ -227,33 +295,115 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_past_the_bound_is_cut_and_says_so() {
+        let dir = temp_dir("big");
+        let (pid, start_time) = worker();
+        let path = armed_path(&dir, pid, start_time);
+        fs::write(&path, "").expect("write");
+        let now = Instant::now();
+        let (dump, _) = Dump::start(&config(&dir, None), pid, start_time, |_| true, now);
+        let mut dump = dump.expect("started");
+        append(&path, &vec![b'x'; 3 * MAX_TEXT]);
+        assert!(!dump.poll(now) && dump.poll(now), "settled");
+        let stacks = dump.finish();
+        let note = format!("\n[cut: only the first {MAX_TEXT} bytes are shown]\n");
+        assert_eq!(stacks.text.len(), MAX_TEXT + note.len());
+        assert!(stacks.text.starts_with("xxx") && stacks.text.ends_with(&note), "{note}");
+        fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_stacks_file_that_is_not_the_workers_own_is_not_read() {
+        let dir = temp_dir("untrusted");
+        let (pid, start_time) = worker();
+        let path = armed_path(&dir, pid, start_time);
+        let secret = dir.join("secret");
+        fs::write(&secret, "a file the server must not show\n").expect("write");
+        let refused = |setup: &dyn Fn()| {
+            let _ = fs::remove_file(&path);
+            setup();
+            let now = Instant::now();
+            let signalled = std::cell::Cell::new(false);
+            let (dump, refused) = Dump::start(
+                &config(&dir, None),
+                pid,
+                start_time,
+                |_| {
+                    signalled.set(true);
+                    true
+                },
+                now,
+            );
+            assert!(dump.is_none() && !signalled.get(), "neither read nor signalled");
+            refused.expect("a reason")
+        };
+        let reason = refused(&|| std::os::unix::fs::symlink(&secret, &path).expect("symlink"));
+        let expected =
+            format!("Not reading {}, the stacks file of worker pid={pid}", path.display());
+        assert_eq!(reason, format!("{expected}: it is a symbolic link"));
+        let reason = refused(&|| fs::hard_link(&secret, &path).expect("link"));
+        assert!(reason.ends_with("it has 2 hard links (a link to another file)"), "{reason}");
+        let reason = refused(&|| fs::create_dir(&path).expect("mkdir"));
+        assert!(reason.ends_with("it is not a regular file"), "{reason}");
+        fs::remove_dir(&path).expect("rmdir");
+        // A file of another user (chown needs root, as the suite runs).
+        let reason = refused(&|| {
+            fs::write(&path, "planted\n").expect("write");
+            std::os::unix::fs::chown(&path, Some(54321), None).expect("chown (needs root)");
+        });
+        assert!(reason.contains("it belongs to uid 54321, not to "), "{reason}");
+        // With py-spy, a refused file still leaves it to take the stacks.
+        let (dump, refused) = Dump::start(
+            &config(&dir, Some("echo".into())),
+            pid,
+            start_time,
+            |_| false,
+            Instant::now(),
+        );
+        assert!(refused.is_some());
+        assert_eq!(dump.expect("py-spy started").source, Source::PySpy);
+        fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
     fn a_worker_not_armed_needs_py_spy_and_a_dump_ends_with_its_grace() {
         let dir = temp_dir("py-spy");
         let now = Instant::now();
+        let (pid, start_time) = worker();
         // Another process with the same pid armed (another start time): not this worker.
-        fs::write(armed_path(&dir, 4242, 1), "").expect("write");
-        assert!(Dump::start(&config(&dir, None), 4242, 2, |_| panic!("signalled"), now).is_none());
+        fs::write(armed_path(&dir, pid, start_time + 1), "").expect("write");
+        let (dump, refused) =
+            Dump::start(&config(&dir, None), pid, start_time, |_| panic!("signalled"), now);
+        assert!(dump.is_none() && refused.is_none());
         // A stand-in for py-spy that prints its arguments, and one that never ends.
         let echo = Some(PathBuf::from("echo"));
-        let mut dump =
-            Dump::start(&config(&dir, echo), 4242, 2, |_| unreachable!(), now).expect("started");
+        let (dump, _) = Dump::start(&config(&dir, echo), pid, start_time, |_| unreachable!(), now);
+        let mut dump = dump.expect("started");
         let deadline = Instant::now() + Duration::from_secs(5);
         while !dump.poll(Instant::now()) && Instant::now() < deadline {
             std::thread::sleep(POLL);
         }
         let stacks = dump.finish();
-        assert_eq!((stacks.source, stacks.text.as_str()), (Source::PySpy, "dump --pid 4242\n"));
+        assert_eq!((stacks.source, stacks.text), (Source::PySpy, format!("dump --pid {pid}\n")));
         assert!(stacks.complete);
+        // A link left where py-spy's output goes is replaced, not followed.
+        let victim = dir.join("victim");
+        fs::write(&victim, "kept\n").expect("write");
+        let output = dir.join(format!("{pid}-{start_time}.py-spy"));
+        std::os::unix::fs::symlink(&victim, &output).expect("symlink");
         let hang = dir.join("hang");
         fs::write(&hang, "#!/bin/sh\nexec sleep 30\n").expect("write");
         fs::set_permissions(&hang, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .expect("chmod");
-        let mut dump = Dump::start(&config(&dir, Some(hang)), 60, 2, |_| unreachable!(), now)
-            .expect("started");
+        let (dump, _) =
+            Dump::start(&config(&dir, Some(hang)), pid, start_time, |_| unreachable!(), now);
+        let mut dump = dump.expect("started");
         assert!(dump.poll(now + Duration::from_secs(2)), "out of time");
         let stacks = dump.finish();
         assert!(!stacks.complete);
-        assert_eq!(fs::read_dir(&dir).expect("ls").count(), 2, "py-spy output removed");
+        assert_eq!(fs::read_to_string(&victim).expect("read"), "kept\n");
+        assert!(fs::symlink_metadata(&output).is_err(), "py-spy's output leaves no file behind");
+        assert_eq!(fs::read_dir(&dir).expect("ls").count(), 3, "the armed file, victim, hang");
         fs::remove_dir_all(&dir).expect("rm");
     }
 }

@@ -217,6 +217,148 @@ def test_a_stacks_dir_without_the_servers_signal_file_is_a_warning(
     assert "Cannot arm stack dumps" in out.stderr
 
 
+# A worker that arms (its client's constructor), says where its stacks file is, and waits for
+# a line on stdin before it acquires a timer and hangs.
+ARMED_WORKER = """
+import glob, os, sys, time
+from elastic_timer import FileTimerClient, expires
+client = FileTimerClient(sys.argv[1])
+(path,) = glob.glob(os.path.join(os.environ["ELASTIC_TIMER_STACKS_DIR"], f"{os.getpid()}-*.stacks"))
+print(path, flush=True)
+sys.stdin.readline()
+
+def stuck_in_a_collective():
+    time.sleep(60)
+
+with expires(after=0.3, client=client):
+    print("acquired", flush=True)
+    stuck_in_a_collective()
+"""
+
+
+def plant_symlink(path: Path, secret: Path) -> None:
+    path.symlink_to(secret)
+
+
+def plant_other_users_file(path: Path, secret: Path) -> None:
+    path.write_text(secret.read_text())
+    os.chown(path, 54321, -1)  # the suite runs as root
+
+
+@pytest.mark.parametrize(
+    ("plant", "reason"),
+    [
+        (plant_symlink, "it is a symbolic link"),
+        (plant_other_users_file, "it belongs to uid 54321, not to "),
+    ],
+)
+def test_a_stacks_file_swapped_for_another_is_not_read(
+    file_server: Callable[..., Any],
+    fifo: str,
+    tmp_path: Path,
+    children: list[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    plant: Callable[[Path, Path], None],
+    reason: str,
+) -> None:
+    # The stacks directory is one others can write: what is at the worker's name by the time
+    # it expires is not the worker's file. The server must not show it (no py-spy here).
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    monkeypatch.setattr(diagnostics, "_find_py_spy", lambda: None)
+    secret = tmp_path / "secret"
+    secret.write_text("root's secret, not for the log\n")
+    server, events = file_server(stack_dump=10.0)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", ARMED_WORKER, fifo],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    children.append(worker)
+    assert worker.stdin is not None and worker.stdout is not None
+    stacks_file = Path(worker.stdout.readline().decode().strip())
+    stacks_file.unlink()
+    plant(stacks_file, secret)
+    worker.stdin.write(b"go\n")
+    worker.stdin.flush()
+    assert worker.stdout.readline() == b"acquired\n"
+    acquired = time.monotonic()
+    assert worker.wait(15) == -signal.SIGKILL
+    assert time.monotonic() - acquired < 5.0, "killed at its deadline, not after the grace"
+    assert wait_for(lambda: events_named(events, "timer expired"))
+    (expired,) = events_named(events, "timer expired")
+    assert expired["stacks"] is None
+    warning = f"Not reading {stacks_file}, the stacks file of worker pid={worker.pid}: {reason}"
+    assert any(r.getMessage().startswith(warning) for r in caplog.records), caplog.text
+    (logged,) = events_named(events, "warning")
+    assert logged["message"].startswith(warning)
+    assert "secret" not in caplog.text.replace(str(secret), "")
+    assert "not for the log" not in json.dumps(events)
+    assert server.stats()["stack_dumps"] == 0
+
+
+def test_a_file_server_names_its_stacks_directory_beside_its_fifo_while_it_runs(
+    fifo: str, tmp_path: Path
+) -> None:
+    sidecar = Path(fifo + ".stacks")
+    server = FileTimerServer(fifo, "sidecar", signal_self=False, stack_dump=5.0)
+    assert not sidecar.exists(), "named when it starts"
+    server.start()
+    stacks_dir = server._diagnostics.stacks_dir
+    assert stacks_dir is not None and os.path.isabs(stacks_dir)
+    assert sidecar.read_text() == f"{stacks_dir}\n"
+    assert oct(sidecar.stat().st_mode & 0o777) == oct(0o644)
+    server.stop()
+    assert not sidecar.exists()
+    # Another server's sidecar at the path by the time this one stops is left alone.
+    server.start()
+    sidecar.unlink()
+    sidecar.write_text("/another/servers/stacks\n")
+    server.stop()
+    assert sidecar.read_text() == "/another/servers/stacks\n"
+    # Without stack dumps there is nothing to name, and one left by a server that died with
+    # the FIFO this one replaced goes.
+    plain = FileTimerServer(fifo, "plain", signal_self=False)
+    plain.start()
+    try:
+        assert not sidecar.exists()
+    finally:
+        plain.stop()
+
+
+def test_the_servers_stacks_directory_comes_from_its_environment(
+    fifo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_dir = tmp_path / "job" / "stacks"
+    monkeypatch.setenv(STACKS_DIR_ENV, str(job_dir))
+    server = FileTimerServer(fifo, "env-dir", signal_self=False, stack_dump=5.0)
+    server.start()
+    try:
+        assert job_dir.is_dir(), "created if missing"
+        assert server._diagnostics.stacks_dir == str(job_dir)
+        # A second server while the first runs: the variable is the user's, so it shares it.
+        other = FileTimerServer(str(tmp_path / "other.fifo"), "other", stack_dump=5.0)
+        assert other._diagnostics.stacks_dir == str(job_dir)
+    finally:
+        server.stop()
+    assert os.environ[STACKS_DIR_ENV] == str(job_dir), "the user's variable stays"
+    assert job_dir.is_dir(), "and so does the job's directory"
+    monkeypatch.delenv(STACKS_DIR_ENV)
+    server = FileTimerServer(fifo, "own-dir", signal_self=False, stack_dump=5.0)
+    server.start()
+    try:
+        # Set by this server for the workers it starts: not a directory a later server of
+        # this process should take for the user's.
+        own_dir = os.environ[STACKS_DIR_ENV]
+        later = FileTimerServer(str(tmp_path / "later.fifo"), "later", stack_dump=5.0)
+        assert later._diagnostics.stacks_dir not in (None, own_dir)
+        assert later._diagnostics.owns_stacks_dir
+        later.stop()
+    finally:
+        server.stop()
+    assert STACKS_DIR_ENV not in os.environ
+
+
 # -- escalation and unreapable workers --------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import wait_for
@@ -28,6 +29,14 @@ from helpers import wait_for
 from elastic_timer.metrics import CONTENT_TYPE, prometheus_text, serve_metrics
 
 CLI = [sys.executable, "-m", "elastic_timer.cli"]
+# The same command with py-spy out of the server's reach (its lookup finds none), so that
+# stacks can only come from the worker's own faulthandler.
+CLI_WITHOUT_PY_SPY = [
+    sys.executable,
+    "-c",
+    "import sys; from elastic_timer import cli, diagnostics; "
+    "diagnostics._find_py_spy = lambda: None; sys.exit(cli.main())",
+]
 
 Children = list["BaseProcess | subprocess.Popen[bytes]"]
 
@@ -78,16 +87,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 class Daemon:
     """``elastic-timer serve --fifo <tmp>/t.fifo ARGS``, its stderr in a file."""
 
-    def __init__(self, tmp_path: Path, children: Children, args: list[str]) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        children: Children,
+        args: list[str],
+        cli: list[str] = CLI,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.fifo = str(tmp_path / "t.fifo")
         self.log_path = tmp_path / "daemon.log"
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [*CLI, "serve", "--fifo", self.fifo, *args],
+                [*cli, "serve", "--fifo", self.fifo, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
-                env=clean_env(),
+                env=clean_env() if env is None else env,
             )
         children.append(self.process)
 
@@ -109,8 +125,8 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(tmp_path: Path, children: Children) -> Iterator[Callable[..., Daemon]]:
-    def start(*args: str) -> Daemon:
-        daemon = Daemon(tmp_path, children, list(args))
+    def start(*args: str, cli: list[str] = CLI, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path, children, list(args), cli, env)
         daemon.wait_ready()
         return daemon
 
@@ -392,6 +408,114 @@ def test_stack_dump_through_the_directory_the_daemon_names(
     ]
     assert [e["pid"] for e in expired] == [worker.pid]
     assert "hang_here" in expired[0]["stacks"]
+    assert daemon.stop() == 0
+
+
+def events_of(path: Path, name: str) -> list[dict[str, Any]]:
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == name]
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_worker_the_daemon_did_not_start_has_its_stacks_taken_with_nothing_set(
+    start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
+) -> None:
+    """The worker is the daemon's sibling, not its child, and its environment names no
+    stacks directory: its FileTimerClient learns it from the FIFO's sidecar when it connects.
+    The daemon has no py-spy, so the stacks can only come from the worker's faulthandler."""
+    events = tmp_path / "events.jsonl"
+    daemon = start_daemon("--stack-dump", "10", "--event-log", str(events), cli=CLI_WITHOUT_PY_SPY)
+    env = clean_env()
+    assert not [k for k in env if k.startswith("ELASTIC_TIMER_")]
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5, env)
+    assert parent_of(worker.pid) == os.getpid() != daemon.process.pid
+    assert worker.wait(15) == -signal.SIGKILL
+    assert wait_for(lambda: events_of(events, "timer expired"))
+    (expired,) = events_of(events, "timer expired")
+    assert (expired["pid"], expired["outcome"]) == (worker.pid, "signalled")
+    assert (expired["stacks_source"], expired["stacks_complete"]) == ("faulthandler", True)
+    assert "in hang_here" in expired["stacks"], expired["stacks"]
+    log = daemon.log()
+    assert f"Stacks of expired worker pid={worker.pid}" in log
+    assert "in hang_here" in log
+    assert os.path.exists(daemon.fifo + ".stacks")
+    assert daemon.stop() == 0
+    assert not os.path.exists(daemon.fifo + ".stacks"), "the sidecar goes with the server"
+
+
+def test_the_daemon_uses_the_stacks_directory_in_its_own_environment(
+    start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
+) -> None:
+    """One job-wide ELASTIC_TIMER_STACKS_DIR: the daemon creates it and writes nothing
+    elsewhere; a worker that has no such variable writes its stacks there."""
+    stacks_dir = tmp_path / "job" / "stacks"
+    events = tmp_path / "events.jsonl"
+    daemon_env = {**clean_env(), "ELASTIC_TIMER_STACKS_DIR": str(stacks_dir)}
+    daemon = start_daemon(
+        "--stack-dump", "10", "--event-log", str(events), cli=CLI_WITHOUT_PY_SPY, env=daemon_env
+    )
+    assert stacks_dir.is_dir(), "created"
+    assert Path(daemon.fifo + ".stacks").read_text() == f"{stacks_dir}\n"
+    assert f"stack dumps on, in {stacks_dir}:" in daemon.log()
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5, clean_env())
+    assert worker.wait(15) == -signal.SIGKILL
+    assert wait_for(lambda: events_of(events, "timer expired"))
+    (stacks_file,) = stacks_dir.glob(f"{worker.pid}-*.stacks")
+    assert "in hang_here" in stacks_file.read_text()
+    assert "in hang_here" in events_of(events, "timer expired")[0]["stacks"]
+    assert daemon.stop() == 0
+    assert stacks_dir.is_dir(), "the job's directory is not the daemon's to remove"
+
+
+def test_a_worker_that_cannot_write_the_stacks_directory_warns_once(
+    start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
+) -> None:
+    """The directory is read-only for the worker (a read-only bind mount in a mount namespace
+    of its own: root's permissions do not get past it). Every client it builds learns the
+    directory; one warning says it cannot arm, and its timers work as before."""
+    daemon = start_daemon("--stack-dump", "10", "--stacks-dir", str(tmp_path / "stacks"))
+    script = """\
+import sys
+import elastic_timer
+for _ in range(3):
+    client = elastic_timer.FileTimerClient(sys.argv[1])
+    elastic_timer.configure(client)
+    for _ in range(2):
+        with elastic_timer.expires(after=60):
+            pass
+print("done", flush=True)
+"""
+    read_only = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    worker = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            read_only,
+            str(tmp_path / "stacks"),
+            sys.executable,
+            "-c",
+            script,
+            daemon.fifo,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=False,
+    )
+    assert (worker.returncode, worker.stdout) == (0, "done\n"), worker.stderr
+    warnings = [line for line in worker.stderr.splitlines() if "Cannot arm stack dumps" in line]
+    assert len(warnings) == 1, worker.stderr
+    assert f"Cannot arm stack dumps in {tmp_path / 'stacks'}, the timer server's" in warnings[0]
+    assert "Read-only file system" in warnings[0]
+    assert not list((tmp_path / "stacks").glob("*.stacks"))
     assert daemon.stop() == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 PIPE_BUF: int
@@ -36,7 +37,7 @@ class Server:
 
 class FifoClient:
     def __init__(self, path: str, connect_timeout: float, send_timeout: float) -> None: ...
-    def send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None: ...
+    def send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> Path | None: ...
 
 class QueueWriter:
     def __init__(

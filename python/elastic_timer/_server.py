@@ -157,7 +157,8 @@ class NativeServer(Generic[R]):
         if self._core.running:
             # Before the diagnostics are opened again: they belong to the running loop.
             raise FileExistsError("server already started")
-        self._events = self._diagnostics.open()
+        # A File server names its stacks directory beside its FIFO (the "fifo" field).
+        self._events = self._diagnostics.open(fields.get("fifo"))
         try:
             self._core.start()
         except BaseException:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .diagnostics import STACKS_DIR_ENV, parse_stack_signal
+from .diagnostics import STACKS_DIR_ENV, STACKS_SIDECAR_SUFFIX, parse_stack_signal
 from .file_based_local_timer import FileTimerServer
 from .metrics import MetricsServer, serve_metrics
 
@@ -47,8 +47,8 @@ Then wrap code that may hang in `with elastic_timer.expires(after=SECONDS): ...`
 
 SERVE_EPILOG = """\
 Diagnostics not given as options are read from the server's environment, as under
-torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_ESCALATE_AFTER,
-ELASTIC_TIMER_DRY_RUN and ELASTIC_TIMER_EVENT_LOG.
+torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_STACKS_DIR,
+ELASTIC_TIMER_ESCALATE_AFTER, ELASTIC_TIMER_DRY_RUN and ELASTIC_TIMER_EVENT_LOG.
 
 exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments; 1 when the FIFO or the metrics
 address cannot be set up (for example permission denied, or the port is taken).
@@ -156,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--stacks-dir",
         metavar="DIR",
-        help=f"Where workers write their stacks (created if missing); workers need "
-        f"{STACKS_DIR_ENV}=DIR in their environment. Default: a temporary directory the "
+        help=f"Where workers write their stacks (created if missing). elastic-timer's "
+        "FileTimerClient learns it when it connects (from PATH.stacks, beside the FIFO); "
+        f"other workers need {STACKS_DIR_ENV}=DIR in their environment. Default: "
+        f"{STACKS_DIR_ENV} from the server's environment, else a temporary directory the "
         "server makes (and removes on stop), logged at start. Needs --stack-dump.",
     )
     serve.add_argument(
@@ -375,9 +377,12 @@ def _log_started(
         stacks_dir = options.get("stacks_dir") or os.environ.get(STACKS_DIR_ENV)
         if stacks_dir:
             logger.info(
-                "stack dumps on: workers must run with %s=%s in their environment "
-                "(an expired worker is asked for its stacks with %s, and signalled once they "
-                "are written or after %s s)",
+                "stack dumps on, in %s: elastic-timer's FileTimerClient learns it from %s; "
+                "workers with another client need %s=%s in their environment (an expired "
+                "worker is asked for its stacks with %s, and signalled once they are written "
+                "or after %s s)",
+                stacks_dir,
+                fifo + STACKS_SIDECAR_SUFFIX,
                 STACKS_DIR_ENV,
                 stacks_dir,
                 _signal_name(options["stack_signal"]),

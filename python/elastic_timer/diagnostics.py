@@ -16,14 +16,19 @@ so that a torchrun user (who does not construct the agent's server) can turn it 
 ``ELASTIC_TIMER_EVENT_LOG=<path>``
     append every event to this file, one JSON object per line.
 
-A server taking stacks sets ``ELASTIC_TIMER_STACKS_DIR`` in its own environment, so workers it
-starts inherit it; elastic-timer's clients then arm ``faulthandler`` to write their stacks to
+A server taking stacks makes a stacks directory (``ELASTIC_TIMER_STACKS_DIR`` from its own
+environment when set, created if missing; else a temporary one) and names it to workers in two
+ways: in ``ELASTIC_TIMER_STACKS_DIR`` in its own environment, which the workers it starts
+inherit, and, for the File server, in the file ``<fifo>.stacks`` beside its FIFO, which
+elastic-timer's ``FileTimerClient`` reads when it connects (so workers started by anything
+else learn it too). elastic-timer's clients then arm ``faulthandler`` to write their stacks to
 a file of their own there. Workers whose client is torch's are dumped with ``py-spy`` instead,
 when it is installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import logging
@@ -34,8 +39,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
@@ -55,6 +61,13 @@ STACKS_DIR_ENV = "ELASTIC_TIMER_STACKS_DIR"
 DEFAULT_STACK_SIGNAL = _signal.SIGUSR2
 # In the stacks directory: the signal number workers arm faulthandler on.
 _SIGNAL_FILE = "signal"
+# Beside a File server's FIFO: the path of its stacks directory (read by FileTimerClient).
+STACKS_SIDECAR_SUFFIX = ".stacks"
+
+# The stacks directories this process's running servers put in STACKS_DIR_ENV, and how many
+# servers use each: a server resolving its options later must not take one of them for the
+# user's, and the variable goes when the last of them stops.
+_announced_dirs: Counter[str] = Counter()
 
 # The server's callback for events: one dict per event.
 EventCallback = Callable[[dict[str, Any]], None]
@@ -135,7 +148,56 @@ class DiagnosticsOptions(TypedDict, total=False):
     on_event: EventCallback | None
 
 
-@dataclass(frozen=True)
+def _create_new(path: str, mode: int) -> int:
+    """A new file at ``path`` opened for writing, never through a link someone left there. A
+    file already there (a leftover of an earlier process) is replaced, where this process may
+    remove it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, mode)
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, mode)
+
+
+# A file as it was written: device, inode and change time (an inode number freed by its
+# removal is soon given to a new file; the change time tells them apart).
+FileIdentity = tuple[int, int, int]
+
+
+def _identity(stat: os.stat_result) -> FileIdentity:
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+
+
+def _replace_file(path: str, text: str) -> FileIdentity:
+    """Writes ``path`` anew: a file beside it, renamed over it, so that a reader never sees it
+    half written and a link at ``path`` is replaced, not followed. Returns its identity."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with os.fdopen(_create_new(temporary, 0o644), "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.replace(temporary, path)
+            # After the rename, which changes the change time.
+            stat = os.fstat(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return _identity(stat)
+
+
+@dataclass
+class _Announcement:
+    """What ``Diagnostics.open`` did to name the stacks directory, for ``close`` to undo."""
+
+    # The directory this server put in STACKS_DIR_ENV (None: the variable was the user's).
+    environment: str | None
+    # The sidecar beside the FIFO and its identity, removed only if still the same file.
+    sidecar: tuple[str, FileIdentity] | None
+
+
+@dataclass
 class Diagnostics:
     """A server's opt-in diagnostics, resolved from its keywords and the environment."""
 
@@ -148,6 +210,9 @@ class Diagnostics:
     on_event: EventCallback | None = None
     # Whether the server made the stacks directory (and so removes it).
     owns_stacks_dir: bool = False
+    # Whether the stacks directory is the user's ELASTIC_TIMER_STACKS_DIR (left set at stop).
+    stacks_dir_from_env: bool = False
+    _announcement: _Announcement | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def resolve(cls, **options: Unpack[DiagnosticsOptions]) -> Diagnostics:
@@ -179,9 +244,18 @@ class Diagnostics:
             dry_run = bool(_from_env(DRY_RUN_ENV, _flag))
         if event_log is None:
             event_log = os.environ.get(EVENT_LOG_ENV) or None
+        stacks_dir_from_env = False
+        if stack_dump is not None and stacks_dir is None:
+            # One job-wide variable serves both sides, unless a server of this process set it.
+            from_env = os.environ.get(STACKS_DIR_ENV, "")
+            if from_env and from_env not in _announced_dirs:
+                stacks_dir, stacks_dir_from_env = from_env, True
         owns_stacks_dir = stack_dump is not None and stacks_dir is None
         if owns_stacks_dir:
             stacks_dir = tempfile.mkdtemp(prefix="elastic-timer-stacks-")
+        if stacks_dir is not None:
+            # Named to workers whose working directory is not the server's.
+            stacks_dir = os.path.abspath(stacks_dir)
         return cls(
             stack_dump=stack_dump,
             stack_signal=parse_stack_signal(stack_signal),
@@ -191,6 +265,7 @@ class Diagnostics:
             event_log=event_log,
             on_event=options.get("on_event"),
             owns_stacks_dir=owns_stacks_dir,
+            stacks_dir_from_env=stacks_dir_from_env,
         )
 
     def native_options(self) -> dict[str, Any]:
@@ -204,31 +279,55 @@ class Diagnostics:
             "py_spy": _find_py_spy() if self.stack_dump is not None else None,
         }
 
-    def open(self) -> EventSink:
-        """Prepares the stacks directory for workers started from now on, and opens the
-        event log. Called when the server starts; raises OSError, having announced nothing,
-        if either cannot be set up."""
+    def open(self, fifo: str | None = None) -> EventSink:
+        """Prepares the stacks directory and names it to workers (in this process's
+        environment, and beside ``fifo``, a File server's FIFO), and opens the event log.
+        Called when the server starts, before it reads requests; raises OSError, having
+        announced nothing, if either cannot be set up."""
         # The log first: a log that cannot be opened must not leave the variable set.
         sink = EventSink(self.event_log, self.on_event)
         if self.stack_dump is not None and self.stacks_dir is not None:
             try:
                 os.makedirs(self.stacks_dir, exist_ok=True)
-                with open(os.path.join(self.stacks_dir, _SIGNAL_FILE), "w") as f:
-                    f.write(f"{self.stack_signal}\n")
+                _replace_file(os.path.join(self.stacks_dir, _SIGNAL_FILE), f"{self.stack_signal}\n")
+                sidecar = None
+                if fifo is not None:
+                    path = fifo + STACKS_SIDECAR_SUFFIX
+                    sidecar = (path, _replace_file(path, f"{self.stacks_dir}\n"))
             except OSError:
                 sink.close()
                 raise
-            os.environ[STACKS_DIR_ENV] = self.stacks_dir
+            environment = None if self.stacks_dir_from_env else self.stacks_dir
+            self._announcement = _Announcement(environment, sidecar)
+            if environment is not None:
+                _announced_dirs[environment] += 1
+                os.environ[STACKS_DIR_ENV] = environment
+        elif fifo is not None:
+            # One left by a server that died with the FIFO this server replaced: its clients
+            # would arm for stacks that nobody takes.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(fifo + STACKS_SIDECAR_SUFFIX)
         return sink
 
     def close(self, sink: EventSink) -> None:
         """Undoes ``open`` (the stacks directory goes if this server made it)."""
         sink.close()
-        if self.stacks_dir is None:
-            return
-        if os.environ.get(STACKS_DIR_ENV) == self.stacks_dir:
-            del os.environ[STACKS_DIR_ENV]
-        if self.owns_stacks_dir:
+        announcement, self._announcement = self._announcement, None
+        if announcement is not None:
+            if announcement.sidecar is not None:
+                path, identity = announcement.sidecar
+                with contextlib.suppress(OSError):
+                    if _identity(os.lstat(path)) == identity:  # not another server's since
+                        os.unlink(path)
+            directory = announcement.environment
+            if directory is not None:
+                _announced_dirs[directory] -= 1
+                if _announced_dirs[directory] <= 0:
+                    # The last server of this process that named it.
+                    del _announced_dirs[directory]
+                    if os.environ.get(STACKS_DIR_ENV) == directory:
+                        del os.environ[STACKS_DIR_ENV]
+        if self.owns_stacks_dir and self.stacks_dir is not None:
             shutil.rmtree(self.stacks_dir, ignore_errors=True)
 
 
@@ -275,7 +374,10 @@ class EventSink:
 
 # -- the worker's side: faulthandler, armed once per process ----------------------------------
 
-_armed: tuple[int, IO[str]] | None = None
+# This process's arming: (pid, stacks directory, signal, the file faulthandler writes to).
+_armed: tuple[int, str, int, IO[str]] | None = None
+# The directory this process last failed to arm in, as (pid, directory): warned about once.
+_failed: tuple[int, str] | None = None
 
 
 def _start_time() -> int:
@@ -285,37 +387,54 @@ def _start_time() -> int:
     return int(stat[stat.rindex(")") + 2 :].split()[19])
 
 
-def arm_stack_dump() -> bool:
+def arm_stack_dump(directory: str | None = None) -> bool:
     """
-    Lets a server taking stacks get this process's: if ``ELASTIC_TIMER_STACKS_DIR`` is set,
-    arms ``faulthandler`` on the server's signal, to write every thread's stack to a file of
-    this process's there. Done once per process (and again in a forked child, which gets a
-    file of its own); elastic-timer's clients call it. Returns whether it is armed.
+    Lets a server taking stacks get this process's: arms ``faulthandler`` on the server's
+    signal, to write every thread's stack to a file of this process's in the server's stacks
+    directory: ``directory`` (the one a server named when this process's ``FileTimerClient``
+    connected to it), else ``ELASTIC_TIMER_STACKS_DIR``. Done once per process and directory
+    (and again in a forked child, which gets a file of its own); elastic-timer's clients call
+    it. A directory it cannot arm in is a warning, once. Returns whether it is armed.
     """
-    global _armed
+    global _armed, _failed
     pid = os.getpid()
-    if _armed is not None and _armed[0] == pid:
+    if _armed is not None and _armed[0] == pid and directory in (None, _armed[1]):
         return True
-    directory = os.environ.get(STACKS_DIR_ENV)
-    if not directory:
+    if directory is None:
+        directory = os.environ.get(STACKS_DIR_ENV)
+        if not directory:
+            return False
+    if _failed == (pid, directory):
         return False
     try:
         with open(os.path.join(directory, _SIGNAL_FILE)) as f:
             signum = parse_signal(f.read().strip())
         path = os.path.join(directory, f"{pid}-{_start_time()}.stacks")
-        file = open(path, "w", encoding="utf-8")  # faulthandler keeps it open
+        file = os.fdopen(_create_new(path, 0o666), "w", encoding="utf-8")
+        # faulthandler keeps the file open.
         faulthandler.register(signum, file=file, all_threads=True, chain=False)
     except (OSError, ValueError, RuntimeError) as err:
-        logger.warning("Cannot arm stack dumps in %s: %s", directory, err)
+        _failed = (pid, directory)
+        logger.warning(
+            "Cannot arm stack dumps in %s, the timer server's stacks directory, so this "
+            "process's stacks will not be logged if its timer expires: %s",
+            directory,
+            err,
+        )
         return False
-    _armed = (pid, file)
+    previous, _armed = _armed, (pid, directory, signum, file)
+    if previous is not None:
+        # Armed before (by the parent of this fork, or for an earlier server): let go of it.
+        if previous[2] != signum:
+            faulthandler.unregister(previous[2])
+        previous[3].close()
     return True
 
 
 def _rearm_in_child() -> None:
     # The parent's registration writes to the parent's file: give the child its own.
     if _armed is not None:
-        arm_stack_dump()
+        arm_stack_dump(_armed[1])
 
 
 os.register_at_fork(after_in_child=_rearm_in_child)

@@ -119,7 +119,10 @@ class FileTimerClient(TimerClient):
             fifo = self._fifo = _native.FifoClient(
                 self._file_path, self._connect_timeout, self._send_timeout
             )
-        fifo.send(pid, scope_id, expiration_time, signal)
+        # Not None only when this request connected to a server taking stacks.
+        stacks_dir = fifo.send(pid, scope_id, expiration_time, signal)
+        if stacks_dir is not None:
+            arm_stack_dump(str(stacks_dir))
 
     def _send_request(self, request: FileTimerRequest) -> None:
         self._send(request.worker_pid, request.scope_id, request.expiration_time, request.signal)
