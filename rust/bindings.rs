@@ -14,7 +14,7 @@ use crate::codec::{self, CodecError, Number, Request};
 use crate::fifo::{self, SendError, SendOptions};
 use crate::queue::{self, Semaphore};
 use crate::reaper;
-use crate::server::{Config, Event, ReapOutcome, Server, Transport};
+use crate::server::{Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
@@ -102,6 +102,170 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// How an expiry ended (`server::ReapOutcome`, without its error: that goes in `detail`).
+/// `str()` of a member is its name in the event log ("signalled", ...).
+#[pyclass(
+    module = "elastic_timer._native",
+    frozen,
+    eq,
+    eq_int,
+    rename_all = "SCREAMING_SNAKE_CASE"
+)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    NotSignalled,
+    Signalled,
+    Gone,
+    Failed,
+    Delegated,
+    DryRun,
+}
+
+impl Outcome {
+    fn of(outcome: &ReapOutcome) -> Self {
+        match outcome {
+            ReapOutcome::NotSignalled => Self::NotSignalled,
+            ReapOutcome::Signalled => Self::Signalled,
+            ReapOutcome::Gone => Self::Gone,
+            ReapOutcome::Failed(_) => Self::Failed,
+            ReapOutcome::Delegated => Self::Delegated,
+            ReapOutcome::DryRun => Self::DryRun,
+        }
+    }
+}
+
+#[pymethods]
+impl Outcome {
+    fn __str__(&self) -> &'static str {
+        ReapOutcome::NAMES[*self as usize]
+    }
+}
+
+/// The stacks taken of a worker before its reap.
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Stacks {
+    /// "faulthandler" or "py-spy".
+    source: &'static str,
+    text: String,
+    /// False when the grace period cut the dump short.
+    complete: bool,
+}
+
+/// One worker with expired timers, and what was done about it.
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Expiry {
+    pid: i32,
+    /// Its expired timers, in expiration order.
+    timers: Vec<RequestTuple>,
+    /// The chosen signal (0: none).
+    signal: i32,
+    outcome: Outcome,
+    /// Why a reap failed.
+    detail: Option<String>,
+    stacks: Option<Py<Stacks>>,
+}
+
+/// One pass's expiries; the loop may wait for `ack_expired` before it signals itself.
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Expired {
+    expiries: Vec<Py<Expiry>>,
+}
+
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Malformed {
+    reason: String,
+}
+
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Refused {
+    request: RequestTuple,
+    reason: String,
+}
+
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct WorkerExited {
+    pid: i32,
+    dropped: usize,
+}
+
+/// Something the operator should know that is not about one request.
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Notice {
+    message: String,
+}
+
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Escalated {
+    pid: i32,
+    signal: i32,
+    after: f64,
+}
+
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Unreapable {
+    pid: i32,
+    after: f64,
+    state: String,
+}
+
+/// The loop has stopped and every event has been read.
+#[pyclass(module = "elastic_timer._native", frozen)]
+struct Closed;
+
+fn raw(pid: rustix::process::Pid) -> i32 {
+    pid.as_raw_nonzero().get()
+}
+
+/// An event as the Python object of its class.
+fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
+    let object = match event {
+        Event::Malformed(reason) => Py::new(py, Malformed { reason })?.into_any(),
+        Event::Refused { request, reason } => {
+            Py::new(py, Refused { request: to_tuple(request), reason: reason.to_string() })?
+                .into_any()
+        }
+        Event::WorkerExited { pid, dropped } => {
+            Py::new(py, WorkerExited { pid: raw(pid), dropped })?.into_any()
+        }
+        Event::Warning(message) => Py::new(py, Notice { message })?.into_any(),
+        Event::Escalated { pid, signal, after } => {
+            Py::new(py, Escalated { pid: raw(pid), signal, after: after.as_secs_f64() })?.into_any()
+        }
+        Event::Unreapable { pid, after, state } => {
+            Py::new(py, Unreapable { pid: raw(pid), after: after.as_secs_f64(), state })?.into_any()
+        }
+        Event::Expired { expiries, ack: _ } => {
+            let expiries = expiries
+                .into_iter()
+                .map(|expiry| {
+                    let stacks = expiry
+                        .stacks
+                        .map(|stacks| {
+                            let (source, text) = (stacks.source.name(), stacks.text);
+                            Py::new(py, Stacks { source, text, complete: stacks.complete })
+                        })
+                        .transpose()?;
+                    let detail = match &expiry.outcome {
+                        ReapOutcome::Failed(err) => Some(err.to_string()),
+                        _ => None,
+                    };
+                    let expiry = Expiry {
+                        pid: raw(expiry.pid),
+                        timers: expiry.timers.into_iter().map(to_tuple).collect(),
+                        signal: expiry.signal,
+                        outcome: Outcome::of(&expiry.outcome),
+                        detail,
+                        stacks,
+                    };
+                    Py::new(py, expiry)
+                })
+                .collect::<PyResult<_>>()?;
+            Py::new(py, Expired { expiries })?.into_any()
+        }
+    };
+    Ok(object)
+}
+
 /// A native timer server (see `elastic_timer._server` for how the Python classes use it).
 #[pyclass(module = "elastic_timer._native", name = "Server")]
 struct PyServer {
@@ -110,33 +274,27 @@ struct PyServer {
     ack: Mutex<Option<SyncSender<()>>>,
     /// The Python queue whose pipe and semaphores a queue server reads: kept alive with it.
     _keepalive: Option<Py<PyAny>>,
-    /// The process that built the server; in a process forked from it the server is inert.
-    owner: u32,
+    /// The server's owner, read without its lock: in a forked child the lock may be held
+    /// (fork copied it as it was).
+    owner: Owner,
 }
 
 impl PyServer {
     fn build(transport: Transport, config: Config, keepalive: Option<Py<PyAny>>) -> PyResult<Self> {
+        let server = Server::new(transport, config)?;
         Ok(Self {
-            server: Mutex::new(Server::new(transport, config)?),
+            owner: server.owner(),
+            server: Mutex::new(server),
             events: Mutex::new(None),
             ack: Mutex::new(None),
             _keepalive: keepalive,
-            owner: std::process::id(),
         })
     }
 
-    fn is_forked_copy(&self) -> bool {
-        std::process::id() != self.owner
-    }
-
-    /// Refuses calls that would change the original's server from a forked child (its locks
-    /// may even be held: fork copied them as they were).
+    /// Refuses calls that would change the original's server from a forked child.
     fn owned(&self) -> PyResult<()> {
-        if self.is_forked_copy() {
-            return Err(PyRuntimeError::new_err(format!(
-                "this timer server belongs to process {} (this process is a fork of it)",
-                self.owner
-            )));
+        if self.owner.is_forked_copy() {
+            return Err(PyRuntimeError::new_err(self.owner.forked_copy_error().to_string()));
         }
         Ok(())
     }
@@ -144,7 +302,7 @@ impl PyServer {
 
 impl Drop for PyServer {
     fn drop(&mut self) {
-        if self.is_forked_copy() {
+        if self.owner.is_forked_copy() {
             // Dropping the channel ends could take locks another thread held at the fork.
             if let Ok(events) = self.events.get_mut() {
                 std::mem::forget(events.take());
@@ -194,6 +352,18 @@ impl PyServer {
         Self::build(Transport::Direct, options.config()?, None)
     }
 
+    /// Whether this process is a fork of the server's (the one fork guard; see `Owner`).
+    #[getter]
+    fn forked_copy(&self) -> bool {
+        self.owner.is_forked_copy()
+    }
+
+    /// The pid of the process the server belongs to.
+    #[getter]
+    fn owner(&self) -> i32 {
+        self.owner.pid()
+    }
+
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         self.owned()?;
         let receiver = py.detach(|| lock(&self.server).start())?;
@@ -201,9 +371,10 @@ impl PyServer {
         Ok(())
     }
 
-    /// Does nothing in a process forked from the server's.
+    /// Stops the loop and removes the FIFO if it is still this server's (also when it never
+    /// ran). Does nothing in a process forked from the server's.
     fn stop(&self, py: Python<'_>) {
-        if !self.is_forked_copy() {
+        if !self.owner.is_forked_copy() {
             py.detach(|| lock(&self.server).stop());
         }
     }
@@ -249,25 +420,22 @@ impl PyServer {
         py.detach(|| lock(&self.server).reject(reason));
     }
 
+    /// The answer to a delegated reap of `pid` (an `Expiry`'s, so a valid pid).
     fn complete_reap(&self, py: Python<'_>, pid: i64, reaped: bool) -> PyResult<()> {
         self.owned()?;
+        let pid =
+            reaper::validate_pid(pid).map_err(|err| PyValueError::new_err(err.to_string()))?;
         py.detach(|| lock(&self.server).complete_reap(pid, reaped));
         Ok(())
     }
 
+    /// Every counter of `server::Stats`, by name.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = py.detach(|| lock(&self.server).stats());
         let dict = PyDict::new(py);
-        dict.set_item("requests", stats.requests)?;
-        dict.set_item("malformed", stats.malformed)?;
-        dict.set_item("refused", stats.refused)?;
-        dict.set_item("expired", stats.expired)?;
-        dict.set_item("reaped", stats.reaped)?;
-        dict.set_item("escalated", stats.escalated)?;
-        dict.set_item("unreapable", stats.unreapable)?;
-        dict.set_item("stack_dumps", stats.stack_dumps)?;
-        dict.set_item("live_timers", stats.live_timers)?;
-        dict.set_item("events_dropped", stats.events_dropped)?;
+        for (field, value) in Stats::FIELDS.iter().zip(stats.values()) {
+            dict.set_item(field.name, value)?;
+        }
         Ok(dict)
     }
 
@@ -275,63 +443,26 @@ impl PyServer {
         py.detach(|| lock(&self.server).last_progress())
     }
 
-    /// The next event as a tuple, None after `timeout` seconds, or `("closed",)` once the
-    /// loop has stopped and every event has been read.
+    /// The next event, None after `timeout` seconds, or `Closed` once the loop has stopped
+    /// and every event has been read.
     fn next_event(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<Py<PyAny>>> {
         let timeout = seconds(timeout, "timeout")?;
         let received = py.detach(|| match lock(&self.events).as_ref() {
             Some(events) => events.recv_timeout(timeout),
             None => Err(RecvTimeoutError::Disconnected),
         });
-        let event = match received {
-            Ok(event) => event,
-            Err(RecvTimeoutError::Timeout) => return Ok(None),
-            Err(RecvTimeoutError::Disconnected) => {
-                return Ok(Some(("closed",).into_pyobject(py)?.into_any().unbind()))
-            }
-        };
-        let object = match event {
-            Event::Malformed(reason) => ("malformed", reason).into_pyobject(py)?.into_any(),
-            Event::Refused { request, reason } => {
-                ("refused", to_tuple(request), reason.to_string()).into_pyobject(py)?.into_any()
-            }
-            Event::WorkerExited { pid, dropped } => {
-                ("exited", pid, dropped).into_pyobject(py)?.into_any()
-            }
-            Event::Warning(message) => ("warning", message).into_pyobject(py)?.into_any(),
-            Event::Escalated { pid, signal, after } => {
-                ("escalated", pid, signal, after.as_secs_f64()).into_pyobject(py)?.into_any()
-            }
-            Event::Unreapable { pid, after, state } => {
-                ("unreapable", pid, after.as_secs_f64(), state).into_pyobject(py)?.into_any()
-            }
-            Event::Expired { expiries, ack } => {
+        match received {
+            Ok(Event::Expired { expiries, ack }) => {
                 *lock(&self.ack) = ack;
-                let expiries: Vec<_> = expiries
-                    .into_iter()
-                    .map(|expiry| {
-                        let (outcome, detail) = match expiry.outcome {
-                            ReapOutcome::NotSignalled => ("not_signalled", None),
-                            ReapOutcome::Signalled => ("signalled", None),
-                            ReapOutcome::Gone => ("gone", None),
-                            ReapOutcome::Failed(err) => ("failed", Some(err.to_string())),
-                            ReapOutcome::Delegated => ("delegated", None),
-                            ReapOutcome::DryRun => ("dry_run", None),
-                        };
-                        let timers: Vec<_> = expiry.timers.into_iter().map(to_tuple).collect();
-                        let stacks = expiry
-                            .stacks
-                            .map(|stacks| (stacks.source.name(), stacks.text, stacks.complete));
-                        (expiry.pid, timers, expiry.signal, outcome, detail, stacks)
-                    })
-                    .collect();
-                ("expired", expiries).into_pyobject(py)?.into_any()
+                Ok(Some(event_object(py, Event::Expired { expiries, ack: None })?))
             }
-        };
-        Ok(Some(object.unbind()))
+            Ok(event) => Ok(Some(event_object(py, event)?)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Ok(Some(Py::new(py, Closed)?.into_any())),
+        }
     }
 
-    /// Tells the loop the last "expired" event has been reported (it may signal itself now).
+    /// Tells the loop the last `Expired` event has been reported (it may signal itself now).
     fn ack_expired(&self) {
         if let Some(ack) = lock(&self.ack).take() {
             let _ = ack.try_send(());
@@ -487,6 +618,29 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
+    m.add_class::<Outcome>()?;
+    m.add_class::<Stacks>()?;
+    m.add_class::<Expiry>()?;
+    m.add_class::<Expired>()?;
+    m.add_class::<Malformed>()?;
+    m.add_class::<Refused>()?;
+    m.add_class::<WorkerExited>()?;
+    m.add_class::<Notice>()?;
+    m.add_class::<Escalated>()?;
+    m.add_class::<Unreapable>()?;
+    m.add_class::<Closed>()?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
+    // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
+    let fields: Vec<(&str, &str, &str)> = Stats::FIELDS
+        .iter()
+        .map(|field| {
+            let kind = match field.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+            };
+            (field.name, kind, field.help)
+        })
+        .collect();
+    m.add("STATS", fields)?;
     Ok(())
 }

@@ -1,20 +1,19 @@
 //! The one deadline map that both transports and the Python-visible methods go through.
 //!
 //! Pure bookkeeping: no I/O and no clock reads; callers pass [`Instant`]s. One timer per
-//! `(pid, scope)`, as in torch: registering again replaces it, a negative expiration releases
-//! it, and releasing a key that does not exist does nothing.
+//! `(worker, scope)`, as in torch: registering again replaces it, a negative expiration
+//! releases it, and releasing a key that does not exist does nothing. Workers are keyed by
+//! whatever the caller validated a request's pid into (the server: a `rustix` `Pid`).
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::mem;
 use std::time::Instant;
 
 use crate::codec::Request;
-
-pub type Pid = i64;
 
 /// A live timer: the request as received (for events and for Python's `_timers` view) and
 /// its deadline on the monotonic clock (None: never due).
@@ -48,10 +47,9 @@ impl Slot {
         &self.timer.request.scope
     }
 
-    /// The slot's entry in the deadline index, if it can fall due.
+    /// The slot's key in the deadline index, if it can fall due.
     fn index_key(&self) -> Option<IndexKey> {
-        let deadline = self.timer.deadline?;
-        Some((deadline, self.seq, self.timer.request.pid))
+        Some((self.timer.deadline?, self.seq))
     }
 }
 
@@ -75,29 +73,34 @@ impl PartialEq for Slot {
 
 impl Eq for Slot {}
 
-/// `(deadline, seq, pid)`: unique because `seq` is, and ordered by deadline first. The scope
-/// is left out; the pid leads back to the worker's table, which is all the index is for.
-type IndexKey = (Instant, u64, Pid);
+/// `(deadline, seq)`: unique because `seq` is, and ordered by deadline first. The index maps
+/// it to the worker, whose table holds the timer: that is all the index is for.
+type IndexKey = (Instant, u64);
 
 /// Live timers, grouped by worker and indexed by deadline.
-#[derive(Debug, Default)]
-pub struct DeadlineMap {
-    workers: HashMap<Pid, HashSet<Slot>>,
+#[derive(Debug)]
+pub struct DeadlineMap<K> {
+    workers: HashMap<K, HashSet<Slot>>,
     /// Only timers that can fall due; never-due ones live in `workers` alone.
-    index: BTreeSet<IndexKey>,
+    index: BTreeMap<IndexKey, K>,
     last_seq: u64,
     len: usize,
 }
 
-impl DeadlineMap {
+impl<K> Default for DeadlineMap<K> {
+    fn default() -> Self {
+        Self { workers: HashMap::new(), index: BTreeMap::new(), last_seq: 0, len: 0 }
+    }
+}
+
+impl<K: Copy + Eq + Hash> DeadlineMap<K> {
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Registers, replaces or (negative expiration) releases the timer for
-    /// (request.pid, request.scope).
-    pub fn apply(&mut self, request: Request, deadline: Option<Instant>) -> Change {
-        let pid = request.pid;
+    /// (`pid`, request.scope); `pid` is the request's pid, validated.
+    pub fn apply(&mut self, pid: K, request: Request, deadline: Option<Instant>) -> Change {
         if request.is_release() {
             let Entry::Occupied(mut worker) = self.workers.entry(pid) else {
                 return Change::NoOp;
@@ -130,14 +133,14 @@ impl DeadlineMap {
         };
         let slot = Slot { timer: Timer { request, deadline }, seq };
         if let Some(key) = slot.index_key() {
-            self.index.insert(key);
+            self.index.insert(key, pid);
         }
         worker.insert(slot);
         change
     }
 
     /// Drops every timer of `pid`; returns how many.
-    pub fn remove_worker(&mut self, pid: Pid) -> usize {
+    pub fn remove_worker(&mut self, pid: K) -> usize {
         let Some(slots) = self.workers.remove(&pid) else {
             return 0;
         };
@@ -149,30 +152,30 @@ impl DeadlineMap {
     }
 
     /// How many timers `pid` has.
-    pub fn worker_len(&self, pid: Pid) -> usize {
+    pub fn worker_len(&self, pid: K) -> usize {
         self.workers.get(&pid).map_or(0, HashSet::len)
     }
 
     /// The earliest deadline of any timer.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.index.first().map(|&(deadline, ..)| deadline)
+        self.index.first_key_value().map(|(&(deadline, _), _)| deadline)
     }
 
     /// Workers that have at least one timer due at `now` (deadline <= now), each once, ordered
     /// by their earliest due deadline.
-    pub fn due_workers(&self, now: Instant) -> Vec<Pid> {
+    pub fn due_workers(&self, now: Instant) -> Vec<K> {
         let mut seen = HashSet::new();
         self.index
             .iter()
-            .take_while(|&&(deadline, ..)| deadline <= now)
-            .map(|&(.., pid)| pid)
+            .take_while(|(&(deadline, _), _)| deadline <= now)
+            .map(|(_, &pid)| pid)
             .filter(|&pid| seen.insert(pid))
             .collect()
     }
 
     /// That worker's timers due at `now`, sorted by the request's expiration (wall clock,
     /// ascending, NaN last), ties by arrival order.
-    pub fn due_timers(&self, pid: Pid, now: Instant) -> Vec<&Timer> {
+    pub fn due_timers(&self, pid: K, now: Instant) -> Vec<&Timer> {
         let mut due: Vec<&Slot> = self
             .workers
             .get(&pid)
@@ -188,7 +191,7 @@ impl DeadlineMap {
 
     /// Moves every deadline of `pid` that is earlier than `until` to `until` (a failed reap is
     /// retried then; the requests, and so their reported expiration times, are unchanged).
-    pub fn postpone_worker(&mut self, pid: Pid, until: Instant) {
+    pub fn postpone_worker(&mut self, pid: K, until: Instant) {
         let Some(worker) = self.workers.get_mut(&pid) else {
             return;
         };
@@ -196,21 +199,21 @@ impl DeadlineMap {
         *worker = mem::take(worker)
             .into_iter()
             .map(|mut slot| {
-                if let Some(key) = slot.index_key().filter(|&(deadline, ..)| deadline < until) {
+                if let Some(key) = slot.index_key().filter(|&(deadline, _)| deadline < until) {
                     self.index.remove(&key);
                     slot.timer.deadline = Some(until);
-                    self.index.insert((until, slot.seq, pid));
+                    self.index.insert((until, slot.seq), pid);
                 }
                 slot
             })
             .collect();
     }
 
-    pub fn get(&self, pid: Pid, scope: &str) -> Option<&Timer> {
+    pub fn get(&self, pid: K, scope: &str) -> Option<&Timer> {
         self.workers.get(&pid)?.get(scope).map(|slot| &slot.timer)
     }
 
-    pub fn contains_worker(&self, pid: Pid) -> bool {
+    pub fn contains_worker(&self, pid: K) -> bool {
         self.workers.contains_key(&pid)
     }
 
@@ -236,6 +239,8 @@ fn nan_last(a: f64, b: f64) -> Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Pid = i64;
     use proptest::prelude::*;
     use std::time::Duration;
 
@@ -256,7 +261,7 @@ mod tests {
     }
 
     /// Nothing left behind in either structure.
-    fn assert_drained(map: &DeadlineMap) {
+    fn assert_drained(map: &DeadlineMap<Pid>) {
         assert!(map.is_empty());
         assert!(map.workers.is_empty());
         assert!(map.index.is_empty());
@@ -266,15 +271,15 @@ mod tests {
     #[test]
     fn is_send_to_live_behind_a_mutex() {
         fn assert_send<T: Send>() {}
-        assert_send::<DeadlineMap>();
+        assert_send::<DeadlineMap<Pid>>();
     }
 
     #[test]
     fn registering_again_replaces() {
         let base = Instant::now();
         let mut map = DeadlineMap::new();
-        assert_eq!(map.apply(acquire(1, "a", 5.0), Some(at(base, 5))), Change::Added);
-        assert_eq!(map.apply(req(1, "a", 7.0, 15), Some(at(base, 7))), Change::Replaced);
+        assert_eq!(map.apply(1, acquire(1, "a", 5.0), Some(at(base, 5))), Change::Added);
+        assert_eq!(map.apply(1, req(1, "a", 7.0, 15), Some(at(base, 7))), Change::Replaced);
         assert_eq!(map.len(), 1);
         let timer = map.get(1, "a").expect("registered above");
         assert_eq!(timer.request, req(1, "a", 7.0, 15));
@@ -287,23 +292,23 @@ mod tests {
     fn negative_expiration_releases() {
         let base = Instant::now();
         let mut map = DeadlineMap::new();
-        map.apply(acquire(1, "a", 5.0), Some(at(base, 5)));
-        map.apply(acquire(1, "b", 6.0), Some(at(base, 6)));
-        assert_eq!(map.apply(release(1, "a"), None), Change::Released);
+        map.apply(1, acquire(1, "a", 5.0), Some(at(base, 5)));
+        map.apply(1, acquire(1, "b", 6.0), Some(at(base, 6)));
+        assert_eq!(map.apply(1, release(1, "a"), None), Change::Released);
         assert_eq!(map.get(1, "a"), None);
         assert_eq!(map.next_deadline(), Some(at(base, 6)));
-        assert_eq!(map.apply(req(1, "b", f64::NEG_INFINITY, 0), None), Change::Released);
+        assert_eq!(map.apply(1, req(1, "b", f64::NEG_INFINITY, 0), None), Change::Released);
         assert_drained(&map);
     }
 
     #[test]
     fn releasing_a_missing_key_is_a_no_op() {
         let mut map = DeadlineMap::new();
-        assert_eq!(map.apply(release(1, "a"), None), Change::NoOp);
+        assert_eq!(map.apply(1, release(1, "a"), None), Change::NoOp);
         assert!(!map.contains_worker(1));
-        map.apply(acquire(1, "a", 5.0), None);
-        assert_eq!(map.apply(release(1, "b"), None), Change::NoOp);
-        assert_eq!(map.apply(release(2, "a"), None), Change::NoOp);
+        map.apply(1, acquire(1, "a", 5.0), None);
+        assert_eq!(map.apply(1, release(1, "b"), None), Change::NoOp);
+        assert_eq!(map.apply(2, release(2, "a"), None), Change::NoOp);
         assert_eq!(map.len(), 1);
         assert!(!map.contains_worker(2));
     }
@@ -313,8 +318,8 @@ mod tests {
         let base = Instant::now();
         let far = at(base, 1 << 40);
         let mut map = DeadlineMap::new();
-        map.apply(acquire(1, "nan", f64::NAN), None);
-        map.apply(acquire(1, "inf", f64::INFINITY), None);
+        map.apply(1, acquire(1, "nan", f64::NAN), None);
+        map.apply(1, acquire(1, "inf", f64::INFINITY), None);
         assert_eq!(map.len(), 2);
         assert_eq!(map.iter().count(), 2);
         assert_eq!(map.next_deadline(), None);
@@ -323,10 +328,10 @@ mod tests {
         map.postpone_worker(1, far);
         assert_eq!(map.get(1, "inf").expect("registered above").deadline, None);
 
-        assert_eq!(map.apply(acquire(1, "nan", 3.0), Some(at(base, 3))), Change::Replaced);
+        assert_eq!(map.apply(1, acquire(1, "nan", 3.0), Some(at(base, 3))), Change::Replaced);
         assert_eq!(map.due_workers(far), vec![1]);
-        assert_eq!(map.apply(release(1, "inf"), None), Change::Released);
-        assert_eq!(map.apply(acquire(1, "inf", f64::INFINITY), None), Change::Added);
+        assert_eq!(map.apply(1, release(1, "inf"), None), Change::Released);
+        assert_eq!(map.apply(1, acquire(1, "inf", f64::INFINITY), None), Change::Added);
         assert_eq!(map.remove_worker(1), 2);
         assert_drained(&map);
     }
@@ -335,9 +340,9 @@ mod tests {
     fn remove_worker_drops_only_that_worker() {
         let base = Instant::now();
         let mut map = DeadlineMap::new();
-        map.apply(acquire(1, "a", 1.0), Some(at(base, 1)));
-        map.apply(acquire(1, "b", 2.0), None);
-        map.apply(acquire(2, "a", 3.0), Some(at(base, 3)));
+        map.apply(1, acquire(1, "a", 1.0), Some(at(base, 1)));
+        map.apply(1, acquire(1, "b", 2.0), None);
+        map.apply(2, acquire(2, "a", 3.0), Some(at(base, 3)));
         assert_eq!(map.remove_worker(1), 2);
         assert_eq!(map.remove_worker(1), 0);
         assert!(!map.contains_worker(1));
@@ -350,11 +355,11 @@ mod tests {
     fn due_workers_come_once_by_earliest_due_deadline() {
         let base = Instant::now();
         let mut map = DeadlineMap::new();
-        map.apply(acquire(3, "a", 0.0), Some(at(base, 5)));
-        map.apply(acquire(1, "a", 0.0), Some(at(base, 9)));
-        map.apply(acquire(1, "b", 0.0), Some(at(base, 2)));
-        map.apply(acquire(2, "a", 0.0), Some(at(base, 20)));
-        map.apply(acquire(4, "a", 0.0), Some(at(base, 10)));
+        map.apply(3, acquire(3, "a", 0.0), Some(at(base, 5)));
+        map.apply(1, acquire(1, "a", 0.0), Some(at(base, 9)));
+        map.apply(1, acquire(1, "b", 0.0), Some(at(base, 2)));
+        map.apply(2, acquire(2, "a", 0.0), Some(at(base, 20)));
+        map.apply(4, acquire(4, "a", 0.0), Some(at(base, 10)));
         assert_eq!(map.due_workers(at(base, 10)), vec![1, 3, 4]);
         assert_eq!(map.due_workers(at(base, 4)), vec![1]);
         assert!(map.due_workers(at(base, 1)).is_empty());
@@ -365,15 +370,15 @@ mod tests {
         let base = Instant::now();
         let due = Some(at(base, 1));
         let mut map = DeadlineMap::new();
-        map.apply(acquire(1, "late", 30.0), due);
-        map.apply(acquire(1, "nan", f64::NAN), due);
-        map.apply(acquire(1, "first", 10.0), due);
-        map.apply(acquire(1, "second", 10.0), due);
-        map.apply(acquire(1, "mid", 20.0), due);
-        map.apply(acquire(1, "pending", 0.0), Some(at(base, 100)));
-        map.apply(acquire(2, "other", 0.0), due);
+        map.apply(1, acquire(1, "late", 30.0), due);
+        map.apply(1, acquire(1, "nan", f64::NAN), due);
+        map.apply(1, acquire(1, "first", 10.0), due);
+        map.apply(1, acquire(1, "second", 10.0), due);
+        map.apply(1, acquire(1, "mid", 20.0), due);
+        map.apply(1, acquire(1, "pending", 0.0), Some(at(base, 100)));
+        map.apply(2, acquire(2, "other", 0.0), due);
         // Replacing keeps the key's place among ties, as a dict assignment does in torch.
-        map.apply(acquire(1, "first", 10.0), due);
+        map.apply(1, acquire(1, "first", 10.0), due);
         let due = map.due_timers(1, at(base, 1));
         let scopes: Vec<&str> = due.iter().map(|t| t.request.scope.as_str()).collect();
         assert_eq!(scopes, ["first", "second", "mid", "late", "nan"]);
@@ -384,11 +389,11 @@ mod tests {
     fn postpone_moves_only_earlier_deadlines_and_keeps_requests() {
         let base = Instant::now();
         let mut map = DeadlineMap::new();
-        map.apply(acquire(1, "a", 1.0), Some(at(base, 1)));
-        map.apply(acquire(1, "b", 5.0), Some(at(base, 5)));
-        map.apply(acquire(1, "c", 20.0), Some(at(base, 20)));
-        map.apply(acquire(1, "d", f64::INFINITY), None);
-        map.apply(acquire(2, "a", 2.0), Some(at(base, 2)));
+        map.apply(1, acquire(1, "a", 1.0), Some(at(base, 1)));
+        map.apply(1, acquire(1, "b", 5.0), Some(at(base, 5)));
+        map.apply(1, acquire(1, "c", 20.0), Some(at(base, 20)));
+        map.apply(1, acquire(1, "d", f64::INFINITY), None);
+        map.apply(2, acquire(2, "a", 2.0), Some(at(base, 2)));
         let before: Vec<Request> = ["a", "b", "c", "d"]
             .iter()
             .map(|s| map.get(1, s).expect("registered above").request.clone())
@@ -418,11 +423,11 @@ mod tests {
         let mut map = DeadlineMap::new();
         for round in 0..3 {
             for pid in 0..100 {
-                map.apply(acquire(pid, "s", 1.0), Some(at(base, pid as u64)));
-                map.apply(acquire(pid, "t", 1.0), None);
+                map.apply(pid, acquire(pid, "s", 1.0), Some(at(base, pid as u64)));
+                map.apply(pid, acquire(pid, "t", 1.0), None);
                 map.postpone_worker(pid, at(base, round));
-                map.apply(release(pid, "t"), None);
-                map.apply(release(pid, "s"), None);
+                map.apply(pid, release(pid, "t"), None);
+                map.apply(pid, release(pid, "s"), None);
             }
         }
         assert_drained(&map);
@@ -556,7 +561,7 @@ mod tests {
                         let request = req(pid, &format!("s{scope}"), expiration, signal);
                         let deadline = deadline.map(|ms| at(base, ms));
                         prop_assert_eq!(
-                            map.apply(request.clone(), deadline),
+                            map.apply(pid, request.clone(), deadline),
                             model.apply(request, deadline)
                         );
                     }

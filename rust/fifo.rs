@@ -163,6 +163,136 @@ impl Watch {
     }
 }
 
+/// The server's FIFO at its path, from creation to removal, the one owner of its lifecycle:
+/// created when the server is built (as torch's server does), opened for the loop, created
+/// again when something deletes or replaces it, and removed on stop if it is still the one
+/// this server made.
+#[derive(Debug)]
+pub struct Endpoint {
+    path: PathBuf,
+    /// The FIFO this server created last (or opened), while it is its to remove.
+    ours: Option<Identity>,
+    /// While the loop runs: the open FIFO, and the watch on its path (None where inotify is
+    /// unavailable, or once another FIFO took the path).
+    open: Option<(Reader, Option<Watch>)>,
+}
+
+/// What [`Endpoint::repair`] found at the FIFO's path.
+#[derive(Debug)]
+pub enum Repair {
+    /// Still this server's FIFO.
+    Ours,
+    /// Another FIFO (another server's) took the path: left alone, and not removed on stop.
+    TakenOver,
+    /// This server's FIFO `what` (was deleted, ...) and was created again: its new
+    /// [`Endpoint::fd`] and [`Endpoint::watch_fd`] need watching.
+    Recreated(&'static str),
+    /// This server's FIFO `what`, and creating it again failed.
+    Failed(&'static str, io::Error),
+}
+
+impl Endpoint {
+    /// Creates the FIFO at `path`, replacing whatever is there.
+    pub fn create(path: PathBuf) -> io::Result<Self> {
+        let ours = Some(create(&path)?);
+        Ok(Self { path, ours, open: None })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the FIFO for the loop, creating it again if `unlink` removed it (or something
+    /// that is not a FIFO took its place).
+    pub fn open(&mut self) -> io::Result<()> {
+        let is_fifo = fs::stat(&self.path)
+            .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Fifo);
+        if !is_fifo {
+            create(&self.path)?;
+        }
+        let reader = Reader::open(&self.path)?;
+        self.ours = Some(reader.identity());
+        // Without the watch, a deleted FIFO is not noticed (clients then get BrokenPipeError).
+        self.open = Some((reader, Watch::new(&self.path).ok()));
+        Ok(())
+    }
+
+    /// The open FIFO's fd, readable when clients wrote.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.open.as_ref().map(|(reader, _)| reader.fd())
+    }
+
+    /// Readable when the path should be looked at again ([`Endpoint::repair`]).
+    pub fn watch_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.open.as_ref()?.1.as_ref().map(Watch::fd)
+    }
+
+    /// Reads what the open FIFO holds (see [`Reader::read_lines`]).
+    pub fn read_lines(&mut self, sink: impl FnMut(Line<'_>)) -> io::Result<usize> {
+        match &mut self.open {
+            Some((reader, _)) => reader.read_lines(sink),
+            None => Ok(0),
+        }
+    }
+
+    /// Looks at the path after the watch said it changed. This server's FIFO deleted, or
+    /// replaced by something that is not a FIFO, is created again, so clients keep reaching
+    /// the server; what they wrote into the old one is read first, into `sink`. `unwatch` is
+    /// given each fd about to be closed (the old FIFO's, the old watch's).
+    pub fn repair(
+        &mut self,
+        mut sink: impl FnMut(Line<'_>),
+        mut unwatch: impl FnMut(BorrowedFd<'_>),
+    ) -> Repair {
+        let Some((reader, watch)) = &mut self.open else { return Repair::Ours };
+        if let Some(watch) = watch.as_ref() {
+            watch.drain();
+        }
+        let what = match path_state(&self.path, reader.identity()) {
+            PathState::Ours => return Repair::Ours,
+            PathState::OtherFifo => {
+                if let Some(watch) = watch.take() {
+                    unwatch(watch.fd());
+                }
+                self.ours = None;
+                return Repair::TakenOver;
+            }
+            PathState::Missing => "was deleted",
+            PathState::NotAFifo => "was replaced by a file that is not a FIFO",
+        };
+        let replacement =
+            create(&self.path).and_then(|identity| Ok((identity, Reader::open(&self.path)?)));
+        let (identity, new_reader) = match replacement {
+            Ok(replacement) => replacement,
+            Err(err) => return Repair::Failed(what, err),
+        };
+        while matches!(reader.read_lines(&mut sink), Ok(n) if n > 0) {}
+        unwatch(reader.fd());
+        if let Some(watch) = watch.as_ref() {
+            unwatch(watch.fd());
+        }
+        *reader = new_reader;
+        *watch = Watch::new(&self.path).ok();
+        self.ours = Some(identity);
+        Repair::Recreated(what)
+    }
+
+    /// Reads what is left into `sink`, then closes the FIFO (see [`Reader::close`]).
+    pub fn close(&mut self, sink: impl FnMut(Line<'_>)) {
+        if let Some((reader, _watch)) = self.open.take() {
+            reader.close(sink);
+        }
+    }
+
+    /// Removes the FIFO if it is still the one this server created (torch removes it on
+    /// stop; clients then get BrokenPipeError). Another server's FIFO at the path stays.
+    pub fn unlink(&mut self) {
+        if let Some(identity) = self.ours.take() {
+            let _ = remove_if(&self.path, identity);
+        }
+    }
+}
+
 /// One item read from the FIFO.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line<'a> {

@@ -15,6 +15,8 @@ cargo clippy --all-targets --features python -- -D warnings
 python3 -m ruff check python tests examples benches
 python3 -m ruff format --check python tests examples benches
 python3 -m mypy
+# The stub of the native module, checked against the compiled module.
+python3 -m mypy.stubtest elastic_timer._native --allowlist stubtest-allowlist.txt
 
 cargo test --lib
 

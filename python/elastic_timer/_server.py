@@ -28,10 +28,7 @@ R = TypeVar("R", bound=TimerRequest)
 
 # (pid, scope_id, expiration_time, signal): how requests cross into Rust.
 RequestTuple = tuple[int, str, float, int]
-# (source, text, complete): the stacks taken before a reap.
-Stacks = tuple[str, str, bool]
-# (pid, expired requests in expiration order, chosen signal, outcome, detail, stacks)
-Expiry = tuple[int, list[RequestTuple], int, str, "str | None", "Stacks | None"]
+Outcome = _native.Outcome
 
 # How long stop() waits for the reporter to finish reporting what the loop already did.
 _REPORTER_JOIN_TIMEOUT = 5.0
@@ -43,7 +40,6 @@ class NativeServer(Generic[R]):
     _core: _native.Server
     _reporter: threading.Thread | None
     _daemon: bool
-    _owner_pid: int
     _diagnostics: Diagnostics
     _events: EventSink
 
@@ -71,19 +67,19 @@ class NativeServer(Generic[R]):
         self._core = native
         self._daemon = daemon
         self._reporter = None
-        self._owner_pid = os.getpid()
         self._events = EventSink(None, None)
 
     def _is_forked_copy(self, method: str) -> bool:
-        """True (and logged) when called in a process forked from the server's. The copy has
-        no loop thread; stopping it must not stop or remove anything of the original's."""
-        if os.getpid() == self._owner_pid:
+        """True (and logged) when called in a process forked from the server's (the native
+        server's guard). The copy has no loop thread; stopping it must not stop or remove
+        anything of the original's."""
+        if not self._core.forked_copy:
             return False
         logger.warning(
             "%s.%s() ignored: this server belongs to process %s, and this process is a fork of it",
             type(self).__name__,
             method,
-            self._owner_pid,
+            self._core.owner,
         )
         return True
 
@@ -109,15 +105,15 @@ class NativeServer(Generic[R]):
     # -- one expiry, as torch's servers log and handle it ------------------------------------
 
     def _reap_expired(
-        self, pid: int, requests: list[R], signal: int, outcome: str, detail: str | None
-    ) -> str:
+        self, pid: int, requests: list[R], signal: int, outcome: Outcome, detail: str | None
+    ) -> Outcome:
         """Logs (and, for a delegated reap, performs) one expiry; returns its final outcome.
 
         ``requests`` are its expired timers in expiration order; torch reports those up to
         the first with a positive signal (the one that decided the signal) as expired.
         """
         scopes = [r.scope_id for r in requests]
-        if outcome == "dry_run":
+        if outcome == Outcome.DRY_RUN:
             log_dry_run(pid, scopes, signal)
         else:
             logger.info("Reaping %s=[%s]. Expired timers: %s", self._worker_label, pid, scopes)
@@ -127,22 +123,22 @@ class NativeServer(Generic[R]):
             if request_signal(request) > 0:
                 deciding = request
                 break
-        if outcome == "delegated":
+        if outcome == Outcome.DELEGATED:
             reaped = False
             try:
                 reaped = self._reap_delegated(pid, signal)
             finally:
                 # Always answer, or the loop would wait for this worker for good.
                 self._core.complete_reap(pid, reaped)
-            outcome = "signalled" if reaped else "failed"
-        if outcome == "not_signalled":
+            outcome = Outcome.SIGNALLED if reaped else Outcome.FAILED
+        if outcome == Outcome.NOT_SIGNALLED:
             logger.info("No signal specified with worker=[%s]. Do not reap it.", pid)
-        elif outcome == "gone":
+        elif outcome == Outcome.GONE:
             logger.info("Process with pid=%s does not exist. Skipping", pid)
-        elif outcome == "signalled":
+        elif outcome == Outcome.SIGNALLED:
             logger.info("Successfully reaped worker=[%s] with signal=%s", pid, signal)
             self._timer_event("kill worker process", deciding)
-        elif outcome == "failed":
+        elif outcome == Outcome.FAILED:
             logger.error(
                 "Error reaping worker=[%s]%s. Will retry on next watchdog.",
                 pid,
@@ -173,15 +169,17 @@ class NativeServer(Generic[R]):
         self._reporter.start()
 
     def _stop_native(self, *, run_once: bool = False) -> bool:
-        """Stops the loop (after one last pass if ``run_once``); False if it was not running."""
+        """Stops the loop (after one last pass if ``run_once``); False if it was not running.
+        The native stop also removes a File server's FIFO, if it is still the server's, even
+        when the loop never ran."""
         # Taken first: stop() may be called again meanwhile (another thread, a signal handler).
         reporter, self._reporter = self._reporter, None
-        if reporter is None:
-            return False
         if run_once:
             self._core.run_once()
         else:
             self._core.stop()
+        if reporter is None:
+            return False
         if reporter is not threading.current_thread():
             reporter.join(_REPORTER_JOIN_TIMEOUT)
         return True
@@ -197,78 +195,87 @@ class NativeServer(Generic[R]):
             event = self._core.next_event(3600.0)
             if event is None:
                 continue
-            if event[0] == "closed":
+            if isinstance(event, _native.Closed):
                 return
             try:
                 self._report(event)
             except Exception:
-                logger.exception("Error reporting timer server event %r", event[0])
+                logger.exception("Error reporting timer server event %r", event)
             finally:
-                if event[0] == "expired":
+                if isinstance(event, _native.Expired):
                     self._core.ack_expired()
 
-    def _report(self, event: tuple[Any, ...]) -> None:
-        kind = event[0]
-        if kind == "expired":
-            self._report_expired(event[1])
-        elif kind == "malformed":
-            logger.warning("Skipping malformed timer request: %s", event[1])
-            self._events.emit("malformed", reason=event[1])
-        elif kind == "refused":
-            pid, scope, expiration, sig = event[1]
+    def _report(self, event: _native.Event) -> None:
+        if isinstance(event, _native.Expired):
+            self._report_expired(event.expiries)
+        elif isinstance(event, _native.Malformed):
+            logger.warning("Skipping malformed timer request: %s", event.reason)
+            self._events.emit("malformed", reason=event.reason)
+        elif isinstance(event, _native.Refused):
+            pid, scope, expiration, sig = event.request
             logger.error(
                 "Refusing timer request %s: %s; it will never be signalled "
                 "(further refusals for this pid are only counted in stats())",
-                self._request_from_tuple(event[1]),
-                event[2],
+                self._request_from_tuple(event.request),
+                event.reason,
             )
             self._events.emit(
-                "refused", pid=pid, scope=scope, expiration=expiration, signal=sig, reason=event[2]
+                "refused",
+                pid=pid,
+                scope=scope,
+                expiration=expiration,
+                signal=sig,
+                reason=event.reason,
             )
-        elif kind == "exited":
-            logger.info("Worker pid=%s exited; dropped its %s timer(s)", event[1], event[2])
-            self._events.emit("worker exited", pid=event[1], dropped=event[2])
-        elif kind == "escalated":
-            _, pid, sig, after = event
+        elif isinstance(event, _native.WorkerExited):
+            logger.info("Worker pid=%s exited; dropped its %s timer(s)", event.pid, event.dropped)
+            self._events.emit("worker exited", pid=event.pid, dropped=event.dropped)
+        elif isinstance(event, _native.Escalated):
             logger.warning(
-                "Worker pid=%s still ran %.2f s after signal %s: sent SIGKILL", pid, after, sig
+                "Worker pid=%s still ran %.2f s after signal %s: sent SIGKILL",
+                event.pid,
+                event.after,
+                event.signal,
             )
-            self._events.emit("escalated", pid=pid, signal=sig, after=after)
-        elif kind == "unreapable":
-            _, pid, after, state = event
+            self._events.emit("escalated", pid=event.pid, signal=event.signal, after=event.after)
+        elif isinstance(event, _native.Unreapable):
             logger.error(
                 "Worker pid=%s still runs %.2f s after SIGKILL and cannot be reaped: %s "
                 "(reported once)",
-                pid,
-                after,
-                state,
+                event.pid,
+                event.after,
+                event.state,
             )
-            self._events.emit("unreapable", pid=pid, after=after, state=state)
+            self._events.emit("unreapable", pid=event.pid, after=event.after, state=event.state)
+        elif isinstance(event, _native.Notice):
+            logger.warning("%s", event.message)
+            self._events.emit("warning", message=event.message)
         else:
-            logger.warning("%s", event[1])
-            self._events.emit("warning", message=event[1])
+            raise TypeError(f"unknown timer server event {event!r}")
 
-    def _report_expired(self, expiries: list[Expiry]) -> list[str]:
+    def _report_expired(self, expiries: list[_native.Expiry]) -> list[Outcome]:
         """Reports one pass's expiries (stacks first); returns their final outcomes."""
         outcomes = []
-        for pid, timers, sig, outcome, detail, stacks in expiries:
-            requests = [self._request_from_tuple(t) for t in timers]
+        for expiry in expiries:
+            requests = [self._request_from_tuple(t) for t in expiry.timers]
+            stacks = expiry.stacks
             if stacks is not None:
-                _log_stacks(pid, [r.scope_id for r in requests], *stacks)
-            outcome = self._reap_expired(pid, requests, sig, outcome, detail)
+                _log_stacks(expiry.pid, [r.scope_id for r in requests], stacks)
+            outcome = self._reap_expired(
+                expiry.pid, requests, expiry.signal, expiry.outcome, expiry.detail
+            )
             outcomes.append(outcome)
-            source, text, complete = stacks if stacks is not None else (None, None, None)
             self._events.emit(
                 "timer expired",
-                pid=pid,
-                scopes=[t[1] for t in timers],
-                expirations=[t[2] for t in timers],
-                signal=sig,
-                outcome=outcome,
-                detail=detail,
-                stacks=text,
-                stacks_source=source,
-                stacks_complete=complete,
+                pid=expiry.pid,
+                scopes=[t[1] for t in expiry.timers],
+                expirations=[t[2] for t in expiry.timers],
+                signal=expiry.signal,
+                outcome=str(outcome),
+                detail=expiry.detail,
+                stacks=None if stacks is None else stacks.text,
+                stacks_source=None if stacks is None else stacks.source,
+                stacks_complete=None if stacks is None else stacks.complete,
             )
         return outcomes
 
@@ -312,8 +319,8 @@ class NativeServer(Generic[R]):
         return int(self._core.stats()["requests"])
 
     def stats(self) -> dict[str, int]:
-        """Counters: requests, malformed, refused, expired, reaped, escalated, unreapable,
-        stack_dumps, events_dropped; and live_timers, the timers held now."""
+        """The server's counters by name; ``elastic_timer._native.STATS`` says what each
+        one counts (``live_timers`` is the timers held now)."""
         return self._core.stats()
 
 
@@ -326,22 +333,22 @@ def log_dry_run(pid: int, scopes: list[str], signal: int) -> None:
     )
 
 
-def _log_stacks(pid: int, scopes: list[str], source: str, text: str, complete: bool) -> None:
-    if not text.strip():
+def _log_stacks(pid: int, scopes: list[str], stacks: _native.Stacks) -> None:
+    if not stacks.text.strip():
         logger.warning(
             "No stacks from expired worker pid=%s (timers %s): %s gave none in time",
             pid,
             scopes,
-            source,
+            stacks.source,
         )
         return
     logger.warning(
         "Stacks of expired worker pid=%s (timers %s; from %s%s):\n%s",
         pid,
         scopes,
-        source,
-        "" if complete else ", cut short by the grace period",
-        text.rstrip(),
+        stacks.source,
+        "" if stacks.complete else ", cut short by the grace period",
+        stacks.text.rstrip(),
     )
 
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from . import _native, debug_info_logging
 from ._server import (
-    Expiry,
     NativeServer,
+    Outcome,
     RequestTuple,
     kill_worker,
     overrides,
@@ -215,7 +215,6 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         logger.info("Stopping %s", type(self).__name__)
         if not self._stop_native():
             logger.info("No watchdog thread running, doing nothing")
-        self._remove_fifo()
         self._emit("watchdog stopped", None)
         self._close_native(fifo=self._file_path, run_id=self._run_id)
 
@@ -225,12 +224,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             return
         if not self._stop_native(run_once=True):
             logger.info("No watchdog thread running, doing nothing")
-        self._remove_fifo()
         self._close_native(fifo=self._file_path, run_id=self._run_id)
-
-    def _remove_fifo(self) -> None:
-        # The native server removes the FIFO it created, unless another has taken its path.
-        self._core.stop()
 
     @staticmethod
     def is_process_running(pid: int) -> bool:
@@ -252,25 +246,19 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         except Exception:
             logger.exception("log_event(%r) raised", name)
 
-    def _report_expired(self, expiries: list[Expiry]) -> list[str]:
+    def _report_expired(self, expiries: list[_native.Expiry]) -> list[Outcome]:
         debug_info_logging.log_debug_info_for_expired_timers(
             self._run_id,
-            {
-                pid: [self._request_from_tuple(t).to_json() for t in timers]
-                for pid, timers, *_ in expiries
-            },
+            {e.pid: [self._request_from_tuple(t).to_json() for t in e.timers] for e in expiries},
         )
         outcomes = super()._report_expired(expiries)
-        signals = [
-            signal
-            for (_, _, signal, *_), outcome in zip(expiries, outcomes)
-            if outcome == "signalled"
-        ]
+        signals = [e.signal for e, o in zip(expiries, outcomes) if o == Outcome.SIGNALLED]
         if signals and self._signal_self:
             logger.info(
                 "Terminating the server process=[%s] because of expired timers", os.getpid()
             )
             if overrides(self, FileTimerServer, "_reap_worker"):
+                # The native loop hands these reaps over and so does not signal itself.
                 self._reap_worker(os.getpid(), signals[-1])
             # Otherwise the native loop signals this process once this report is done.
         return outcomes

@@ -21,27 +21,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import _native
+
 __all__ = ["CONTENT_TYPE", "MetricsServer", "prometheus_text", "serve_metrics"]
 
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# The counters ``stats()`` returns, in the order they are exposed, with their HELP text.
-COUNTERS: dict[str, str] = {
-    "requests": "Timer requests received (acquires and releases).",
-    "malformed": "Requests skipped because they could not be decoded.",
-    "refused": "Requests refused because they named a process the server must not signal.",
-    "expired": "Timer expiries the server handled.",
-    "reaped": "Workers signalled because a timer of theirs expired.",
-    "escalated": "Workers sent SIGKILL because they outlived their first signal.",
-    "unreapable": "Workers still alive after SIGKILL (each counted once).",
-    "stack_dumps": "Python stack dumps asked of expired workers.",
-    "events_dropped": "Events dropped because the reporting thread fell behind.",
-}
-GAUGES: dict[str, str] = {
-    "live_timers": "Timers currently registered.",
-}
+# What ``stats()`` returns, as the native core declares it, in the order it is exposed.
+COUNTERS: dict[str, str] = {name: help for name, kind, help in _native.STATS if kind == "counter"}
+GAUGES: dict[str, str] = {name: help for name, kind, help in _native.STATS if kind == "gauge"}
 
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
 

@@ -1,0 +1,269 @@
+//! The loop thread: waits in `epoll_wait`, reads the transport, runs a pass, reports it.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::process::Pid;
+
+use super::pass::{Clock, Phase};
+use super::report::{Event, ReapOutcome};
+use super::{Command, Shared, TAG_FIFO_WATCH, TAG_SOURCE, TAG_WAKE, TAG_WORKER};
+use crate::codec::{self, Request};
+use crate::reaper;
+use crate::{fifo, queue};
+
+/// How long the loop waits for its events to be reported before it signals its own process.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+
+/// Where requests come from, as the server holds it (opened while the loop runs).
+pub(super) enum Source {
+    Fifo(fifo::Endpoint),
+    Queue(queue::Reader),
+    Direct,
+}
+
+impl Source {
+    /// Makes the transport ready for the loop (the FIFO is opened, and created again if
+    /// stop removed it).
+    pub fn open(&mut self) -> io::Result<()> {
+        match self {
+            Source::Fifo(endpoint) => endpoint.open(),
+            Source::Queue(_) | Source::Direct => Ok(()),
+        }
+    }
+
+    /// Reads the last requests; the FIFO is closed right after its last read, so a client
+    /// writing later gets `EPIPE` (and opens the path again) instead of writing into a pipe
+    /// about to be closed unread.
+    fn close(&mut self, decoded: &mut Vec<Result<Request, String>>) {
+        match self {
+            Source::Fifo(endpoint) => endpoint.close(|line| decode_line(line, decoded)),
+            source => while matches!(source.read(decoded), Ok(n) if n > 0) {},
+        }
+    }
+
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Source::Fifo(endpoint) => endpoint.fd(),
+            Source::Queue(reader) => Some(reader.fd()),
+            Source::Direct => None,
+        }
+    }
+
+    fn watch_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Source::Fifo(endpoint) => endpoint.watch_fd(),
+            _ => None,
+        }
+    }
+
+    /// Reads and decodes what is available; returns how many bytes or frames were read.
+    fn read(&mut self, requests: &mut Vec<Result<Request, String>>) -> io::Result<usize> {
+        match self {
+            Source::Fifo(endpoint) => endpoint.read_lines(|line| decode_line(line, requests)),
+            Source::Queue(reader) => reader.read_frames(|frame| {
+                requests.push(match frame {
+                    queue::Frame::Payload(bytes) => {
+                        codec::decode_pickle(bytes).map_err(|err| err.to_string())
+                    }
+                    queue::Frame::TooLarge(n) => {
+                        Err(format!("queue item of {n} bytes is not a timer request"))
+                    }
+                })
+            }),
+            Source::Direct => Ok(0),
+        }
+    }
+
+    /// After the watch said the FIFO's path changed: repairs it, and says what happened.
+    fn repair_fifo(&mut self, shared: &Shared, decoded: &mut Vec<Result<Request, String>>) {
+        let Source::Fifo(endpoint) = self else { return };
+        let unwatch = |fd: BorrowedFd<'_>| {
+            let _ = epoll::delete(&shared.epoll, fd);
+        };
+        let path = endpoint.path().display().to_string();
+        let warning = match endpoint.repair(|line| decode_line(line, decoded), unwatch) {
+            fifo::Repair::Ours => return,
+            fifo::Repair::TakenOver => format!(
+                "{path} is now another FIFO (another timer server?): new requests go to that \
+                 one, and this server no longer removes it on stop"
+            ),
+            fifo::Repair::Recreated(what) => {
+                watch(shared, self);
+                format!("{path} {what}; created it again")
+            }
+            fifo::Repair::Failed(what, err) => format!(
+                "{path} {what}, and creating it again failed: {err}; clients cannot reach this \
+                 server"
+            ),
+        };
+        shared.lock().emit(Event::Warning(warning));
+    }
+}
+
+/// Decodes one FIFO line. A line that does not decode but ends with a client's request
+/// (written after someone left garbage without a newline) costs only the garbage.
+fn decode_line(line: fifo::Line<'_>, requests: &mut Vec<Result<Request, String>>) {
+    let (error, end) = match line {
+        fifo::Line::Complete(bytes) => match codec::decode_json_line(bytes) {
+            Ok(request) => return requests.push(Ok(request)),
+            Err(err) => (err.to_string(), bytes),
+        },
+        fifo::Line::TooLong { len, tail } => (
+            format!("line of {len} bytes is longer than PIPE_BUF ({} bytes)", fifo::MAX_LINE),
+            tail,
+        ),
+    };
+    match codec::salvage_json_line(end) {
+        Some((_, request)) => {
+            requests.push(Err(format!("{error}; the request at its end was kept")));
+            requests.push(Ok(request));
+        }
+        None => requests.push(Err(error)),
+    }
+}
+
+/// Adds the transport's fds to the epoll set; false if the transport itself cannot be watched.
+fn watch(shared: &Shared, source: &Source) -> bool {
+    if let Some(fd) = source.fd() {
+        if let Err(err) =
+            epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_SOURCE), EventFlags::IN)
+        {
+            shared.lock().emit(Event::Warning(format!("cannot watch the transport: {err}")));
+            return false;
+        }
+    }
+    if let Some(fd) = source.watch_fd() {
+        // Without it, a deleted FIFO is not noticed (clients then get BrokenPipeError).
+        let _ = epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_FIFO_WATCH), EventFlags::IN);
+    }
+    true
+}
+
+/// Runs the loop until `stop` or `run_once`; returns the transport, closed.
+pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
+    if !watch(shared, &source) {
+        source.close(&mut Vec::new());
+        return source;
+    }
+    let mut ready: Vec<epoll::Event> = Vec::with_capacity(64);
+    let mut decoded = Vec::new();
+    loop {
+        let timeout = {
+            let mut state = shared.lock();
+            state.busy_since = None;
+            shared.next_timeout(&state)
+        };
+        ready.clear();
+        match epoll::wait(
+            &shared.epoll,
+            rustix::buffer::spare_capacity(&mut ready),
+            timeout.as_ref(),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(err) => {
+                shared.lock().emit(Event::Warning(format!("epoll_wait failed: {err}")));
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let command = shared.command.load(Ordering::SeqCst);
+        // Stopping, or a last pass: every request already written is read first, so a
+        // client whose write succeeded is never lost. The FIFO goes first (if it is still
+        // ours), so no new client can open it meanwhile.
+        let last = command != Command::Run as u8;
+        if let (true, Source::Fifo(endpoint)) = (last, &mut source) {
+            endpoint.unlink();
+        }
+        let mut read_source = last;
+        let mut fifo_changed = false;
+        let mut exited = Vec::new();
+        for event in &ready {
+            match event.data.u64() {
+                TAG_WAKE => {
+                    let mut counter = [0u8; 8];
+                    let _ = rustix::io::read(&shared.wake, &mut counter);
+                }
+                TAG_SOURCE => read_source = true,
+                TAG_FIFO_WATCH => fifo_changed = true,
+                tag => exited.extend(Pid::from_raw((tag - TAG_WORKER) as i32)),
+            }
+        }
+        if fifo_changed {
+            source.repair_fifo(shared, &mut decoded);
+        }
+        if read_source {
+            loop {
+                match source.read(&mut decoded) {
+                    Ok(0) => break,
+                    Ok(_) if last => continue,
+                    Ok(_) => break,
+                    Err(err) => {
+                        shared
+                            .lock()
+                            .emit(Event::Warning(format!("reading requests failed: {err}")));
+                        break;
+                    }
+                }
+            }
+        }
+        pass(shared, &mut decoded, exited);
+        if last {
+            if let Some(fd) = source.fd() {
+                let _ = epoll::delete(&shared.epoll, fd);
+            }
+            if let Some(fd) = source.watch_fd() {
+                let _ = epoll::delete(&shared.epoll, fd);
+            }
+            // What was written during this pass, read just before the FIFO closes.
+            source.close(&mut decoded);
+            shared.intake_decoded(&mut shared.lock(), &mut decoded, Clock::now());
+            return source;
+        }
+    }
+}
+
+/// One pass under the lock (released at the end, or early to signal this process), and its
+/// report.
+fn pass(shared: &Shared, decoded: &mut Vec<Result<Request, String>>, exited: Vec<Pid>) {
+    let clock = Clock::now();
+    let mut state = shared.lock();
+    state.busy_since = Some(clock.wall);
+    shared.intake_decoded(&mut state, decoded, clock);
+    for pid in exited {
+        shared.worker_exited(&mut state, pid);
+    }
+    shared.sweep_exited(&mut state, clock.mono);
+    let (expiries, self_signals) = shared.expire(&mut state, clock.mono);
+    if expiries.is_empty() {
+        return;
+    }
+    if !self_signals.is_empty() {
+        let (ack, acked) = mpsc::sync_channel(1);
+        state.emit(Event::Expired { expiries, ack: Some(ack) });
+        drop(state);
+        // Let the reporter log the reap first (bounded: Python may be wedged).
+        let _ = acked.recv_timeout(REPORT_GRACE);
+        for signal in self_signals {
+            let _ = reaper::signal_self(signal);
+        }
+        return;
+    }
+    let delegated: Vec<Pid> = expiries
+        .iter()
+        .filter(|e| matches!(e.outcome, ReapOutcome::Delegated))
+        .map(|e| e.pid)
+        .collect();
+    if !state.emit(Event::Expired { expiries, ack: None }) {
+        // Nobody will answer these: ask again at the next retry.
+        for pid in delegated {
+            if let Some(Phase::Retrying { delegated, .. }) = state.phases.get_mut(&pid) {
+                *delegated = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! One pass of torch's watchdog rules, done at the deadline, and where each worker stands
+//! between the expiry of its timers and its end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::process::{Pid, Signal};
+
+use super::report::{Event, Expiry, ReapOutcome, Stats};
+use super::{Shared, TAG_WORKER};
+use crate::codec::Request;
+use crate::deadlines::DeadlineMap;
+use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
+use crate::stacks::{self, Stacks};
+
+/// Distinct refused pids reported (each once); past this, refusals are only counted.
+const MAX_REFUSED_REPORTED: usize = 1024;
+/// How long a reap handed to Python may go unanswered before it is handed over again.
+const DELEGATE_GRACE: Duration = Duration::from_secs(10);
+/// Upper bound on the retry interval of a failed reap.
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
+/// The wall clock and the monotonic clock read together, to move deadlines onto the latter.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Clock {
+    pub mono: Instant,
+    pub wall: f64,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Self { mono: Instant::now(), wall: wall_now() }
+    }
+
+    /// The monotonic deadline of a wall-clock expiration (None: never, for inf and NaN).
+    pub fn deadline(self, expiration: f64) -> Option<Instant> {
+        if !expiration.is_finite() {
+            return None;
+        }
+        let ahead = expiration - self.wall;
+        if ahead >= 0.0 {
+            self.mono.checked_add(Duration::try_from_secs_f64(ahead).ok()?)
+        } else {
+            let behind = Duration::try_from_secs_f64(-ahead).unwrap_or(Duration::MAX);
+            Some(self.mono.checked_sub(behind).unwrap_or(self.mono))
+        }
+    }
+}
+
+pub(super) fn wall_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Where a worker stands once a timer of its expired; a worker with none is only timed.
+#[derive(Debug)]
+pub(super) enum Phase {
+    /// Its stacks are being taken (looked at again `at`); then it is reaped as these
+    /// timers say.
+    Dumping { at: Instant, dump: stacks::Dump, timers: Vec<Request>, signal: Signal },
+    /// Its reap is to be tried again: it failed, or the caller has not answered it since
+    /// `delegated`. `dumped`: its stacks were taken already, and are not asked for twice.
+    Retrying { dumped: bool, delegated: Option<Instant> },
+    /// Sent a catchable `signal` at `since`: SIGKILL `at` if it still runs.
+    Escalate { at: Instant, signal: Signal, since: Instant },
+    /// Sent SIGKILL at `since`: reported as unreapable `at` if it still runs.
+    Unreapable { at: Instant, since: Instant },
+}
+
+impl Phase {
+    /// When the loop must look at this worker again, whatever its timers say.
+    fn follow_up_at(&self) -> Option<Instant> {
+        match self {
+            Self::Dumping { at, .. } | Self::Escalate { at, .. } | Self::Unreapable { at, .. } => {
+                Some(*at)
+            }
+            Self::Retrying { .. } => None,
+        }
+    }
+}
+
+pub(super) struct State {
+    pub timers: DeadlineMap<Pid>,
+    pub workers: Workers,
+    /// The workers past an expiry, and what is left to do about each.
+    pub phases: HashMap<Pid, Phase>,
+    /// Pids already reported as refused: a misbehaving client is logged once, not flooded.
+    pub refused_pids: HashSet<i64>,
+    pub stats: Stats,
+    /// When the running pass started; None while the loop waits (it is then making progress).
+    pub busy_since: Option<f64>,
+    /// When to look next for the exits of workers tracked without a pidfd.
+    pub next_sweep: Instant,
+    pub events: Option<SyncSender<Event>>,
+}
+
+impl State {
+    pub fn new(max_pidfds: usize) -> Self {
+        Self {
+            timers: DeadlineMap::new(),
+            workers: Workers::new(max_pidfds),
+            phases: HashMap::new(),
+            refused_pids: HashSet::new(),
+            stats: Stats::default(),
+            busy_since: None,
+            next_sweep: Instant::now(),
+            events: None,
+        }
+    }
+
+    /// Queues an event for the reporter; false (and counted) if it had to be dropped.
+    pub fn emit(&mut self, event: Event) -> bool {
+        let Some(events) = &self.events else { return false };
+        match events.try_send(event) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.events_dropped += 1;
+                false
+            }
+        }
+    }
+
+    /// The stats as readers see them, with the gauge filled in.
+    pub fn stats(&self) -> Stats {
+        Stats { live_timers: self.timers.len() as u64, ..self.stats }
+    }
+}
+
+impl Shared {
+    /// Registers one request, from the transport or from Python.
+    pub(super) fn intake(&self, state: &mut State, request: Request, clock: Clock) {
+        state.stats.requests += 1;
+        let checked = reaper::validate_pid(request.pid).and_then(|pid| {
+            if request.signal > 0 && !request.is_release() {
+                reaper::validate_signal(request.signal)?;
+            }
+            Ok(pid)
+        });
+        let pid = match checked {
+            Ok(pid) => pid,
+            // Nothing is ever registered under such a pid: its release has nothing to do.
+            Err(_) if request.is_release() => return,
+            Err(reason) => return Self::refuse(state, request, reason),
+        };
+        if request.is_release() {
+            state.timers.apply(pid, request, None);
+            return;
+        }
+        let fresh = !state.workers.is_tracked(pid);
+        let (tracked, warning) = state.workers.track(pid);
+        let (new, gone) = (matches!(tracked, Tracked::New(_)), matches!(tracked, Tracked::Gone));
+        if let Some(warning) = warning {
+            state.emit(Event::Warning(warning));
+        }
+        if gone {
+            // The worker exited before its request was read: nothing to guard.
+            return;
+        }
+        if self.config.descendants_only {
+            // Checked once the worker is tracked, so the check is about the process tracked.
+            let lineage = state.workers.lineage(pid, self.own_pid);
+            if lineage != Lineage::Descendant {
+                if fresh {
+                    state.workers.forget(pid);
+                }
+                if lineage == Lineage::NotDescendant {
+                    Self::refuse(state, request, Refusal::NotDescendant(raw(pid)));
+                }
+                return;
+            }
+        }
+        if new {
+            let tag = TAG_WORKER + raw(pid).unsigned_abs();
+            let watched = state.workers.pidfd(pid).is_some_and(|pidfd| {
+                epoll::add(&self.epoll, pidfd, EventData::new_u64(tag), EventFlags::IN).is_ok()
+            });
+            if !watched {
+                // Its exit could not be noticed: forget it, a later request tries again.
+                state.workers.forget(pid);
+                return;
+            }
+        }
+        let deadline = clock.deadline(request.expiration);
+        state.timers.apply(pid, request, deadline);
+    }
+
+    /// Registers what the transport decoded; counts and reports what it could not.
+    pub(super) fn intake_decoded(
+        &self,
+        state: &mut State,
+        decoded: &mut Vec<Result<Request, String>>,
+        clock: Clock,
+    ) {
+        for result in decoded.drain(..) {
+            match result {
+                Ok(request) => self.intake(state, request, clock),
+                Err(reason) => {
+                    state.stats.malformed += 1;
+                    state.emit(Event::Malformed(reason));
+                }
+            }
+        }
+    }
+
+    /// Counts a refused request, and reports it if it is the first for its pid.
+    fn refuse(state: &mut State, request: Request, reason: Refusal) {
+        state.stats.refused += 1;
+        let first = state.refused_pids.len() < MAX_REFUSED_REPORTED
+            && state.refused_pids.insert(request.pid);
+        if first {
+            state.emit(Event::Refused { request, reason });
+        }
+    }
+
+    /// A worker exited (its pidfd said so, or the sweep found it gone).
+    pub(super) fn worker_exited(&self, state: &mut State, pid: Pid) {
+        let dropped = state.timers.worker_len(pid);
+        let phase = self.forget_worker(state, pid);
+        if let Some(Phase::Dumping { dump, timers, signal, .. }) = phase {
+            // It exited while its stacks were taken: report the expiry with what came.
+            let stacks = Some(dump.finish());
+            let signal = signal.as_raw();
+            let expiry = Expiry { pid, timers, signal, outcome: ReapOutcome::Gone, stacks };
+            state.stats.expired += 1;
+            state.emit(Event::Expired { expiries: vec![expiry], ack: None });
+        } else if dropped > 0 {
+            state.emit(Event::WorkerExited { pid, dropped });
+        }
+    }
+
+    /// Drops the timers of workers tracked without a pidfd that have exited, as a pidfd's
+    /// readiness does for the others; at most once per retry interval (torch's File server
+    /// probes its workers once per pass).
+    pub(super) fn sweep_exited(&self, state: &mut State, now: Instant) {
+        if state.workers.without_pidfd() == 0 || now < state.next_sweep {
+            return;
+        }
+        state.next_sweep = now + self.retry_interval();
+        for pid in state.workers.exited_without_pidfd() {
+            self.worker_exited(state, pid);
+        }
+    }
+
+    pub(super) fn retry_interval(&self) -> Duration {
+        self.config.max_interval.min(MAX_RETRY)
+    }
+
+    /// Expires what is due: one torch watchdog pass, done at the deadline. Returns the
+    /// pass's expiries and the signals to send this process once they are reported.
+    pub(super) fn expire(&self, state: &mut State, now: Instant) -> (Vec<Expiry>, Vec<Signal>) {
+        let mut expiries = Vec::new();
+        self.follow_up(state, now, &mut expiries);
+        let retry = now + self.retry_interval();
+        for pid in state.timers.due_workers(now) {
+            let dumped = match state.phases.get(&pid) {
+                Some(phase) if phase.follow_up_at().is_some() => {
+                    // Its stacks are being taken (or it is being killed): the followup decides.
+                    let at = phase.follow_up_at().unwrap_or(retry);
+                    state.timers.postpone_worker(pid, at.max(retry));
+                    continue;
+                }
+                Some(Phase::Retrying { delegated: Some(asked), .. })
+                    if now.saturating_duration_since(*asked) < DELEGATE_GRACE =>
+                {
+                    // The caller has not answered yet: look again later, without asking twice.
+                    state.timers.postpone_worker(pid, retry);
+                    continue;
+                }
+                Some(Phase::Retrying { dumped, .. }) => *dumped,
+                _ => false,
+            };
+            let expired = state.timers.due_timers(pid, now);
+            // torch: in expiration order, the first timer with a positive signal decides.
+            // Signals were validated at intake; a refused one was never registered.
+            let signal = expired
+                .iter()
+                .map(|t| t.request.signal)
+                .find(|&s| s > 0)
+                .and_then(|s| reaper::validate_signal(s).ok());
+            let timers: Vec<Request> = expired.iter().map(|t| t.request.clone()).collect();
+            if let (Some(signal), false) = (signal, dumped) {
+                if let Some(dump) = self.start_dump(state, pid, now) {
+                    let at = dump.next_poll(now);
+                    state.timers.postpone_worker(pid, at);
+                    state.phases.insert(pid, Phase::Dumping { at, dump, timers, signal });
+                    continue;
+                }
+            }
+            expiries.push(self.reap(state, pid, timers, signal, None, dumped, now));
+        }
+        let self_signals = self.self_signals(&expiries);
+        (expiries, self_signals)
+    }
+
+    /// The signals this process gets after the pass is reported: those its own timers asked
+    /// for (a process may time itself), then, for torch's File server (`signal_self`), the
+    /// signal of the pass's last reap (once, if that reap was this process's own).
+    fn self_signals(&self, expiries: &[Expiry]) -> Vec<Signal> {
+        let signalled = || {
+            expiries
+                .iter()
+                .filter(|e| matches!(e.outcome, ReapOutcome::Signalled))
+                .filter_map(|e| Some((e.pid, reaper::validate_signal(e.signal).ok()?)))
+        };
+        let mut signals: Vec<Signal> =
+            signalled().filter(|&(pid, _)| pid == self.own_pid).map(|(_, s)| s).collect();
+        if self.config.signal_self {
+            if let Some((_, last)) = signalled().next_back() {
+                if signals.last() != Some(&last) {
+                    signals.push(last);
+                }
+            }
+        }
+        signals
+    }
+
+    /// Acts on the phases that are due: finished dumps are reaped, escalations sent.
+    fn follow_up(&self, state: &mut State, now: Instant, expiries: &mut Vec<Expiry>) {
+        let due: Vec<Pid> = state
+            .phases
+            .iter()
+            .filter(|(_, phase)| phase.follow_up_at().is_some_and(|at| at <= now))
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in due {
+            let Some(phase) = state.phases.remove(&pid) else { continue };
+            match phase {
+                Phase::Dumping { mut dump, timers, signal, .. } => {
+                    if !dump.poll(now) {
+                        let at = dump.next_poll(now);
+                        state.phases.insert(pid, Phase::Dumping { at, dump, timers, signal });
+                        continue;
+                    }
+                    let stacks = dump.finish();
+                    if !stacks.text.is_empty() {
+                        state.stats.stack_dumps += 1;
+                    }
+                    expiries.push(self.reap(
+                        state,
+                        pid,
+                        timers,
+                        Some(signal),
+                        Some(stacks),
+                        true,
+                        now,
+                    ));
+                }
+                Phase::Retrying { .. } => {}
+                _ if !state.workers.is_running(pid) => {
+                    self.forget_worker(state, pid);
+                }
+                Phase::Escalate { signal, since, .. } => {
+                    match state.workers.signal(pid, Signal::KILL) {
+                        Outcome::Signalled => {
+                            state.stats.escalated += 1;
+                            let after = now.saturating_duration_since(since);
+                            state.emit(Event::Escalated { pid, signal: signal.as_raw(), after });
+                            let at = now + self.config.escalate_after.unwrap_or_default();
+                            state.phases.insert(pid, Phase::Unreapable { at, since: now });
+                        }
+                        Outcome::Gone => {
+                            self.forget_worker(state, pid);
+                        }
+                        Outcome::Failed(err) => {
+                            state.emit(Event::Warning(format!(
+                                "sending SIGKILL to worker pid={}, still running after signal {}, \
+                             failed: {err}",
+                                raw(pid),
+                                signal.as_raw()
+                            )));
+                        }
+                    }
+                }
+                Phase::Unreapable { since, .. } => {
+                    // Reported once; its exit is still noticed (its pidfd stays watched).
+                    state.stats.unreapable += 1;
+                    let after = now.saturating_duration_since(since);
+                    state.emit(Event::Unreapable { pid, after, state: reaper::describe(pid) });
+                }
+            }
+        }
+    }
+
+    /// Starts taking the stacks of an expired worker, if the server is asked to and can.
+    fn start_dump(&self, state: &mut State, pid: Pid, now: Instant) -> Option<stacks::Dump> {
+        let config = self.config.stack_dump.as_ref()?;
+        if !state.workers.is_running(pid) {
+            return None;
+        }
+        let start_time = reaper::start_time(pid)?;
+        let send = |signal| matches!(state.workers.signal(pid, signal), Outcome::Signalled);
+        let (dump, refused) =
+            stacks::Dump::start(config, pid.as_raw_nonzero().get(), start_time, send, now);
+        if let Some(reason) = refused {
+            state.emit(Event::Warning(reason));
+        }
+        dump
+    }
+
+    /// Does what an expiry calls for (signal, hand over, or only report) and keeps the books.
+    /// `dumped`: its stacks were taken for this expiry (and are not asked for again).
+    #[allow(clippy::too_many_arguments)]
+    fn reap(
+        &self,
+        state: &mut State,
+        pid: Pid,
+        timers: Vec<Request>,
+        signal: Option<Signal>,
+        stacks: Option<Stacks>,
+        dumped: bool,
+        now: Instant,
+    ) -> Expiry {
+        let retry = now + self.retry_interval();
+        let outcome = match signal {
+            None => ReapOutcome::NotSignalled,
+            Some(_) if self.config.dry_run => ReapOutcome::DryRun,
+            Some(_) if self.config.delegate_reaps => ReapOutcome::Delegated,
+            // This process is signalled once the pass is reported (see `self_signals`):
+            // signalling it now could end it before anyone hears why.
+            Some(_) if pid == self.own_pid => ReapOutcome::Signalled,
+            Some(signal) => match state.workers.signal(pid, signal) {
+                Outcome::Signalled => ReapOutcome::Signalled,
+                Outcome::Gone => ReapOutcome::Gone,
+                Outcome::Failed(err) => ReapOutcome::Failed(err),
+            },
+        };
+        match (&outcome, signal) {
+            (ReapOutcome::NotSignalled | ReapOutcome::DryRun, _) => {
+                // Only the expired timers go: a later timer with a signal stays armed.
+                for timer in &timers {
+                    let release = Request { expiration: -1.0, ..timer.clone() };
+                    state.timers.apply(pid, release, None);
+                }
+                state.phases.remove(&pid);
+            }
+            (ReapOutcome::Gone, _) => {
+                self.forget_worker(state, pid);
+            }
+            (ReapOutcome::Signalled, Some(signal)) => {
+                state.stats.reaped += 1;
+                match self.config.escalate_after {
+                    Some(grace) => {
+                        // Keep watching it (its pidfd tells when it is gone).
+                        state.timers.remove_worker(pid);
+                        let at = now + grace;
+                        let phase = if signal == Signal::KILL {
+                            Phase::Unreapable { at, since: now }
+                        } else {
+                            Phase::Escalate { at, signal, since: now }
+                        };
+                        state.phases.insert(pid, phase);
+                    }
+                    None => {
+                        self.forget_worker(state, pid);
+                    }
+                }
+            }
+            (ReapOutcome::Failed(_), _) => {
+                state.timers.postpone_worker(pid, retry);
+                state.phases.insert(pid, Phase::Retrying { dumped, delegated: None });
+            }
+            (ReapOutcome::Delegated, _) => {
+                state.timers.postpone_worker(pid, retry);
+                state.phases.insert(pid, Phase::Retrying { dumped, delegated: Some(now) });
+            }
+            (ReapOutcome::Signalled, None) => unreachable!("signalled without a signal"),
+        }
+        state.stats.expired += 1;
+        let signal = signal.map_or(0, Signal::as_raw);
+        Expiry { pid, timers, signal, outcome, stacks }
+    }
+
+    /// The caller's answer to a delegated reap.
+    pub(super) fn complete_reap(&self, state: &mut State, pid: Pid, reaped: bool) {
+        if let Some(Phase::Retrying { delegated, .. }) = state.phases.get_mut(&pid) {
+            *delegated = None;
+        }
+        if reaped {
+            self.forget_worker(state, pid);
+            state.stats.reaped += 1;
+        } else {
+            let retry = Instant::now() + self.retry_interval();
+            state.timers.postpone_worker(pid, retry);
+        }
+    }
+
+    /// Drops a worker, its timers and its phase (it was reaped, or it is gone); returns the
+    /// phase it was in.
+    pub(super) fn forget_worker(&self, state: &mut State, pid: Pid) -> Option<Phase> {
+        if let Some(pidfd) = state.workers.forget(pid) {
+            let _ = epoll::delete(&self.epoll, &pidfd);
+        }
+        state.timers.remove_worker(pid);
+        state.phases.remove(&pid)
+    }
+
+    /// When the loop must next look at its deadlines.
+    pub(super) fn next_timeout(&self, state: &State) -> Option<rustix::time::Timespec> {
+        let follow_up = state.phases.values().filter_map(Phase::follow_up_at).min();
+        let sweep = (state.workers.without_pidfd() > 0).then_some(state.next_sweep);
+        let next = [state.timers.next_deadline(), follow_up, sweep].into_iter().flatten().min()?;
+        let wait = next.saturating_duration_since(Instant::now());
+        // epoll waits in whole milliseconds: round up so the deadline has passed on waking.
+        let millis = wait.as_nanos().div_ceil(1_000_000);
+        Some(rustix::time::Timespec {
+            tv_sec: i64::try_from(millis / 1000).unwrap_or(i64::MAX),
+            tv_nsec: ((millis % 1000) * 1_000_000) as _,
+        })
+    }
+}
+
+/// A validated pid as a number, for messages and requests.
+pub(super) fn raw(pid: Pid) -> i64 {
+    i64::from(pid.as_raw_nonzero().get())
+}
