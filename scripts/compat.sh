@@ -24,6 +24,7 @@ mapfile -t TESTS < <(grep -l -E '^\s*(import|from) torch\b' tests/test_*.py | so
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/elastic-timer-compat.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+trap 'exit 130' INT TERM  # so that the EXIT trap cleans up
 
 "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$work/wheel" .
 wheel=("$work"/wheel/elastic_timer-*.whl)

@@ -25,9 +25,11 @@ Every torchrun argument below works unchanged. On top of torchrun:
     agent's interpreter is stuck, and never signals anything but a worker. It accepts timers
     only from processes the agent started (its workers and their children).
   * --max-restarts above 0: a hung worker is reaped and the worker group restarted, as
-    torchrun documents. (torch's own server also signals the agent after a reap, which ends
-    the job instead; elastic-timer-run turns that off.) With --max-restarts 0 (the default)
-    torch's behaviour is kept: the agent is signalled too and the job ends.
+    torchrun documents. (From torch 2.7 on, torch's own server also signals the agent after
+    a reap, which ends the job instead; elastic-timer-run turns that off.) With
+    --max-restarts 0 (the default) the installed torch's behaviour is kept: from torch 2.7
+    on the agent is signalled too and the job ends; with torch 2.4 to 2.6 the agent reports
+    the failed worker and exits 1.
 
 Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_STACK_DUMP=SECONDS   log a hung worker's Python stacks before it is killed
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     _log_like_torch()
     os.environ.setdefault("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
     # Every worker is the agent's child here: nothing else may have a timer reap anything.
-    torch_integration.install(signal_self=args.max_restarts == 0, descendants_only=True)
+    # With restarts, the agent must outlive a reap; without, it does what torch's server does.
+    signal_self = None if args.max_restarts == 0 else False
+    torch_integration.install(signal_self=signal_self, descendants_only=True)
     torchrun.run(args)  # type: ignore[no-untyped-call]
 
 

@@ -23,14 +23,14 @@ _TORCH_MODULES = (
 _originals: dict[str, Any] = {}
 
 
-def _agent_server(signal_self: bool, descendants_only: bool) -> type[FileTimerServer]:
+def _agent_server(signal_self: bool | None, descendants_only: bool) -> type[FileTimerServer]:
     """Our server, with these keywords defaulting as asked (the agent passes neither)."""
 
     class AgentFileTimerServer(FileTimerServer):
         def __init__(
             self,
             *args: Any,
-            signal_self: bool = signal_self,
+            signal_self: bool | None = signal_self,
             descendants_only: bool = descendants_only,
             **kwargs: Any,
         ) -> None:
@@ -43,14 +43,16 @@ def _agent_server(signal_self: bool, descendants_only: bool) -> type[FileTimerSe
     return AgentFileTimerServer
 
 
-def install(*, signal_self: bool = True, descendants_only: bool = False) -> None:
+def install(*, signal_self: bool | None = None, descendants_only: bool = False) -> None:
     """
     Points torch's ``FileTimerServer`` at elastic-timer's (idempotent; ``uninstall`` undoes it).
 
-    ``signal_self=True`` keeps torch's behaviour: after reaping a worker, the server signals
-    the agent too, which ends the job. ``False`` leaves the agent alive to restart the worker
-    group, as torchrun documents for ``--max-restarts``. ``descendants_only=True`` refuses
-    timers of processes that the agent did not start (torchrun's workers are its children).
+    ``signal_self=None`` keeps the installed torch's behaviour: from torch 2.7 on, after
+    reaping a worker, the server signals the agent too, which ends the job (torch 2.4 to 2.6
+    do not). ``True`` always signals the agent. ``False`` leaves the agent alive to restart
+    the worker group, as torchrun documents for ``--max-restarts``.
+    ``descendants_only=True`` refuses timers of processes that the agent did not start
+    (torchrun's workers are its children).
     """
     server = _agent_server(signal_self, descendants_only)
     for name in _TORCH_MODULES:
