@@ -36,6 +36,7 @@ def worker(transport: str, target: Any, scope: str, after: float, go: Event, out
         client = timer.FileTimerClient(target)
     else:
         client = timer.LocalTimerClient(target)
+    out.put("started")
     go.wait()
     wall, mono = time.time(), time.monotonic()
     client.acquire(scope, wall + after)
@@ -62,6 +63,8 @@ def main() -> None:
     ]
     for process in workers:
         process.start()
+    # All started before "go", so the timers are acquired together.
+    assert [acquired.get(timeout=60) for _ in workers] == ["started"] * len(workers)
     exits: list[list[float]] = []
 
     def record_exit(process: BaseProcess) -> None:
