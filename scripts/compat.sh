@@ -11,6 +11,8 @@
 #
 # PYTHON picks the interpreter the venvs are made from (default python3).
 set -euo pipefail
+# The braces make bash read the whole script before running it: editing it during a run is safe.
+{
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3}"
@@ -56,7 +58,8 @@ for version in "${VERSIONS[@]}"; do
     fi
     # pytest's closing line, e.g. "== 3 failed, 120 passed in 96.01s ==", without the time.
     summary="$(tail -n 1 "$log" | sed -E 's/^=+ //; s/ in [0-9.]+s.*$//')"
-    failures="$(grep -E '^(FAILED|ERROR) ' "$log" | sed -E 's/^(FAILED|ERROR) ([^ ]+).*/\2/' | paste -sd ' ' || true)"
+    failures="$(grep -E '^(FAILED|ERROR) ' "$log" | sed -E 's/^(FAILED|ERROR) ([^ ]+).*/\2/' |
+        paste -sd ' ' || true)"
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$version" "$installed" "$python" "$outcome" \
         "$summary" "$failures" >>"$results"
     rm -rf "$venv"
@@ -94,3 +97,4 @@ table = [
 open(readme, "w").write(head + begin + "\n" + "\n".join(table) + "\n" + end + tail)
 PY
 exit "$status"
+}
