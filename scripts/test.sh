@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs the package with its test and lint tools
-# (torch among them, from PyPI), checks formatting and lints, then runs the Rust unit tests
-# and the whole pytest suite (torch-interop tests included; none is skipped), then fuzzes the two
-# decoders briefly (cargo-fuzz on the stable toolchain, with RUSTC_BOOTSTRAP for its -Z flags).
+# (torch among them, from PyPI) and Debian's libfaketime, checks formatting and lints, then runs
+# the Rust unit tests and the whole pytest suite (torch-interop tests included; none is skipped),
+# then fuzzes the two decoders briefly (cargo-fuzz on the stable toolchain, with RUSTC_BOOTSTRAP
+# for its -Z flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --upgrade pip maturin
 python3 -m pip install --quiet -e '.[dev]'
+# tests/test_clock.py steps a server's wall clock with Debian's libfaketime.
+if ! compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null; then
+    as_root=()
+    [ "$(id -u)" -eq 0 ] || as_root=(sudo)
+    "${as_root[@]}" apt-get update
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y libfaketime
+fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings

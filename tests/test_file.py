@@ -28,6 +28,7 @@ from helpers import wait_for
 
 from elastic_timer import FileTimerClient, FileTimerRequest, FileTimerServer, expires
 from elastic_timer._native import PIPE_BUF
+from elastic_timer._torch_versions import installed_torch, signals_self
 
 CTX = mp.get_context("fork")
 FAR = 3600.0  # seconds: a deadline no test ever reaches
@@ -785,10 +786,7 @@ SELF_SIGNAL_SCRIPT = textwrap.dedent(
     if __name__ == "__main__":
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
         path, sig, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-        if mode == "default":
-            server = FileTimerServer(path, "self-signal", max_interval=0.1)
-        else:
-            server = FileTimerServer(path, "self-signal", max_interval=0.1, signal_self=False)
+        server = FileTimerServer(path, "self-signal", max_interval=0.1, signal_self=mode == "on")
         server.start()
         ctx = mp.get_context("fork")
         go = ctx.Event()
@@ -814,12 +812,13 @@ def process_gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_server_process_signals_itself_after_a_reap_by_default(sig: int, tmp_path: Path) -> None:
-    """torch's behaviour: after reaping a worker, the server's own process gets the same
-    signal (under torchrun that ends the agent). The worker dies first, and it is logged."""
+def test_server_process_signals_itself_after_a_reap(sig: int, tmp_path: Path) -> None:
+    """torch's behaviour (from torch 2.7 on): after reaping a worker, the server's own process
+    gets the same signal (under torchrun that ends the agent). The worker dies first, and it
+    is logged."""
     fifo = str(tmp_path / "self.fifo")
     run = subprocess.run(
-        [sys.executable, "-c", SELF_SIGNAL_SCRIPT, fifo, str(int(sig)), "default"],
+        [sys.executable, "-c", SELF_SIGNAL_SCRIPT, fifo, str(int(sig)), "on"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -847,6 +846,26 @@ def test_server_process_lives_with_signal_self_false(tmp_path: Path) -> None:
     assert run.returncode == 0, (run.stdout, run.stderr)
     assert f"worker exitcode {-signal.SIGKILL}" in run.stdout
     assert "Terminating the server process" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [("2.4.1+cu121", False), ("2.6.0", False), ("2.7.0", True), ("2.15.0", True), (None, True)],
+)
+def test_signal_self_defaults_to_what_that_torchs_server_does(
+    version: str | None, expected: bool
+) -> None:
+    """torch's FileTimerServer signals its own process from 2.7 on; without torch, as the
+    newest does."""
+    assert signals_self(version) is expected
+
+
+def test_signal_self_default_follows_the_installed_torch(
+    fifo: str, servers: list[FileTimerServer]
+) -> None:
+    server = FileTimerServer(fifo, "default")
+    servers.append(server)
+    assert server._signal_self is signals_self(installed_torch())
 
 
 class RecordingServer(FileTimerServer):

@@ -3,7 +3,7 @@
 Each scenario is run with the server and the clients taken from either package: the stuck
 worker must die with the requested signal, the happy one must exit 0, and a File server must
 report the same ``log_event`` events. Servers that signal their own process after a reap
-(torch's File server always does) run in a subprocess.
+(torch's File server does from torch 2.7 on) run in a subprocess.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 import torch.distributed.elastic.timer as torch_timer
 
 import elastic_timer
+from elastic_timer._torch_versions import torch_signals_self
 
 PACKAGES: dict[str, Any] = {"torch": torch_timer, "ours": elastic_timer}
 CTX = mp.get_context("fork")
@@ -95,9 +96,13 @@ def run_file_scenario(
 ) -> dict[str, Any]:
     """A happy worker, then a stuck one, against one File server in its own process.
 
-    The stuck one comes last: a server that signals itself after a reap serves no more.
+    The stuck one comes last: a server that signals itself after a reap serves no more. One
+    that does not (torch before 2.7, and ours with it) still reaps a second stuck worker, whose
+    deadline comes after the latest our self-signal could (1 s after the reap).
     """
     server, fifo, events = start_file_server(server_package, tmp_path)
+    second = None
+    server_exit: int | None
     try:
         happy = CTX.Process(
             target=file_worker, args=(client_package, fifo), kwargs={**HAPPY, "sig": sig}
@@ -107,8 +112,17 @@ def run_file_scenario(
         stuck = CTX.Process(target=file_worker, args=(client_package, fifo, 0.3, 30, sig))
         stuck.start()
         stuck.join(15)
-        server_exit = server.wait(15)
+        if torch_signals_self():
+            server_exit = server.wait(15)
+        else:
+            second = CTX.Process(target=file_worker, args=(client_package, fifo, 1.5, 30, sig))
+            second.start()
+            second.join(15)
+            server_exit = server.poll()
     finally:
+        if second is not None and second.is_alive():
+            second.kill()
+            second.join()
         if server.poll() is None:
             server.kill()
             server.wait()
@@ -116,6 +130,7 @@ def run_file_scenario(
     return {
         "happy": happy.exitcode,
         "stuck": stuck.exitcode,
+        "second": None if second is None else second.exitcode,
         "server": server_exit,
         "events": [
             (name, None if f is None else (f[0] == stuck.pid, f[1], f[2])) for name, f in recorded
@@ -131,16 +146,20 @@ def test_file_transport_pairings(
 ) -> None:
     """torch's client works with our server and ours with torch's: the stuck worker dies of
     the signal it asked for, the happy one exits 0, the server then signals itself (torch's
-    behaviour, kept by default), and the log_event calls are the same."""
+    behaviour from 2.7 on, kept by default) or serves on (before 2.7), and the log_event calls
+    are the same."""
     outcome = run_file_scenario(server_package, client_package, sig, tmp_path)
+    reap = [("timer expired", (True, "work", sig)), ("kill worker process", (True, "work", sig))]
     assert outcome["happy"] == 0
     assert outcome["stuck"] == -sig
-    assert outcome["server"] == -sig
-    assert outcome["events"] == [
-        ("watchdog started", None),
-        ("timer expired", (True, "work", sig)),
-        ("kill worker process", (True, "work", sig)),
-    ]
+    if torch_signals_self():
+        assert outcome["server"] == -sig
+        assert outcome["events"] == [("watchdog started", None), *reap]
+    else:
+        assert outcome["server"] is None, "the server signalled itself"
+        assert outcome["second"] == -sig
+        second = [(name, (False, *fields[1:])) for name, fields in reap]
+        assert outcome["events"] == [("watchdog started", None), *reap, *second]
 
 
 def test_mixed_file_clients_on_one_server(tmp_path: Path) -> None:

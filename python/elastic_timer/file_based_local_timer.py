@@ -21,6 +21,7 @@ from ._server import (
     overrides,
     request_tuple,
 )
+from ._torch_versions import torch_signals_self
 from .api import TimerClient, TimerRequest
 from .diagnostics import DiagnosticsOptions, arm_stack_dump
 
@@ -150,7 +151,9 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         log_event: called as ``log_event(name, request)`` for "watchdog started",
             "watchdog stopped", "timer expired" and "kill worker process", as torch does.
         signal_self: after a pass that reaped a worker, signal this process with the same
-            signal, as torch does (under torchrun that ends the agent). False turns it off.
+            signal, as torch's server does from torch 2.7 on (under torchrun that ends the
+            agent). The default, None, does what the installed torch's server does: True from
+            torch 2.7 on and without torch, False with torch 2.4 to 2.6.
         descendants_only: refuse (log once per pid, and count) acquires from processes that
             do not descend from this one. Under torchrun every worker is the agent's child.
         **diagnostics: opt-in diagnostics, ``stack_dump``, ``stack_signal``, ``stacks_dir``,
@@ -167,14 +170,14 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         daemon: bool = True,
         log_event: Callable[[str, FileTimerRequest | None], None] | None = None,
         *,
-        signal_self: bool = True,
+        signal_self: bool | None = None,
         descendants_only: bool = False,
         **diagnostics: Unpack[DiagnosticsOptions],
     ) -> None:
         self._file_path = file_path
         self._run_id = run_id
         self._max_interval = max_interval
-        self._signal_self = signal_self
+        self._signal_self = torch_signals_self() if signal_self is None else signal_self
         self._log_event: Callable[[str, FileTimerRequest | None], None] = (
             log_event if log_event is not None else lambda name, request: None
         )
@@ -182,7 +185,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             max_interval,
             delegate_reaps=overrides(self, FileTimerServer, "_reap_worker"),
             descendants_only=descendants_only,
-            signal_self=signal_self,
+            signal_self=self._signal_self,
             **diagnostics,
         )
         self._init_native(_native.Server.fifo(file_path, options), daemon)

@@ -37,11 +37,13 @@ of the launcher:
     agent's interpreter is stuck, and never signals anything but a worker. It accepts timers
     only from processes the agent started (its workers and their children).
   * --max-restarts above 0: a hung worker is reaped and the worker group restarted, as
-    torchrun documents. (torch's own server also signals the agent after a reap, which ends
-    the job instead; elastic-timer-run turns that off.) With --max-restarts 0 (the default)
-    the launcher's behaviour is kept: under torchrun the agent is signalled too and the job
-    ends; under ft_launcher, whose own server never signals the agent, neither does ours,
-    and the job ends as ft_launcher ends it.
+    torchrun documents. (From torch 2.7 on, torch's own server also signals the agent after
+    a reap, which ends the job instead; elastic-timer-run turns that off.) With
+    --max-restarts 0 (the default) the launcher's behaviour is kept: under torchrun, the
+    installed torch's (from torch 2.7 on the agent is signalled too and the job ends; with
+    torch 2.4 to 2.6 the agent reports the failed worker and exits 1); under ft_launcher,
+    whose own server never signals the agent, neither does ours, and the job ends as
+    ft_launcher ends it.
 
 Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_STACK_DUMP=SECONDS   log a hung worker's Python stacks before it is killed

@@ -31,8 +31,9 @@ class _TimerCopy:
     """A timer package whose ``FileTimerServer`` an agent looks up."""
 
     package: str
-    # What that package's own server does after a reap: signal the agent (torch's) or not.
-    signals_agent: bool
+    # What that package's own server does after a reap: signal the agent or not (None: what
+    # the installed torch's does, which changed in torch 2.7).
+    signals_agent: bool | None
     # Its FileTimerServer's positional parameters, in order (ft_launcher's copy has no run_id).
     positional: tuple[str, ...]
     # Whether install() needs it (torch's), or patches it only when it is importable.
@@ -46,7 +47,7 @@ class _TimerCopy:
 _TIMER_COPIES = (
     _TimerCopy(
         "torch.distributed.elastic.timer",
-        signals_agent=True,
+        signals_agent=None,
         positional=("file_path", "run_id", "max_interval", "daemon", "log_event"),
         required=True,
     ),
@@ -61,7 +62,7 @@ _originals: dict[str, Any] = {}
 
 
 def _agent_server(
-    copy: _TimerCopy, signal_self: bool, descendants_only: bool
+    copy: _TimerCopy, signal_self: bool | None, descendants_only: bool
 ) -> type[FileTimerServer]:
     """Our server, called as ``copy``'s is, with these keywords defaulting as asked (the agent
     passes neither)."""
@@ -71,7 +72,7 @@ def _agent_server(
         def __init__(
             self,
             *args: Any,
-            signal_self: bool = signal_self,
+            signal_self: bool | None = signal_self,
             descendants_only: bool = descendants_only,
             **kwargs: Any,
         ) -> None:
@@ -117,9 +118,10 @@ def install(*, signal_self: bool | None = None, descendants_only: bool = False) 
     and ft_launcher's copy of it when nvidia-resiliency-ext is importable.
 
     ``signal_self=None`` keeps each launcher's behaviour: after reaping a worker, the server
-    signals the agent too under torch (which ends the job), and not under ft_launcher, whose
-    own server never does. ``True`` or ``False`` sets it for both; ``False`` leaves the agent
-    alive to restart the worker group, as torchrun documents for ``--max-restarts``.
+    signals the agent too under torch from torch 2.7 on (which ends the job; torch 2.4 to 2.6
+    do not), and never under ft_launcher, whose own server does not. ``True`` or ``False``
+    sets it for both; ``False`` leaves the agent alive to restart the worker group, as
+    torchrun documents for ``--max-restarts``.
     ``descendants_only=True`` refuses timers of processes that the agent did not start
     (torchrun's and ft_launcher's workers are its children).
     """

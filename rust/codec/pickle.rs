@@ -49,7 +49,8 @@ pub fn decode_pickle(payload: &[u8]) -> Result<Request, CodecError> {
         })
     };
     Ok(Request {
-        pid: int_field("worker_id", field("worker_id"))?,
+        // torch's FileTimerRequest kept its pid in a `worker_pid` slot of its own up to 2.9.
+        pid: int_field("worker_id", field("worker_id").or_else(|| field("worker_pid")))?,
         scope: str_field("scope_id", field("scope_id"))?,
         expiration: number_field("expiration_time", field("expiration_time"))?,
         signal: SIGKILL,
@@ -495,6 +496,8 @@ mod tests {
     // FileTimerRequest(1234, "scope", 1.5, 15), protocols 4 and 2
     const TORCH_FILE: &str = "800495ae000000000000008c36746f7263682e64697374726962757465642e656c61737469632e74696d65722e66696c655f62617365645f6c6f63616c5f74696d6572948c1046696c6554696d6572526571756573749493942981944e7d94288c0776657273696f6e944b018c067369676e616c944b0f8c09776f726b65725f6964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
     const TORCH_FILE_P2: &str = "800263746f7263682e64697374726962757465642e656c61737469632e74696d65722e66696c655f62617365645f6c6f63616c5f74696d65720a46696c6554696d6572526571756573740a7100298171014e7d710228580700000076657273696f6e71034b0158060000007369676e616c71044b0f5809000000776f726b65725f696471054dd204580800000073636f70655f69647106580500000073636f70657107580f00000065787069726174696f6e5f74696d657108473ff800000000000075867109622e";
+    // The same FileTimerRequest from torch 2.4 to 2.9, whose pid is in a slot `worker_pid`
+    const TORCH_2_9_FILE: &str = "800495af000000000000008c36746f7263682e64697374726962757465642e656c61737469632e74696d65722e66696c655f62617365645f6c6f63616c5f74696d6572948c1046696c6554696d6572526571756573749493942981944e7d94288c0776657273696f6e944b018c0a776f726b65725f706964944dd2048c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff80000000000008c067369676e616c944b0f758694622e";
     // TimerRequests with a wrong field: pid "1234", pid True, scope 5, expiration "soon",
     // expiration None
     const PID_STR: &str = "80049584000000000000008c23746f7263682e64697374726962757465642e656c61737469632e74696d65722e617069948c0c54696d6572526571756573749493942981944e7d94288c09776f726b65725f6964948c0431323334948c0873636f70655f6964948c0573636f7065948c0f65787069726174696f6e5f74696d6594473ff8000000000000758694622e";
@@ -527,7 +530,7 @@ mod tests {
     }
 
     /// Whole pickles of requests, for the tests that cut and mutate them.
-    const REQUESTS: [&str; 14] = [
+    const REQUESTS: [&str; 15] = [
         TORCH_P2,
         TORCH_P3,
         TORCH_P4,
@@ -538,6 +541,7 @@ mod tests {
         TORCH_UNICODE,
         TORCH_FILE,
         TORCH_FILE_P2,
+        TORCH_2_9_FILE,
         OURS,
         OURS_FILE,
         OURS_DICT_STATE,
@@ -557,6 +561,7 @@ mod tests {
             (TORCH_UNICODE, request(1234, "é中😀\n\"", 1.5, SIGKILL)),
             (TORCH_FILE, request(1234, "scope", 1.5, SIGKILL)),
             (TORCH_FILE_P2, request(1234, "scope", 1.5, SIGKILL)),
+            (TORCH_2_9_FILE, request(1234, "scope", 1.5, SIGKILL)),
             (OURS, request(1234, "scope", 1.5, SIGKILL)),
             (OURS_FILE, request(1234, "scope", 1.5, SIGKILL)),
             (OURS_DICT_STATE, request(1234, "scope", 1.5, SIGKILL)),
