@@ -79,8 +79,9 @@ class HungFilesystem:
         self, started: Callable[[subprocess.Popen[bytes]], object]
     ) -> subprocess.Popen[bytes]:
         """Starts a process that stats ``hung_path`` and returns once the server holds its
-        lookup: from then on, SIGKILL leaves it in state D until ``release``. ``started`` is
-        given the process first (to clean it up even if it never gets that far)."""
+        lookup: from then on, SIGKILL leaves it in state D until ``release`` (before the kill
+        it sleeps interruptibly, in state S). ``started`` is given the process first, to clean
+        it up even if it never gets that far."""
         worker = subprocess.Popen(
             [sys.executable, "-c", WORKER, str(self.hung_path)], stdout=subprocess.PIPE
         )
@@ -98,6 +99,7 @@ class HungFilesystem:
             self._reply(unique, -errno.ENOENT)
 
     def stop(self) -> None:
+        """Stops the serving thread (after which nothing answers: release first)."""
         os.write(self._stop_write, b"x")
         self._thread.join(10)
         os.close(self._stop_read)
