@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 from helpers import wait_for
+from unkillable import HungFilesystem, hung_filesystem
 
 from elastic_timer import FileTimerClient, FileTimerServer, LocalTimerServer, diagnostics
 from elastic_timer.diagnostics import STACK_DUMP_ENV, STACKS_DIR_ENV, arm_stack_dump
 
 LOGGER = "elastic_timer"
-FREEZER = Path("/sys/fs/cgroup/freezer")
 
 # A worker that hangs in a function with a name to look for in its stacks. `{client}` builds
 # the client from `path`; the timer expires after 0.3 s.
@@ -391,51 +391,40 @@ def test_without_escalation_a_worker_that_ignores_its_signal_keeps_running(
 
 
 @pytest.fixture
-def freezer(tmp_path: Path) -> Iterator[Path]:
-    """A cgroup-v1 freezer group: a frozen process cannot act on SIGKILL until thawed, as a
-    process stuck in uninterruptible sleep cannot."""
-    assert (FREEZER / "freezer.state").exists() or FREEZER.is_dir(), (
-        "this test needs the cgroup-v1 freezer at /sys/fs/cgroup/freezer (and root)"
-    )
-    group = FREEZER / f"elastic-timer-test-{os.getpid()}-{tmp_path.name}"
-    group.mkdir()
-    try:
-        yield group
-    finally:
-        (group / "freezer.state").write_text("THAWED\n")
-        wait_for(lambda: not (group / "cgroup.procs").read_text().strip())
-        group.rmdir()
+def hung_fs(tmp_path: Path, children: list[Any]) -> Iterator[HungFilesystem]:
+    """A FUSE mount on which a worker's stat hangs until released, so that the worker survives
+    SIGKILL as on a hung network filesystem. It uses ``children``, so it is released and
+    unmounted first at teardown, before ``children`` kills and reaps what is left."""
+    with hung_filesystem(tmp_path / "mnt") as filesystem:
+        yield filesystem
 
 
 def test_a_worker_that_survives_sigkill_is_reported_once_as_unreapable(
     file_server: Callable[..., Any],
     fifo: str,
     children: list[Any],
-    freezer: Path,
+    hung_fs: HungFilesystem,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     server, events = file_server(escalate_after=0.3)
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    children.append(worker)
-    (freezer / "cgroup.procs").write_text(f"{worker.pid}\n")
-    (freezer / "freezer.state").write_text("FROZEN\n")
-    assert wait_for(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN")
-    # The worker cannot send its own request while frozen: send it on its behalf.
-    FileTimerClient(fifo)._send(worker.pid, "frozen", time.time() + 0.1, signal.SIGKILL)
+    # Returns once the filesystem holds the worker's lookup: SIGKILL cannot end its wait.
+    worker = hung_fs.start_worker(children.append)
+    # The worker is stuck in its stat and cannot send its own request: send it on its behalf.
+    FileTimerClient(fifo)._send(worker.pid, "hung", time.time() + 0.1, signal.SIGKILL)
     assert wait_for(lambda: events_named(events, "unreapable"))
     (unreapable,) = events_named(events, "unreapable")
     assert unreapable["pid"] == worker.pid
     assert unreapable["after"] >= 0.3
-    # What /proc says: frozen shows as uninterruptible sleep, and where it waits.
+    # What /proc says: killed while the filesystem holds its request, it sleeps uninterruptibly.
     assert "state D (disk sleep), waiting in " in unreapable["state"], unreapable["state"]
     assert worker.poll() is None, "still there after SIGKILL"
     time.sleep(1.0)
     messages = [r.getMessage() for r in caplog.records if "cannot be reaped" in r.getMessage()]
     assert len(messages) == 1, "reported once"
     assert server.stats()["unreapable"] == 1
-    (freezer / "freezer.state").write_text("THAWED\n")
-    assert worker.wait(10) == -signal.SIGKILL, "the pending SIGKILL lands once it thaws"
+    hung_fs.release()
+    assert worker.wait(10) == -signal.SIGKILL, "the pending SIGKILL lands once the stat returns"
 
 
 # -- dry run ------------------------------------------------------------------------------------
