@@ -21,7 +21,7 @@
 //! ```json
 //! {"format": "elastic-timer learned timeouts", "version": 1, "scopes": [
 //!   {"scope": "train.py:42", "samples": 12, "max": 1.25, "after": 1800.0,
-//!    "p50": 1.048576, "p99": 1.25, "suggested": 6.25, "histogram": [[164, 3], [165, 9]]}]}
+//!    "p50": 1.048576, "p99": 1.25, "suggested": 6.25, "histogram": [[143, 9], [145, 3]]}]}
 //! ```
 //!
 //! Durations are seconds, with microsecond precision, and `null` where there is none. Per scope:
