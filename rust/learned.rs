@@ -28,8 +28,10 @@
 //! - `samples`: the completed blocks counted (warm-up excluded); `max`: the longest of them
 //!   (`null` when there are none);
 //! - `after`: the largest `after` its clients asked for (`null`: no acquire seen);
-//! - `histogram`: `[bucket, count]` for the non-empty buckets of the durations (microseconds,
-//!   8 buckets per power of two; see `bucket`), a count of at most `samples` in all;
+//! - `histogram`: `[bucket, count]` for the non-empty buckets of the durations, a count of at
+//!   most `samples` in all. A duration of `d` microseconds is in bucket `d` when `d < 8`, else,
+//!   with `m = floor(log2 d)`, in `8 (m - 2) + ((d >> (m - 3)) & 7)`: 8 per power of two, and
+//!   `d >= 2^42` (51 days) in the last, 319;
 //! - `p50`, `p99`, `suggested`: derived when saved, for readers such as `elastic-timer
 //!   timeouts`. A quantile is the upper edge of its bucket, at most `max`; `suggested` is the
 //!   bound under the saving server's settings, at most `after` (`null`: not learned yet).
