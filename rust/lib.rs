@@ -7,10 +7,12 @@
 //! frames into [`codec::Request`]s, the one [`deadlines::DeadlineMap`] keeps them ordered by
 //! deadline, and `server` runs the loop that expires them and asks `reaper` to signal
 //! (after `stacks` has asked the worker where it is stuck, when stack dumps are on).
+//! `learned` keeps per-scope durations and the tightened bound they give an acquire.
 
 pub mod codec;
 pub mod deadlines;
 pub mod fifo;
+pub mod learned;
 pub mod queue;
 pub mod reaper;
 pub mod server;

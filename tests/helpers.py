@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+
+CLI = [sys.executable, "-m", "elastic_timer.cli"]
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
@@ -17,3 +21,10 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs ``elastic-timer ARGS`` to completion (commands that exit on their own)."""
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=30, check=False, env=env
+    )

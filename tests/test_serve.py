@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import CLI, run_cli, wait_for
 
 from elastic_timer.metrics import CONTENT_TYPE, prometheus_text, serve_metrics
 
-CLI = [sys.executable, "-m", "elastic_timer.cli"]
 # The same command with py-spy out of the server's reach (its lookup finds none), so that
 # stacks can only come from the worker's own faulthandler.
 CLI_WITHOUT_PY_SPY = [
@@ -75,13 +74,6 @@ def clean_env() -> dict[str, str]:
         for k, v in os.environ.items()
         if not k.startswith("ELASTIC_TIMER_") and k != "TORCHELASTIC_TIMER_FILE"
     }
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs ``elastic-timer ARGS`` to completion (commands that exit on their own)."""
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=30, check=False, env=env
-    )
 
 
 class Daemon:

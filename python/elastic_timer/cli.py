@@ -2,7 +2,8 @@
 
 ``serve`` runs a ``FileTimerServer`` in the foreground until SIGTERM or SIGINT, for launchers
 other than torchrun (SLURM, a Kubernetes sidecar, a shell script). Workers on the same host
-reach it through its FIFO, as they would reach torchrun's.
+reach it through its FIFO, as they would reach torchrun's. ``timeouts`` prints what a server
+learned about its scopes' durations, from the state file it saved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from .diagnostics import STACKS_DIR_ENV, STACKS_SIDECAR_SUFFIX, parse_stack_signal
 from .file_based_local_timer import FileTimerServer
+from .learned import ScopeFigures, StateFileError, read_state
 from .metrics import MetricsServer, serve_metrics
 
 __all__ = ["main"]
@@ -57,6 +59,20 @@ example:
   elastic-timer serve --fifo /run/job-42/timer.fifo --escalate-after 30 \\
       --metrics 127.0.0.1:9464
 """
+
+TIMEOUTS_DESCRIPTION = """\
+Prints what a timer server learned about the durations of its scopes, from the state file
+it saves (state_file=PATH, or ELASTIC_TIMER_STATE_FILE): one row per scope, with the blocks
+it counted (samples), their median, 99th percentile and longest durations (p50, p99, max),
+the largest `after` its clients asked for, and the timeout the server would enforce
+(suggested; "-" while the scope has too few samples). Durations are in seconds.
+"""
+
+TIMEOUTS_EPILOG = """\
+exit status: 0; 1 when STATE_FILE cannot be read or is not a state file; 2 for bad arguments.
+"""
+
+TIMEOUT_COLUMNS = ("scope", "samples", "p50", "p99", "max", "after", "suggested")
 
 
 # -- argument types -----------------------------------------------------------------------------
@@ -196,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: %(default)s.",
     )
     serve.set_defaults(handler=_serve, parser=serve)
+    timeouts = commands.add_parser(
+        "timeouts",
+        help="print the scopes' durations and timeouts a server learned (its state file)",
+        description=TIMEOUTS_DESCRIPTION,
+        epilog=TIMEOUTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    timeouts.add_argument("state_file", metavar="STATE_FILE", help="The server's state file.")
+    timeouts.set_defaults(handler=_timeouts, parser=timeouts)
     return parser
 
 
@@ -407,6 +432,41 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return str(number)
+
+
+# -- timeouts -----------------------------------------------------------------------------------
+
+
+def _timeouts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        scopes = read_state(args.state_file)
+    except StateFileError as e:
+        sys.stderr.write(f"{PROG} timeouts: error: {e}\n")
+        return 1
+    sys.stdout.write(timeouts_table(scopes))
+    return 0
+
+
+def timeouts_table(scopes: Sequence[ScopeFigures]) -> str:
+    """One row per scope (sorted by scope), the header first; seconds to the millisecond."""
+    rows = [TIMEOUT_COLUMNS] + [
+        (
+            scope.scope if scope.scope.isprintable() else ascii(scope.scope),
+            str(scope.samples),
+            *(_seconds(v) for v in (scope.p50, scope.p99, scope.max, scope.after, scope.suggested)),
+        )
+        for scope in sorted(scopes, key=lambda scope: scope.scope)
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TIMEOUT_COLUMNS))]
+    return "".join(
+        "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+        + "\n"
+        for row in rows
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
