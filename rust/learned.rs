@@ -41,6 +41,7 @@ use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
+use std::hash::Hash;
 use std::io::{self, Read, Write};
 use std::mem;
 use std::path::{Path, PathBuf};
@@ -48,8 +49,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-
-use crate::deadlines::Pid;
 
 /// Scopes longer than this are not learned (a `with` line's scope is `file:line`).
 pub const MAX_SCOPE_BYTES: usize = 1024;
@@ -297,13 +296,14 @@ struct Block {
     completed: u32,
 }
 
-/// Per-scope duration statistics, learned from acquires and releases.
+/// Per-scope duration statistics, learned from acquires and releases; workers are keyed by
+/// whatever the caller validated their pid into (the server: a `rustix` `Pid`).
 #[derive(Debug)]
-pub struct Learner {
+pub struct Learner<K> {
     config: LearnConfig,
     ids: HashMap<Arc<str>, ScopeId>,
     scopes: Vec<Scope>,
-    workers: HashMap<Pid, HashMap<ScopeId, Block>>,
+    workers: HashMap<K, HashMap<ScopeId, Block>>,
     /// Pairs in `workers`, all workers together.
     worker_scopes: usize,
     /// Per [`Limit`]: already reported.
@@ -314,7 +314,7 @@ fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
-impl Learner {
+impl<K: Copy + Eq + Hash> Learner<K> {
     pub fn new(config: LearnConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Self {
@@ -330,7 +330,7 @@ impl Learner {
     /// A block of `scope` begins in worker `pid`: the client asked for it to expire `after`
     /// from `now`. Acquiring a scope the worker holds begins its block again (the acquire
     /// replaces the timer). Returns the learned bound when it undercuts `after`.
-    pub fn acquired(&mut self, pid: Pid, scope: &str, now: Instant, after: Duration) -> Acquired {
+    pub fn acquired(&mut self, pid: K, scope: &str, now: Instant, after: Duration) -> Acquired {
         let id = match self.intern(scope) {
             Ok(id) => id,
             Err(limit) => return Acquired { learned: None, limit_reached: self.first(limit) },
@@ -356,7 +356,7 @@ impl Learner {
 
     /// Worker `pid` released `scope`: its open block, if any, took until `now`. The sample
     /// counts unless the worker is still warming up in that scope.
-    pub fn released(&mut self, pid: Pid, scope: &str, now: Instant) {
+    pub fn released(&mut self, pid: K, scope: &str, now: Instant) {
         let Some(&id) = self.ids.get(scope) else {
             return;
         };
@@ -374,7 +374,7 @@ impl Learner {
     }
 
     /// Forgets the worker's open blocks and warm-up counts (it exited or was reaped).
-    pub fn worker_gone(&mut self, pid: Pid) {
+    pub fn worker_gone(&mut self, pid: K) {
         if let Some(blocks) = self.workers.remove(&pid) {
             self.worker_scopes -= blocks.len();
         }
@@ -423,7 +423,7 @@ impl Learner {
     }
 
     /// The worker's block in the scope; None when it is new and the pairs are at their limit.
-    fn block(&mut self, pid: Pid, id: ScopeId) -> Option<&mut Block> {
+    fn block(&mut self, pid: K, id: ScopeId) -> Option<&mut Block> {
         let full = self.worker_scopes >= self.config.max_worker_scopes;
         let blocks = match self.workers.entry(pid) {
             Entry::Occupied(blocks) => blocks.into_mut(),
@@ -513,7 +513,7 @@ fn micros_of_seconds(seconds: f64) -> Result<u64, String> {
     }
 }
 
-impl Learner {
+impl<K: Copy + Eq + Hash> Learner<K> {
     /// The learner with the statistics of the state file at `path`; a fresh one if there is
     /// no file. Scopes past `max_scopes` are dropped.
     pub fn load(config: LearnConfig, path: &Path) -> Result<Self, StateError> {
@@ -630,6 +630,8 @@ fn parse(bytes: &[u8]) -> Result<StateFile<'static>, Problem> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Pid = i64;
     use proptest::prelude::*;
 
     const SECOND: Duration = Duration::from_secs(1);
@@ -638,13 +640,13 @@ mod tests {
         LearnConfig { floor: SECOND, warmup: 1, min_samples: 3, ..LearnConfig::default() }
     }
 
-    fn learner(config: LearnConfig) -> Learner {
+    fn learner(config: LearnConfig) -> Learner<Pid> {
         Learner::new(config).expect("a valid config")
     }
 
     /// One block of `scope` in `pid` from `start` that takes `took`; what its acquire got.
     fn block(
-        learner: &mut Learner,
+        learner: &mut Learner<Pid>,
         pid: Pid,
         scope: &str,
         start: Instant,
@@ -656,14 +658,14 @@ mod tests {
         acquired
     }
 
-    fn summary<'a>(learner: &'a Learner, scope: &str) -> ScopeSummary<'a> {
+    fn summary<'a>(learner: &'a Learner<Pid>, scope: &str) -> ScopeSummary<'a> {
         learner.summaries().find(|s| s.scope == scope).expect("the scope is tracked")
     }
 
     #[test]
     fn is_send_to_live_in_the_server_thread() {
         fn assert_send<T: Send>() {}
-        assert_send::<Learner>();
+        assert_send::<Learner<Pid>>();
     }
 
     #[test]
@@ -886,10 +888,10 @@ mod tests {
             LearnConfig { max_worker_scopes: 0, ..config() },
         ];
         for config in bad {
-            assert!(Learner::new(config.clone()).is_err(), "{config:?}");
+            assert!(Learner::<Pid>::new(config.clone()).is_err(), "{config:?}");
         }
         assert_eq!(LearnConfig::default().validate(), Ok(()));
-        let message = Learner::new(LearnConfig { factor: 0.5, ..config() }).unwrap_err();
+        let message = Learner::<Pid>::new(LearnConfig { factor: 0.5, ..config() }).unwrap_err();
         assert_eq!(
             message.to_string(),
             "the factor must be a finite number of at least 1, not 0.5"
@@ -907,14 +909,14 @@ mod tests {
     }
 
     /// A comparable copy of the summaries.
-    fn figures(learner: &Learner) -> Vec<(String, u64, [Option<Duration>; 5])> {
+    fn figures(learner: &Learner<Pid>) -> Vec<(String, u64, [Option<Duration>; 5])> {
         learner
             .summaries()
             .map(|s| (s.scope.to_owned(), s.samples, [s.p50, s.p99, s.max, s.after, s.suggested]))
             .collect()
     }
 
-    fn load(path: &Path) -> Result<Learner, StateError> {
+    fn load(path: &Path) -> Result<Learner<Pid>, StateError> {
         Learner::load(config(), path)
     }
 
@@ -1046,7 +1048,7 @@ mod tests {
         assert_eq!(message, "it is corrupt: scope \"s\": listed twice");
     }
 
-    fn load_bytes(bytes: &[u8]) -> Result<Learner, StateError> {
+    fn load_bytes(bytes: &[u8]) -> Result<Learner<Pid>, StateError> {
         let dir = scratch();
         let path = dir.path().join("state.json");
         std::fs::write(&path, bytes).expect("written");
@@ -1076,7 +1078,8 @@ mod tests {
             let _ = many.acquired(1, scope, Instant::now(), SECOND);
         }
         many.save(&path).expect("saved");
-        let loaded = Learner::load(LearnConfig { max_scopes: 2, ..config() }, &path).expect("ok");
+        let loaded: Learner<Pid> =
+            Learner::load(LearnConfig { max_scopes: 2, ..config() }, &path).expect("ok");
         let scopes: Vec<&str> = loaded.summaries().map(|s| s.scope).collect();
         assert_eq!(scopes, ["a", "b"]);
     }
