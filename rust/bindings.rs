@@ -67,6 +67,7 @@ struct Options {
     stack_signal: i32,
     stacks_dir: Option<PathBuf>,
     py_spy: Option<PathBuf>,
+    error_files: bool,
 }
 
 impl Options {
@@ -94,6 +95,7 @@ impl Options {
                 .map(|s| seconds(s, "escalate_after"))
                 .transpose()?,
             stack_dump,
+            error_files: self.error_files,
         })
     }
 }
@@ -163,6 +165,8 @@ struct Expiry {
     /// Why a reap failed.
     detail: Option<String>,
     stacks: Option<Py<Stacks>>,
+    /// The torchrun error file the server wrote for it before the signal.
+    error_file: Option<String>,
 }
 
 /// One pass's expiries; the loop may wait for `ack_expired` before it signals itself.
@@ -256,6 +260,9 @@ fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
                         outcome: Outcome::of(&expiry.outcome),
                         detail,
                         stacks,
+                        error_file: expiry
+                            .error_file
+                            .map(|path| path.to_string_lossy().into_owned()),
                     };
                     Py::new(py, expiry)
                 })

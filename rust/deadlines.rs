@@ -21,6 +21,8 @@ use crate::codec::Request;
 pub struct Timer {
     pub request: Request,
     pub deadline: Option<Instant>,
+    /// When the acquire arrived (wall clock), if known: what bound ran out is said from it.
+    pub acquired: Option<f64>,
 }
 
 /// What [`DeadlineMap::apply`] did.
@@ -101,6 +103,17 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
     /// Registers, replaces or (negative expiration) releases the timer for
     /// (`pid`, request.scope); `pid` is the request's pid, validated.
     pub fn apply(&mut self, pid: K, request: Request, deadline: Option<Instant>) -> Change {
+        self.apply_at(pid, request, deadline, None)
+    }
+
+    /// [`DeadlineMap::apply`], for an acquire that arrived at wall-clock time `acquired`.
+    pub fn apply_at(
+        &mut self,
+        pid: K,
+        request: Request,
+        deadline: Option<Instant>,
+        acquired: Option<f64>,
+    ) -> Change {
         if request.is_release() {
             let Entry::Occupied(mut worker) = self.workers.entry(pid) else {
                 return Change::NoOp;
@@ -131,7 +144,7 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
                 (self.last_seq, Change::Added)
             }
         };
-        let slot = Slot { timer: Timer { request, deadline }, seq };
+        let slot = Slot { timer: Timer { request, deadline, acquired }, seq };
         if let Some(key) = slot.index_key() {
             self.index.insert(key, pid);
         }
@@ -451,11 +464,11 @@ mod tests {
                     Change::Released
                 }
                 (Some(i), false) => {
-                    self.0[i] = Timer { request, deadline };
+                    self.0[i] = Timer { request, deadline, acquired: None };
                     Change::Replaced
                 }
                 (None, false) => {
-                    self.0.push(Timer { request, deadline });
+                    self.0.push(Timer { request, deadline, acquired: None });
                     Change::Added
                 }
             }

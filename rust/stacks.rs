@@ -213,7 +213,7 @@ fn open_armed(path: &Path, pid: i32) -> Result<Option<File>, untrusted::Refused>
 }
 
 /// The real and effective uids of process `pid` (`/proc/<pid>/status`).
-fn uids(pid: i32) -> Option<[u32; 2]> {
+pub(crate) fn uids(pid: i32) -> Option<[u32; 2]> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
     let mut fields = line.split_whitespace().map(str::parse);

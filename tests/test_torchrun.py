@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,26 +64,104 @@ def test_a_job_without_hang_finishes_with_exit_0_and_no_reap(tmp_path: Path) -> 
     assert "elastic_timer" in result.stderr  # our server ran in the agent
 
 
-def test_a_hung_worker_ends_the_job_as_with_stock_torch(tmp_path: Path) -> None:
-    """--max-restarts 0: the hung worker is reaped and the job ends exactly as with torch's own
-    server: from torch 2.7 on the agent is signalled too (SIGKILL), before that it reports the
-    failed worker (exit 1). Our reap happens at the deadline."""
+def root_cause(stderr: str) -> str:
+    """The Root Cause block of torchrun's failure summary (ChildFailedError)."""
+    assert "Root Cause (first observed failure):" in stderr, stderr[-3000:]
+    return stderr[stderr.index("Root Cause (first observed failure):") :]
+
+
+# What our server writes in the error file of a worker it reaps: the scope of the step's
+# expires(after=1) (the job's one `with` line) and the bound that ran out.
+EXPIRY_SAYS = re.compile(
+    r"traceback : elastic-timer: a timer of worker pid (\d+) expired; the worker was sent "
+    r"signal 9\n\s+scope \"" + re.escape(JOB) + r"#\d+\": its bound of (0\.9\d|1\.0\d) s ran out"
+)
+
+
+def test_a_hung_worker_ends_the_job_with_torchruns_failure_summary(tmp_path: Path) -> None:
+    """--max-restarts 0: the hung worker is reaped and the agent, which our server never
+    kills, ends the job as torchrun ends a failed job: exit 1 and its failure summary, whose
+    Root Cause names the expired timer (written to the worker's error file before the kill)."""
+    result, _ = run(
+        [LAUNCHER, "--standalone", *COMMON, JOB], job_env(tmp_path, hang_rank=1, hang_attempts="0")
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert finished(tmp_path) == ["rank 0 attempt 0"]
+    assert "Reaping worker_pid" in result.stderr
+    cause = root_cause(result.stderr)
+    assert "rank      : 1 (local_rank: 1)" in cause
+    assert "exitcode  : -9" in cause
+    said = EXPIRY_SAYS.search(cause)
+    assert said, cause
+    assert f"(pid: {said[1]})" in cause  # the worker it names is the one that died
+    assert "error.json" in cause  # the summary read the worker's error file
+
+
+def test_the_failure_summary_has_the_hung_workers_stacks(tmp_path: Path) -> None:
+    """With stacks on, the Root Cause shows where the worker was stuck; the event log names
+    the error file written."""
+    env = job_env(tmp_path, hang_rank=1, hang_attempts="0")
+    events = tmp_path / "events.jsonl"
+    env.update(ELASTIC_TIMER_STACK_DUMP="5", ELASTIC_TIMER_EVENT_LOG=str(events))
+    result, _ = run([LAUNCHER, "--standalone", *COMMON, JOB], env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    cause = root_cause(result.stderr)
+    assert EXPIRY_SAYS.search(cause), cause
+    stacks_at = cause.index("Its Python stacks, taken before the signal (from faulthandler):")
+    assert 'train.py", line' in cause[stacks_at:]
+    assert "in main" in cause[stacks_at:]
+    (expired,) = [r for r in read_events(events) if r["event"] == "timer expired"]
+    assert expired["error_file"].endswith("/1/error.json"), expired
+    assert f"error_file: {expired['error_file']}" in cause
+
+
+def test_a_worker_that_records_its_own_error_keeps_its_message(tmp_path: Path) -> None:
+    """The timer reaps with SIGTERM, which the worker turns into an exception that torch's
+    @record writes to its error file: the summary shows the worker's traceback, not ours."""
+    env = job_env(tmp_path, hang_rank=1, hang_attempts="0")
+    env.update(HANG_SIGNAL="TERM", RECORD="1")
+    result, _ = run([LAUNCHER, "--standalone", *COMMON, JOB], env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Reaping worker_pid" in result.stderr
+    cause = root_cause(result.stderr)
+    assert "RuntimeError: rank 1 was told to stop (signal 15)" in cause, cause
+    assert "elastic-timer: a timer" not in cause
+
+
+@pytest.mark.parametrize("signal_self", [True, None])
+def test_install_with_torchs_self_signal_ends_the_job_as_stock_torch(
+    tmp_path: Path, signal_self: bool | None
+) -> None:
+    """install(signal_self=True) is torch's behaviour from 2.7 on: the server kills its agent
+    after the reap, before any summary. install() (None) does what the installed torch's own
+    server does. Either way the reap happens at the deadline, as with torch's server."""
     ours_dir, torch_dir = tmp_path / "ours", tmp_path / "torch"
     ours_dir.mkdir()
     torch_dir.mkdir()
-    ours, ours_time = run(
-        [LAUNCHER, "--standalone", *COMMON, JOB], job_env(ours_dir, hang_rank=1, hang_attempts="0")
+    launch = (
+        "import logging, sys; from elastic_timer import torch as t; "
+        "log = logging.getLogger('elastic_timer'); log.addHandler(logging.StreamHandler()); "
+        "log.setLevel('INFO'); "
+        f"t.install(signal_self={signal_self}, descendants_only=True); "
+        "from torch.distributed.run import main; main(sys.argv[1:])"
     )
+    ours_env = job_env(ours_dir, hang_rank=1, hang_attempts="0")
+    ours_env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
+    ours, ours_time = run([sys.executable, "-c", launch, "--standalone", *COMMON, JOB], ours_env)
     stock_env = job_env(torch_dir, hang_rank=1, hang_attempts="0")
     stock_env["TORCHELASTIC_ENABLE_FILE_TIMER"] = "1"
     stock, stock_time = run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", *COMMON, JOB], stock_env
     )
     assert stock.returncode == (-signal.SIGKILL if torch_signals_self() else 1)
-    assert ours.returncode == stock.returncode, ours.stderr[-3000:]
+    killed = signal_self is True or torch_signals_self()
+    assert ours.returncode == (-signal.SIGKILL if killed else 1), ours.stderr[-3000:]
+    if signal_self is None:
+        assert ours.returncode == stock.returncode
     assert finished(ours_dir) == finished(torch_dir) == ["rank 0 attempt 0"]
-    assert "Reaping worker_pid" in ours.stderr
-    assert "elastic_timer" in ours.stderr  # our server logged the reap
+    assert "Reaping worker_pid" in ours.stderr  # our server logged the reap
+    if killed:
+        assert "Root Cause" not in ours.stderr  # the agent died before it could say why
     print(f"job with a hung worker: elastic-timer {ours_time:.2f} s, torch {stock_time:.2f} s")
 
 

@@ -50,6 +50,7 @@ class NativeServer(Generic[R]):
         delegate_reaps: bool,
         descendants_only: bool,
         signal_self: bool = False,
+        error_files: bool = False,
         **diagnostics: Unpack[DiagnosticsOptions],
     ) -> dict[str, Any]:
         """Resolves the diagnostics and returns every option of the native server, in one
@@ -60,6 +61,7 @@ class NativeServer(Generic[R]):
             "signal_self": signal_self,
             "delegate_reaps": delegate_reaps,
             "descendants_only": descendants_only,
+            "error_files": error_files,
             **self._diagnostics.native_options(),
         }
 
@@ -265,6 +267,12 @@ class NativeServer(Generic[R]):
                 expiry.pid, requests, expiry.signal, expiry.outcome, expiry.detail
             )
             outcomes.append(outcome)
+            if expiry.error_file is not None:
+                logger.info(
+                    "Wrote why worker pid=%s died to its torchrun error file %s",
+                    expiry.pid,
+                    expiry.error_file,
+                )
             self._events.emit(
                 "timer expired",
                 pid=expiry.pid,
@@ -276,6 +284,7 @@ class NativeServer(Generic[R]):
                 stacks=None if stacks is None else stacks.text,
                 stacks_source=None if stacks is None else stacks.source,
                 stacks_complete=None if stacks is None else stacks.complete,
+                error_file=expiry.error_file,
             )
         return outcomes
 

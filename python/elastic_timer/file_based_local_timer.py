@@ -156,6 +156,10 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             torch 2.7 on and without torch, False with torch 2.4 to 2.6.
         descendants_only: refuse (log once per pid, and count) acquires from processes that
             do not descend from this one. Under torchrun every worker is the agent's child.
+        error_files: before signalling a worker whose environment names a
+            ``TORCHELASTIC_ERROR_FILE`` (torchrun's workers), write that file, unless the
+            worker wrote it: the agent's failure summary then says which timer fired, its
+            bound, and the stacks when taken. ``install()`` turns it on for the agent.
         **diagnostics: opt-in diagnostics, ``stack_dump``, ``stack_signal``, ``stacks_dir``,
             ``escalate_after``, ``dry_run``, ``event_log`` and ``on_event``; see
             ``elastic_timer.diagnostics``. Where one is not given, its ``ELASTIC_TIMER_*``
@@ -172,6 +176,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         *,
         signal_self: bool | None = None,
         descendants_only: bool = False,
+        error_files: bool = False,
         **diagnostics: Unpack[DiagnosticsOptions],
     ) -> None:
         self._file_path = file_path
@@ -186,6 +191,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             delegate_reaps=overrides(self, FileTimerServer, "_reap_worker"),
             descendants_only=descendants_only,
             signal_self=self._signal_self,
+            error_files=error_files,
             **diagnostics,
         )
         self._init_native(_native.Server.fifo(file_path, options), daemon)

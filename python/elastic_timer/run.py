@@ -36,14 +36,15 @@ of the launcher:
   * the timer server is elastic-timer's: it kills a hung worker at its deadline, even if the
     agent's interpreter is stuck, and never signals anything but a worker. It accepts timers
     only from processes the agent started (its workers and their children).
-  * --max-restarts above 0: a hung worker is reaped and the worker group restarted, as
-    torchrun documents. (From torch 2.7 on, torch's own server also signals the agent after
-    a reap, which ends the job instead; elastic-timer-run turns that off.) With
-    --max-restarts 0 (the default) the launcher's behaviour is kept: under torchrun, the
-    installed torch's (from torch 2.7 on the agent is signalled too and the job ends; with
-    torch 2.4 to 2.6 the agent reports the failed worker and exits 1); under ft_launcher,
-    whose own server never signals the agent, neither does ours, and the job ends as
-    ft_launcher ends it.
+  * the agent is never killed by its own timer server. (From torch 2.7 on, torch's server
+    signals the agent after a reap, so the agent dies before it prints anything.) With
+    --max-restarts above 0 a hung worker is reaped and the worker group restarted, as
+    torchrun documents; when no restart is left (--max-restarts 0, the default) the agent
+    ends the job the way it ends any failed job: its failure summary, exit code 1;
+  * the failure summary's Root Cause block says why a reaped worker died: the scope(s) of
+    its expired timers, the bound that ran out and, with ELASTIC_TIMER_STACK_DUMP, its
+    stacks (written to the worker's TORCHELASTIC_ERROR_FILE before the kill, unless the
+    worker recorded an error there itself).
 
 Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_STACK_DUMP=SECONDS   log a hung worker's Python stacks before it is killed
@@ -78,15 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     launcher = _import_launcher(name)
     if "-h" in argv or "--help" in argv:
         sys.stdout.write(HELP_PREAMBLE)
-    args = launcher.parse_args(argv)
+    # The launcher's own parsing first: --help and bad arguments end here, as with it alone.
+    launcher.parse_args(argv)
     _log_like_torch()
     os.environ.setdefault("TORCHELASTIC_ENABLE_FILE_TIMER", "1")
     # Every worker is the agent's child here: nothing else may have a timer reap anything.
-    # --max-restarts 0 keeps what the launcher's own server does after a reap (None); above 0
-    # the agent must stay alive to restart the group.
-    torch_integration.install(
-        signal_self=None if args.max_restarts == 0 else False, descendants_only=True
-    )
+    # The agent stays alive after a reap, to restart the group or to report the failure.
+    torch_integration.install(signal_self=False, descendants_only=True)
     # The launcher's own entry point, so that its exit codes and error files are unchanged.
     launcher.main(argv)
 

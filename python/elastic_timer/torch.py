@@ -65,7 +65,8 @@ def _agent_server(
     copy: _TimerCopy, signal_self: bool | None, descendants_only: bool
 ) -> type[FileTimerServer]:
     """Our server, called as ``copy``'s is, with these keywords defaulting as asked (the agent
-    passes neither)."""
+    passes none of them). It writes the error file of each worker it reaps, for the agent's
+    failure summary."""
     positional = copy.positional
 
     class AgentFileTimerServer(FileTimerServer):
@@ -74,6 +75,7 @@ def _agent_server(
             *args: Any,
             signal_self: bool | None = signal_self,
             descendants_only: bool = descendants_only,
+            error_files: bool = True,
             **kwargs: Any,
         ) -> None:
             if len(args) > len(positional):
@@ -85,7 +87,12 @@ def _agent_server(
                 if name in kwargs:
                     raise TypeError(f"FileTimerServer got multiple values for argument {name!r}")
             kwargs.update(zip(positional, args))
-            super().__init__(signal_self=signal_self, descendants_only=descendants_only, **kwargs)
+            super().__init__(
+                signal_self=signal_self,
+                descendants_only=descendants_only,
+                error_files=error_files,
+                **kwargs,
+            )
 
     AgentFileTimerServer.__qualname__ = AgentFileTimerServer.__name__ = "FileTimerServer"
     AgentFileTimerServer.__module__ = FileTimerServer.__module__
@@ -118,10 +125,12 @@ def install(*, signal_self: bool | None = None, descendants_only: bool = False) 
     and ft_launcher's copy of it when nvidia-resiliency-ext is importable.
 
     ``signal_self=None`` keeps each launcher's behaviour: after reaping a worker, the server
-    signals the agent too under torch from torch 2.7 on (which ends the job; torch 2.4 to 2.6
-    do not), and never under ft_launcher, whose own server does not. ``True`` or ``False``
-    sets it for both; ``False`` leaves the agent alive to restart the worker group, as
-    torchrun documents for ``--max-restarts``.
+    signals the agent too under torch from torch 2.7 on (which kills the agent before it says
+    anything; torch 2.4 to 2.6 do not), and never under ft_launcher, whose own server does
+    not. ``True`` or ``False`` sets it for both: ``True`` is torch's exact behaviour from 2.7
+    on; ``False`` (what ``elastic-timer-run`` uses) leaves the agent alive, to restart the
+    worker group as torchrun documents for ``--max-restarts``, or to end the job the way
+    torchrun ends a failed one (its failure summary, exit code 1).
     ``descendants_only=True`` refuses timers of processes that the agent did not start
     (torchrun's and ft_launcher's workers are its children).
     """

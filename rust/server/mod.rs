@@ -67,6 +67,9 @@ pub struct Config {
     pub escalate_after: Option<Duration>,
     /// Ask an expired worker for its stacks before signalling it.
     pub stack_dump: Option<stacks::Config>,
+    /// Before signalling a torchrun worker, write its `TORCHELASTIC_ERROR_FILE` (if it did
+    /// not) so the agent's failure summary says which timer fired.
+    pub error_files: bool,
 }
 
 /// Where requests come from.

@@ -2,6 +2,7 @@
 //! between the expiry of its timers and its end.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +13,7 @@ use super::report::{Event, Expiry, ReapOutcome, Stats};
 use super::{Shared, TAG_WORKER};
 use crate::codec::Request;
 use crate::deadlines::DeadlineMap;
+use crate::error_file::{self, Fired};
 use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
 use crate::stacks::{self, Stacks};
 
@@ -182,7 +184,7 @@ impl Shared {
             }
         }
         let deadline = clock.deadline(request.expiration);
-        state.timers.apply(pid, request, deadline);
+        state.timers.apply_at(pid, request, deadline, Some(clock.wall));
     }
 
     /// Registers what the transport decoded; counts and reports what it could not.
@@ -221,7 +223,8 @@ impl Shared {
             // It exited while its stacks were taken: report the expiry with what came.
             let stacks = Some(dump.finish());
             let signal = signal.as_raw();
-            let expiry = Expiry { pid, timers, signal, outcome: ReapOutcome::Gone, stacks };
+            let outcome = ReapOutcome::Gone;
+            let expiry = Expiry { pid, timers, signal, outcome, stacks, error_file: None };
             state.stats.expired += 1;
             state.emit(Event::Expired { expiries: vec![expiry], ack: None });
         } else if dropped > 0 {
@@ -412,6 +415,7 @@ impl Shared {
         now: Instant,
     ) -> Expiry {
         let retry = now + self.retry_interval();
+        let mut error_file = None;
         let outcome = match signal {
             None => ReapOutcome::NotSignalled,
             Some(_) if self.config.dry_run => ReapOutcome::DryRun,
@@ -419,12 +423,21 @@ impl Shared {
             // This process is signalled once the pass is reported (see `self_signals`):
             // signalling it now could end it before anyone hears why.
             Some(_) if pid == self.own_pid => ReapOutcome::Signalled,
-            Some(signal) => match state.workers.signal(pid, signal) {
-                Outcome::Signalled => ReapOutcome::Signalled,
-                Outcome::Gone => ReapOutcome::Gone,
-                Outcome::Failed(err) => ReapOutcome::Failed(err),
-            },
+            Some(signal) => {
+                // Before the signal: the agent reads it as soon as it sees the worker die.
+                error_file = self.write_error_file(state, pid, &timers, signal, stacks.as_ref());
+                match state.workers.signal(pid, signal) {
+                    Outcome::Signalled => ReapOutcome::Signalled,
+                    Outcome::Gone => ReapOutcome::Gone,
+                    Outcome::Failed(err) => ReapOutcome::Failed(err),
+                }
+            }
         };
+        if let (ReapOutcome::Gone, Some(path)) = (&outcome, &error_file) {
+            // It exited on its own: what it died of is not this timer.
+            let _ = std::fs::remove_file(path);
+            error_file = None;
+        }
         match (&outcome, signal) {
             (ReapOutcome::NotSignalled | ReapOutcome::DryRun, _) => {
                 // Only the expired timers go: a later timer with a signal stays armed.
@@ -468,7 +481,50 @@ impl Shared {
         }
         state.stats.expired += 1;
         let signal = signal.map_or(0, Signal::as_raw);
-        Expiry { pid, timers, signal, outcome, stacks }
+        Expiry { pid, timers, signal, outcome, stacks, error_file }
+    }
+
+    /// Writes torch's error file of a worker about to be signalled (see [`error_file`]), when
+    /// the server is asked to, the worker has one (it is torchrun's), belongs to the server's
+    /// user and has not written it itself. Returns its path if this server wrote it.
+    fn write_error_file(
+        &self,
+        state: &mut State,
+        pid: Pid,
+        timers: &[Request],
+        signal: Signal,
+        stacks: Option<&Stacks>,
+    ) -> Option<PathBuf> {
+        if !self.config.error_files {
+            return None;
+        }
+        let number = pid.as_raw_nonzero().get();
+        let own_user = rustix::process::geteuid().as_raw();
+        if stacks::uids(number)?[0] != own_user {
+            return None;
+        }
+        let path = error_file::path_of(number)?;
+        let fired: Vec<Fired<'_>> = timers
+            .iter()
+            .map(|request| {
+                let acquired = state.timers.get(pid, &request.scope).and_then(|t| t.acquired);
+                let bound = acquired.map(|at| request.expiration - at).filter(|b| b.is_finite());
+                Fired { scope: &request.scope, bound }
+            })
+            .collect();
+        let message = error_file::message(number, &fired, signal.as_raw(), stacks);
+        let summary = message.lines().next().unwrap_or_default();
+        let content = error_file::content(&message, summary, wall_now() as u64);
+        match error_file::write_new(&path, &content) {
+            Ok(written) => written.then_some(path),
+            Err(err) => {
+                state.emit(Event::Warning(format!(
+                    "cannot write the error file {} of worker pid={number}: {err}",
+                    path.display()
+                )));
+                None
+            }
+        }
     }
 
     /// The caller's answer to a delegated reap.

@@ -1,6 +1,7 @@
 //! What the server tells its caller: events for the reporter, and its counters.
 
 use std::io;
+use std::path::PathBuf;
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub struct Expiry {
     pub outcome: ReapOutcome,
     /// Its stacks, when the server asked for them first.
     pub stacks: Option<Stacks>,
+    /// The torchrun error file this server wrote for it before the signal.
+    pub error_file: Option<PathBuf>,
 }
 
 /// What an expiry came to. The bindings hand Python the [`ReapOutcome::name`] of each.

@@ -19,6 +19,7 @@ fn config() -> Config {
         dry_run: false,
         escalate_after: None,
         stack_dump: None,
+        error_files: false,
     }
 }
 

@@ -5,12 +5,18 @@ named by HANG_RANK hangs in its second step on the attempts listed in HANG_ATTEM
 TORCHELASTIC_RESTART_COUNT); every other step takes STEP_SECONDS (50 ms by default). Each
 worker appends a line to $JOB_LOG when it finishes, so the test can see which attempt
 completed.
+
+With HANG_SIGNAL=TERM the workers' timers reap with SIGTERM, which a worker turns into an
+exception; with RECORD=1 the entry point is decorated with torch's ``@record``, which writes
+an uncaught exception to the worker's TORCHELASTIC_ERROR_FILE.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
+from types import FrameType
 
 import elastic_timer as timer
 
@@ -24,7 +30,12 @@ def main() -> None:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     hang_rank = int(os.environ.get("HANG_RANK", "-1"))
     hang_attempts = {int(a) for a in os.environ.get("HANG_ATTEMPTS", "").split(",") if a}
-    timer.configure()
+    if os.environ.get("HANG_SIGNAL") == "TERM":
+        signal.signal(signal.SIGTERM, told_to_stop)
+        fifo = os.environ["TORCHELASTIC_TIMER_FILE"]
+        timer.configure(timer.FileTimerClient(fifo, signal=signal.SIGTERM))
+    else:
+        timer.configure()
     for step in range(STEPS):
         with timer.expires(after=STEP_TIMEOUT):
             if rank == hang_rank and attempt in hang_attempts and step == 1:
@@ -34,5 +45,14 @@ def main() -> None:
         log.write(f"rank {rank} attempt {attempt} pid {os.getpid()} done\n")
 
 
+def told_to_stop(signum: int, frame: FrameType | None) -> None:
+    raise RuntimeError(f"rank {os.environ['RANK']} was told to stop (signal {signum})")
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("RECORD") == "1":
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        record(main)()
+    else:
+        main()

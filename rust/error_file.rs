@@ -1,0 +1,179 @@
+//! torch's per-worker error file (`TORCHELASTIC_ERROR_FILE`), written for a worker that a
+//! timer is about to kill.
+//!
+//! torchrun's agent gives each worker the path of an error file in its environment. A worker
+//! whose entry point is decorated with `@record` writes its uncaught exception there; when the
+//! worker dies, the agent reads the file for the failure summary it prints
+//! (`ChildFailedError`: the "Root Cause" block). A worker killed by a signal writes nothing,
+//! so the summary would only say "Signal 9 (SIGKILL) received by PID ...". Written here,
+//! before the signal, the summary says which timer fired and where the worker was stuck,
+//! with every torch release (they all read this format).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use crate::stacks::Stacks;
+
+/// The variable torchrun's agent sets in each worker's environment.
+pub const VARIABLE: &str = "TORCHELASTIC_ERROR_FILE";
+/// How much of a worker's environment is read looking for it (Linux allows a few MiB).
+const MAX_ENVIRON: u64 = 4 << 20;
+
+/// One expired timer, as the failure summary names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired<'a> {
+    pub scope: &'a str,
+    /// The bound that ran out, in seconds (from the acquire to the deadline); None when the
+    /// server did not see the acquire arrive (a timer registered from Python).
+    pub bound: Option<f64>,
+}
+
+/// The error file named in the initial environment of process `pid` (`/proc/<pid>/environ`;
+/// readable for a process of the same user), if it names one. A relative path is taken from
+/// this process's working directory, as the agent (the server's process) reads it.
+pub fn path_of(pid: i32) -> Option<PathBuf> {
+    let mut environ = Vec::new();
+    File::open(format!("/proc/{pid}/environ"))
+        .ok()?
+        .take(MAX_ENVIRON)
+        .read_to_end(&mut environ)
+        .ok()?;
+    let prefix = format!("{VARIABLE}=");
+    let value =
+        environ.split(|&b| b == 0).find_map(|entry| entry.strip_prefix(prefix.as_bytes()))?;
+    // Empty when the agent logs nowhere (its log directory is /dev/null).
+    let path = std::str::from_utf8(value).ok().filter(|path| !path.is_empty())?;
+    Some(PathBuf::from(path))
+}
+
+/// The failure message: which timers fired and the signal, then the stacks when taken.
+pub fn message(pid: i32, fired: &[Fired<'_>], signal: i32, stacks: Option<&Stacks>) -> String {
+    let mut text = format!(
+        "elastic-timer: a timer of worker pid {pid} expired; the worker was sent signal {signal}"
+    );
+    for timer in fired {
+        text.push_str(&format!("\n  scope {:?}", timer.scope));
+        match timer.bound {
+            Some(bound) => text.push_str(&format!(": its bound of {bound:.2} s ran out")),
+            None => text.push_str(": its deadline passed"),
+        }
+    }
+    match stacks {
+        Some(stacks) if !stacks.text.trim().is_empty() => {
+            let cut = if stacks.complete { "" } else { ", cut short by the grace period" };
+            text.push_str(&format!(
+                "\nIts Python stacks, taken before the signal (from {}{cut}):\n{}",
+                stacks.source.name(),
+                stacks.text.trim_end()
+            ));
+        }
+        Some(stacks) => {
+            text.push_str(&format!("\nNo stacks: {} gave none in time", stacks.source.name()));
+        }
+        None => {}
+    }
+    text
+}
+
+/// The file's content, in the format of torch's `ErrorHandler.record_exception`.
+pub fn content(message: &str, first_line: &str, timestamp: u64) -> String {
+    json!({
+        "message": {
+            "message": first_line,
+            "extraInfo": {"py_callstack": message, "timestamp": timestamp.to_string()},
+        }
+    })
+    .to_string()
+}
+
+/// Writes `content` to `path` if nothing is there: a worker that recorded its own error keeps
+/// it. Returns whether the file is this server's. A link at `path` is not followed.
+pub fn write_new(path: &Path, content: &str) -> io::Result<bool> {
+    let created = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match created {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(err) => return Err(err),
+    };
+    if let Err(err) = file.write_all(content.as_bytes()) {
+        let _ = fs::remove_file(path);
+        return Err(err);
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stacks::Source;
+
+    #[test]
+    fn the_message_names_each_scope_its_bound_and_the_stacks() {
+        let fired =
+            [Fired { scope: "train.py#31", bound: Some(3.0) }, Fired { scope: "x", bound: None }];
+        let stacks = Stacks {
+            source: Source::Faulthandler,
+            text: "  File \"t.py\", line 3 in hang\n".into(),
+            complete: true,
+        };
+        let text = message(42, &fired, 9, Some(&stacks));
+        assert!(text.starts_with(
+            "elastic-timer: a timer of worker pid 42 expired; the worker was sent signal 9"
+        ));
+        assert!(text.contains("\n  scope \"train.py#31\": its bound of 3.00 s ran out"), "{text}");
+        assert!(text.contains("\n  scope \"x\": its deadline passed"), "{text}");
+        assert!(text.ends_with("(from faulthandler):\n  File \"t.py\", line 3 in hang"), "{text}");
+    }
+
+    #[test]
+    fn the_content_is_what_torchs_error_handler_writes() {
+        let value: serde_json::Value = serde_json::from_str(&content("all", "first", 17)).unwrap();
+        assert_eq!(value["message"]["message"], "first");
+        assert_eq!(value["message"]["extraInfo"]["py_callstack"], "all");
+        assert_eq!(value["message"]["extraInfo"]["timestamp"], "17");
+    }
+
+    #[test]
+    fn an_existing_file_is_kept_and_a_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("error.json");
+        assert!(write_new(&path, "ours").unwrap());
+        assert!(!write_new(&path, "again").unwrap());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "ours");
+        let target = dir.path().join("target");
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(!write_new(&link, "x").unwrap());
+        assert!(!target.exists());
+    }
+
+    #[test]
+    fn the_path_comes_from_the_environment_of_the_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(VARIABLE, "/tmp/somewhere/error.json")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        assert_eq!(path_of(pid), Some(PathBuf::from("/tmp/somewhere/error.json")));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let mut relative = std::process::Command::new("sleep")
+            .arg("30")
+            .env(VARIABLE, "error.json")
+            .spawn()
+            .unwrap();
+        assert_eq!(path_of(i32::try_from(relative.id()).unwrap()), None);
+        relative.kill().unwrap();
+        relative.wait().unwrap();
+    }
+}
