@@ -198,6 +198,13 @@ struct Notice {
     message: String,
 }
 
+/// A worker whose timers expired is having its stacks taken; its `Expired` follows.
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct Dumping {
+    pid: i32,
+    scopes: Vec<String>,
+}
+
 #[pyclass(module = "elastic_timer._native", frozen, get_all)]
 struct Escalated {
     pid: i32,
@@ -234,6 +241,9 @@ fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
         Event::Warning(message) => Py::new(py, Notice { message })?.into_any(),
         Event::Escalated { pid, signal, after } => {
             Py::new(py, Escalated { pid: raw(pid), signal, after: after.as_secs_f64() })?.into_any()
+        }
+        Event::Dumping { pid, scopes } => {
+            Py::new(py, Dumping { pid: raw(pid), scopes })?.into_any()
         }
         Event::Unreapable { pid, after, state } => {
             Py::new(py, Unreapable { pid: raw(pid), after: after.as_secs_f64(), state })?.into_any()
@@ -436,6 +446,25 @@ impl PyServer {
         Ok(())
     }
 
+    /// The stacks of these workers now (None for one that gave none), as before a reap;
+    /// waits at most the stack grace, holding neither the GIL nor the server.
+    fn peek_stacks(&self, py: Python<'_>, pids: Vec<i64>) -> PyResult<Vec<(i64, Option<Stacks>)>> {
+        self.owned()?;
+        let peek = py.detach(|| lock(&self.server).peek_stacks(&pids));
+        let stacks = py.detach(|| peek.wait());
+        Ok(stacks
+            .into_iter()
+            .map(|(pid, stacks)| {
+                let stacks = stacks.map(|stacks| Stacks {
+                    source: stacks.source.name(),
+                    text: stacks.text,
+                    complete: stacks.complete,
+                });
+                (pid, stacks)
+            })
+            .collect())
+    }
+
     /// Every counter of `server::Stats`, by name.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let stats = py.detach(|| lock(&self.server).stats());
@@ -633,6 +662,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Refused>()?;
     m.add_class::<WorkerExited>()?;
     m.add_class::<Notice>()?;
+    m.add_class::<Dumping>()?;
     m.add_class::<Escalated>()?;
     m.add_class::<Unreapable>()?;
     m.add_class::<Closed>()?;

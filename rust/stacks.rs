@@ -149,6 +149,24 @@ impl Dump {
         })
     }
 
+    /// A second reader of this dump (the same file, from the same point, with the same
+    /// deadline), for someone else who wants these stacks: the worker is not signalled again,
+    /// so the stacks are written once. None for a py-spy dump (its output is read once).
+    pub fn follow(&self) -> Option<Self> {
+        if self.py_spy.is_some() {
+            return None;
+        }
+        Some(Self {
+            source: self.source,
+            file: self.file.try_clone().ok()?,
+            offset: self.offset,
+            last_len: self.offset,
+            py_spy: None,
+            until: self.until,
+            complete: false,
+        })
+    }
+
     /// Whether the dump is over: complete, or out of time.
     pub fn poll(&mut self, now: Instant) -> bool {
         self.complete = match &mut self.py_spy {

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import _native
 from .api import TimerRequest
 from .diagnostics import Diagnostics, DiagnosticsOptions, EventSink
+from .hang_report import HangReporter
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -42,6 +43,8 @@ class NativeServer(Generic[R]):
     _daemon: bool
     _diagnostics: Diagnostics
     _events: EventSink
+    # The agent's part in the job's hang report (set by elastic_timer.torch for the agent).
+    _hang_reporter: HangReporter | None = None
 
     def _native_options(
         self,
@@ -232,6 +235,10 @@ class NativeServer(Generic[R]):
         elif isinstance(event, _native.WorkerExited):
             logger.info("Worker pid=%s exited; dropped its %s timer(s)", event.pid, event.dropped)
             self._events.emit("worker exited", pid=event.pid, dropped=event.dropped)
+        elif isinstance(event, _native.Dumping):
+            # Its stacks are being taken: the moment for the other ranks' (an Expired follows).
+            if self._hang_reporter is not None:
+                self._hang_reporter.expiring(event.pid, event.scopes)
         elif isinstance(event, _native.Escalated):
             logger.warning(
                 "Worker pid=%s still ran %.2f s after signal %s: sent SIGKILL",

@@ -216,12 +216,17 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             self._file_path,
         )
         self._start_native(fifo=self._file_path, run_id=self._run_id)
+        if self._hang_reporter is not None:
+            self._hang_reporter.start()
         self._emit("watchdog started", None)
 
     def stop(self) -> None:
         if self._is_forked_copy("stop"):
             return
         logger.info("Stopping %s", type(self).__name__)
+        if self._hang_reporter is not None:
+            # Before the loop stops: a hang report under way still takes the workers' stacks.
+            self._hang_reporter.close()
         if not self._stop_native():
             logger.info("No watchdog thread running, doing nothing")
         self._emit("watchdog stopped", None)

@@ -13,13 +13,17 @@ builds ``FileTimerServer`` from a copy of it (``_torch_elastic_compat.timer``, w
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any
 
 from .file_based_local_timer import FileTimerServer
+from .hang_report import HangReporter
 
 __all__ = ["install", "installed", "uninstall"]
 
@@ -31,6 +35,8 @@ class _TimerCopy:
     """A timer package whose ``FileTimerServer`` an agent looks up."""
 
     package: str
+    # The module of the agent (a LocalElasticAgent) that builds it.
+    agent: str
     # What that package's own server does after a reap: signal the agent or not (None: what
     # the installed torch's does, which changed in torch 2.7).
     signals_agent: bool | None
@@ -47,18 +53,24 @@ class _TimerCopy:
 _TIMER_COPIES = (
     _TimerCopy(
         "torch.distributed.elastic.timer",
+        "torch.distributed.elastic.agent.server.local_elastic_agent",
         signals_agent=None,
         positional=("file_path", "run_id", "max_interval", "daemon", "log_event"),
         required=True,
     ),
     _TimerCopy(
         "nvidia_resiliency_ext.fault_tolerance._torch_elastic_compat.timer",
+        "nvidia_resiliency_ext.fault_tolerance.launcher",
         signals_agent=False,
         positional=("file_path", "max_interval", "daemon", "log_event"),
         required=False,
     ),
 )
 _originals: dict[str, Any] = {}
+# The agents' own _start_workers, by agent class.
+_agent_originals: dict[type, Any] = {}
+# The worker group whose workers an agent is starting (and so whose server it is building).
+_starting = threading.local()
 
 
 def _agent_server(
@@ -93,10 +105,60 @@ def _agent_server(
                 error_files=error_files,
                 **kwargs,
             )
+            group = getattr(_starting, "group", None)
+            if group is not None and self._diagnostics.stack_dump is not None:
+                self._hang_reporter = _hang_reporter(self, group, self._diagnostics.stack_dump)
 
     AgentFileTimerServer.__qualname__ = AgentFileTimerServer.__name__ = "FileTimerServer"
     AgentFileTimerServer.__module__ = FileTimerServer.__module__
     return AgentFileTimerServer
+
+
+def _hang_reporter(server: FileTimerServer, group: Any, grace: float) -> HangReporter | None:
+    """The agent's part in the job's hang report, over its worker group's store."""
+    if group.store is None:
+        return None
+
+    def workers() -> dict[int, int]:
+        return {w.id: w.global_rank for w in group.workers if isinstance(w.id, int)}
+
+    def peek(pids: list[int]) -> list[tuple[int, str | None]]:
+        return [(p, None if s is None else s.text) for p, s in server._core.peek_stacks(pids)]
+
+    return HangReporter(
+        store=group.store,
+        group_rank=group.group_rank,
+        group_world_size=group.group_world_size,
+        workers=workers,
+        peek=peek,
+        emit=lambda report: server._events.emit("hang report", **report),
+        grace=grace,
+    )
+
+
+def _recording_group(start_workers: Any) -> Any:
+    """The agent's ``_start_workers``, telling the server it builds which group it serves."""
+
+    @functools.wraps(start_workers)
+    def wrapper(agent: Any, worker_group: Any, *args: Any, **kwargs: Any) -> Any:
+        _starting.group = worker_group
+        try:
+            return start_workers(agent, worker_group, *args, **kwargs)
+        finally:
+            _starting.group = None
+
+    return wrapper
+
+
+def _patch_agent(copy: _TimerCopy) -> None:
+    module = sys.modules.get(copy.agent)
+    if module is None and copy.required:
+        module = importlib.import_module(copy.agent)
+    agent = getattr(module, "LocalElasticAgent", None)
+    if agent is None or agent in _agent_originals:
+        return
+    _agent_originals[agent] = agent._start_workers
+    setattr(agent, "_start_workers", _recording_group(agent._start_workers))  # noqa: B010
 
 
 def _importable(copy: _TimerCopy) -> bool:
@@ -144,6 +206,7 @@ def install(*, signal_self: bool | None = None, descendants_only: bool = False) 
             module = importlib.import_module(name)
             _originals.setdefault(name, getattr(module, "FileTimerServer"))  # noqa: B009
             setattr(module, "FileTimerServer", server)  # noqa: B010
+        _patch_agent(copy)
 
 
 def uninstall() -> None:
@@ -151,6 +214,9 @@ def uninstall() -> None:
     for name, original in _originals.items():
         setattr(importlib.import_module(name), "FileTimerServer", original)  # noqa: B010
     _originals.clear()
+    for agent, start_workers in _agent_originals.items():
+        setattr(agent, "_start_workers", start_workers)  # noqa: B010
+    _agent_originals.clear()
 
 
 def installed() -> bool:

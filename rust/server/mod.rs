@@ -297,10 +297,60 @@ impl Server {
         self.shared.lock().stats()
     }
 
+    /// Starts taking the stacks of these workers, timers expired or not, as before a reap
+    /// (see [`Peek::wait`]); a worker whose stacks the loop is taking already is not asked
+    /// twice. A worker the server does not track, or cannot dump, gets none.
+    pub fn peek_stacks(&self, pids: &[i64]) -> Peek {
+        let now = std::time::Instant::now();
+        let mut state = self.shared.lock();
+        let dumps = pids
+            .iter()
+            .map(|&number| {
+                let dump = reaper::validate_pid(number).ok().and_then(|pid| {
+                    match state.phases.get(&pid) {
+                        // Its timers expired and its stacks are being taken: read those.
+                        Some(pass::Phase::Dumping { dump, .. }) => dump.follow(),
+                        _ => self.shared.start_dump(&mut state, pid, now),
+                    }
+                });
+                (number, dump)
+            })
+            .collect();
+        Peek { dumps }
+    }
+
     /// Wall-clock seconds of the loop's last progress: now while it waits, else when its
     /// running pass began (torch's agent checks this to tell a stuck watchdog).
     pub fn last_progress(&self) -> f64 {
         self.shared.lock().busy_since.unwrap_or_else(pass::wall_now)
+    }
+}
+
+/// Stack dumps of workers asked for outside the loop, which goes on reaping meanwhile.
+#[derive(Debug)]
+pub struct Peek {
+    dumps: Vec<(i64, Option<stacks::Dump>)>,
+}
+
+impl Peek {
+    /// Waits (on the caller's thread, at most the stack grace) for every dump; returns each
+    /// worker's stacks.
+    pub fn wait(mut self) -> Vec<(i64, Option<stacks::Stacks>)> {
+        loop {
+            let now = std::time::Instant::now();
+            let mut next = None;
+            for dump in self.dumps.iter_mut().filter_map(|(_, dump)| dump.as_mut()) {
+                if !dump.poll(now) {
+                    let at = dump.next_poll(now);
+                    next = Some(next.map_or(at, |next: std::time::Instant| next.min(at)));
+                }
+            }
+            match next {
+                Some(at) => thread::sleep(at.saturating_duration_since(now)),
+                None => break,
+            }
+        }
+        self.dumps.into_iter().map(|(pid, dump)| (pid, dump.map(stacks::Dump::finish))).collect()
     }
 }
 

@@ -286,7 +286,9 @@ impl Shared {
                 if let Some(dump) = self.start_dump(state, pid, now) {
                     let at = dump.next_poll(now);
                     state.timers.postpone_worker(pid, at);
+                    let scopes = timers.iter().map(|t| t.scope.clone()).collect();
                     state.phases.insert(pid, Phase::Dumping { at, dump, timers, signal });
+                    state.emit(Event::Dumping { pid, scopes });
                     continue;
                 }
             }
@@ -385,8 +387,14 @@ impl Shared {
         }
     }
 
-    /// Starts taking the stacks of an expired worker, if the server is asked to and can.
-    fn start_dump(&self, state: &mut State, pid: Pid, now: Instant) -> Option<stacks::Dump> {
+    /// Starts taking the stacks of a worker (an expired one, or one peeked at), if the
+    /// server is asked to and can.
+    pub(super) fn start_dump(
+        &self,
+        state: &mut State,
+        pid: Pid,
+        now: Instant,
+    ) -> Option<stacks::Dump> {
         let config = self.config.stack_dump.as_ref()?;
         if !state.workers.is_running(pid) {
             return None;

@@ -25,6 +25,9 @@ pub enum Event {
     /// One pass's expired workers. When `ack` is set the loop signals its own process after
     /// the reporter acknowledges (or after a grace period).
     Expired { expiries: Vec<Expiry>, ack: Option<SyncSender<()>> },
+    /// Worker `pid`'s timers expired and its stacks are being taken before its reap (the
+    /// `Expired` event follows): the moment to look at the other workers too.
+    Dumping { pid: Pid, scopes: Vec<String> },
     /// A signalled worker still ran `after` its signal, and was sent SIGKILL.
     Escalated { pid: Pid, signal: i32, after: Duration },
     /// A worker still ran `after` SIGKILL (reported once): what `/proc` says of it.

@@ -1,0 +1,435 @@
+"""One hang report for a whole torchrun job, gathered through the rendezvous store.
+
+When a collective hangs, every rank but the culprit(s) waits in it, and every host's timers
+fire at about the same moment. Each agent's server then takes the stacks of all its local
+ranks (not only the expiring ones) and contributes them, grouped, to the store that torchrun's
+rendezvous already runs; one agent (the first whose timer fired) writes the report: ranks
+grouped by the code they are in, and the **suspects**, the ranks that are not where the others
+wait.
+
+It scales with the number of distinct stacks, not of ranks: a host contributes one line,
+its local groups (a fingerprint per distinct stack, the ranks in it, one stack per group),
+appended to one key, and counts itself on one counter. The gathering host polls that counter
+until every host has counted or its deadline passes, then reads the one key. No host waits on
+another one by one, and a host whose store is gone, or a rank that gives no stacks, is
+reported as such.
+
+Store keys (under ``elastic-timer/hang/`` of the worker group's store, so one set per
+rendezvous round): ``trigger`` (the first host to see an expiry, by ``compare_set``),
+``reports`` (one JSON line per host), ``count`` (hosts that contributed) and ``report`` (the
+report, for the other agents to log).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "COLLECTIVES",
+    "HangReporter",
+    "RankStacks",
+    "Store",
+    "build_report",
+    "choose_suspects",
+    "contribution",
+    "fingerprint",
+    "format_report",
+    "gather",
+]
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "elastic-timer/hang/"
+TRIGGER, REPORTS, COUNT, REPORT = (PREFIX + k for k in ("trigger", "reports", "count", "report"))
+
+# torch.distributed's blocking calls (functions of torch/distributed/): a rank whose stack is
+# in one of them waits for others.
+COLLECTIVES = frozenset(
+    {
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "all_to_all",
+        "all_to_all_single",
+        "barrier",
+        "monitored_barrier",
+        "broadcast",
+        "broadcast_object_list",
+        "reduce",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "gather",
+        "gather_object",
+        "scatter",
+        "scatter_object_list",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "batch_isend_irecv",
+    }
+)
+
+# A frame as faulthandler writes it, and as py-spy dump does.
+_FAULTHANDLER_FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>.+)$')
+_PY_SPY_FRAME = re.compile(r"^\s+(?P<func>\S.*) \((?P<file>.+):(?P<line>\d+)\)$")
+_THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+|\d+)")
+
+
+class Store(Protocol):
+    """What the report uses of a ``torch.distributed.Store`` (TCPStore, PrefixStore)."""
+
+    def add(self, key: str, value: int) -> int: ...
+    def append(self, key: str, value: str) -> None: ...
+    def check(self, keys: list[str]) -> bool: ...
+    def compare_set(self, key: str, expected_value: str, desired_value: str) -> bytes: ...
+    def get(self, key: str) -> bytes: ...
+    def set(self, key: str, value: str) -> None: ...
+
+
+Frame = tuple[str, int, str]  # file, line, function
+
+
+def threads(stacks: str) -> list[list[Frame]]:
+    """The frames of each thread of a faulthandler or py-spy dump, innermost first."""
+    found: list[list[Frame]] = []
+    current: list[Frame] | None = None
+    for line in stacks.splitlines():
+        if _THREAD.match(line.strip()):
+            current = []
+            found.append(current)
+            continue
+        match = _FAULTHANDLER_FRAME.match(line) or _PY_SPY_FRAME.match(line)
+        if match is None:
+            continue
+        if current is None:
+            current = []
+            found.append(current)
+        current.append((match["file"], int(match["line"]), match["func"].strip()))
+    return [frames for frames in found if frames]
+
+
+def fingerprint(stacks: str) -> str:
+    """Equal for two dumps whose threads are at the same lines of the same code, whatever
+    the thread ids and the order the threads were listed in."""
+    normalised = sorted(repr(frames) for frames in threads(stacks))
+    return hashlib.sha1("\n".join(normalised).encode()).hexdigest()[:16]
+
+
+def collective(stacks: str) -> str | None:
+    """The torch.distributed call a dump waits in (the innermost), if any."""
+    for frames in threads(stacks):
+        for path, _, func in frames:
+            if func in COLLECTIVES and "torch/distributed/" in path:
+                return func
+    return None
+
+
+def where(stacks: str) -> str:
+    """A one-line answer: the collective, or the innermost frame of the first thread."""
+    call = collective(stacks)
+    if call is not None:
+        return f"in {call}"
+    found = threads(stacks)
+    if not found:
+        return "no Python frames"
+    path, line, func = found[0][0]
+    return f"in {func} ({path.rsplit('/', 1)[-1]}:{line})"
+
+
+@dataclass(frozen=True)
+class RankStacks:
+    """One local rank at the moment of the hang; ``stacks`` None: it gave none."""
+
+    rank: int
+    pid: int
+    scopes: tuple[str, ...]
+    stacks: str | None
+
+
+def contribution(
+    host: str, group_rank: int, ranks: Iterable[RankStacks], *, trigger: bool
+) -> dict[str, Any]:
+    """A host's share of the report: its local groups, one stack each."""
+    groups: dict[str, dict[str, Any]] = {}
+    unanswered = []
+    for entry in sorted(ranks, key=lambda r: r.rank):
+        if entry.stacks is None or not threads(entry.stacks):
+            unanswered.append(entry.rank)
+            continue
+        key = fingerprint(entry.stacks)
+        group = groups.setdefault(
+            key,
+            {"fingerprint": key, "ranks": [], "pids": [], "scopes": [], "stack": entry.stacks},
+        )
+        group["ranks"].append(entry.rank)
+        group["pids"].append(entry.pid)
+        group["scopes"].extend(s for s in entry.scopes if s not in group["scopes"])
+    return {
+        "host": host,
+        "group_rank": group_rank,
+        "trigger": trigger,
+        "groups": list(groups.values()),
+        "unanswered": unanswered,
+    }
+
+
+def choose_suspects(groups: Sequence[dict[str, Any]]) -> list[int]:
+    """The ranks that are not where the others wait.
+
+    The majority is the largest group waiting in a collective; every rank not in that same
+    collective (elsewhere in the code, or in another collective) is a suspect. With no rank
+    in a collective, the ranks outside a strictly largest group are; with no such group,
+    nobody is.
+    """
+    waiting = [g for g in groups if g["collective"] is not None]
+    if waiting:
+        majority = max(waiting, key=lambda g: len(g["ranks"]))["collective"]
+        outside = [g for g in groups if g["collective"] != majority]
+    else:
+        by_size = sorted(groups, key=lambda g: len(g["ranks"]), reverse=True)
+        if len(by_size) < 2 or len(by_size[0]["ranks"]) == len(by_size[1]["ranks"]):
+            return []
+        outside = by_size[1:]
+    return sorted(r for g in outside for r in g["ranks"])
+
+
+def build_report(
+    contributions: Sequence[dict[str, Any]],
+    *,
+    expected_hosts: int,
+    store_gone: bool = False,
+) -> dict[str, Any]:
+    """The job's report from every host's contribution (what the event log gets)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for share in contributions:
+        for group in share["groups"]:
+            into = merged.setdefault(
+                group["fingerprint"],
+                {
+                    "fingerprint": group["fingerprint"],
+                    "ranks": [],
+                    "hosts": [],
+                    "scopes": [],
+                    "collective": collective(group["stack"]),
+                    "where": where(group["stack"]),
+                    "stack": group["stack"],
+                },
+            )
+            into["ranks"].extend(group["ranks"])
+            if share["host"] not in into["hosts"]:
+                into["hosts"].append(share["host"])
+            into["scopes"].extend(s for s in group["scopes"] if s not in into["scopes"])
+    groups = sorted(merged.values(), key=lambda g: (-len(g["ranks"]), min(g["ranks"])))
+    for group in groups:
+        group["ranks"].sort()
+    suspects = choose_suspects(groups)
+    for group in groups:
+        group["suspect"] = bool(set(group["ranks"]) & set(suspects))
+    answered = {share["group_rank"] for share in contributions}
+    return {
+        "suspects": suspects,
+        "groups": groups,
+        "unanswered": sorted(r for share in contributions for r in share["unanswered"]),
+        "hosts": len(answered),
+        "expected_hosts": expected_hosts,
+        "missing_hosts": sorted(set(range(expected_hosts)) - answered),
+        "store_gone": store_gone,
+        "triggered_by": sorted(s["host"] for s in contributions if s["trigger"]),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as the agents log it."""
+    ranks = sum(len(g["ranks"]) for g in report["groups"])
+    suspects = report["suspects"]
+    lines = [
+        f"Hang report: {ranks} rank(s) from {report['hosts']} of {report['expected_hosts']} "
+        f"host(s), in {len(report['groups'])} group(s); suspects: "
+        + (", ".join(f"rank {r}" for r in suspects) if suspects else "none found")
+    ]
+    if report["store_gone"]:
+        lines.append("  the job's store is gone: only this host's ranks are reported")
+    elif report["missing_hosts"]:
+        missing = ", ".join(map(str, report["missing_hosts"]))
+        lines.append(f"  hosts (group ranks) that did not answer: {missing}")
+    if report["unanswered"]:
+        lines.append(f"  ranks that gave no stacks: {', '.join(map(str, report['unanswered']))}")
+    for number, group in enumerate(report["groups"], 1):
+        mark = "  <- suspect" if group["suspect"] else ""
+        lines.append(
+            f"  group {number}: rank(s) {_ranges(group['ranks'])} on {', '.join(group['hosts'])}"
+            f", {group['where']}{mark}"
+        )
+        lines.extend(f"    {line}" for line in group["stack"].rstrip().splitlines())
+    return "\n".join(lines)
+
+
+def _ranges(ranks: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    parts: list[str] = []
+    for rank in ranks:
+        if parts and parts[-1].split("-")[-1] == str(rank - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{rank}"
+        else:
+            parts.append(str(rank))
+    return ", ".join(parts)
+
+
+def publish(store: Store, share: dict[str, Any]) -> int:
+    """Adds a host's contribution (one append, one add); returns the hosts counted so far."""
+    store.append(REPORTS, json.dumps(share, separators=(",", ":")) + "\n")
+    return int(store.add(COUNT, 1))
+
+
+def gather(
+    store: Store, expected_hosts: int, timeout: float, poll: float = 0.05
+) -> list[dict[str, Any]]:
+    """Every contribution there is once all ``expected_hosts`` counted, or ``timeout`` passed:
+    one counter polled, one key read."""
+    deadline = time.monotonic() + timeout
+    while store.add(COUNT, 0) < expected_hosts and time.monotonic() < deadline:
+        time.sleep(poll)
+    raw = store.get(REPORTS) if store.check([REPORTS]) else b""
+    return [json.loads(line) for line in raw.decode().splitlines() if line]
+
+
+def claim(store: Store, me: str) -> bool:
+    """Whether this host is the first to report a hang (and so writes the report)."""
+    return bytes(store.compare_set(TRIGGER, "", me)).decode() == me
+
+
+class HangReporter:
+    """An agent's part in the job's hang report; its work runs on a thread of its own, so it
+    never delays a reap.
+
+    Args:
+        store: the worker group's store (torch's rendezvous store).
+        group_rank, group_world_size: this host's place among the job's hosts.
+        workers: the local workers now, as ``{pid: global rank}``.
+        peek: takes the stacks of these pids now (the native server's ``peek_stacks``).
+        emit: writes the report to the event log.
+        grace: the stack grace (how long a peek may take); the report waits that and
+            ``patience`` more for the other hosts.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        group_rank: int,
+        group_world_size: int,
+        workers: Callable[[], dict[int, int]],
+        peek: Callable[[list[int]], list[tuple[int, str | None]]],
+        emit: Callable[[dict[str, Any]], None],
+        grace: float,
+        patience: float = 2.0,
+        poll: float = 0.5,
+    ) -> None:
+        self._store = store
+        self._group_rank = group_rank
+        self._hosts = group_world_size
+        self._workers = workers
+        self._peek = peek
+        self._emit = emit
+        self._timeout = grace + patience
+        self._poll = poll
+        self.host = f"{socket.gethostname()}[{group_rank}]"
+        self._expiring: dict[int, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="elastic-timer-hang", daemon=True)
+        self._thread.start()
+
+    def expiring(self, pid: int, scopes: Iterable[str]) -> None:
+        """A local worker's timers expired (its stacks are being taken): report the hang."""
+        with self._lock:
+            self._expiring[pid] = tuple(scopes)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stops watching. If a hang was reported, first lets this host finish its part
+        (bounded): the agent's workers, and the store it may host, live until then."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(self._timeout + 5.0)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._poll)
+            self._wake.clear()
+            with self._lock:
+                local = bool(self._expiring)
+            try:
+                remote = not local and self._store.check([TRIGGER])
+            except Exception as err:  # a store that is gone, or a broken connection
+                logger.debug("hang report: the store cannot be read: %s", err)
+                remote = False
+            if local or remote:
+                self._take_part(trigger=local)
+                return
+            if self._closing:
+                return
+
+    def _take_part(self, *, trigger: bool) -> None:
+        share = None
+        try:
+            # First, so that the other hosts take their stacks while their ranks still run.
+            first = trigger and claim(self._store, self.host)
+            share = self._share(trigger)
+            publish(self._store, share)
+            if first:
+                contributions = gather(self._store, self._hosts, self._timeout)
+                report = build_report(contributions, expected_hosts=self._hosts)
+                self._store.set(REPORT, json.dumps(report))
+                self._write(report)
+            else:
+                self._log_theirs()
+        except Exception as err:  # the store's host is gone, or the connection broke
+            logger.warning("hang report: the job's store is gone (%s); reporting this host", err)
+            share = share or self._share(trigger)
+            self._write(build_report([share], expected_hosts=self._hosts, store_gone=True))
+
+    def _share(self, trigger: bool) -> dict[str, Any]:
+        """This host's contribution: the stacks of all its ranks, taken now."""
+        workers = self._workers()
+        taken = dict(self._peek(sorted(workers)))
+        with self._lock:
+            expiring = dict(self._expiring)
+        ranks = [
+            RankStacks(rank, pid, expiring.get(pid, ()), taken.get(pid))
+            for pid, rank in workers.items()
+        ]
+        return contribution(self.host, self._group_rank, ranks, trigger=trigger)
+
+    def _write(self, report: dict[str, Any]) -> None:
+        logger.warning("%s", format_report(report))
+        self._emit(report)
+
+    def _log_theirs(self) -> None:
+        """Logs the report another host wrote, once it is there (bounded)."""
+        deadline = time.monotonic() + self._timeout
+        while not self._store.check([REPORT]):
+            if time.monotonic() >= deadline:
+                logger.warning("hang report: none was written within %.1f s", self._timeout)
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ValueError):
+            logger.warning("%s", format_report(json.loads(self._store.get(REPORT))))

@@ -1,0 +1,378 @@
+"""The job's hang report: stacks fingerprinted and grouped, suspects chosen, and the protocol
+over a real torch TCPStore on 127.0.0.1 (bounded waits, a store that is gone, a few hundred
+simulated hosts). The end-to-end test with real torchrun agents is in test_torchrun.py."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from elastic_timer import FileTimerServer, hang_report
+from elastic_timer.hang_report import (
+    COUNT,
+    REPORT,
+    REPORTS,
+    HangReporter,
+    RankStacks,
+    build_report,
+    choose_suspects,
+    claim,
+    contribution,
+    fingerprint,
+    format_report,
+    gather,
+    publish,
+)
+
+C10D = "/site-packages/torch/distributed/distributed_c10d.py"
+
+
+def faulthandler_dump(*threads: list[tuple[str, int, str]], ids: int = 0x7F00) -> str:
+    """A dump as faulthandler writes it: one block per thread, innermost frame first."""
+    blocks = []
+    for number, frames in enumerate(threads):
+        header = "Current thread" if number == 0 else "Thread"
+        lines = [f"{header} 0x{ids + number:016x} (most recent call first):"]
+        lines += [f'  File "{path}", line {line} in {func}' for path, line, func in frames]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+IN_ALL_REDUCE = [(C10D, 4181, "all_reduce"), ("/job/train.py", 37, "main")]
+IN_BARRIER = [(C10D, 4900, "barrier"), ("/job/train.py", 39, "main")]
+LOADING = [("/job/train.py", 24, "load_batch"), ("/job/train.py", 36, "main")]
+LOADER_THREAD = [("/usr/lib/python3.11/threading.py", 320, "wait")]
+
+
+# -- fingerprints and groups ----------------------------------------------------------------
+
+
+def test_a_fingerprint_ignores_thread_ids_and_their_order() -> None:
+    one = faulthandler_dump(IN_ALL_REDUCE, LOADER_THREAD, ids=0x7F00)
+    other = faulthandler_dump(LOADER_THREAD, IN_ALL_REDUCE, ids=0x5500)
+    assert one != other
+    assert fingerprint(one) == fingerprint(other)
+    assert fingerprint(one) != fingerprint(faulthandler_dump(LOADING, LOADER_THREAD))
+    moved = [(C10D, 4182, "all_reduce"), ("/job/train.py", 37, "main")]
+    assert fingerprint(one) != fingerprint(faulthandler_dump(moved, LOADER_THREAD))
+
+
+def test_py_spy_dumps_are_read_too() -> None:
+    py_spy = (
+        'Thread 4242 (idle): "MainThread"\n'
+        f"    all_reduce ({C10D}:4181)\n"
+        "    main (/job/train.py:37)\n"
+    )
+    assert hang_report.threads(py_spy) == [IN_ALL_REDUCE]
+    assert fingerprint(py_spy) == fingerprint(faulthandler_dump(IN_ALL_REDUCE))
+    assert hang_report.collective(py_spy) == "all_reduce"
+
+
+def test_a_host_contributes_one_stack_per_group_and_names_ranks_without_stacks() -> None:
+    ranks = [
+        RankStacks(0, 100, ("s",), faulthandler_dump(IN_ALL_REDUCE, ids=0x1000)),
+        RankStacks(1, 101, (), faulthandler_dump(IN_ALL_REDUCE, ids=0x2000)),
+        RankStacks(3, 103, ("s",), faulthandler_dump(LOADING)),
+        RankStacks(2, 102, (), None),
+        RankStacks(4, 104, (), ""),  # a dump that came back empty
+    ]
+    share = contribution("h", 0, ranks, trigger=True)
+    assert share["unanswered"] == [2, 4]
+    assert [(g["ranks"], g["pids"]) for g in share["groups"]] == [
+        ([0, 1], [100, 101]),
+        ([3], [103]),
+    ]
+    assert share["groups"][0]["stack"] == ranks[0].stacks  # one stack, not one per rank
+    assert share["groups"][0]["scopes"] == ["s"]
+
+
+def group(ranks: list[int], frames: list[tuple[str, int, str]]) -> dict[str, Any]:
+    return {"ranks": ranks, "collective": hang_report.collective(faulthandler_dump(frames))}
+
+
+def test_the_suspects_are_the_ranks_not_in_the_collective_the_majority_waits_in() -> None:
+    assert choose_suspects([group([0, 1, 2], IN_ALL_REDUCE), group([3], LOADING)]) == [3]
+    # Fewer ranks wait than not: still the ones outside the collective.
+    assert choose_suspects([group([0], IN_ALL_REDUCE), group([1, 2], LOADING)]) == [1, 2]
+    # Everyone in a collective, one in another: a mismatch, and that rank is the suspect.
+    assert choose_suspects([group([0, 1, 2], IN_ALL_REDUCE), group([5], IN_BARRIER)]) == [5]
+    # Nobody in a collective: the ranks outside a strictly largest group; a tie names nobody.
+    assert choose_suspects([group([0, 1], LOADING), group([2], LOADER_THREAD)]) == [2]
+    assert choose_suspects([group([0], LOADING), group([1], LOADER_THREAD)]) == []
+    assert choose_suspects([group([0, 1], IN_ALL_REDUCE)]) == []
+
+
+def test_the_report_merges_hosts_and_names_those_that_did_not_answer() -> None:
+    shares = [
+        contribution(
+            "a", 0, [RankStacks(0, 1, (), faulthandler_dump(IN_ALL_REDUCE))], trigger=True
+        ),
+        contribution(
+            "b",
+            1,
+            [
+                RankStacks(2, 3, (), faulthandler_dump(IN_ALL_REDUCE)),
+                RankStacks(3, 4, ("x",), faulthandler_dump(LOADING)),
+            ],
+            trigger=False,
+        ),
+    ]
+    report = build_report(shares, expected_hosts=3)
+    assert report["suspects"] == [3]
+    assert report["missing_hosts"] == [2]
+    assert report["triggered_by"] == ["a"]
+    waiting, suspect = report["groups"]
+    assert (waiting["ranks"], waiting["hosts"], waiting["where"]) == (
+        [0, 2],
+        ["a", "b"],
+        "in all_reduce",
+    )
+    assert (suspect["ranks"], suspect["suspect"], suspect["where"]) == (
+        [3],
+        True,
+        "in load_batch (train.py:24)",
+    )
+    text = format_report(report)
+    assert text.startswith(
+        "Hang report: 3 rank(s) from 2 of 3 host(s), in 2 group(s); suspects: rank 3"
+    )
+    assert "hosts (group ranks) that did not answer: 2" in text
+    assert "group 2: rank(s) 3 on b, in load_batch (train.py:24)  <- suspect" in text
+    assert 'File "/job/train.py", line 24 in load_batch' in text
+    json.dumps(report)  # what the event log gets
+
+
+# -- over a real TCPStore -------------------------------------------------------------------
+
+
+def tcp_store(port: int = 0) -> dist.TCPStore:
+    """The store's server (port 0) or a client of it, on 127.0.0.1."""
+    return dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=port == 0,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=10),
+    )
+
+
+def test_the_first_host_to_claim_writes_the_report() -> None:
+    server = tcp_store()
+    store = dist.PrefixStore("round-1/", tcp_store(server.port))
+    assert claim(store, "a")
+    assert not claim(store, "b")
+    assert not claim(store, "a-again")
+
+
+def test_gathering_waits_for_every_host_but_no_longer_than_its_timeout() -> None:
+    server = tcp_store()
+    store = tcp_store(server.port)
+    for host in range(2):
+        publish(store, {"host": str(host), "group_rank": host, "groups": []})
+    started = time.monotonic()
+    assert len(gather(store, 2, timeout=30)) == 2
+    assert time.monotonic() - started < 1.0  # all there: no waiting
+    started = time.monotonic()
+    shares = gather(store, 3, timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert [s["host"] for s in shares] == ["0", "1"]
+    late = threading.Timer(0.3, publish, (tcp_store(server.port), {"host": "2", "groups": []}))
+    late.start()
+    assert len(gather(store, 3, timeout=30)) == 3  # woken by the count, not the timeout
+    late.join()
+
+
+def reporter(
+    store: Any, ranks: dict[int, int], stacks: dict[int, str], **kwargs: Any
+) -> tuple[HangReporter, list[dict[str, Any]]]:
+    reports: list[dict[str, Any]] = []
+    return (
+        HangReporter(
+            store=store,
+            workers=lambda: ranks,
+            peek=lambda pids: [(pid, stacks.get(pid)) for pid in pids],
+            emit=reports.append,
+            grace=0.5,
+            patience=1.0,
+            poll=0.05,
+            **kwargs,
+        ),
+        reports,
+    )
+
+
+def test_two_hosts_report_once_and_the_other_host_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    """Host 1's rank times out; host 0 had no expiry but sees the trigger and contributes."""
+    server = tcp_store()
+    first, first_reports = reporter(
+        tcp_store(server.port),
+        {11: 2, 12: 3},
+        {11: faulthandler_dump(IN_ALL_REDUCE), 12: faulthandler_dump(LOADING)},
+        group_rank=1,
+        group_world_size=2,
+    )
+    other, other_reports = reporter(
+        tcp_store(server.port),
+        {21: 0, 22: 1},
+        {21: faulthandler_dump(IN_ALL_REDUCE), 22: faulthandler_dump(IN_ALL_REDUCE)},
+        group_rank=0,
+        group_world_size=2,
+    )
+    other.start()
+    first.start()
+    first.expiring(12, ["train.py#36"])
+    first.close()
+    other.close()
+    (report,) = first_reports
+    assert other_reports == []  # one report for the job
+    assert report["suspects"] == [3]
+    assert report["missing_hosts"] == []
+    assert report["groups"][1]["scopes"] == ["train.py#36"]
+    assert json.loads(tcp_store(server.port).get(REPORT)) == report
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Hang report")]
+    assert len(logged) == 2  # both agents log it
+
+
+def test_a_host_whose_store_is_gone_reports_its_own_ranks() -> None:
+    """The store's host (another agent) has exited: the report says so, at once."""
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, datetime, torch.distributed as d\n"
+            "s = d.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)\n"
+            "print(s.port, flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        port = int(owner.stdout.readline())
+        store = tcp_store(port)
+        owner.send_signal(signal.SIGKILL)
+        assert owner.wait(10) == -signal.SIGKILL
+        host, reports = reporter(
+            store, {5: 0}, {5: faulthandler_dump(LOADING)}, group_rank=0, group_world_size=4
+        )
+        host.start()
+        started = time.monotonic()
+        host.expiring(5, ["s"])
+        host.close()
+        assert time.monotonic() - started < 5.0
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    (report,) = reports
+    assert report["store_gone"] is True
+    assert report["hosts"] == 1
+    assert report["groups"][0]["ranks"] == [0]
+    assert "the job's store is gone" in format_report(report)
+
+
+HOSTS, RANKS_PER_HOST = 256, 8
+# Store connections the simulated hosts share (a real host has one of its own). torch's
+# client looks up its own socket's name when it connects, which takes ~0.15 s per
+# connection here (no DNS), so 256 of them would take 40 s before the test begins.
+CONNECTIONS = 16
+
+
+def test_a_few_hundred_hosts_report_in_one_read(capsys: pytest.CaptureFixture[str]) -> None:
+    """256 simulated hosts of 8 ranks each, every rank in all_reduce but rank 1234 (each rank
+    with two threads' stacks), on threads of their own. Each host appends its one line and
+    counts itself, and one host gathers: the time from the hosts' start to the report and the
+    bytes through the store are what the README gives."""
+    server = tcp_store()
+    connections = [tcp_store(server.port) for _ in range(CONNECTIONS)]
+    clients = [connections[n % CONNECTIONS] for n in range(HOSTS)]
+    suspect = 1234
+    ready = threading.Barrier(HOSTS + 1)
+
+    def host(number: int) -> None:
+        ranks = []
+        for local in range(RANKS_PER_HOST):
+            rank = number * RANKS_PER_HOST + local
+            frames = LOADING if rank == suspect else IN_ALL_REDUCE
+            stacks = faulthandler_dump(frames, LOADER_THREAD, ids=0x7000 + rank)
+            ranks.append(RankStacks(rank, 1000 + rank, ("train.py#36",), stacks))
+        ready.wait()
+        publish(clients[number], contribution(f"host{number}", number, ranks, trigger=False))
+
+    threads = [threading.Thread(target=host, args=(n,)) for n in range(HOSTS)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    started = time.monotonic()
+    shares = gather(clients[0], HOSTS, timeout=60)
+    report = build_report(shares, expected_hosts=HOSTS)
+    elapsed = time.monotonic() - started
+    for thread in threads:
+        thread.join()
+    assert report["suspects"] == [suspect]
+    assert report["missing_hosts"] == []
+    assert sum(len(g["ranks"]) for g in report["groups"]) == HOSTS * RANKS_PER_HOST
+    gathered = len(clients[0].get(REPORTS))
+    report_bytes = len(json.dumps(report))
+    assert clients[0].add(COUNT, 0) == HOSTS
+    assert elapsed < 30
+    every_stack = HOSTS * RANKS_PER_HOST * len(faulthandler_dump(IN_ALL_REDUCE, LOADER_THREAD))
+    assert gathered < every_stack / 4  # one stack per local group, not one per rank
+    with capsys.disabled():
+        print(
+            f"\nhang report, {HOSTS} hosts x {RANKS_PER_HOST} ranks over {CONNECTIONS} "
+            f"connections: gathered in {elapsed:.3f} s, "
+            f"{gathered} bytes through the store ({every_stack} for every stack), "
+            f"report {report_bytes} bytes"
+        )
+
+
+# -- the native server's stacks of workers whose timers have not expired --------------------
+
+WORKER = """
+import sys, time
+from elastic_timer import FileTimerClient, expires
+client = FileTimerClient(sys.argv[1])
+
+def waiting_in_a_collective():
+    print("acquired", flush=True)
+    time.sleep(60)
+
+with expires(after=60, client=client):
+    waiting_in_a_collective()
+"""
+
+
+def test_peek_stacks_takes_a_running_workers_stacks_without_reaping_it(
+    fifo: str, children: list[Any]
+) -> None:
+    server = FileTimerServer(fifo, "peek", max_interval=0.1, signal_self=False, stack_dump=5.0)
+    server.start()
+    try:
+        worker = subprocess.Popen([sys.executable, "-c", WORKER, fifo], stdout=subprocess.PIPE)
+        children.append(worker)
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == b"acquired\n"
+        started = time.monotonic()
+        ((pid, stacks), (other, none)) = server._core.peek_stacks([worker.pid, 424242])
+        assert time.monotonic() - started < 2.0
+        assert (pid, other, none) == (worker.pid, 424242, None)
+        assert stacks is not None and stacks.source == "faulthandler" and stacks.complete
+        assert "in waiting_in_a_collective" in stacks.text, stacks.text
+        assert worker.poll() is None  # still running, timer still armed
+        assert len(server._timers) == 1
+        # Asked again, it answers again (only with what it wrote since).
+        ((_, again),) = server._core.peek_stacks([worker.pid])
+        assert again is not None and again.text.count("most recent call first") == 1
+    finally:
+        server.stop()
