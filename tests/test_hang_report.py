@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from elastic_timer import FileTimerServer, hang_report
 from elastic_timer.hang_report import (
@@ -154,9 +154,9 @@ def test_the_report_merges_hosts_and_names_those_that_did_not_answer() -> None:
 # -- over a real TCPStore -------------------------------------------------------------------
 
 
-def tcp_store(port: int = 0) -> dist.TCPStore:
+def tcp_store(port: int = 0) -> TCPStore:
     """The store's server (port 0) or a client of it, on 127.0.0.1."""
-    return dist.TCPStore(
+    return TCPStore(
         "127.0.0.1",
         port,
         is_master=port == 0,
@@ -167,7 +167,7 @@ def tcp_store(port: int = 0) -> dist.TCPStore:
 
 def test_the_first_host_to_claim_writes_the_report() -> None:
     server = tcp_store()
-    store = dist.PrefixStore("round-1/", tcp_store(server.port))
+    store = PrefixStore("round-1/", tcp_store(server.port))
     assert claim(store, "a")
     assert not claim(store, "b")
     assert not claim(store, "a-again")

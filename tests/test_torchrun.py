@@ -277,6 +277,88 @@ def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     assert sum("Reaping worker_pid" in err for _, err in outputs) == 1
 
 
+COLLECTIVE_JOB = str(Path(__file__).parent / "jobs" / "collective.py")
+
+
+def two_agents(tmp_path: Path, env: dict[str, str], run_id: str) -> list[tuple[int, str]]:
+    """Runs tests/jobs/collective.py under two agents (2 ranks each, c10d rendezvous on
+    127.0.0.1); returns each agent's exit code and stderr."""
+    cmd = [
+        LAUNCHER,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        run_id,
+        "--monitor-interval",
+        "0.1",
+        COLLECTIVE_JOB,
+    ]
+    agents = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        return [(agent.wait(120), agent.communicate()[1]) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+
+
+def hang_job_env(tmp_path: Path, hang_rank: int) -> dict[str, str]:
+    env = job_env(tmp_path)
+    env.update(
+        HANG_RANK=str(hang_rank),
+        ELASTIC_TIMER_STACK_DUMP="5",
+        ELASTIC_TIMER_EVENT_LOG=str(tmp_path / "events.jsonl"),
+    )
+    return env
+
+
+def test_one_hang_report_names_the_rank_that_is_not_in_the_collective(tmp_path: Path) -> None:
+    """The issue's proof: ranks step through all_reduce inside expires(after=3); at step 2
+    rank 3 sleeps in load_batch instead. Both agents take all their ranks' stacks, one
+    report names rank 3 as the only suspect, and rank 3's agent's summary has its stack."""
+    outcomes = two_agents(tmp_path, hang_job_env(tmp_path, hang_rank=3), "hang-report")
+    assert [code for code, _ in outcomes] == [1, 1], outcomes[0][1][-3000:] + outcomes[1][1][-3000:]
+    assert not (tmp_path / "job.log").exists()  # nobody finished
+    (report,) = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "hang report"]
+    assert report["suspects"] == [3]
+    assert (report["hosts"], report["expected_hosts"], report["missing_hosts"]) == (2, 2, [])
+    assert report["unanswered"] == []
+    waiting, suspect = report["groups"]
+    assert waiting["ranks"] == [0, 1, 2] and waiting["collective"] == "all_reduce"
+    assert "in all_reduce" in waiting["stack"] and "in load_batch" not in waiting["stack"]
+    assert suspect["ranks"] == [3] and suspect["suspect"] is True
+    assert "in load_batch" in suspect["stack"] and "all_reduce" not in suspect["stack"]
+    for _, stderr in outcomes:  # both agents log it
+        assert "Hang report: 4 rank(s) from 2 of 2 host(s), in 2 group(s); suspects: rank 3" in (
+            stderr
+        )
+    (rank_3_agent,) = [err for _, err in outcomes if "rank      : 3 (local_rank: 1)" in err]
+    summary = rank_3_agent[rank_3_agent.index("ChildFailedError") :]
+    failure = summary[summary.index("rank      : 3 (local_rank: 1)") :]
+    assert 'collective.py", line 24 in load_batch' in failure.split("\n[")[0]
+
+
+def test_the_same_job_without_a_hang_ends_0_and_writes_no_report(tmp_path: Path) -> None:
+    outcomes = two_agents(tmp_path, hang_job_env(tmp_path, hang_rank=-1), "no-hang")
+    assert [code for code, _ in outcomes] == [0, 0], outcomes[0][1][-3000:]
+    assert sorted((tmp_path / "job.log").read_text().splitlines()) == [
+        f"rank {r} done" for r in range(4)
+    ]
+    events = read_events(tmp_path / "events.jsonl")
+    assert [e for e in events if e["event"] in ("hang report", "timer expired")] == []
+    assert all("Hang report" not in stderr for _, stderr in outcomes)
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_launcher_help_explains_the_restart_behaviour(flag: str) -> None:
     result = subprocess.run([LAUNCHER, flag], capture_output=True, text=True, timeout=60)
