@@ -599,3 +599,14 @@ def test_without_a_usable_ft_launcher(hidden: str, warned: bool) -> None:
     assert ("nvidia_resiliency_ext is installed but cannot be imported" in result.stderr) is warned
     assert "elastic-timer-run: --launcher ft_launcher needs nvidia-resiliency-ext" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@needs_ft_launcher
+def test_ft_launcher_agents_write_the_hang_report_too(tmp_path: Path) -> None:
+    """ft_launcher's agent (its own copy of torch's) joins the report as torchrun's does."""
+    env = hang_job_env(tmp_path, hang_rank=1)
+    result, _ = run([*FT_LAUNCHER, "--standalone", *COMMON, COLLECTIVE_JOB], env)
+    (report,) = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "hang report"]
+    assert report["suspects"] == [1], result.stderr[-3000:]
+    assert [g["ranks"] for g in report["groups"]] == [[0], [1]]
+    assert "in load_batch" in report["groups"][1]["stack"]
