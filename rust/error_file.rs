@@ -156,24 +156,32 @@ mod tests {
         assert!(!target.exists());
     }
 
+    /// A process with `value` in its environment, once it has exec'd (before, /proc shows
+    /// the parent's environment).
+    fn process_with(value: &str) -> std::process::Child {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "echo ready; exec sleep 30"])
+            .env(VARIABLE, value)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n");
+        child
+    }
+
     #[test]
     fn the_path_comes_from_the_environment_of_the_process() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env(VARIABLE, "/tmp/somewhere/error.json")
-            .spawn()
-            .unwrap();
-        let pid = i32::try_from(child.id()).unwrap();
-        assert_eq!(path_of(pid), Some(PathBuf::from("/tmp/somewhere/error.json")));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let mut relative = std::process::Command::new("sleep")
-            .arg("30")
-            .env(VARIABLE, "error.json")
-            .spawn()
-            .unwrap();
-        assert_eq!(path_of(i32::try_from(relative.id()).unwrap()), None);
-        relative.kill().unwrap();
-        relative.wait().unwrap();
+        for (value, expected) in
+            [("/tmp/somewhere/error.json", Some("/tmp/somewhere/error.json")), ("", None)]
+        {
+            let mut child = process_with(value);
+            let pid = i32::try_from(child.id()).unwrap();
+            assert_eq!(path_of(pid), expected.map(PathBuf::from));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 }

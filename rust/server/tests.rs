@@ -450,8 +450,17 @@ fn stacks_are_taken_before_the_signal() {
     let events = server.start().expect("start");
     let mut worker = sleeper();
     server.register([request(worker.id(), "stuck", 0.0, libc::SIGKILL)]);
+    // Told first that its stacks are being taken, with the scopes that expired.
+    match events.recv_timeout(Duration::from_secs(5)).expect("event") {
+        Event::Dumping { pid, scopes } => {
+            assert_eq!(pid.as_raw_nonzero().get(), i32::try_from(worker.id()).expect("pid"));
+            assert_eq!(scopes, ["stuck"]);
+        }
+        other => panic!("expected Dumping, got {other:?}"),
+    }
     let expiry = expiry(&events);
     assert!(matches!(expiry.outcome, ReapOutcome::Signalled));
+    assert_eq!(expiry.error_file, None); // error_files is off
     let stacks = expiry.stacks.expect("stacks");
     assert_eq!(stacks.source, stacks::Source::PySpy);
     assert_eq!(stacks.text, format!("dump --pid {}\n", worker.id()));
@@ -459,4 +468,53 @@ fn stacks_are_taken_before_the_signal() {
     assert_eq!(server.stats().stack_dumps, 1);
     server.stop();
     std::fs::remove_dir_all(&dir).expect("rm");
+}
+
+/// A worker whose environment names a torchrun error file, once it has exec'd.
+fn torchrun_worker(error_file: &std::path::Path) -> Child {
+    use std::io::BufRead;
+    let mut child = Process::new("sh")
+        .args(["-c", "echo ready; exec sleep 30"])
+        .env(crate::error_file::VARIABLE, error_file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    let stdout = child.stdout.as_mut().expect("stdout");
+    std::io::BufReader::new(stdout).read_line(&mut line).expect("read");
+    assert_eq!(line, "ready\n");
+    child
+}
+
+#[test]
+fn the_error_file_says_which_timer_fired_before_the_signal_unless_the_worker_wrote_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut server, _path) = fifo_server("error-file", Config { error_files: true, ..config() });
+    let events = server.start().expect("start");
+
+    let path = dir.path().join("error.json");
+    let mut worker = torchrun_worker(&path);
+    server.register([request(worker.id(), "step", 0.3, libc::SIGKILL)]);
+    let written = expiry(&events);
+    assert!(matches!(written.outcome, ReapOutcome::Signalled));
+    assert_eq!(written.error_file.as_deref(), Some(path.as_path()));
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    let content: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let message = content["message"]["extraInfo"]["py_callstack"].as_str().expect("str");
+    let expected =
+        format!("a timer of worker pid {} expired; the worker was sent signal 9", worker.id());
+    assert!(message.contains(&expected), "{message}");
+    assert!(message.contains("scope \"step\": its bound of 0.3"), "{message}");
+
+    let own = dir.path().join("own.json");
+    std::fs::write(&own, "{\"message\": \"the worker's own\"}").expect("write");
+    let mut worker = torchrun_worker(&own);
+    server.register([request(worker.id(), "step", 0.0, libc::SIGKILL)]);
+    let kept = expiry(&events);
+    assert!(matches!(kept.outcome, ReapOutcome::Signalled));
+    assert_eq!(kept.error_file, None);
+    worker.wait().expect("wait");
+    assert_eq!(std::fs::read_to_string(&own).expect("read"), "{\"message\": \"the worker's own\"}");
+    server.stop();
 }
