@@ -48,7 +48,9 @@ of the launcher:
 
 Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_STACK_DUMP=SECONDS   log a hung worker's Python stacks before it is killed
-                                     (waiting at most SECONDS for them)
+                                     (waiting at most SECONDS for them), put them in the
+                                     failure summary, and write one hang report for the
+                                     job: every rank's stacks, grouped, and the suspects
   ELASTIC_TIMER_ESCALATE_AFTER=SECONDS
                                      SIGKILL a worker that outlives its signal that long
   ELASTIC_TIMER_DRY_RUN=1            report expiries, kill nothing
