@@ -18,10 +18,9 @@ from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from elastic_timer import FileTimerServer, hang_report
 from elastic_timer.hang_report import (
-    COUNT,
-    REPORT,
-    REPORTS,
+    GENERATION,
     HangReporter,
+    Keys,
     RankStacks,
     build_report,
     choose_suspects,
@@ -237,9 +236,21 @@ def test_two_hosts_report_once_and_the_other_host_logs_it(caplog: pytest.LogCapt
     assert report["suspects"] == [3]
     assert report["missing_hosts"] == []
     assert report["groups"][1]["scopes"] == ["train.py#36"]
-    assert json.loads(tcp_store(server.port).get(REPORT)) == report
+    store = tcp_store(server.port)
+    assert json.loads(store.get(Keys(0).report)) == report
+    assert store.add(GENERATION, 0) == 1  # the next hang (after a restart) gets new keys
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Hang report")]
     assert len(logged) == 2  # both agents log it
+    # The worker group restarts over the same store (static rendezvous): the new agents'
+    # servers do not take the last hang's trigger for a new one.
+    restarted, restarted_reports = reporter(
+        tcp_store(server.port), {31: 0}, {31: "x"}, group_rank=0, group_world_size=2
+    )
+    restarted.start()
+    restarted.close()  # it looks for a trigger once more as it closes
+    assert restarted_reports == []
+    assert store.add(Keys(0).count, 0) == 2  # it did not join the last hang's report
+    assert store.add(Keys(1).count, 0) == 0
 
 
 def test_a_host_whose_store_is_gone_reports_its_own_ranks() -> None:
@@ -322,9 +333,9 @@ def test_a_few_hundred_hosts_report_in_one_read(capsys: pytest.CaptureFixture[st
     assert report["suspects"] == [suspect]
     assert report["missing_hosts"] == []
     assert sum(len(g["ranks"]) for g in report["groups"]) == HOSTS * RANKS_PER_HOST
-    gathered = len(clients[0].get(REPORTS))
+    gathered = len(clients[0].get(Keys().reports))
     report_bytes = len(json.dumps(report))
-    assert clients[0].add(COUNT, 0) == HOSTS
+    assert clients[0].add(Keys().count, 0) == HOSTS
     assert elapsed < 30
     every_stack = HOSTS * RANKS_PER_HOST * len(faulthandler_dump(IN_ALL_REDUCE, LOADER_THREAD))
     assert gathered < every_stack / 4  # one stack per local group, not one per rank

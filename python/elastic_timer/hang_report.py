@@ -14,8 +14,9 @@ until every host has counted or its deadline passes, then reads the one key. No 
 another one by one, and a host whose store is gone, or a rank that gives no stacks, is
 reported as such.
 
-Store keys (under ``elastic-timer/hang/`` of the worker group's store, so one set per
-rendezvous round): ``trigger`` (the first host to see an expiry, by ``compare_set``),
+Store keys, under ``elastic-timer/hang/<generation>/`` of the worker group's store (one set
+per rendezvous round, and per report within it: ``elastic-timer/hang/generation`` counts the
+reports written): ``trigger`` (the first host to see an expiry, by ``compare_set``),
 ``reports`` (one JSON line per host), ``count`` (hosts that contributed) and ``report`` (the
 report, for the other agents to log).
 """
@@ -37,6 +38,7 @@ from typing import Any
 __all__ = [
     "COLLECTIVES",
     "HangReporter",
+    "Keys",
     "RankStacks",
     "Store",
     "build_report",
@@ -50,7 +52,36 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREFIX = "elastic-timer/hang/"
-TRIGGER, REPORTS, COUNT, REPORT = (PREFIX + k for k in ("trigger", "reports", "count", "report"))
+# Reports written in this store so far: a store that outlives a restart of the worker group
+# (static rendezvous) gets a new set of keys for the next hang.
+GENERATION = PREFIX + "generation"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The store keys of one hang (one generation)."""
+
+    generation: int = 0
+
+    def _key(self, name: str) -> str:
+        return f"{PREFIX}{self.generation}/{name}"
+
+    @property
+    def trigger(self) -> str:
+        return self._key("trigger")
+
+    @property
+    def reports(self) -> str:
+        return self._key("reports")
+
+    @property
+    def count(self) -> str:
+        return self._key("count")
+
+    @property
+    def report(self) -> str:
+        return self._key("report")
+
 
 # torch.distributed's blocking calls (functions of torch/distributed/): a rank whose stack is
 # in one of them waits for others.
@@ -281,27 +312,27 @@ def _ranges(ranks: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def publish(store: Store, share: dict[str, Any]) -> int:
+def publish(store: Store, share: dict[str, Any], keys: Keys = Keys()) -> int:
     """Adds a host's contribution (one append, one add); returns the hosts counted so far."""
-    store.append(REPORTS, json.dumps(share, separators=(",", ":")) + "\n")
-    return int(store.add(COUNT, 1))
+    store.append(keys.reports, json.dumps(share, separators=(",", ":")) + "\n")
+    return int(store.add(keys.count, 1))
 
 
 def gather(
-    store: Store, expected_hosts: int, timeout: float, poll: float = 0.05
+    store: Store, expected_hosts: int, timeout: float, keys: Keys = Keys(), poll: float = 0.05
 ) -> list[dict[str, Any]]:
     """Every contribution there is once all ``expected_hosts`` counted, or ``timeout`` passed:
     one counter polled, one key read."""
     deadline = time.monotonic() + timeout
-    while store.add(COUNT, 0) < expected_hosts and time.monotonic() < deadline:
+    while store.add(keys.count, 0) < expected_hosts and time.monotonic() < deadline:
         time.sleep(poll)
-    raw = store.get(REPORTS) if store.check([REPORTS]) else b""
+    raw = store.get(keys.reports) if store.check([keys.reports]) else b""
     return [json.loads(line) for line in raw.decode().splitlines() if line]
 
 
-def claim(store: Store, me: str) -> bool:
+def claim(store: Store, me: str, keys: Keys = Keys()) -> bool:
     """Whether this host is the first to report a hang (and so writes the report)."""
-    return bytes(store.compare_set(TRIGGER, "", me)).decode() == me
+    return bytes(store.compare_set(keys.trigger, "", me)).decode() == me
 
 
 class HangReporter:
@@ -366,36 +397,46 @@ class HangReporter:
             self._thread = None
 
     def _run(self) -> None:
+        try:
+            # The generation now, before this worker group can hang: a trigger left by the
+            # last one (under another generation) is not this hang's.
+            keys: Keys | None = Keys(int(self._store.add(GENERATION, 0)))
+        except Exception as err:  # a store that is gone, or a broken connection
+            logger.debug("hang report: the store cannot be read: %s", err)
+            keys = None
         while True:
             self._wake.wait(self._poll)
             self._wake.clear()
             with self._lock:
                 local = bool(self._expiring)
             try:
-                remote = not local and self._store.check([TRIGGER])
-            except Exception as err:  # a store that is gone, or a broken connection
+                remote = not local and keys is not None and self._store.check([keys.trigger])
+            except Exception as err:
                 logger.debug("hang report: the store cannot be read: %s", err)
                 remote = False
             if local or remote:
-                self._take_part(trigger=local)
+                self._take_part(keys, trigger=local)
                 return
             if self._closing:
                 return
 
-    def _take_part(self, *, trigger: bool) -> None:
+    def _take_part(self, keys: Keys | None, *, trigger: bool) -> None:
         share = None
         try:
+            if keys is None:
+                raise ConnectionError("it could not be read when this worker group started")
             # First, so that the other hosts take their stacks while their ranks still run.
-            first = trigger and claim(self._store, self.host)
+            first = trigger and claim(self._store, self.host, keys)
             share = self._share(trigger)
-            publish(self._store, share)
+            publish(self._store, share, keys)
             if first:
-                contributions = gather(self._store, self._hosts, self._timeout)
+                contributions = gather(self._store, self._hosts, self._timeout, keys)
                 report = build_report(contributions, expected_hosts=self._hosts)
-                self._store.set(REPORT, json.dumps(report))
+                self._store.set(keys.report, json.dumps(report))
+                self._store.add(GENERATION, 1)
                 self._write(report)
             else:
-                self._log_theirs()
+                self._log_theirs(keys)
         except Exception as err:  # the store's host is gone, or the connection broke
             logger.warning("hang report: the job's store is gone (%s); reporting this host", err)
             share = share or self._share(trigger)
@@ -417,13 +458,13 @@ class HangReporter:
         logger.warning("%s", format_report(report))
         self._emit(report)
 
-    def _log_theirs(self) -> None:
+    def _log_theirs(self, keys: Keys) -> None:
         """Logs the report another host wrote, once it is there (bounded)."""
         deadline = time.monotonic() + self._timeout
-        while not self._store.check([REPORT]):
+        while not self._store.check([keys.report]):
             if time.monotonic() >= deadline:
                 logger.warning("hang report: none was written within %.1f s", self._timeout)
                 return
             time.sleep(0.05)
         with contextlib.suppress(ValueError):
-            logger.warning("%s", format_report(json.loads(self._store.get(REPORT))))
+            logger.warning("%s", format_report(json.loads(self._store.get(keys.report))))
