@@ -65,6 +65,7 @@ struct Options {
     escalate_after: Option<f64>,
     stack_dump: Option<f64>,
     stack_signal: i32,
+    stack_hold: f64,
     stacks_dir: Option<PathBuf>,
     py_spy: Option<PathBuf>,
     error_files: bool,
@@ -80,6 +81,7 @@ impl Options {
                     .map_err(|err| PyValueError::new_err(format!("stack_signal: {err}")))?,
                 dir,
                 py_spy: self.py_spy,
+                hold: seconds(self.stack_hold, "stack_hold")?,
             }),
             _ => None,
         };

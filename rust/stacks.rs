@@ -36,6 +36,9 @@ pub struct Config {
     pub dir: PathBuf,
     /// The `py-spy` executable, for workers that did not arm `faulthandler`.
     pub py_spy: Option<PathBuf>,
+    /// How long an expired worker is held at least (within `grace`), even once its own
+    /// stacks are in: time for the job's hang report to ask the other workers for theirs.
+    pub hold: Duration,
 }
 
 /// Where a dump came from.
@@ -83,6 +86,8 @@ pub struct Dump {
     last_len: u64,
     py_spy: Option<Child>,
     until: Instant,
+    /// Not over before this, even when complete (see [`Config::hold`]).
+    not_before: Option<Instant>,
     complete: bool,
 }
 
@@ -113,6 +118,7 @@ impl Dump {
                     last_len: offset,
                     py_spy: None,
                     until,
+                    not_before: None,
                     complete: false,
                 };
                 return (Some(dump), None);
@@ -145,6 +151,7 @@ impl Dump {
             last_len: 0,
             py_spy: Some(child),
             until,
+            not_before: None,
             complete: false,
         })
     }
@@ -163,6 +170,7 @@ impl Dump {
             last_len: self.offset,
             py_spy: None,
             until: self.until,
+            not_before: None,
             complete: false,
         })
     }
@@ -180,7 +188,14 @@ impl Dump {
                 settled
             }
         };
-        self.complete || now >= self.until
+        (self.complete && self.not_before.is_none_or(|at| now >= at)) || now >= self.until
+    }
+
+    /// Holds the dump (its worker) until `now + hold`, within its grace.
+    pub fn hold(&mut self, now: Instant, hold: Duration) {
+        if !hold.is_zero() {
+            self.not_before = Some((now + hold).min(self.until));
+        }
     }
 
     /// When to poll next.
@@ -266,7 +281,13 @@ mod tests {
     use super::*;
 
     fn config(dir: &Path, py_spy: Option<PathBuf>) -> Config {
-        Config { grace: Duration::from_secs(2), signal: Signal::USR2, dir: dir.into(), py_spy }
+        Config {
+            grace: Duration::from_secs(2),
+            signal: Signal::USR2,
+            dir: dir.into(),
+            py_spy,
+            hold: Duration::ZERO,
+        }
     }
 
     fn temp_dir(name: &str) -> PathBuf {
@@ -309,6 +330,33 @@ mod tests {
         assert_eq!(stacks.text, "Thread 0x1 (most recent call first):\n");
         assert!(stacks.complete);
         assert!(path.exists(), "the worker's file stays (a dry run may dump it again)");
+        fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_held_dump_waits_for_its_hold_and_a_follower_reads_the_same_stacks() {
+        let dir = temp_dir("held");
+        let (pid, start_time) = worker();
+        let path = armed_path(&dir, pid, start_time);
+        fs::write(&path, "").expect("write");
+        let now = Instant::now();
+        let mut signals = 0;
+        let send = |_| {
+            signals += 1;
+            true
+        };
+        let (dump, _) = Dump::start(&config(&dir, None), pid, start_time, send, now);
+        let mut dump = dump.expect("started");
+        dump.hold(now, Duration::from_secs(1));
+        let mut follower = dump.follow().expect("a faulthandler dump can be followed");
+        append(&path, b"Thread 0x1 (most recent call first):\n");
+        assert!(!dump.poll(now));
+        assert!(!dump.poll(now), "complete, but held");
+        assert!(dump.poll(now + Duration::from_secs(1)), "the hold is over");
+        assert!(!follower.poll(now));
+        assert!(follower.poll(now), "the follower is not held");
+        assert_eq!(follower.finish().text, dump.finish().text);
+        assert_eq!(signals, 1, "the worker was asked once");
         fs::remove_dir_all(&dir).expect("rm");
     }
 

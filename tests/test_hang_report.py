@@ -5,12 +5,15 @@ simulated hosts). The end-to-end test with real torchrun agents is in test_torch
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,6 +156,12 @@ def test_the_report_merges_hosts_and_names_those_that_did_not_answer() -> None:
 # -- over a real TCPStore -------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def tcp_store(port: int = 0) -> TCPStore:
     """The store's server (port 0) or a client of it, on 127.0.0.1."""
     return TCPStore(
@@ -203,6 +212,7 @@ def reporter(
             grace=0.5,
             patience=1.0,
             poll=0.05,
+            collectives=lambda pid: None,
             **kwargs,
         ),
         reports,
@@ -387,3 +397,72 @@ def test_peek_stacks_takes_a_running_workers_stacks_without_reaping_it(
         assert again is not None and again.text.count("most recent call first") == 1
     finally:
         server.stop()
+
+
+# -- Flight Recorder, through torch's worker control plane ----------------------------------
+
+
+def summary(enqueued: int, completed: int) -> dict[str, Any]:
+    status = {"enqueued": enqueued, "started": -1, "completed": completed}
+    last = [{"pg": 0, "seq": enqueued, "op": "gloo:all_reduce", "state": "scheduled"}]
+    return {"pg_status": {"0": status}, "last": last}
+
+
+def test_the_ranks_behind_in_sequence_numbers_are_the_suspects() -> None:
+    assert hang_report.behind({0: summary(3, 2), 1: summary(3, 2), 3: summary(2, 2)}) == [3]
+    assert hang_report.behind({0: summary(3, 2), 1: summary(3, 2)}) == []
+    assert hang_report.behind({0: summary(3, 2)}) == []  # nobody to compare with
+    # Flight Recorder wins over the stacks: rank 1 is in all_reduce, but an older one.
+    ranks = [
+        RankStacks(0, 1, (), faulthandler_dump(IN_ALL_REDUCE), summary(5, 4)),
+        RankStacks(1, 2, (), faulthandler_dump(IN_ALL_REDUCE, ids=9), summary(4, 4)),
+        RankStacks(2, 3, (), faulthandler_dump(IN_ALL_REDUCE, ids=7), summary(5, 4)),
+    ]
+    report = build_report([contribution("h", 0, ranks, trigger=True)], expected_hosts=1)
+    assert (report["suspects"], report["suspects_from"]) == ([1], "flight recorder")
+    text = format_report(report)
+    assert "suspects: rank 1 (behind the others in Flight Recorder's sequence numbers)" in text
+    assert "rank 1 collectives: pg 0 last enqueued #4, completed #4" in text
+    # Without it, the stacks decide.
+    plain = [RankStacks(r.rank, r.pid, r.scopes, r.stacks) for r in ranks]
+    report = build_report([contribution("h", 0, plain, trigger=True)], expected_hosts=1)
+    assert (report["suspects"], report["suspects_from"]) == ([], "stacks")
+
+
+SERVES_THE_CONTROL_PLANE = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.elastic.control_plane import worker_main
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], TORCH_FR_BUFFER_SIZE="20")
+os.environ["TORCH_WORKER_SERVER_SOCKET"] = sys.argv[1]
+with worker_main():
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    for _ in range(2):
+        dist.all_reduce(torch.ones(2))
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_workers_last_collectives_come_from_its_control_plane_socket(
+    tmp_path: Path, children: list[Any]
+) -> None:
+    socket_path = str(tmp_path / "rank0.sock")
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SERVES_THE_CONTROL_PLANE, socket_path, str(free_port())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children.append(worker)
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == "ready\n"
+    assert hang_report.listening_sockets(worker.pid) == [socket_path]
+    collectives = hang_report.rank_collectives(worker.pid)
+    assert collectives is not None
+    assert collectives["pg_status"]["0"]["enqueued"] == 2
+    assert [(e["op"], e["seq"]) for e in collectives["last"]] == [
+        ("gloo:all_reduce", 1),
+        ("gloo:all_reduce", 2),
+    ]
+    assert hang_report.rank_collectives(os.getpid()) is None  # serves none
+    assert hang_report.fetch_trace(str(tmp_path / "nothing.sock")) is None

@@ -345,7 +345,29 @@ def test_one_hang_report_names_the_rank_that_is_not_in_the_collective(tmp_path: 
     (rank_3_agent,) = [err for _, err in outcomes if "rank      : 3 (local_rank: 1)" in err]
     summary = rank_3_agent[rank_3_agent.index("ChildFailedError") :]
     failure = summary[summary.index("rank      : 3 (local_rank: 1)") :]
-    assert 'collective.py", line 24 in load_batch' in failure.split("\n[")[0]
+    assert re.search(r'collective.py", line \d+ in load_batch', failure.split("\n[")[0])
+
+
+def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers(
+    tmp_path: Path,
+) -> None:
+    """The same hang, with each rank serving torch's worker control plane (worker_main) and
+    Flight Recorder on: every rank's last collectives are in the report, and rank 3 is the
+    suspect because it never enqueued the all_reduce the others are in."""
+    env = hang_job_env(tmp_path, hang_rank=3)
+    (tmp_path / "control-plane").mkdir()
+    env.update(CONTROL_PLANE_DIR=str(tmp_path / "control-plane"), TORCH_FR_BUFFER_SIZE="100")
+    outcomes = two_agents(tmp_path, env, "flight-recorder")
+    assert [code for code, _ in outcomes] == [1, 1], outcomes[0][1][-3000:]
+    (report,) = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "hang report"]
+    assert (report["suspects"], report["suspects_from"]) == ([3], "flight recorder")
+    enqueued = {
+        int(rank): summary["pg_status"]["0"]["enqueued"]
+        for group in report["groups"]
+        for rank, summary in group["collectives"].items()
+    }
+    assert enqueued == {0: 3, 1: 3, 2: 3, 3: 2}  # steps 0 and 1 done, step 2 in all_reduce
+    assert any("(behind the others in Flight Recorder's" in err for _, err in outcomes)
 
 
 def test_the_same_job_without_a_hang_ends_0_and_writes_no_report(tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ class NativeServer(Generic[R]):
     _events: EventSink
     # The agent's part in the job's hang report (set by elastic_timer.torch for the agent).
     _hang_reporter: HangReporter | None = None
+    # How long an expired worker is held at least for its stacks (within the stack grace):
+    # the hang report's time to ask every worker for its stacks and collectives.
+    _stack_hold: float = 0.0
 
     def _native_options(
         self,
@@ -65,6 +68,7 @@ class NativeServer(Generic[R]):
             "delegate_reaps": delegate_reaps,
             "descendants_only": descendants_only,
             "error_files": error_files,
+            "stack_hold": self._stack_hold,
             **self._diagnostics.native_options(),
         }
 

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +184,8 @@ class RankStacks:
     pid: int
     scopes: tuple[str, ...]
     stacks: str | None
+    # Its Flight Recorder summary (``summarize_trace``), when it serves torch's control plane.
+    collectives: dict[str, Any] | None = None
 
 
 def contribution(
@@ -196,8 +201,17 @@ def contribution(
         key = fingerprint(entry.stacks)
         group = groups.setdefault(
             key,
-            {"fingerprint": key, "ranks": [], "pids": [], "scopes": [], "stack": entry.stacks},
+            {
+                "fingerprint": key,
+                "ranks": [],
+                "pids": [],
+                "scopes": [],
+                "stack": entry.stacks,
+                "collectives": {},
+            },
         )
+        if entry.collectives is not None:
+            group["collectives"][str(entry.rank)] = entry.collectives
         group["ranks"].append(entry.rank)
         group["pids"].append(entry.pid)
         group["scopes"].extend(s for s in entry.scopes if s not in group["scopes"])
@@ -250,8 +264,10 @@ def build_report(
                     "collective": collective(group["stack"]),
                     "where": where(group["stack"]),
                     "stack": group["stack"],
+                    "collectives": {},
                 },
             )
+            into["collectives"].update(group.get("collectives", {}))
             into["ranks"].extend(group["ranks"])
             if share["host"] not in into["hosts"]:
                 into["hosts"].append(share["host"])
@@ -259,12 +275,16 @@ def build_report(
     groups = sorted(merged.values(), key=lambda g: (-len(g["ranks"]), min(g["ranks"])))
     for group in groups:
         group["ranks"].sort()
-    suspects = choose_suspects(groups)
+    flight = {int(r): c for g in groups for r, c in g["collectives"].items()}
+    suspects, suspects_from = behind(flight), "flight recorder"
+    if not suspects:
+        suspects, suspects_from = choose_suspects(groups), "stacks"
     for group in groups:
         group["suspect"] = bool(set(group["ranks"]) & set(suspects))
     answered = {share["group_rank"] for share in contributions}
     return {
         "suspects": suspects,
+        "suspects_from": suspects_from,
         "groups": groups,
         "unanswered": sorted(r for share in contributions for r in share["unanswered"]),
         "hosts": len(answered),
@@ -284,6 +304,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"host(s), in {len(report['groups'])} group(s); suspects: "
         + (", ".join(f"rank {r}" for r in suspects) if suspects else "none found")
     ]
+    if suspects and report.get("suspects_from") == "flight recorder":
+        lines[0] += " (behind the others in Flight Recorder's sequence numbers)"
     if report["store_gone"]:
         lines.append("  the job's store is gone: only this host's ranks are reported")
     elif report["missing_hosts"]:
@@ -297,8 +319,19 @@ def format_report(report: dict[str, Any]) -> str:
             f"  group {number}: rank(s) {_ranges(group['ranks'])} on {', '.join(group['hosts'])}"
             f", {group['where']}{mark}"
         )
+        for rank, summary in sorted(group["collectives"].items(), key=lambda i: int(i[0])):
+            lines.append(f"    rank {rank} collectives: {_describe_collectives(summary)}")
         lines.extend(f"    {line}" for line in group["stack"].rstrip().splitlines())
     return "\n".join(lines)
+
+
+def _describe_collectives(summary: dict[str, Any]) -> str:
+    status = ", ".join(
+        f"pg {pg} last enqueued #{s['enqueued']}, completed #{s['completed']}"
+        for pg, s in sorted(summary["pg_status"].items())
+    )
+    last = "; ".join(f"{e['op']} #{e['seq']} {e['state']}" for e in summary["last"])
+    return f"{status} (last: {last})" if last else status
 
 
 def _ranges(ranks: Sequence[int]) -> str:
@@ -310,6 +343,115 @@ def _ranges(ranks: Sequence[int]) -> str:
         else:
             parts.append(str(rank))
     return ", ".join(parts)
+
+
+# -- Flight Recorder, through torch's worker control plane ------------------------------------
+
+# How long one rank's worker server gets to answer.
+CONTROL_PLANE_TIMEOUT = 1.0
+# Bytes of a Flight Recorder trace read at most.
+_MAX_TRACE = 16 << 20
+# /proc/net/unix: the flag of a listening socket.
+_SO_ACCEPTCON = 0x10000
+
+
+def listening_sockets(pid: int) -> list[str]:
+    """The paths of the Unix sockets process ``pid`` listens on (torch's worker server, which
+    ``worker_main()`` starts at ``TORCH_WORKER_SERVER_SOCKET``, is one)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[len("socket:[") : -1])
+        with open(f"/proc/{pid}/net/unix") as table:
+            rows = table.read().splitlines()[1:]
+    except OSError:
+        return []
+    paths = []
+    for row in rows:
+        # Num RefCount Protocol Flags Type St Inode Path
+        fields = row.split()
+        if len(fields) >= 8 and fields[6] in inodes and int(fields[3], 16) & _SO_ACCEPTCON:
+            paths.append(fields[7])
+    return [path for path in paths if path.startswith("/")]
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def fetch_trace(path: str, timeout: float = CONTROL_PLANE_TIMEOUT) -> dict[str, Any] | None:
+    """The Flight Recorder trace (``fr_trace_json``) of the worker server at ``path``."""
+    connection = _UnixConnection(path, timeout)
+    try:
+        connection.request("POST", "/handler/fr_trace_json")
+        response = connection.getresponse()
+        body = response.read(_MAX_TRACE)
+        if response.status != 200:
+            return None
+        trace = json.loads(body)
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        connection.close()
+    return trace if isinstance(trace, dict) else None
+
+
+def summarize_trace(trace: dict[str, Any], last: int = 3) -> dict[str, Any]:
+    """What the report keeps of a trace: each process group's last enqueued, started and
+    completed sequence numbers, and the last few collectives."""
+    status = {
+        str(pg): {
+            key: int(values.get(f"last_{key}_collective", -1))
+            for key in ("enqueued", "started", "completed")
+        }
+        for pg, values in trace.get("pg_status", {}).items()
+    }
+    entries = [
+        {
+            "pg": entry.get("pg_id"),
+            "seq": entry.get("collective_seq_id"),
+            "op": entry.get("profiling_name"),
+            "state": entry.get("state"),
+        }
+        for entry in trace.get("entries", [])[-last:]
+    ]
+    return {"pg_status": status, "last": entries}
+
+
+def rank_collectives(pid: int) -> dict[str, Any] | None:
+    """Worker ``pid``'s last collectives, if it serves torch's worker control plane."""
+    for path in listening_sockets(pid):
+        trace = fetch_trace(path)
+        if trace is not None:
+            return summarize_trace(trace)
+    return None
+
+
+def behind(collectives: dict[int, dict[str, Any]]) -> list[int]:
+    """The ranks whose last enqueued collective, in a process group, is behind the others'
+    in it: they never reached the collective the others wait in."""
+    late: set[int] = set()
+    groups = {pg for summary in collectives.values() for pg in summary["pg_status"]}
+    for pg in groups:
+        enqueued = {
+            rank: summary["pg_status"][pg]["enqueued"]
+            for rank, summary in collectives.items()
+            if pg in summary["pg_status"]
+        }
+        if len(enqueued) >= 2:
+            ahead = max(enqueued.values())
+            late |= {rank for rank, seq in enqueued.items() if seq < ahead}
+    return sorted(late)
 
 
 def publish(store: Store, share: dict[str, Any], keys: Keys = Keys()) -> int:
@@ -360,7 +502,8 @@ class HangReporter:
         emit: Callable[[dict[str, Any]], None],
         grace: float,
         patience: float = 2.0,
-        poll: float = 0.5,
+        poll: float = 0.25,
+        collectives: Callable[[int], dict[str, Any] | None] = rank_collectives,
     ) -> None:
         self._store = store
         self._group_rank = group_rank
@@ -370,6 +513,7 @@ class HangReporter:
         self._emit = emit
         self._timeout = grace + patience
         self._poll = poll
+        self._collectives = collectives
         self.host = f"{socket.gethostname()}[{group_rank}]"
         self._expiring: dict[int, tuple[str, ...]] = {}
         self._lock = threading.Lock()
@@ -401,7 +545,7 @@ class HangReporter:
             # The generation now, before this worker group can hang: a trigger left by the
             # last one (under another generation) is not this hang's.
             keys: Keys | None = Keys(int(self._store.add(GENERATION, 0)))
-        except Exception as err:  # a store that is gone, or a broken connection
+        except (RuntimeError, OSError) as err:  # a store that is gone, a broken connection
             logger.debug("hang report: the store cannot be read: %s", err)
             keys = None
         while True:
@@ -411,7 +555,7 @@ class HangReporter:
                 local = bool(self._expiring)
             try:
                 remote = not local and keys is not None and self._store.check([keys.trigger])
-            except Exception as err:
+            except (RuntimeError, OSError) as err:
                 logger.debug("hang report: the store cannot be read: %s", err)
                 remote = False
             if local or remote:
@@ -437,7 +581,7 @@ class HangReporter:
                 self._write(report)
             else:
                 self._log_theirs(keys)
-        except Exception as err:  # the store's host is gone, or the connection broke
+        except (RuntimeError, OSError) as err:  # torch's DistError: the store's host is gone
             logger.warning("hang report: the job's store is gone (%s); reporting this host", err)
             share = share or self._share(trigger)
             self._write(build_report([share], expected_hosts=self._hosts, store_gone=True))
@@ -445,11 +589,15 @@ class HangReporter:
     def _share(self, trigger: bool) -> dict[str, Any]:
         """This host's contribution: the stacks of all its ranks, taken now."""
         workers = self._workers()
-        taken = dict(self._peek(sorted(workers)))
+        with ThreadPoolExecutor(max(1, len(workers))) as pool:
+            # The collectives while the stacks are taken: both before the kill.
+            asked = {pid: pool.submit(self._collectives, pid) for pid in workers}
+            taken = dict(self._peek(sorted(workers)))
+            collectives = {pid: future.result() for pid, future in asked.items()}
         with self._lock:
             expiring = dict(self._expiring)
         ranks = [
-            RankStacks(rank, pid, expiring.get(pid, ()), taken.get(pid))
+            RankStacks(rank, pid, expiring.get(pid, ()), taken.get(pid), collectives[pid])
             for pid, rank in workers.items()
         ]
         return contribution(self.host, self._group_rank, ranks, trigger=trigger)

@@ -69,6 +69,9 @@ _TIMER_COPIES = (
 _originals: dict[str, Any] = {}
 # The agents' own _start_workers, by agent class.
 _agent_originals: dict[type, Any] = {}
+# How long an agent's server holds an expired worker at least (within its stack grace), so that
+# the job's hang report reaches every worker, on every host, before any is killed.
+HANG_REPORT_HOLD = 1.0
 # The worker group whose workers an agent is starting (and so whose server it is building).
 _starting = threading.local()
 
@@ -99,13 +102,16 @@ def _agent_server(
                 if name in kwargs:
                     raise TypeError(f"FileTimerServer got multiple values for argument {name!r}")
             kwargs.update(zip(positional, args))
+            group = getattr(_starting, "group", None)
+            if group is not None:
+                # With stacks on, the hang report's time to reach every worker before the kill.
+                self._stack_hold = HANG_REPORT_HOLD
             super().__init__(
                 signal_self=signal_self,
                 descendants_only=descendants_only,
                 error_files=error_files,
                 **kwargs,
             )
-            group = getattr(_starting, "group", None)
             if group is not None and self._diagnostics.stack_dump is not None:
                 self._hang_reporter = _hang_reporter(self, group, self._diagnostics.stack_dump)
 

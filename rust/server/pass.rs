@@ -283,7 +283,10 @@ impl Shared {
                 .and_then(|s| reaper::validate_signal(s).ok());
             let timers: Vec<Request> = expired.iter().map(|t| t.request.clone()).collect();
             if let (Some(signal), false) = (signal, dumped) {
-                if let Some(dump) = self.start_dump(state, pid, now) {
+                if let Some(mut dump) = self.start_dump(state, pid, now) {
+                    if let Some(config) = &self.config.stack_dump {
+                        dump.hold(now, config.hold);
+                    }
                     let at = dump.next_poll(now);
                     state.timers.postpone_worker(pid, at);
                     let scopes = timers.iter().map(|t| t.scope.clone()).collect();

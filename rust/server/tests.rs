@@ -444,6 +444,7 @@ fn stacks_are_taken_before_the_signal() {
         dir: dir.clone(),
         // A stand-in for py-spy (the worker is not armed): prints its arguments.
         py_spy: Some(PathBuf::from("echo")),
+        hold: Duration::ZERO,
     };
     let (mut server, _path) =
         fifo_server("stacks", Config { stack_dump: Some(stack_dump), ..config() });

@@ -3,6 +3,10 @@
 Each rank runs STEPS steps of ``all_reduce``, each inside ``expires(after=STEP_TIMEOUT)``. At
 step HANG_STEP the rank HANG_RANK (-1: none) calls ``load_batch``, which sleeps, instead of
 joining the collective: the others then wait in ``all_reduce`` until their timers fire.
+
+With CONTROL_PLANE_DIR set, each rank serves torch's worker control plane there
+(``worker_main()`` at ``TORCH_WORKER_SERVER_SOCKET``, one socket per rank), so that, with
+``TORCH_FR_BUFFER_SIZE`` set, its Flight Recorder trace can be asked for.
 """
 
 from __future__ import annotations
@@ -41,4 +45,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    control_plane = os.environ.get("CONTROL_PLANE_DIR")
+    if control_plane:
+        from torch.distributed.elastic.control_plane import worker_main
+
+        os.environ["TORCH_WORKER_SERVER_SOCKET"] = f"{control_plane}/rank{os.environ['RANK']}.sock"
+        serving = worker_main()
+        assert serving is not None  # torch's @record types it as optional
+        with serving:
+            main()
+    else:
+        main()
