@@ -14,6 +14,10 @@ until every host has counted or its deadline passes, then reads the one key. No 
 another one by one, and a host whose store is gone, or a rank that gives no stacks, is
 reported as such.
 
+A rank that serves torch's worker control plane (``worker_main()``) with Flight Recorder on
+also gives its last collectives; then the ranks behind the others in sequence numbers are the
+suspects.
+
 Store keys, under ``elastic-timer/hang/<generation>/`` of the worker group's store (one set
 per rendezvous round, and per report within it: ``elastic-timer/hang/generation`` counts the
 reports written): ``trigger`` (the first host to see an expiry, by ``compare_set``),
@@ -489,6 +493,8 @@ class HangReporter:
         emit: writes the report to the event log.
         grace: the stack grace (how long a peek may take); the report waits that and
             ``patience`` more for the other hosts.
+        poll: how often to look for another host's claim.
+        collectives: a worker's last collectives by pid (``rank_collectives``), if any.
     """
 
     def __init__(
