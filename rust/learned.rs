@@ -380,6 +380,19 @@ impl<K: Copy + Eq + Hash> Learner<K> {
         }
     }
 
+    /// How many scopes are tracked.
+    pub fn len(&self) -> usize {
+        self.scopes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+    }
+
+    pub fn config(&self) -> &LearnConfig {
+        &self.config
+    }
+
     /// Every tracked scope's figures, in the order the scopes were first seen.
     pub fn summaries(&self) -> impl Iterator<Item = ScopeSummary<'_>> {
         self.scopes.iter().map(|scope| ScopeSummary {
@@ -565,25 +578,18 @@ impl<K: Copy + Eq + Hash> Learner<K> {
         Ok(())
     }
 
-    /// Writes the statistics to `path` atomically: a temporary file in the same directory,
-    /// flushed to disk, then renamed over `path`.
+    /// Writes the statistics to `path` atomically (see [`write_state`]).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        self.write_state(path).map_err(|source| StateError::Write { path: path.to_owned(), source })
+        write_state(path, &self.state_bytes())
     }
 
-    fn write_state(&self, path: &Path) -> io::Result<()> {
-        let mut json = serde_json::to_vec(&self.state()).map_err(io::Error::other)?;
+    /// The state file's content: cheap enough to take under the server's lock, and written
+    /// elsewhere by [`write_state`].
+    pub fn state_bytes(&self) -> Vec<u8> {
+        // Plain data: serialising it cannot fail.
+        let mut json = serde_json::to_vec(&self.state()).unwrap_or_default();
         json.push(b'\n');
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let mut file = tempfile::Builder::new().prefix(".elastic-timer-state.").tempfile_in(dir)?;
-        file.write_all(&json)?;
-        file.as_file().sync_all()?;
-        file.persist(path).map_err(|e| e.error)?;
-        // The rename is durable once the directory is.
-        File::open(dir)?.sync_all()
+        json
     }
 
     fn state(&self) -> StateFile<'_> {
@@ -603,6 +609,24 @@ impl<K: Copy + Eq + Hash> Learner<K> {
             .collect();
         StateFile { format: STATE_FORMAT.into(), version: STATE_VERSION, scopes }
     }
+}
+
+/// Writes a state file's `content` (from [`Learner::state_bytes`]) to `path` atomically: a
+/// temporary file in the same directory, flushed to disk, then renamed over `path`.
+pub fn write_state(path: &Path, content: &[u8]) -> Result<(), StateError> {
+    let write = || -> io::Result<()> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let mut file = tempfile::Builder::new().prefix(".elastic-timer-state.").tempfile_in(dir)?;
+        file.write_all(content)?;
+        file.as_file().sync_all()?;
+        file.persist(path).map_err(|e| e.error)?;
+        // The rename is durable once the directory is.
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|source| StateError::Write { path: path.to_owned(), source })
 }
 
 /// The file's bytes; None when it is larger than [`MAX_STATE_BYTES`].

@@ -258,9 +258,11 @@ class NativeServer(Generic[R]):
         outcomes = []
         for expiry in expiries:
             requests = [self._request_from_tuple(t) for t in expiry.timers]
-            stacks = expiry.stacks
+            stacks, learned = expiry.stacks, expiry.learned
             if stacks is not None:
                 _log_stacks(expiry.pid, [r.scope_id for r in requests], stacks)
+            if learned is not None:
+                _log_learned(expiry.pid, [r.scope_id for r in requests], learned)
             outcome = self._reap_expired(
                 expiry.pid, requests, expiry.signal, expiry.outcome, expiry.detail
             )
@@ -276,6 +278,10 @@ class NativeServer(Generic[R]):
                 stacks=None if stacks is None else stacks.text,
                 stacks_source=None if stacks is None else stacks.source,
                 stacks_complete=None if stacks is None else stacks.complete,
+                learned_bound=None if learned is None else learned.bound,
+                learned_samples=None if learned is None else learned.samples,
+                learned_max=None if learned is None else learned.max,
+                learned_after=None if learned is None else learned.after,
             )
         return outcomes
 
@@ -318,6 +324,13 @@ class NativeServer(Generic[R]):
         """Requests received (acquires and releases), as torch's File server counts them."""
         return int(self._core.stats()["requests"])
 
+    def timeouts(self) -> list[dict[str, Any]]:
+        """Each learned scope's figures, in seconds (None: no value yet): scope, samples, p50,
+        p99, max, after (the largest asked for) and suggested (the bound its acquires get,
+        at most after). Empty unless the server is adaptive."""
+        fields = ("scope", "samples", "p50", "p99", "max", "after", "suggested")
+        return [{f: getattr(t, f) for f in fields} for t in self._core.timeouts()]
+
     def stats(self) -> dict[str, int]:
         """The server's counters by name; ``elastic_timer._native.STATS`` says what each
         one counts (``live_timers`` is the timers held now)."""
@@ -330,6 +343,19 @@ def log_dry_run(pid: int, scopes: list[str], signal: int) -> None:
         pid,
         signal,
         scopes,
+    )
+
+
+def _log_learned(pid: int, scopes: list[str], learned: _native.LearnedBound) -> None:
+    logger.warning(
+        "Learned timeout fired for worker pid=%s (timers %s) after %.3f s, the bound learned "
+        "from %s samples (the longest %.3f s), before the after=%.3f s asked for",
+        pid,
+        scopes,
+        learned.bound,
+        learned.samples,
+        learned.max,
+        learned.after,
     )
 
 

@@ -30,12 +30,13 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::process::Pid;
 
 use crate::codec::Request;
+use crate::learned::{LearnConfig, Learner, StateError};
 use crate::reaper;
 use crate::{fifo, queue, stacks};
 use event_loop::Source;
 use pass::{Clock, State};
 
-pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats};
+pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats, Timeout};
 
 /// Events waiting for the reporter past this many are dropped (and counted).
 const EVENT_CAPACITY: usize = 4096;
@@ -67,6 +68,17 @@ pub struct Config {
     pub escalate_after: Option<Duration>,
     /// Ask an expired worker for its stacks before signalling it.
     pub stack_dump: Option<stacks::Config>,
+    /// Learn each scope's durations and fire at the learned bound (`adaptive=True`).
+    pub adaptive: Option<Adaptive>,
+}
+
+/// Timeouts learned from the job.
+#[derive(Debug, Clone)]
+pub struct Adaptive {
+    pub learn: LearnConfig,
+    /// Where the statistics live between servers: loaded when the server is built, saved
+    /// when it stops and now and then while it runs.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Where requests come from.
@@ -155,12 +167,31 @@ impl Server {
             Transport::Queue(reader) => Source::Queue(reader),
             Transport::Direct => Source::Direct,
         };
+        let mut state = State::new(config.max_pidfds);
+        if let Some(adaptive) = &config.adaptive {
+            let learner = match &adaptive.state_file {
+                Some(path) => Learner::load(adaptive.learn.clone(), path),
+                None => Learner::new(adaptive.learn.clone()).map_err(Into::into),
+            };
+            state.learner = Some(match learner {
+                Ok(learner) => learner,
+                Err(StateError::Config(err)) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, err))
+                }
+                Err(err) => {
+                    // A bad state file costs what it held, not the server.
+                    state.deferred.push(format!("{err}; learning from scratch"));
+                    Learner::new(adaptive.learn.clone())
+                        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?
+                }
+            });
+        }
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         epoll::add(&epoll, &wake, EventData::new_u64(TAG_WAKE), EventFlags::IN)?;
         Ok(Self {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::new(config.max_pidfds)),
+                state: Mutex::new(state),
                 epoll,
                 wake,
                 command: AtomicU8::new(Command::Run as u8),
@@ -197,7 +228,13 @@ impl Server {
             return Err(err);
         }
         let (sender, receiver) = mpsc::sync_channel(EVENT_CAPACITY);
-        self.shared.lock().events = Some(sender);
+        {
+            let mut state = self.shared.lock();
+            state.events = Some(sender);
+            for warning in std::mem::take(&mut state.deferred) {
+                state.emit(Event::Warning(warning));
+            }
+        }
         self.shared.command.store(Command::Run as u8, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         let thread = thread::Builder::new().name("elastic-timer".into()).spawn(move || {
@@ -292,6 +329,24 @@ impl Server {
 
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats()
+    }
+
+    /// The learned figures of every scope (none unless adaptive).
+    pub fn timeouts(&self) -> Vec<Timeout> {
+        let state = self.shared.lock();
+        let Some(learner) = &state.learner else { return Vec::new() };
+        learner
+            .summaries()
+            .map(|s| Timeout {
+                scope: s.scope.to_owned(),
+                samples: s.samples,
+                p50: s.p50,
+                p99: s.p99,
+                max: s.max,
+                after: s.after,
+                suggested: s.suggested,
+            })
+            .collect()
     }
 
     /// Wall-clock seconds of the loop's last progress: now while it waits, else when its

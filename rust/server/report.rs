@@ -7,6 +7,7 @@ use std::time::Duration;
 use rustix::process::Pid;
 
 use crate::codec::Request;
+use crate::learned::Learned;
 use crate::reaper::Refusal;
 use crate::stacks::Stacks;
 
@@ -42,6 +43,23 @@ pub struct Expiry {
     pub outcome: ReapOutcome,
     /// Its stacks, when the server asked for them first.
     pub stacks: Option<Stacks>,
+    /// The learned bound that fired (that of the timer that decided the signal), when one
+    /// undercut the `after` its client asked for.
+    pub learned: Option<Learned>,
+}
+
+/// One scope's learned figures (`elastic-timer timeouts`, `timeouts()`, the metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeout {
+    pub scope: String,
+    pub samples: u64,
+    pub p50: Option<Duration>,
+    pub p99: Option<Duration>,
+    pub max: Option<Duration>,
+    /// The largest `after` its clients asked for.
+    pub after: Option<Duration>,
+    /// The bound an acquire of it gets now (at most `after`); None until learned.
+    pub suggested: Option<Duration>,
 }
 
 /// What an expiry came to. The bindings hand Python the [`ReapOutcome::name`] of each.
@@ -126,5 +144,7 @@ stats! {
     Counter unreapable: "Workers still alive after SIGKILL (each counted once).",
     Counter stack_dumps: "Python stack dumps taken of expired workers.",
     Counter events_dropped: "Events dropped because the reporting thread fell behind.",
+    Counter learned_expiries: "Expiries whose deadline a learned bound set (adaptive).",
     Gauge live_timers: "Timers currently registered.",
+    Gauge learned_scopes: "Scopes whose durations are learned (adaptive).",
 }

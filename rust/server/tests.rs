@@ -19,6 +19,7 @@ fn config() -> Config {
         dry_run: false,
         escalate_after: None,
         stack_dump: None,
+        adaptive: None,
     }
 }
 
@@ -220,7 +221,7 @@ fn deadlines_are_monotonic_instants_fixed_on_receipt() {
     assert!(clock.deadline(-1e300).is_some_and(|d| d <= mono), "long past: due at once");
     // The map keeps the Instant: a later wall-clock step changes nothing (nothing reads
     // the wall clock again for this timer).
-    let mut map = DeadlineMap::new();
+    let mut map: DeadlineMap<i64> = DeadlineMap::new();
     let request = Request { pid: 7, scope: "s".into(), expiration: 1_002.5, signal: 9 };
     map.apply(7, request, clock.deadline(1_002.5));
     assert_eq!(map.next_deadline(), Some(mono + Duration::from_millis(2_500)));
@@ -458,4 +459,100 @@ fn stacks_are_taken_before_the_signal() {
     assert_eq!(server.stats().stack_dumps, 1);
     server.stop();
     std::fs::remove_dir_all(&dir).expect("rm");
+}
+
+fn adaptive(name: &str) -> (Config, PathBuf) {
+    let path = std::env::temp_dir().join(format!("et-learned-{}-{name}.json", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let learn = crate::learned::LearnConfig {
+        factor: 2.0,
+        floor: Duration::from_millis(200),
+        warmup: 0,
+        min_samples: 3,
+        ..Default::default()
+    };
+    let adaptive = Adaptive { learn, state_file: Some(path.clone()) };
+    (Config { adaptive: Some(adaptive), ..config() }, path)
+}
+
+/// Acquires and releases `scope` for the worker `runs` times, each block taking `took`.
+fn run_blocks(server: &Server, worker: &Child, scope: &str, runs: usize, took: Duration) {
+    for _ in 0..runs {
+        server.register([request(worker.id(), scope, 60.0, libc::SIGKILL)]);
+        thread::sleep(took);
+        server.register([request(worker.id(), scope, -1.0 - wall_now(), 0)]);
+    }
+}
+
+#[test]
+fn a_learned_bound_fires_long_before_the_after_asked_for_and_outlives_the_server() {
+    let (config, path) = adaptive("bound");
+    let mut server = Server::new(Transport::Direct, config.clone()).expect("server");
+    let events = server.start().expect("start");
+    let mut worker = sleeper();
+    run_blocks(&server, &worker, "step", 3, Duration::from_millis(10));
+    // Learned: 3 samples of ~10 ms, so a bound of max(200 ms, 2 x ~10 ms) instead of 60 s.
+    let acquired = Instant::now();
+    server.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    let waited = acquired.elapsed();
+    assert!(waited >= Duration::from_millis(195), "fired before the bound: {waited:?}");
+    assert!(waited < Duration::from_secs(10), "fired at the after, not the bound: {waited:?}");
+    let fired = expiry(&events);
+    let learned = fired.learned.expect("the learned bound fired");
+    assert_eq!(learned.samples, 3);
+    assert_eq!(learned.bound, Duration::from_millis(200), "the floor: 2 x 10 ms is less");
+    assert!(learned.after > Duration::from_secs(59), "{learned:?}");
+    let stats = server.stats();
+    assert_eq!((stats.learned_expiries, stats.learned_scopes), (1, 1));
+    server.stop();
+
+    // A new server loads what this one learned and enforces it from its first acquire.
+    let mut next = Server::new(Transport::Direct, config).expect("server");
+    let events = next.start().expect("start");
+    let mut worker = sleeper();
+    let acquired = Instant::now();
+    next.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    assert!(acquired.elapsed() < Duration::from_secs(10), "{:?}", acquired.elapsed());
+    assert_eq!(expiry(&events).learned.map(|l| l.samples), Some(3));
+    next.stop();
+    std::fs::remove_file(&path).expect("the state file was saved");
+}
+
+#[test]
+fn a_bad_state_file_is_reported_and_learning_starts_afresh() {
+    let (config, path) = adaptive("corrupt");
+    std::fs::write(&path, b"{not json").expect("write");
+    let mut server = Server::new(Transport::Direct, config).expect("a bad file costs no server");
+    let events = server.start().expect("start");
+    match events.recv_timeout(Duration::from_secs(1)).expect("a warning") {
+        Event::Warning(warning) => {
+            assert!(warning.contains("cannot load the state file"), "{warning}");
+            assert!(warning.ends_with("learning from scratch"), "{warning}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(server.stats().learned_scopes, 0);
+    server.stop();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_dry_run_reports_what_the_learned_bound_would_kill_and_kills_nothing() {
+    let (config, path) = adaptive("dry");
+    let config = Config { dry_run: true, ..config };
+    let mut server = Server::new(Transport::Direct, config).expect("server");
+    let events = server.start().expect("start");
+    let mut worker = sleeper();
+    run_blocks(&server, &worker, "step", 3, Duration::from_millis(5));
+    server.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    let fired = expiry(&events);
+    assert!(matches!(fired.outcome, ReapOutcome::DryRun));
+    assert_eq!(fired.learned.map(|l| l.bound), Some(Duration::from_millis(200)));
+    assert!(worker.try_wait().expect("try_wait").is_none(), "a dry run killed");
+    server.stop();
+    worker.kill().expect("kill");
+    worker.wait().expect("wait");
+    let _ = std::fs::remove_file(&path);
 }
