@@ -102,6 +102,36 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_learned_timeouts_catch_a_hang_in_seconds_and_again_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """--max-restarts 1 with ELASTIC_TIMER_ADAPTIVE=1 and steps that ask for 60 s: rank 1
+    hangs after 12 steps and is reaped at the learned bound (the 0.5 s floor here); the group
+    restarts under a new server, which loads what the first learned (a file per run id), and
+    rank 1, hanging at its first step, is reaped at the learned bound again."""
+    env = job_env(tmp_path, hang_rank=1, hang_attempts="0,1")
+    events = tmp_path / "events.jsonl"
+    env.update(
+        STEPS="20",
+        STEP_TIMEOUT="60",
+        HANG_STEPS="12,0",
+        ELASTIC_TIMER_ADAPTIVE="1",
+        ELASTIC_TIMER_ADAPTIVE_FLOOR="0.5",
+        ELASTIC_TIMER_EVENT_LOG=str(events),
+    )
+    result, took = run([LAUNCHER, "--standalone", "--max-restarts", "1", *COMMON, JOB], env)
+    assert result.returncode != 0, "both attempts hung: the job fails"
+    assert "rank 1" not in " ".join(finished(tmp_path)), result.stderr[-3000:]
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    expired = [r for r in records if r["event"] == "timer expired"]
+    assert [(r["outcome"], r["learned_bound"]) for r in expired] == [("signalled", 0.5)] * 2
+    first, second = expired
+    assert first["learned_samples"] >= 10
+    assert second["learned_samples"] >= first["learned_samples"], "learned afresh"
+    assert all(r["learned_after"] > 59 for r in expired)
+    assert took < 60, "a hang cost its after (60 s), not the learned bound"
+
+
 def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: Path) -> None:
     """A torchrun user cannot pass keywords to the agent's server: the environment does it.
     The hung worker's stacks appear in the agent's log before its reap, and in the event log."""
