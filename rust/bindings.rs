@@ -12,9 +12,9 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::codec::{self, CodecError, Number, Request};
 use crate::fifo::{self, SendError, SendOptions};
+use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
 use crate::reaper;
-use crate::learned::LearnConfig;
 use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
 

@@ -169,8 +169,8 @@ pub struct Acquired {
 
 /// One scope's figures, for reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScopeSummary<'a> {
-    pub scope: &'a str,
+pub struct ScopeSummary {
+    pub scope: String,
     pub samples: u64,
     /// Quantiles: the upper edge of their histogram bucket (at most 1/8 wide), at most `max`.
     pub p50: Option<Duration>,
@@ -394,9 +394,9 @@ impl<K: Copy + Eq + Hash> Learner<K> {
     }
 
     /// Every tracked scope's figures, in the order the scopes were first seen.
-    pub fn summaries(&self) -> impl Iterator<Item = ScopeSummary<'_>> {
+    pub fn summaries(&self) -> impl Iterator<Item = ScopeSummary> + '_ {
         self.scopes.iter().map(|scope| ScopeSummary {
-            scope: &scope.name,
+            scope: scope.name.to_string(),
             samples: scope.samples,
             p50: scope.quantile(0.5),
             p99: scope.quantile(0.99),
@@ -597,7 +597,7 @@ impl<K: Copy + Eq + Hash> Learner<K> {
             .summaries()
             .zip(&self.scopes)
             .map(|(summary, scope)| ScopeRecord {
-                scope: Cow::Borrowed(summary.scope),
+                scope: Cow::Owned(summary.scope),
                 samples: summary.samples,
                 max: summary.max.map(seconds),
                 after: summary.after.map(seconds),
@@ -682,7 +682,7 @@ mod tests {
         acquired
     }
 
-    fn summary<'a>(learner: &'a Learner<Pid>, scope: &str) -> ScopeSummary<'a> {
+    fn summary(learner: &Learner<Pid>, scope: &str) -> ScopeSummary {
         learner.summaries().find(|s| s.scope == scope).expect("the scope is tracked")
     }
 
@@ -796,7 +796,7 @@ mod tests {
         assert_eq!(learner.acquired(1, "c", base, SECOND).limit_reached, Some(Limit::Scopes));
         assert_eq!(learner.acquired(1, "d", base, SECOND).limit_reached, None);
         assert_eq!(learner.acquired(1, "a", base, SECOND).limit_reached, None);
-        let scopes: Vec<&str> = learner.summaries().map(|s| s.scope).collect();
+        let scopes: Vec<String> = learner.summaries().map(|s| s.scope).collect();
         assert_eq!(scopes, ["a", "b"]);
         assert_eq!(learner.worker_scopes, 2);
     }
@@ -855,7 +855,7 @@ mod tests {
         assert!((0.99..=1.0).contains(&p99), "p99 {p99}");
         let idle = summary(&learner, "idle");
         let expected = ScopeSummary {
-            scope: "idle",
+            scope: "idle".into(),
             samples: 0,
             p50: None,
             p99: None,
@@ -1104,7 +1104,7 @@ mod tests {
         many.save(&path).expect("saved");
         let loaded: Learner<Pid> =
             Learner::load(LearnConfig { max_scopes: 2, ..config() }, &path).expect("ok");
-        let scopes: Vec<&str> = loaded.summaries().map(|s| s.scope).collect();
+        let scopes: Vec<String> = loaded.summaries().map(|s| s.scope).collect();
         assert_eq!(scopes, ["a", "b"]);
     }
 

@@ -567,6 +567,8 @@ def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> N
         "stack_dumps",
         "live_timers",
         "events_dropped",
+        "learned_expiries",
+        "learned_scopes",
     }
 
 
@@ -599,6 +601,10 @@ def test_the_diagnostics_keywords_are_those_documented_and_a_typo_is_an_error(
         "dry_run",
         "event_log",
         "on_event",
+        "adaptive",
+        "adaptive_factor",
+        "adaptive_floor",
+        "state_file",
     }
     args = (fifo, "typo") if server is FileTimerServer else (mp.get_context("spawn").Queue(),)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\): stack_dum$"):

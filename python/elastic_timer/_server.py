@@ -34,6 +34,38 @@ Outcome = _native.Outcome
 _REPORTER_JOIN_TIMEOUT = 5.0
 
 
+# The events reported as one log record and one JSON event of their fields: level, message,
+# the JSON event's name, its fields.
+_PLAIN_EVENTS: dict[type, tuple[int, str, str, tuple[str, ...]]] = {
+    _native.Malformed: (
+        logging.WARNING,
+        "Skipping malformed timer request: %(reason)s",
+        "malformed",
+        ("reason",),
+    ),
+    _native.WorkerExited: (
+        logging.INFO,
+        "Worker pid=%(pid)s exited; dropped its %(dropped)s timer(s)",
+        "worker exited",
+        ("pid", "dropped"),
+    ),
+    _native.Escalated: (
+        logging.WARNING,
+        "Worker pid=%(pid)s still ran %(after).2f s after signal %(signal)s: sent SIGKILL",
+        "escalated",
+        ("pid", "signal", "after"),
+    ),
+    _native.Unreapable: (
+        logging.ERROR,
+        "Worker pid=%(pid)s still runs %(after).2f s after SIGKILL and cannot be reaped: "
+        "%(state)s (reported once)",
+        "unreapable",
+        ("pid", "after", "state"),
+    ),
+    _native.Notice: (logging.WARNING, "%(message)s", "warning", ("message",)),
+}
+
+
 class NativeServer(Generic[R]):
     """Mixin holding a ``_native.Server`` and its reporter; subclasses say how to report."""
 
@@ -208,9 +240,6 @@ class NativeServer(Generic[R]):
     def _report(self, event: _native.Event) -> None:
         if isinstance(event, _native.Expired):
             self._report_expired(event.expiries)
-        elif isinstance(event, _native.Malformed):
-            logger.warning("Skipping malformed timer request: %s", event.reason)
-            self._events.emit("malformed", reason=event.reason)
         elif isinstance(event, _native.Refused):
             pid, scope, expiration, sig = event.request
             logger.error(
@@ -227,29 +256,11 @@ class NativeServer(Generic[R]):
                 signal=sig,
                 reason=event.reason,
             )
-        elif isinstance(event, _native.WorkerExited):
-            logger.info("Worker pid=%s exited; dropped its %s timer(s)", event.pid, event.dropped)
-            self._events.emit("worker exited", pid=event.pid, dropped=event.dropped)
-        elif isinstance(event, _native.Escalated):
-            logger.warning(
-                "Worker pid=%s still ran %.2f s after signal %s: sent SIGKILL",
-                event.pid,
-                event.after,
-                event.signal,
-            )
-            self._events.emit("escalated", pid=event.pid, signal=event.signal, after=event.after)
-        elif isinstance(event, _native.Unreapable):
-            logger.error(
-                "Worker pid=%s still runs %.2f s after SIGKILL and cannot be reaped: %s "
-                "(reported once)",
-                event.pid,
-                event.after,
-                event.state,
-            )
-            self._events.emit("unreapable", pid=event.pid, after=event.after, state=event.state)
-        elif isinstance(event, _native.Notice):
-            logger.warning("%s", event.message)
-            self._events.emit("warning", message=event.message)
+        elif type(event) in _PLAIN_EVENTS:
+            level, message, name, fields = _PLAIN_EVENTS[type(event)]
+            values = {field: getattr(event, field) for field in fields}
+            logger.log(level, message, values)
+            self._events.emit(name, **values)
         else:
             raise TypeError(f"unknown timer server event {event!r}")
 

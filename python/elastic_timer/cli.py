@@ -138,12 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="elastic-timer: expiration timers that kill hung workers.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    serve = commands.add_parser(
+
+    def command(name: str, handler: Any, summary: str, description: str, epilog: str) -> Any:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(handler=handler, parser=sub)
+        return sub
+
+    serve = command(
         "serve",
-        help="run a standalone timer server (a FIFO workers send their timers to)",
-        description=SERVE_DESCRIPTION,
-        epilog=SERVE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _serve,
+        "run a standalone timer server (a FIFO workers send their timers to)",
+        SERVE_DESCRIPTION,
+        SERVE_EPILOG,
     )
     serve.add_argument(
         "--fifo",
@@ -247,16 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"The least severe log records shown on stderr ({', '.join(LOG_LEVELS)}). "
         "Default: %(default)s.",
     )
-    serve.set_defaults(handler=_serve, parser=serve)
-    timeouts = commands.add_parser(
+    timeouts = command(
         "timeouts",
-        help="print the scopes' durations and timeouts a server learned (its state file)",
-        description=TIMEOUTS_DESCRIPTION,
-        epilog=TIMEOUTS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _timeouts,
+        "print the scopes' durations and timeouts a server learned (its state file)",
+        TIMEOUTS_DESCRIPTION,
+        TIMEOUTS_EPILOG,
     )
     timeouts.add_argument("state_file", metavar="STATE_FILE", help="The server's state file.")
-    timeouts.set_defaults(handler=_timeouts, parser=timeouts)
     return parser
 
 

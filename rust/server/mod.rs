@@ -30,13 +30,13 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::process::Pid;
 
 use crate::codec::Request;
-use crate::learned::{LearnConfig, Learner, StateError};
+use crate::learned::{LearnConfig, Learner, ScopeSummary, StateError};
 use crate::reaper;
 use crate::{fifo, queue, stacks};
 use event_loop::Source;
 use pass::{Clock, State};
 
-pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats, Timeout};
+pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats};
 
 /// Events waiting for the reporter past this many are dropped (and counted).
 const EVENT_CAPACITY: usize = 4096;
@@ -332,21 +332,9 @@ impl Server {
     }
 
     /// The learned figures of every scope (none unless adaptive).
-    pub fn timeouts(&self) -> Vec<Timeout> {
+    pub fn timeouts(&self) -> Vec<ScopeSummary> {
         let state = self.shared.lock();
-        let Some(learner) = &state.learner else { return Vec::new() };
-        learner
-            .summaries()
-            .map(|s| Timeout {
-                scope: s.scope.to_owned(),
-                samples: s.samples,
-                p50: s.p50,
-                p99: s.p99,
-                max: s.max,
-                after: s.after,
-                suggested: s.suggested,
-            })
-            .collect()
+        state.learner.as_ref().map(|learner| learner.summaries().collect()).unwrap_or_default()
     }
 
     /// Wall-clock seconds of the loop's last progress: now while it waits, else when its

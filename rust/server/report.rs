@@ -48,20 +48,6 @@ pub struct Expiry {
     pub learned: Option<Learned>,
 }
 
-/// One scope's learned figures (`elastic-timer timeouts`, `timeouts()`, the metrics).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Timeout {
-    pub scope: String,
-    pub samples: u64,
-    pub p50: Option<Duration>,
-    pub p99: Option<Duration>,
-    pub max: Option<Duration>,
-    /// The largest `after` its clients asked for.
-    pub after: Option<Duration>,
-    /// The bound an acquire of it gets now (at most `after`); None until learned.
-    pub suggested: Option<Duration>,
-}
-
 /// What an expiry came to. The bindings hand Python the [`ReapOutcome::name`] of each.
 #[derive(Debug)]
 pub enum ReapOutcome {

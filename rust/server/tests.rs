@@ -5,8 +5,9 @@ use super::*;
 use crate::codec;
 use crate::deadlines::DeadlineMap;
 use crate::reaper::Refusal;
+use crate::test_support::{pid_of, shell_once_it_says, sleeper};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command as Process};
+use std::process::Child;
 use std::time::Instant;
 
 fn config() -> Config {
@@ -26,14 +27,6 @@ fn config() -> Config {
 fn fifo_server(name: &str, config: Config) -> (Server, PathBuf) {
     let path = std::env::temp_dir().join(format!("et-server-{}-{name}", std::process::id()));
     (Server::new(Transport::Fifo(path.clone()), config).expect("server"), path)
-}
-
-fn pid_of(child: &Child) -> Pid {
-    Pid::from_raw(child.id() as i32).expect("a child's pid")
-}
-
-fn sleeper() -> Child {
-    Process::new("sleep").arg("30").spawn().expect("spawn")
 }
 
 fn request(pid: u32, scope: &str, after: f64, signal: i32) -> Request {
@@ -391,15 +384,8 @@ fn a_worker_that_ignores_its_signal_is_killed_after_the_grace() {
         fifo_server("escalate", Config { escalate_after: Some(grace), ..config() });
     let events = server.start().expect("start");
     // A shell that ignores SIGTERM, waiting on a child that would die of it.
-    let mut worker = Process::new("sh")
-        .args(["-c", "trap '' TERM; echo trapped; sleep 30 & wait"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sh");
-    let mut line = String::new();
-    let stdout = worker.stdout.take().expect("stdout");
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
-    assert_eq!(line, "trapped\n", "the trap is set");
+    let (mut worker, said) = shell_once_it_says("trap '' TERM; echo trapped; sleep 30 & wait");
+    assert_eq!(said, "trapped\n", "the trap is set");
     server.register([request(worker.id(), "stuck", 0.0, libc::SIGTERM)]);
     assert!(matches!(expiry(&events).outcome, ReapOutcome::Signalled));
     let started = Instant::now();
