@@ -683,25 +683,30 @@ fn decode_pickle(payload: &[u8]) -> PyResult<RequestTuple> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyServer>()?;
-    m.add_class::<PyFifoClient>()?;
-    m.add_class::<PyQueueWriter>()?;
+    macro_rules! add_classes {
+        ($($class:ty),* $(,)?) => { $(m.add_class::<$class>()?;)* };
+    }
+    add_classes!(
+        PyServer,
+        PyFifoClient,
+        PyQueueWriter,
+        Outcome,
+        Stacks,
+        Expiry,
+        Expired,
+        Malformed,
+        Refused,
+        WorkerExited,
+        Notice,
+        Escalated,
+        Unreapable,
+        Closed,
+        LearnedBound,
+        ScopeTimeout,
+    );
     m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
-    m.add_class::<Outcome>()?;
-    m.add_class::<Stacks>()?;
-    m.add_class::<Expiry>()?;
-    m.add_class::<Expired>()?;
-    m.add_class::<Malformed>()?;
-    m.add_class::<Refused>()?;
-    m.add_class::<WorkerExited>()?;
-    m.add_class::<Notice>()?;
-    m.add_class::<Escalated>()?;
-    m.add_class::<Unreapable>()?;
-    m.add_class::<Closed>()?;
-    m.add_class::<LearnedBound>()?;
-    m.add_class::<ScopeTimeout>()?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
     // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
     let fields: Vec<(&str, &str, &str)> = Stats::FIELDS
