@@ -487,5 +487,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
+    // Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 PIPE_BUF: int
+__version__: str
 
 _RequestTuple = tuple[int, str, float, int]
 
