@@ -13,8 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ["client", "throughput", "reap", "cpu", "scale"]
 
-pytest.importorskip("torch")
-pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.torch  # the harness measures torch's timers too (and needs matplotlib)
 
 
 def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:

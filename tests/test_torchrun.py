@@ -3,7 +3,8 @@
 The job (tests/jobs/train.py) runs three steps per worker, each inside
 ``expires(after=1)``; the rank named by HANG_RANK hangs in its second step on the attempts
 listed in HANG_ATTEMPTS. Workers configure their client with ``elastic_timer.configure()``:
-the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent.
+the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent. The jobs are marked
+``torchrun`` (which implies ``torch``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProces
     return result, time.monotonic() - started
 
 
+@pytest.mark.torchrun
 def test_a_job_without_hang_finishes_with_exit_0_and_no_reap(tmp_path: Path) -> None:
     result, _ = run([LAUNCHER, "--standalone", *COMMON, JOB], job_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,6 +63,7 @@ def test_a_job_without_hang_finishes_with_exit_0_and_no_reap(tmp_path: Path) -> 
     assert "elastic_timer" in result.stderr  # our server ran in the agent
 
 
+@pytest.mark.torchrun
 def test_a_hung_worker_ends_the_job_as_with_stock_torch(tmp_path: Path) -> None:
     """--max-restarts 0: the hung worker is reaped and the agent signalled, exactly as torch's
     own server does it (the job ends with SIGKILL). Our reap happens at the deadline."""
@@ -83,6 +86,7 @@ def test_a_hung_worker_ends_the_job_as_with_stock_torch(tmp_path: Path) -> None:
     print(f"job with a hung worker: elastic-timer {ours_time:.2f} s, torch {stock_time:.2f} s")
 
 
+@pytest.mark.torchrun
 def test_a_hung_worker_is_reaped_and_the_group_restarted(tmp_path: Path) -> None:
     """--max-restarts 1: the hang of attempt 0 is reaped, the group restarts, the job ends 0."""
     result, _ = run(
@@ -94,6 +98,7 @@ def test_a_hung_worker_is_reaped_and_the_group_restarted(tmp_path: Path) -> None
     assert "Reaping worker_pid" in result.stderr
 
 
+@pytest.mark.torchrun
 def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: Path) -> None:
     """A torchrun user cannot pass keywords to the agent's server: the environment does it.
     The hung worker's stacks appear in the agent's log before its reap, and in the event log."""
@@ -113,6 +118,7 @@ def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: P
     assert "in main" in expired["stacks"], expired["stacks"]
 
 
+@pytest.mark.torchrun
 def test_stock_torchrun_kills_its_agent_instead_of_restarting(tmp_path: Path) -> None:
     """Why the launcher turns the self-signal off: with torch's server --max-restarts is moot."""
     env = job_env(tmp_path, hang_rank=1, hang_attempts="0")
@@ -140,6 +146,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.torchrun
 def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     """Two agents (c10d rendezvous on 127.0.0.1), a worker on node 1 hangs: it is reaped, both
     the failed group restarts, and both agents end the job cleanly (exit 0). The other
@@ -186,6 +193,7 @@ def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     assert sum("Reaping worker_pid" in err for _, err in outputs) == 1
 
 
+@pytest.mark.torch  # the launcher's help is torchrun's, with ours in front
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_launcher_help_explains_the_restart_behaviour(flag: str) -> None:
     result = subprocess.run([LAUNCHER, flag], capture_output=True, text=True, timeout=60)
@@ -205,6 +213,7 @@ def test_configure_without_argument_or_variable_is_a_clear_error() -> None:
     assert "TORCHELASTIC_TIMER_FILE" in result.stdout
 
 
+@pytest.mark.torch
 def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: Path) -> None:
     """What torch's agent looks up resolves to our server after install(), with the
     signal_self default asked for, and to torch's again after uninstall()."""
