@@ -8,9 +8,11 @@ If Python is wedged the reporter waits, and the reaping goes on.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -34,6 +36,23 @@ Expiry = tuple[int, list[RequestTuple], int, str, "str | None", "Stacks | None"]
 
 # How long stop() waits for the reporter to finish reporting what the loop already did.
 _REPORTER_JOIN_TIMEOUT = 5.0
+
+# The servers of this process whose loop runs, for _stop_at_exit.
+_RUNNING: weakref.WeakSet[NativeServer[Any]] = weakref.WeakSet()
+
+
+def _stop_at_exit() -> None:
+    """Stops the loops still running when the interpreter exits (daemon servers that nobody
+    stopped) and lets their reporters return. A reporter that woke during finalization would
+    be ended by CPython with pthread_exit, whose forced unwind crosses the native frames it
+    waits in: undefined behaviour, and a crash where the extension links its own unwinder (as
+    zig-linked manylinux wheels do)."""
+    for server in list(_RUNNING):
+        if server._owner_pid == os.getpid():
+            server._stop_native()
+
+
+atexit.register(_stop_at_exit)
 
 
 class NativeServer(Generic[R]):
@@ -120,6 +139,7 @@ class NativeServer(Generic[R]):
             target=self._report_events, name="elastic-timer-reporter", daemon=self._daemon
         )
         self._reporter.start()
+        _RUNNING.add(self)
 
     def _stop_native(self, *, run_once: bool = False) -> bool:
         """Stops the loop (after one last pass if ``run_once``); False if it was not running."""
@@ -127,6 +147,7 @@ class NativeServer(Generic[R]):
         reporter, self._reporter = self._reporter, None
         if reporter is None:
             return False
+        _RUNNING.discard(self)
         if run_once:
             self._core.run_once()
         else:
