@@ -3,18 +3,14 @@
 # (torch among them, from PyPI), checks formatting and lints, then runs the Rust unit tests
 # and the whole pytest suite (torch-interop tests included; none is skipped), then fuzzes the two
 # decoders briefly (cargo-fuzz on the stable toolchain, with RUSTC_BOOTSTRAP for its -Z flags).
+# Arguments go to pytest: `make test-fast` runs `FUZZ_SECONDS=0 bash scripts/test.sh -m "not torchrun"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --upgrade pip maturin
 python3 -m pip install --quiet -e '.[dev]'
 
-cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo clippy --all-targets --features python -- -D warnings
-python3 -m ruff check python tests examples benches
-python3 -m ruff format --check python tests examples benches
-python3 -m mypy
+bash scripts/lint.sh
 
 cargo test --lib
 
@@ -31,4 +27,4 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
 fi
 
 # Last, so its summary is the run's closing line.
-python3 -m pytest
+python3 -m pytest "$@"
