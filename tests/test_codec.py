@@ -184,10 +184,11 @@ def test_any_bytes_decode_or_raise_value_error(line: bytes) -> None:
 # -- queue pickles ----------------------------------------------------------------------------
 
 REQUEST_CLASSES = [TorchTimerRequest, TimerRequest, FileTimerRequest]
-# A queue carries torch's FileTimerRequest only where it is a TimerRequest (it is in torch 2.15).
-# torch 2.8's, the newest torch for Python 3.9, has worker_pid and no worker_id, and torch's own
-# Local server cannot take it either; ours refuses it as a request without worker_id.
-if issubclass(TorchFileTimerRequest, TorchTimerRequest):
+# A queue carries torch's FileTimerRequest only where it sets worker_id as TimerRequest does
+# (torch 2.15's). torch 2.8's, the newest torch for Python 3.9, keeps the pid in worker_pid
+# alone, and torch's own Local server cannot take it either; ours refuses it as a request
+# without worker_id.
+if hasattr(TorchFileTimerRequest(1, "scope", 0.0), "worker_id"):
     REQUEST_CLASSES.append(TorchFileTimerRequest)
 
 
