@@ -720,5 +720,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         })
         .collect();
     m.add("STATS", fields)?;
+    // Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

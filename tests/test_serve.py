@@ -273,6 +273,7 @@ def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
     assert "Traceback" not in daemon.log()
 
 
+@pytest.mark.torch
 def test_daemon_reaps_a_torch_client_worker(
     start_daemon: Callable[..., Daemon], children: Children
 ) -> None:

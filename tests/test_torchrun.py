@@ -3,7 +3,8 @@
 The job (tests/jobs/train.py) runs three steps per worker, each inside
 ``expires(after=1)``; the rank named by HANG_RANK hangs in its second step on the attempts
 listed in HANG_ATTEMPTS. Workers configure their client with ``elastic_timer.configure()``:
-the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent.
+the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent. The jobs are marked
+``torchrun`` (which implies ``torch``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProces
     return result, time.monotonic() - started
 
 
+@pytest.mark.torchrun
 def test_a_job_without_hang_finishes_with_exit_0_and_no_reap(tmp_path: Path) -> None:
     result, _ = run([LAUNCHER, "--standalone", *COMMON, JOB], job_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,6 +65,7 @@ def test_a_job_without_hang_finishes_with_exit_0_and_no_reap(tmp_path: Path) -> 
     assert "elastic_timer" in result.stderr  # our server ran in the agent
 
 
+@pytest.mark.torchrun
 def test_a_hung_worker_ends_the_job_as_with_stock_torch(tmp_path: Path) -> None:
     """--max-restarts 0: the hung worker is reaped and the job ends exactly as with torch's own
     server: from torch 2.7 on the agent is signalled too (SIGKILL), before that it reports the
@@ -86,6 +89,7 @@ def test_a_hung_worker_ends_the_job_as_with_stock_torch(tmp_path: Path) -> None:
     print(f"job with a hung worker: elastic-timer {ours_time:.2f} s, torch {stock_time:.2f} s")
 
 
+@pytest.mark.torchrun
 def test_a_hung_worker_is_reaped_and_the_group_restarted(tmp_path: Path) -> None:
     """--max-restarts 1: the hang of attempt 0 is reaped, the group restarts, the job ends 0."""
     result, _ = run(
@@ -102,6 +106,7 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.torchrun
 def test_learned_timeouts_catch_a_hang_in_seconds_and_again_after_the_restart(
     tmp_path: Path,
 ) -> None:
@@ -132,6 +137,7 @@ def test_learned_timeouts_catch_a_hang_in_seconds_and_again_after_the_restart(
     assert took < 60, "a hang cost its after (60 s), not the learned bound"
 
 
+@pytest.mark.torchrun
 def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: Path) -> None:
     """A torchrun user cannot pass keywords to the agent's server: the environment does it.
     The hung worker's stacks appear in the agent's log before its reap, and in the event log."""
@@ -150,6 +156,7 @@ def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: P
     assert "in main" in expired["stacks"], expired["stacks"]
 
 
+@pytest.mark.torchrun
 def test_stock_torchrun_kills_its_agent_instead_of_restarting(tmp_path: Path) -> None:
     """Why the launcher turns the self-signal off: with torch's server (from torch 2.7 on)
     --max-restarts is moot. Before 2.7 torch's server left the agent alone, which restarted."""
@@ -182,6 +189,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.torchrun
 def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     """Two agents (c10d rendezvous on 127.0.0.1), a worker on node 1 hangs: it is reaped, both
     the failed group restarts, and both agents end the job cleanly (exit 0). The other
@@ -228,6 +236,7 @@ def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     assert sum("Reaping worker_pid" in err for _, err in outputs) == 1
 
 
+@pytest.mark.torch  # the launcher's help is torchrun's, with ours in front
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_launcher_help_explains_the_restart_behaviour(flag: str) -> None:
     result = subprocess.run([LAUNCHER, flag], capture_output=True, text=True, timeout=60)
@@ -247,6 +256,7 @@ def test_configure_without_argument_or_variable_is_a_clear_error() -> None:
     assert "TORCHELASTIC_TIMER_FILE" in result.stdout
 
 
+@pytest.mark.torch
 def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: Path) -> None:
     """What torch's agent looks up resolves to our server after install(), with the
     signal_self default asked for, and to torch's again after uninstall()."""
@@ -295,9 +305,7 @@ def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: P
 FT_LAUNCHER = [LAUNCHER, "--launcher", "ft_launcher"]
 STOCK_FT_LAUNCHER = [sys.executable, "-m", "nvidia_resiliency_ext.fault_tolerance.launcher"]
 FT_TIMER = "nvidia_resiliency_ext.fault_tolerance._torch_elastic_compat.timer"
-needs_ft_launcher = pytest.mark.skipif(
-    sys.version_info < (3, 10), reason="nvidia-resiliency-ext needs Python 3.10+"
-)
+needs_ft_launcher = pytest.mark.ft_launcher  # deselected before Python 3.10 (conftest)
 
 
 def expired_by_our_server(events: Path) -> dict[str, Any]:
@@ -316,6 +324,7 @@ def expired_by_our_server(events: Path) -> dict[str, Any]:
     return expired
 
 
+@pytest.mark.torchrun
 @needs_ft_launcher
 def test_ft_launcher_job_has_its_hung_rank_reaped_by_our_server_and_restarted(
     tmp_path: Path,
@@ -333,6 +342,7 @@ def test_ft_launcher_job_has_its_hung_rank_reaped_by_our_server_and_restarted(
     assert [r["event"] for r in read_events(events)].count("watchdog started") == 2
 
 
+@pytest.mark.torchrun
 @needs_ft_launcher
 def test_ft_launcher_without_restarts_ends_as_stock_ft_launcher(tmp_path: Path) -> None:
     """--max-restarts 0: ft_launcher's own server never signals the agent, so ours does not

@@ -24,6 +24,7 @@ __all__ = [
     "Stacks",
     "Unreapable",
     "WorkerExited",
+    "__version__",
     "decode_json_line",
     "decode_pickle",
     "encode_json_line",
@@ -32,6 +33,7 @@ __all__ = [
 PIPE_BUF: int
 # (name, "counter" | "gauge", help) of each key of Server.stats(), in order (server::Stats).
 STATS: list[tuple[str, str, str]]
+__version__: str
 
 _RequestTuple = tuple[int, str, float, int]
 

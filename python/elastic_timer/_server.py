@@ -8,10 +8,12 @@ If Python is wedged the reporter waits, and the reaping goes on.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -32,6 +34,23 @@ Outcome = _native.Outcome
 
 # How long stop() waits for the reporter to finish reporting what the loop already did.
 _REPORTER_JOIN_TIMEOUT = 5.0
+
+# The servers of this process whose loop runs, for _stop_at_exit.
+_RUNNING: weakref.WeakSet[NativeServer[Any]] = weakref.WeakSet()
+
+
+def _stop_at_exit() -> None:
+    """Stops the loops still running when the interpreter exits (daemon servers that nobody
+    stopped) and lets their reporters return. A reporter that woke during finalization would
+    be ended by CPython with pthread_exit, whose forced unwind crosses the native frames it
+    waits in: undefined behaviour, and a crash where the extension links its own unwinder (as
+    zig-linked manylinux wheels do)."""
+    for server in list(_RUNNING):
+        if not server._core.forked_copy:
+            server._stop_native()
+
+
+atexit.register(_stop_at_exit)
 
 
 # The events reported as one log record and one JSON event of their fields: level, message,
@@ -199,6 +218,7 @@ class NativeServer(Generic[R]):
             target=self._report_events, name="elastic-timer-reporter", daemon=self._daemon
         )
         self._reporter.start()
+        _RUNNING.add(self)
 
     def _stop_native(self, *, run_once: bool = False) -> bool:
         """Stops the loop (after one last pass if ``run_once``); False if it was not running.
@@ -206,6 +226,7 @@ class NativeServer(Generic[R]):
         when the loop never ran."""
         # Taken first: stop() may be called again meanwhile (another thread, a signal handler).
         reporter, self._reporter = self._reporter, None
+        _RUNNING.discard(self)
         if run_once:
             self._core.run_once()
         else:
