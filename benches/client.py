@@ -14,25 +14,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from types import ModuleType
 
-from .common import (
-    ChildError,
-    Metric,
-    Side,
-    Sizes,
-    Target,
-    Transport,
-    at_depth,
-    command,
-    fmt,
-    make_client,
-    make_server,
-    median,
-    new_transport,
-    progress,
-    reply,
-    spawn,
-    wait_for_reader,
-)
+from . import common
 
 # The servers' poll interval (torch's File server sleeps this long, up to 1 s, whenever the
 # FIFO has no writer; 0.1 is what torch's own tests use and the kindest to it).
@@ -50,7 +32,7 @@ class Case:
     transport: str  # "file" or "local"
     scope: str | None  # None: expires() finds the default scope itself
     depth: int
-    target: Target
+    target: common.Target
 
 
 CASES = [
@@ -60,7 +42,7 @@ CASES = [
         "file",
         None,
         0,
-        Target(">= 50x", min_speedup=50),
+        common.Target(">= 50x", min_speedup=50),
     ),
     Case(
         "client.default_scope.deep",
@@ -68,7 +50,7 @@ CASES = [
         "file",
         None,
         DEEP,
-        Target(">= 200x", min_speedup=200),
+        common.Target(">= 200x", min_speedup=200),
     ),
     Case(
         "client.explicit_scope.file",
@@ -76,7 +58,7 @@ CASES = [
         "file",
         "bench",
         0,
-        Target(">= 5x", min_speedup=5),
+        common.Target(">= 5x", min_speedup=5),
     ),
     Case(
         "client.explicit_scope.local",
@@ -84,27 +66,27 @@ CASES = [
         "local",
         "bench",
         0,
-        Target(">= 5x", min_speedup=5),
+        common.Target(">= 5x", min_speedup=5),
     ),
 ]
 
 
-def _server(conn: Connection, timer: ModuleType, transport: Transport) -> None:
-    server = make_server(timer, transport, MAX_INTERVAL)
+def _server(conn: Connection, timer: ModuleType, transport: common.Transport) -> None:
+    server = common.make_server(timer, transport, MAX_INTERVAL)
     server.start()
-    reply(conn)
-    command(conn, REP_TIMEOUT)  # stop: leaving the process ends the server's threads
+    common.reply(conn)
+    common.command(conn, REP_TIMEOUT)  # stop: leaving the process ends the server's threads
 
 
 def _client(
     conn: Connection,
     timer: ModuleType,
-    transport: Transport,
+    transport: common.Transport,
     case: Case,
     seconds: float,
     max_blocks: int,
 ) -> None:
-    timer.configure(make_client(timer, transport))
+    timer.configure(common.make_client(timer, transport))
     expires = timer.expires
     scope = case.scope
 
@@ -132,17 +114,19 @@ def _client(
         cpu = time.process_time() - cpu_start
         return {"blocks": blocks, "wall": wall, "cpu": cpu, "errors": errors}
 
-    reply(conn, at_depth(case.depth, run))
+    common.reply(conn, common.at_depth(case.depth, run))
 
 
-def _repetition(side: Side, case: Case, sizes: Sizes, workdir: str) -> dict[str, float]:
-    transport = new_transport(case.transport, workdir, f"client-{side.key}")
-    server = spawn(f"{side.key} server", _server, side.module, transport)
+def _repetition(
+    side: common.Side, case: Case, sizes: common.Sizes, workdir: str
+) -> dict[str, float]:
+    transport = common.new_transport(case.transport, workdir, f"client-{side.key}")
+    server = common.spawn(f"{side.key} server", _server, side.module, transport)
     client = None
     try:
         server.recv(30.0)
-        wait_for_reader(transport)
-        client = spawn(
+        common.wait_for_reader(transport)
+        client = common.spawn(
             f"{side.key} client",
             _client,
             side.module,
@@ -161,7 +145,7 @@ def _repetition(side: Side, case: Case, sizes: Sizes, workdir: str) -> dict[str,
         transport.close()
 
 
-def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
+def run(sides: list[common.Side], sizes: common.Sizes, workdir: str) -> list[common.Metric]:
     metrics = []
     for case in CASES:
         per_block: dict[str, list[float]] = {side.key: [] for side in sides}
@@ -173,29 +157,30 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
             for side in sides:
                 try:
                     result = _repetition(side, case, sizes, workdir)
-                except ChildError as err:
+                except common.ChildError as err:
                     failures.append(f"{side.label}: {str(err).splitlines()[-1]}")
-                    progress(f"{case.key} {side.label} rep {rep + 1} FAILED: {err}")
+                    common.progress(f"{case.key} {side.label} rep {rep + 1} FAILED: {err}")
                     continue
                 per_block[side.key].append(result["wall"] / result["blocks"] * 1e6)
                 cpu[side.key].append(result["cpu"] / result["blocks"] * 1e6)
                 errors[side.key] += result["errors"]
                 blocks[side.key] += result["blocks"]
-                progress(
+                common.progress(
                     f"{case.key} {side.label} rep {rep + 1}/{sizes.reps}: "
                     f"{per_block[side.key][-1]:.2f} us/block over {result['blocks']:.0f} blocks, "
                     f"{result['errors']:.0f} errors"
                 )
         notes = [
-            f"CPU/block (client process, all threads): torch {fmt(median(cpu['torch']))} us, "
-            f"ours {fmt(median(cpu['ours']))} us",
+            "CPU/block (client process, all threads): "
+            f"torch {common.fmt(common.median(cpu['torch']))} us, "
+            f"ours {common.fmt(common.median(cpu['ours']))} us",
             f"blocks failed with OSError: torch {errors['torch']:.0f}/{blocks['torch']:.0f}, "
             f"ours {errors['ours']:.0f}/{blocks['ours']:.0f}",
         ]
         if failures:
             notes.append("failed repetitions: " + "; ".join(failures))
         metrics.append(
-            Metric(
+            common.Metric(
                 family="client",
                 key=case.key,
                 title=case.title,

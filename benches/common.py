@@ -78,6 +78,8 @@ class Sizes:
     scale_sizes: tuple[int, ...]  # scale: numbers of live timers
     scale_ops: int  # scale: timed operations per size (at most the size)
     scale_window: float  # scale: CPU window of a started server at the largest size (s)
+    adaptive_workers: int  # adaptive: workers per side (every other one hangs)
+    adaptive_after: float  # adaptive: the after every step asks for (s)
 
 
 DEFAULT = Sizes(
@@ -96,6 +98,8 @@ DEFAULT = Sizes(
     scale_sizes=(10_000, 100_000, 1_000_000),
     scale_ops=20_000,
     scale_window=10.0,
+    adaptive_workers=8,
+    adaptive_after=10.0,
 )
 
 QUICK = Sizes(
@@ -114,6 +118,8 @@ QUICK = Sizes(
     scale_sizes=(10_000, 100_000),
     scale_ops=5_000,
     scale_window=2.0,
+    adaptive_workers=4,
+    adaptive_after=5.0,
 )
 
 TINY = Sizes(
@@ -132,6 +138,8 @@ TINY = Sizes(
     scale_sizes=(1_000, 10_000),
     scale_ops=500,
     scale_window=0.3,
+    adaptive_workers=2,
+    adaptive_after=2.0,
 )
 
 

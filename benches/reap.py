@@ -50,28 +50,7 @@ from typing import Any
 
 from elastic_timer.diagnostics import STACKS_DIR_ENV
 
-from .common import (
-    Child,
-    ChildError,
-    Metric,
-    Side,
-    Sizes,
-    Target,
-    Transport,
-    command,
-    fmt,
-    make_client,
-    make_server,
-    new_transport,
-    progress,
-    quantile,
-    reply,
-    run_child,
-    sleeper,
-    spawn,
-    spawn_exec,
-    wait_for_reader,
-)
+from . import common
 
 AFTER = 0.2  # the workers' timers: expires(after=AFTER)
 SCOPE = "reap"
@@ -144,15 +123,17 @@ class _Recording:
         self._conn = conn
 
     def acquire(self, scope_id: str, expiration_time: float) -> None:
-        reply(self._conn, expiration_time)
+        common.reply(self._conn, expiration_time)
         self._client.acquire(scope_id, expiration_time)
 
     def release(self, scope_id: str) -> None:
         self._client.release(scope_id)
 
 
-def _worker(conn: Connection, timer: ModuleType, transport: Transport, lifetime: float) -> None:
-    client = _Recording(make_client(timer, transport, signal.SIGTERM), conn)
+def _worker(
+    conn: Connection, timer: ModuleType, transport: common.Transport, lifetime: float
+) -> None:
+    client = _Recording(common.make_client(timer, transport, signal.SIGTERM), conn)
     with timer.expires(after=AFTER, scope=SCOPE, client=client):
         time.sleep(lifetime)
 
@@ -161,28 +142,30 @@ def lean_worker() -> None:
     """An exec'd worker: ``sys.argv[1:] == [pipe fd, timer module, FIFO path, lifetime]``."""
     timer = importlib.import_module(sys.argv[2])
     conn = Connection(int(sys.argv[1]))
-    run_child(conn, _worker, timer, Transport("file", path=sys.argv[3]), float(sys.argv[4]))
+    common.run_child(
+        conn, _worker, timer, common.Transport("file", path=sys.argv[3]), float(sys.argv[4])
+    )
 
 
 def _server(
     conn: Connection,
     timer: ModuleType,
-    transport: Transport,
+    transport: common.Transport,
     max_interval: float | None,
     extra: dict[str, Any],
 ) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torch's File server signals itself
     # The stacks it takes are logged at WARNING: not what the benchmark's output is for.
     logging.getLogger("elastic_timer._server").setLevel(logging.ERROR)
-    server = make_server(timer, transport, max_interval, **extra)
+    server = common.make_server(timer, transport, max_interval, **extra)
     server.start()
-    reply(conn)
-    command(conn, SERVER_LIMIT)  # stop: leaving the process ends the server
+    common.reply(conn)
+    common.command(conn, SERVER_LIMIT)  # stop: leaving the process ends the server
 
 
 @dataclass
 class _Worker:
-    child: Child
+    child: common.Child
     started: float  # monotonic
     expiration: float | None = None  # wall clock, as sent
 
@@ -206,13 +189,13 @@ class Outcome:
     not_started: int = 0
 
 
-def _measure(side: Side, config: Config, sizes: Sizes, workdir: str) -> Outcome:
+def _measure(side: common.Side, config: Config, sizes: common.Sizes, workdir: str) -> Outcome:
     cap = sizes.reap_cap_default if config.default_interval else sizes.reap_cap
     budget = sizes.reap_budget_default if config.stagger == 0 else None
     workers = sizes.reap_workers
     limit = workers * max(config.stagger * 1.5, AFTER + cap) + cap + 60.0
     rng = random.Random(4)
-    transport = new_transport(config.transport, workdir, f"reap-{side.key}")
+    transport = common.new_transport(config.transport, workdir, f"reap-{side.key}")
     outcome = Outcome()
     extra: dict[str, Any] = {}
     if config.stack_dump:
@@ -221,21 +204,21 @@ def _measure(side: Side, config: Config, sizes: Sizes, workdir: str) -> Outcome:
         stacks_dir = os.path.join(workdir, f"stacks-{side.key}")
         extra = {"stack_dump": STACK_DUMP_GRACE, "stacks_dir": stacks_dir}
         os.environ[STACKS_DIR_ENV] = stacks_dir
-    server = spawn(
+    server = common.spawn(
         f"{side.key} server", _server, side.module, transport, config.max_interval, extra
     )
     active: dict[int, _Worker] = {}  # by pidfd
     messages: dict[int, _Worker] = {}  # by pipe fd
-    killed: list[Child] = []  # censored workers: waited for only once the server is gone
+    killed: list[common.Child] = []  # censored workers: waited for only once the server is gone
     try:
         server.recv(30.0)
-        wait_for_reader(transport)
+        common.wait_for_reader(transport)
         begin = time.monotonic()
         next_start, launched = begin, 0
         while launched < workers or active:
             now = time.monotonic()
             if now - begin > limit:
-                raise ChildError(f"reap run exceeded {limit:.0f} s")
+                raise common.ChildError(f"reap run exceeded {limit:.0f} s")
             out_of_budget = budget is not None and now - begin >= budget
             if launched < workers and out_of_budget and not active:
                 outcome.not_started = workers - launched
@@ -251,9 +234,9 @@ def _measure(side: Side, config: Config, sizes: Sizes, workdir: str) -> Outcome:
                 if config.lean:
                     lifetime = str(cap + 60.0)
                     module = side.module.__name__
-                    child = spawn_exec(name, LEAN_CODE, module, transport.path, lifetime)
+                    child = common.spawn_exec(name, LEAN_CODE, module, transport.path, lifetime)
                 else:
-                    child = spawn(name, _worker, side.module, transport, cap + 60.0)
+                    child = common.spawn(name, _worker, side.module, transport, cap + 60.0)
                 worker = _Worker(child, time.monotonic())
                 active[child.pidfd] = worker
                 messages[child.conn.fileno()] = worker
@@ -273,7 +256,7 @@ def _measure(side: Side, config: Config, sizes: Sizes, workdir: str) -> Outcome:
                 worker = messages.pop(fd)
                 try:
                     worker.expiration = float(worker.child.recv(0.0))
-                except ChildError as err:  # the worker failed; its exit is handled below
+                except common.ChildError as err:  # the worker failed; its exit is handled below
                     outcome.failures.append(str(err).splitlines()[-1])
             for fd in ready & active.keys():
                 worker = active.pop(fd)
@@ -282,7 +265,7 @@ def _measure(side: Side, config: Config, sizes: Sizes, workdir: str) -> Outcome:
                 if worker.expiration is None and child.conn.poll(0):
                     try:
                         worker.expiration = float(child.recv(0.0))
-                    except ChildError as err:
+                    except common.ChildError as err:
                         outcome.failures.append(str(err).splitlines()[-1])
                 child.wait(0.0)
                 died = time.time()
@@ -345,9 +328,9 @@ def _floor(samples: int, lean: bool) -> list[float]:
     floor = []
     for i in range(samples):
         if lean:
-            child = spawn_exec(f"lean floor {i}", LEAN_SLEEPER)
+            child = common.spawn_exec(f"lean floor {i}", LEAN_SLEEPER)
         else:
-            child = spawn(f"floor {i}", sleeper, 60.0)
+            child = common.spawn(f"floor {i}", common.sleeper, 60.0)
         child.recv(30.0)
         time.sleep(0.02)
         start = time.time()
@@ -367,20 +350,21 @@ def _describe(outcome: Outcome, cap: float) -> str:
     return text
 
 
-def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
-    metrics: list[Metric] = []
+def run(sides: list[common.Side], sizes: common.Sizes, workdir: str) -> list[common.Metric]:
+    metrics: list[common.Metric] = []
     floors = {lean: _floor(min(20, sizes.reap_workers * 2), lean) for lean in (False, True)}
     floor_notes = {
         lean: (
             f"floor (harness kill() to waitpid() of an idle {kind}): "
-            f"p50 {fmt(quantile(floor, 0.5))} ms, p99 {fmt(quantile(floor, 0.99))} ms"
+            f"p50 {common.fmt(common.quantile(floor, 0.5))} ms, "
+            f"p99 {common.fmt(common.quantile(floor, 0.99))} ms"
         )
         for (lean, floor), kind in zip(
             floors.items(), ("child forked from the harness (maps torch)", "exec'd child")
         )
     }
     for note in floor_notes.values():
-        progress("reap: " + note)
+        common.progress("reap: " + note)
     for config in CONFIGS:
         cap = sizes.reap_cap_default if config.default_interval else sizes.reap_cap
         outcomes: dict[str, Outcome] = {"torch": Outcome(), "ours": Outcome()}
@@ -389,19 +373,20 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
                 continue
             try:
                 outcome = _measure(side, config, sizes, workdir)
-            except ChildError as err:
+            except common.ChildError as err:
                 outcome = Outcome(failures=[str(err).splitlines()[-1]])
-                progress(f"reap {config.key} {side.label} FAILED: {err}")
+                common.progress(f"reap {config.key} {side.label} FAILED: {err}")
             outcomes[side.key] = outcome
             lat = outcome.latencies_ms
-            progress(
+            common.progress(
                 f"reap {config.key} {side.label}: {len(lat)} workers, "
-                f"p50 {fmt(quantile(lat, 0.5))} ms, p99 {fmt(quantile(lat, 0.99))} ms, "
+                f"p50 {common.fmt(common.quantile(lat, 0.5))} ms, "
+                f"p99 {common.fmt(common.quantile(lat, 0.99))} ms, "
                 f"censored {sum(1 for x in lat if x == float('inf'))}, "
                 f"failures {len(outcome.failures)}"
             )
 
-        floor = quantile(floors[config.lean], 0.5)
+        floor = common.quantile(floors[config.lean], 0.5)
         notes = f"expires(after={AFTER}); " + (f"{config.note}; " if config.note else "")
         for side in sides:
             if config.lean and side.key != "ours":
@@ -409,14 +394,14 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
             outcome = outcomes[side.key]
             notes += (
                 f"{side.label}: {_describe(outcome, cap)}, p50 - floor p50 = "
-                f"{fmt(quantile(outcome.latencies_ms, 0.5) - floor)} ms; "
+                f"{common.fmt(common.quantile(outcome.latencies_ms, 0.5) - floor)} ms; "
             )
         notes += floor_notes[config.lean]
         # The 10 ms target is for the reap itself; a stack dump adds its own time on purpose.
-        p99_target = None if config.stack_dump else Target("ours <= 10 ms", ours_max=10.0)
+        p99_target = None if config.stack_dump else common.Target("ours <= 10 ms", ours_max=10.0)
         for stat, target in (("p50", None), ("p99", p99_target)):
             metrics.append(
-                Metric(
+                common.Metric(
                     family="reap",
                     key=f"reap.{config.key}.{stat}",
                     title=f"reap latency {stat}, {config.title}",

@@ -13,7 +13,8 @@ benches/results). Progress goes to stderr. The benchmarks, in the issue's order:
 - throughput: requests/s one File server takes from 4 and 16 client processes;
 - reap: from a timer's expiration to the worker's death seen by ``waitpid``;
 - cpu: CPU of a started server, idle and with 100k live timers;
-- scale: memory and CPU per operation at 10k, 100k and 1M live timers.
+- scale: memory and CPU per operation at 10k, 100k and 1M live timers;
+- adaptive: from a hang to its reap, torch at the after asked for, ours learning the steps.
 
 Every server, client and worker runs in a forked child of this process; the harness sends no
 timer request itself and signals only its own children, by pid.
@@ -36,7 +37,7 @@ from typing import Callable, NoReturn
 if __package__ in (None, ""):  # run as a script: make the ``benches`` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benches import client, reap, report, scale, server
+from benches import adaptive, client, reap, report, scale, server
 from benches.common import (
     DEFAULT,
     QUICK,
@@ -57,6 +58,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "reap": reap.run,
     "cpu": server.run_cpu,
     "scale": scale.run,
+    "adaptive": adaptive.run,
 }
 
 

@@ -30,25 +30,7 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
-from .common import (
-    Child,
-    ChildError,
-    Metric,
-    Side,
-    Sizes,
-    Target,
-    Transport,
-    command,
-    fmt,
-    make_server,
-    median,
-    new_transport,
-    progress,
-    reply,
-    rss_bytes,
-    spawn,
-    spawn_sleepers,
-)
+from . import common
 from .server import REGISTER_BATCH, measure_window, register_far_timers, run_window
 
 SLEEPERS = 64
@@ -59,19 +41,19 @@ LIMIT = 300.0  # a size's repetition never takes longer (torch at 1M needs ~10 s
 def _scale_server(
     conn: Connection,
     timer: ModuleType,
-    transport: Transport,
+    transport: common.Transport,
     n: int,
     ops: int,
     pids: list[int],
     window: float,
 ) -> None:
-    server = make_server(timer, transport, None)
+    server = common.make_server(timer, transport, None)
     expiration = time.time() + 3600
     gc.collect()
-    rss_before = rss_bytes()
+    rss_before = common.rss_bytes()
     fill = register_far_timers(timer, server, n, pids, expiration)
     gc.collect()
-    rss_after = rss_bytes()
+    rss_after = common.rss_bytes()
 
     def request(i: int, expiration: float, sig: int) -> Any:
         return timer.FileTimerRequest(pids[i % len(pids)], f"scope-{i}", expiration, sig)
@@ -87,7 +69,7 @@ def _scale_server(
     acquire = time.process_time() - start
     stats = getattr(server, "stats", None)
     live = stats()["live_timers"] if stats is not None else len(server._timers)
-    reply(
+    common.reply(
         conn,
         {
             "bytes_per_timer": (rss_after - rss_before) / n,
@@ -98,23 +80,28 @@ def _scale_server(
         },
     )
     if window > 0:
-        command(conn, LIMIT)  # start
+        common.command(conn, LIMIT)  # start
         server.start()
-        reply(conn)
+        common.reply(conn)
         measure_window(conn, window)
-        command(conn, LIMIT)  # leave: the process's end stops the server
+        common.command(conn, LIMIT)  # leave: the process's end stops the server
 
 
 def _repetition(
-    sides: list[Side], n: int, sizes: Sizes, pids: list[int], workdir: str, window: float
+    sides: list[common.Side],
+    n: int,
+    sizes: common.Sizes,
+    pids: list[int],
+    workdir: str,
+    window: float,
 ) -> dict[str, dict[str, float]]:
     ops = min(n, sizes.scale_ops)
-    transports = [new_transport("file", workdir, f"scale-{side.key}") for side in sides]
-    servers: list[Child] = []
+    transports = [common.new_transport("file", workdir, f"scale-{side.key}") for side in sides]
+    servers: list[common.Child] = []
     try:
         for side, transport in zip(sides, transports):
             servers.append(
-                spawn(
+                common.spawn(
                     f"{side.key} server ({n} timers)",
                     _scale_server,
                     side.module,
@@ -145,13 +132,13 @@ def _repetition(
             transport.close()
 
 
-def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
+def run(sides: list[common.Side], sizes: common.Sizes, workdir: str) -> list[common.Metric]:
     samples: dict[int, dict[str, list[dict[str, float]]]] = {
         n: {side.key: [] for side in sides} for n in sizes.scale_sizes
     }
     failures: list[str] = []
     largest = max(sizes.scale_sizes)
-    sleepers = spawn_sleepers(SLEEPERS, 3600.0)
+    sleepers = common.spawn_sleepers(SLEEPERS, 3600.0)
     pids = [child.pid for child in sleepers]
     try:
         for rep in range(sizes.reps):
@@ -159,13 +146,13 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
                 window = sizes.scale_window if n == largest else 0.0
                 try:
                     results = _repetition(sides, n, sizes, pids, workdir, window)
-                except ChildError as err:
+                except common.ChildError as err:
                     failures.append(f"{n}: {str(err).splitlines()[-1]}")
-                    progress(f"scale {n} rep {rep + 1} FAILED: {err}")
+                    common.progress(f"scale {n} rep {rep + 1} FAILED: {err}")
                     continue
                 for key, result in results.items():
                     samples[n][key].append(result)
-                progress(
+                common.progress(
                     f"scale {n:,} rep {rep + 1}/{sizes.reps}: "
                     + "; ".join(
                         f"{key} " + ", ".join(f"{k} {v:.3g}" for k, v in result.items())
@@ -180,17 +167,17 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
     def column(n: int, side: str, name: str) -> list[float]:
         return [r[name] for r in samples[n][side] if name in r]
 
-    metrics: list[Metric] = []
+    metrics: list[common.Metric] = []
     fail_note = ("; failed repetitions: " + "; ".join(failures)) if failures else ""
     for n in sizes.scale_sizes:
         ops = min(n, sizes.scale_ops)
         fill_note = (
             f"fill (register_timers of new timers, batches of {REGISTER_BATCH}): "
-            f"torch {fmt(median(column(n, 'torch', 'fill_us')))} us/timer, "
-            f"ours {fmt(median(column(n, 'ours', 'fill_us')))} us/timer"
+            f"torch {common.fmt(common.median(column(n, 'torch', 'fill_us')))} us/timer, "
+            f"ours {common.fmt(common.median(column(n, 'ours', 'fill_us')))} us/timer"
         )
         metrics.append(
-            Metric(
+            common.Metric(
                 family="scale",
                 key=f"scale.{n}.memory",
                 title=f"memory per live timer, {n:,} timers",
@@ -203,7 +190,7 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
         )
         for op in ("acquire", "release"):
             metrics.append(
-                Metric(
+                common.Metric(
                     family="scale",
                     key=f"scale.{n}.{op}",
                     title=f"{op} CPU per op at {n:,} live timers",
@@ -224,9 +211,9 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
         }
         # torch's timers are a dict: O(1) per operation, so its growth is what the caches
         # alone cost at the larger size. O(log n) may grow by log n's growth on top of that.
-        allowed = median(growth["torch"]) * log_growth if growth["torch"] else math.nan
+        allowed = common.median(growth["torch"]) * log_growth if growth["torch"] else math.nan
         metrics.append(
-            Metric(
+            common.Metric(
                 family="scale",
                 key=f"scale.{op}_growth",
                 title=f"{op} per-op cost growth, {smallest:,} -> {largest:,} timers",
@@ -234,24 +221,24 @@ def run(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
                 torch=growth["torch"],
                 ours=growth["ours"],
                 better="none",
-                target=Target(f"O(log n): ours <= {fmt(allowed)}x", ours_max=allowed),
+                target=common.Target(f"O(log n): ours <= {common.fmt(allowed)}x", ours_max=allowed),
                 notes=(
                     f"per-op CPU at {largest:,} / median at {smallest:,}. torch keeps a dict "
                     f"(O(1) per op), so its growth is the cost of caches and memory at the "
                     f"larger size; the target allows ours that times the growth of log n "
-                    f"({fmt(log_growth)}x)"
+                    f"({common.fmt(log_growth)}x)"
                 ),
             )
         )
     metrics.append(
-        Metric(
+        common.Metric(
             family="scale",
             key=f"scale.{largest}.served_cpu",
             title=f"CPU of a started server holding {largest:,} live timers",
             unit="% of a core",
             torch=column(largest, "torch", "core_percent"),
             ours=column(largest, "ours", "core_percent"),
-            target=Target("ours < 10 %", ours_max=10.0),
+            target=common.Target("ours < 10 %", ours_max=10.0),
             resolution=0.001,
             notes=(
                 f"File server, class defaults, {sizes.scale_window:g} s window from "
@@ -266,5 +253,5 @@ def _growth(small: list[float], large: list[float]) -> list[float]:
     """Each sample at the large size over the median at the small size."""
     if not small:
         return []
-    base = median(small)
+    base = common.median(small)
     return [x / base for x in large]

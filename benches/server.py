@@ -30,29 +30,7 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
-from .common import (
-    Child,
-    ChildError,
-    Metric,
-    Side,
-    Sizes,
-    Target,
-    Transport,
-    command,
-    fmt,
-    make_client,
-    make_server,
-    median,
-    new_transport,
-    poke,
-    process_cpu,
-    progress,
-    reply,
-    server_threads_cpu,
-    spawn,
-    spawn_sleepers,
-    wait_for_reader,
-)
+from . import common
 
 MAX_INTERVAL = 0.1  # throughput servers: the shortest EOF sleep of torch's File server
 SAMPLE_PERIOD = 0.01  # the throughput server looks at its counter this often
@@ -67,17 +45,17 @@ REGISTER_BATCH = 1000
 # -- throughput ------------------------------------------------------------------------------
 
 
-def _throughput_server(conn: Connection, timer: ModuleType, transport: Transport) -> None:
-    server = make_server(timer, transport, MAX_INTERVAL)
+def _throughput_server(conn: Connection, timer: ModuleType, transport: common.Transport) -> None:
+    server = common.make_server(timer, transport, MAX_INTERVAL)
     server.start()
-    cpu_start = process_cpu()
-    reply(conn)
+    cpu_start = common.process_cpu()
+    common.reply(conn)
     count, changed = 0, time.time()
     expected: int | None = None
     give_up = time.time() + REP_TIMEOUT
     while True:
         if expected is None and conn.poll(SAMPLE_PERIOD):
-            expected = int(command(conn, 0.0)[1])
+            expected = int(common.command(conn, 0.0)[1])
             give_up = time.time() + REP_TIMEOUT / 2
         elif expected is not None:
             time.sleep(SAMPLE_PERIOD)
@@ -86,15 +64,15 @@ def _throughput_server(conn: Connection, timer: ModuleType, transport: Transport
             count, changed = current, now
         if expected is not None and (count >= expected or now - changed > SETTLE or now > give_up):
             break
-    reply(conn, {"count": count, "done": changed, "cpu": process_cpu() - cpu_start})
+    common.reply(conn, {"count": count, "done": changed, "cpu": common.process_cpu() - cpu_start})
 
 
 def _throughput_client(
-    conn: Connection, timer: ModuleType, transport: Transport, pairs: int, go: int
+    conn: Connection, timer: ModuleType, transport: common.Transport, pairs: int, go: int
 ) -> None:
-    client = make_client(timer, transport)
+    client = common.make_client(timer, transport)
     expiration = time.time() + 3600
-    reply(conn)
+    common.reply(conn)
     os.read(go, 1)
     sent = errors = 0
     for _ in range(pairs):
@@ -108,20 +86,20 @@ def _throughput_client(
             sent += 1
         except OSError:
             errors += 1
-    reply(conn, {"sent": sent, "errors": errors, "end": time.time()})
+    common.reply(conn, {"sent": sent, "errors": errors, "end": time.time()})
 
 
-def _throughput_rep(side: Side, clients: int, pairs: int, workdir: str) -> dict[str, float]:
-    transport = new_transport("file", workdir, f"throughput-{side.key}")
-    server = spawn(f"{side.key} server", _throughput_server, side.module, transport)
-    children: list[Child] = []
+def _throughput_rep(side: common.Side, clients: int, pairs: int, workdir: str) -> dict[str, float]:
+    transport = common.new_transport("file", workdir, f"throughput-{side.key}")
+    server = common.spawn(f"{side.key} server", _throughput_server, side.module, transport)
+    children: list[common.Child] = []
     go_read, go_write = os.pipe()
     try:
         server.recv(30.0)
-        wait_for_reader(transport)
+        common.wait_for_reader(transport)
         for i in range(clients):
             children.append(
-                spawn(
+                common.spawn(
                     f"{side.key} client {i}",
                     _throughput_client,
                     side.module,
@@ -159,12 +137,18 @@ def _column(samples: dict[str, list[dict[str, float]]], side: str, name: str) ->
     return [r[name] for r in samples[side]]
 
 
+def _median(samples: dict[str, list[dict[str, float]]], side: str, name: str) -> str:
+    return common.fmt(common.median(_column(samples, side, name)))
+
+
 def _lost(samples: dict[str, list[dict[str, float]]], side: str) -> list[float]:
     return [r["sent"] - r["counted"] for r in samples[side]]
 
 
-def run_throughput(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
-    metrics: list[Metric] = []
+def run_throughput(
+    sides: list[common.Side], sizes: common.Sizes, workdir: str
+) -> list[common.Metric]:
+    metrics: list[common.Metric] = []
     for clients in sizes.tp_clients:
         samples: dict[str, list[dict[str, float]]] = {side.key: [] for side in sides}
         failures: list[str] = []
@@ -172,12 +156,12 @@ def run_throughput(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric
             for side in sides:
                 try:
                     result = _throughput_rep(side, clients, sizes.tp_pairs, workdir)
-                except ChildError as err:
+                except common.ChildError as err:
                     failures.append(f"{side.label}: {str(err).splitlines()[-1]}")
-                    progress(f"throughput {clients} clients {side.label} FAILED: {err}")
+                    common.progress(f"throughput {clients} clients {side.label} FAILED: {err}")
                     continue
                 samples[side.key].append(result)
-                progress(
+                common.progress(
                     f"throughput {clients} clients {side.label} rep {rep + 1}/{sizes.reps}: "
                     f"{result['server_rate']:,.0f} req/s counted, sent {result['sent']:.0f}, "
                     f"errors {result['errors']:.0f}, counted {result['counted']:.0f}"
@@ -188,15 +172,15 @@ def run_throughput(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric
         notes = (
             f"{clients} clients x {sizes.tp_pairs} acquire/release pairs, File server "
             f"max_interval={MAX_INTERVAL}; accepted by the FIFO per s (client side): "
-            f"torch {fmt(median(_column(samples, 'torch', 'client_rate')))}, "
-            f"ours {fmt(median(_column(samples, 'ours', 'client_rate')))}; server CPU per request: "
-            f"torch {fmt(median(_column(samples, 'torch', 'server_cpu_us_per_request')))} us, "
-            f"ours {fmt(median(_column(samples, 'ours', 'server_cpu_us_per_request')))} us"
+            f"torch {_median(samples, 'torch', 'client_rate')}, "
+            f"ours {_median(samples, 'ours', 'client_rate')}; server CPU per request: "
+            f"torch {_median(samples, 'torch', 'server_cpu_us_per_request')} us, "
+            f"ours {_median(samples, 'ours', 'server_cpu_us_per_request')} us"
         )
         if failures:
             notes += "; failed repetitions: " + "; ".join(failures)
         metrics.append(
-            Metric(
+            common.Metric(
                 family="throughput",
                 key=f"throughput.{clients}_clients.rate",
                 title=f"File server throughput, {clients} clients",
@@ -204,13 +188,13 @@ def run_throughput(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric
                 torch=_column(samples, "torch", "server_rate"),
                 ours=_column(samples, "ours", "server_rate"),
                 better="higher",
-                target=Target(">= 10x", min_speedup=10),
+                target=common.Target(">= 10x", min_speedup=10),
                 notes=notes,
                 raw=raw,
             )
         )
         metrics.append(
-            Metric(
+            common.Metric(
                 family="throughput",
                 key=f"throughput.{clients}_clients.errors",
                 title=f"client errors per repetition ({total} requests), {clients} clients",
@@ -218,11 +202,11 @@ def run_throughput(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric
                 torch=_column(samples, "torch", "errors"),
                 ours=_column(samples, "ours", "errors"),
                 better="none",
-                target=Target("ours 0", ours_max=0),
+                target=common.Target("ours 0", ours_max=0),
             )
         )
         metrics.append(
-            Metric(
+            common.Metric(
                 family="throughput",
                 key=f"throughput.{clients}_clients.lost",
                 title=f"requests lost (sent, never counted), {clients} clients",
@@ -230,7 +214,7 @@ def run_throughput(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric
                 torch=_lost(samples, "torch"),
                 ours=_lost(samples, "ours"),
                 better="none",
-                target=Target("ours 0", ours_max=0),
+                target=common.Target("ours 0", ours_max=0),
                 notes=(
                     "requests the clients sent without error minus requests the server "
                     "counted; negative for torch: its client raises BlockingIOError from the "
@@ -265,34 +249,39 @@ def measure_window(conn: Connection, window: float) -> None:
     Child side of a CPU window: waits for "measure", then sleeps through the window. Reports
     the CPU of the server's threads (all but this one) and of the whole process.
     """
-    command(conn, REP_TIMEOUT + window)
+    common.command(conn, REP_TIMEOUT + window)
     wall_start = time.monotonic()
-    threads_start, process_start = server_threads_cpu(), process_cpu()
+    threads_start, process_start = common.server_threads_cpu(), common.process_cpu()
     time.sleep(window)
-    threads, process = server_threads_cpu() - threads_start, process_cpu() - process_start
-    reply(conn, {"cpu": threads, "process_cpu": process, "wall": time.monotonic() - wall_start})
+    threads, process = (
+        common.server_threads_cpu() - threads_start,
+        common.process_cpu() - process_start,
+    )
+    common.reply(
+        conn, {"cpu": threads, "process_cpu": process, "wall": time.monotonic() - wall_start}
+    )
 
 
 def _cpu_server(
     conn: Connection,
     timer: ModuleType,
-    transport: Transport,
+    transport: common.Transport,
     timers: int,
     pids: list[int],
     window: float,
 ) -> None:
-    server = make_server(timer, transport, None)
+    server = common.make_server(timer, transport, None)
     register_far_timers(timer, server, timers, pids, time.time() + 3600)
     server.start()
-    reply(conn)
+    common.reply(conn)
     measure_window(conn, window)
-    command(conn, REP_TIMEOUT)  # leave: the process's end stops the server
+    common.command(conn, REP_TIMEOUT)  # leave: the process's end stops the server
 
 
 def run_window(
-    servers: list[Child],
-    transports: list[Transport],
-    sides: list[Side],
+    servers: list[common.Child],
+    transports: list[common.Transport],
+    sides: list[common.Side],
     settle: float,
     window: float,
 ) -> list[dict[str, float]]:
@@ -300,8 +289,8 @@ def run_window(
     for server in servers:
         server.recv(REP_TIMEOUT)
     for transport, side in zip(transports, sides):
-        wait_for_reader(transport)
-        poke(side.module, transport)
+        common.wait_for_reader(transport)
+        common.poke(side.module, transport)
     time.sleep(settle)
     for server in servers:
         server.send("measure")
@@ -311,7 +300,7 @@ def run_window(
     return results
 
 
-def run_cpu(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
+def run_cpu(sides: list[common.Side], sizes: common.Sizes, workdir: str) -> list[common.Metric]:
     cases = [0, sizes.cpu_timers]
     per_10s: dict[tuple[str, int], list[float]] = {
         (side.key, n): [] for side in sides for n in cases
@@ -319,23 +308,23 @@ def run_cpu(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
     process_per_10s: dict[tuple[str, int], list[float]] = {key: [] for key in per_10s}
     failures: list[str] = []
     settle = CPU_SETTLE
-    sleepers = spawn_sleepers(CPU_SLEEPERS, 3600.0)
+    sleepers = common.spawn_sleepers(CPU_SLEEPERS, 3600.0)
     pids = [child.pid for child in sleepers]
     try:
         for rep in range(sizes.reps):
-            servers: list[Child] = []
-            transports: list[Transport] = []
-            window_sides: list[Side] = []
+            servers: list[common.Child] = []
+            transports: list[common.Transport] = []
+            window_sides: list[common.Side] = []
             keys: list[tuple[str, int]] = []
             try:
                 for n in cases:
                     for side in sides:
-                        transport = new_transport("file", workdir, f"cpu-{side.key}-{n}")
+                        transport = common.new_transport("file", workdir, f"cpu-{side.key}-{n}")
                         transports.append(transport)
                         window_sides.append(side)
                         keys.append((side.key, n))
                         servers.append(
-                            spawn(
+                            common.spawn(
                                 f"{side.key} server ({n} timers)",
                                 _cpu_server,
                                 side.module,
@@ -346,9 +335,9 @@ def run_cpu(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
                             )
                         )
                 results = run_window(servers, transports, window_sides, settle, sizes.cpu_window)
-            except ChildError as err:
+            except common.ChildError as err:
                 failures.append(str(err).splitlines()[-1])
-                progress(f"server CPU rep {rep + 1} FAILED: {err}")
+                common.progress(f"server CPU rep {rep + 1} FAILED: {err}")
                 continue
             finally:
                 for server in servers:
@@ -358,7 +347,7 @@ def run_cpu(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
             for key, result in zip(keys, results):
                 per_10s[key].append(result["cpu"] / result["wall"] * 10.0 * 1000.0)
                 process_per_10s[key].append(result["process_cpu"] / result["wall"] * 10.0 * 1000.0)
-            progress(
+            common.progress(
                 f"server CPU rep {rep + 1}/{sizes.reps}: "
                 + ", ".join(f"{k[0]}/{k[1]} timers {per_10s[k][-1]:.2f} ms" for k in keys)
             )
@@ -373,20 +362,20 @@ def run_cpu(sides: list[Side], sizes: Sizes, workdir: str) -> list[Metric]:
             f"File server, class defaults (max_interval=10), {sizes.cpu_window:g} s window "
             f"starting {settle:g} s after its loop began; CPU of the server's threads (the "
             f"measuring thread, asleep, excluded) per 10 s; whole process (getrusage): torch "
-            f"{fmt(median(process_per_10s[('torch', n)]))} ms, ours "
-            f"{fmt(median(process_per_10s[('ours', n)]))} ms"
+            f"{common.fmt(common.median(process_per_10s[('torch', n)]))} ms, ours "
+            f"{common.fmt(common.median(process_per_10s[('ours', n)]))} ms"
         )
         if failures:
             notes += "; failed repetitions: " + "; ".join(failures)
         metrics.append(
-            Metric(
+            common.Metric(
                 family="cpu",
                 key=f"cpu.{'idle' if n == 0 else f'{n}_timers'}",
                 title=f"CPU of a started server, {label}",
                 unit="ms CPU/10 s",
                 torch=per_10s[("torch", n)],
                 ours=per_10s[("ours", n)],
-                target=Target("ours <= 1/20 of torch", min_speedup=20),
+                target=common.Target("ours <= 1/20 of torch", min_speedup=20),
                 resolution=0.001,
                 notes=notes,
                 raw={"process_ms_per_10s": {k: process_per_10s[(k, n)] for k in ("torch", "ours")}},

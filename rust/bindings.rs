@@ -12,9 +12,10 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::codec::{self, CodecError, Number, Request};
 use crate::fifo::{self, SendError, SendOptions};
+use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
 use crate::reaper;
-use crate::server::{Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
+use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
@@ -69,6 +70,10 @@ struct Options {
     stacks_dir: Option<PathBuf>,
     py_spy: Option<PathBuf>,
     error_files: bool,
+    adaptive: bool,
+    adaptive_factor: f64,
+    adaptive_floor: f64,
+    state_file: Option<PathBuf>,
 }
 
 impl Options {
@@ -85,7 +90,19 @@ impl Options {
             }),
             _ => None,
         };
+        let adaptive = if self.adaptive {
+            let learn = LearnConfig {
+                factor: self.adaptive_factor,
+                floor: seconds(self.adaptive_floor, "adaptive_floor")?,
+                ..LearnConfig::default()
+            };
+            learn.validate().map_err(|err| PyValueError::new_err(err.to_string()))?;
+            Some(Adaptive { learn, state_file: self.state_file })
+        } else {
+            None
+        };
         Ok(Config {
+            adaptive,
             max_interval: seconds(self.max_interval, "max_interval")?,
             signal_self: self.signal_self,
             delegate_reaps: self.delegate_reaps,
@@ -167,8 +184,32 @@ struct Expiry {
     /// Why a reap failed.
     detail: Option<String>,
     stacks: Option<Py<Stacks>>,
+    /// The learned bound that fired, when one undercut the `after` asked for.
+    learned: Option<Py<LearnedBound>>,
     /// The torchrun error file the server wrote for it before the signal.
     error_file: Option<String>,
+}
+
+/// A learned bound (seconds): `max(floor, factor x max)`, from `samples` blocks, when it
+/// undercuts the `after` asked for.
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct LearnedBound {
+    bound: f64,
+    samples: u64,
+    max: f64,
+    after: f64,
+}
+
+/// One scope's learned figures, in seconds (None: no value yet).
+#[pyclass(module = "elastic_timer._native", frozen, get_all)]
+struct ScopeTimeout {
+    scope: String,
+    samples: u64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+    max: Option<f64>,
+    after: Option<f64>,
+    suggested: Option<f64>,
 }
 
 /// One pass's expiries; the loop may wait for `ack_expired` before it signals itself.
@@ -261,6 +302,14 @@ fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
                             Py::new(py, Stacks { source, text, complete: stacks.complete })
                         })
                         .transpose()?;
+                    let learned = expiry
+                        .learned
+                        .map(|l| {
+                            let (bound, max) = (l.bound.as_secs_f64(), l.max.as_secs_f64());
+                            let (samples, after) = (l.samples, l.after.as_secs_f64());
+                            Py::new(py, LearnedBound { bound, samples, max, after })
+                        })
+                        .transpose()?;
                     let detail = match &expiry.outcome {
                         ReapOutcome::Failed(err) => Some(err.to_string()),
                         _ => None,
@@ -272,6 +321,7 @@ fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
                         outcome: Outcome::of(&expiry.outcome),
                         detail,
                         stacks,
+                        learned,
                         error_file: expiry
                             .error_file
                             .map(|path| path.to_string_lossy().into_owned()),
@@ -477,6 +527,27 @@ impl PyServer {
         Ok(dict)
     }
 
+    /// Every learned scope's figures (empty unless adaptive).
+    fn timeouts(&self, py: Python<'_>) -> PyResult<Vec<Py<ScopeTimeout>>> {
+        let timeouts = py.detach(|| lock(&self.server).timeouts());
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        timeouts
+            .into_iter()
+            .map(|t| {
+                let timeout = ScopeTimeout {
+                    scope: t.scope,
+                    samples: t.samples,
+                    p50: secs(t.p50),
+                    p99: secs(t.p99),
+                    max: secs(t.max),
+                    after: secs(t.after),
+                    suggested: secs(t.suggested),
+                };
+                Py::new(py, timeout)
+            })
+            .collect()
+    }
+
     fn last_progress(&self, py: Python<'_>) -> f64 {
         py.detach(|| lock(&self.server).last_progress())
     }
@@ -650,24 +721,31 @@ fn decode_pickle(payload: &[u8]) -> PyResult<RequestTuple> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyServer>()?;
-    m.add_class::<PyFifoClient>()?;
-    m.add_class::<PyQueueWriter>()?;
+    macro_rules! add_classes {
+        ($($class:ty),* $(,)?) => { $(m.add_class::<$class>()?;)* };
+    }
+    add_classes!(
+        PyServer,
+        PyFifoClient,
+        PyQueueWriter,
+        Outcome,
+        Stacks,
+        Expiry,
+        Expired,
+        Malformed,
+        Refused,
+        WorkerExited,
+        Notice,
+        Dumping,
+        Escalated,
+        Unreapable,
+        Closed,
+        LearnedBound,
+        ScopeTimeout,
+    );
     m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
-    m.add_class::<Outcome>()?;
-    m.add_class::<Stacks>()?;
-    m.add_class::<Expiry>()?;
-    m.add_class::<Expired>()?;
-    m.add_class::<Malformed>()?;
-    m.add_class::<Refused>()?;
-    m.add_class::<WorkerExited>()?;
-    m.add_class::<Notice>()?;
-    m.add_class::<Dumping>()?;
-    m.add_class::<Escalated>()?;
-    m.add_class::<Unreapable>()?;
-    m.add_class::<Closed>()?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
     // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
     let fields: Vec<(&str, &str, &str)> = Stats::FIELDS
@@ -681,5 +759,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         })
         .collect();
     m.add("STATS", fields)?;
+    // Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -15,14 +15,14 @@ use std::time::Instant;
 
 use crate::codec::Request;
 
-/// A live timer: the request as received (for events and for Python's `_timers` view) and
-/// its deadline on the monotonic clock (None: never due).
+/// A live timer: the request as received (for events and for Python's `_timers` view), its
+/// deadline on the monotonic clock (None: never due), and what the caller noted about it
+/// (the server: the learned bound that set the deadline, if one did).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Timer {
+pub struct Timer<A = ()> {
     pub request: Request,
     pub deadline: Option<Instant>,
-    /// When the acquire arrived (wall clock), if known: what bound ran out is said from it.
-    pub acquired: Option<f64>,
+    pub note: A,
 }
 
 /// What [`DeadlineMap::apply`] did.
@@ -37,14 +37,14 @@ pub enum Change {
 /// A timer and its arrival number, hashed and compared by scope alone so that a worker's
 /// table can be looked up by `&str` without storing the scope a second time as a key.
 #[derive(Debug)]
-struct Slot {
-    timer: Timer,
+struct Slot<A> {
+    timer: Timer<A>,
     /// When the key was registered; kept on replacement, like the position of a key in
     /// torch's `_timers` dict, so ties among due timers break the way torch's stable sort does.
     seq: u64,
 }
 
-impl Slot {
+impl<A> Slot<A> {
     fn scope(&self) -> &str {
         &self.timer.request.scope
     }
@@ -55,25 +55,25 @@ impl Slot {
     }
 }
 
-impl Borrow<str> for Slot {
+impl<A> Borrow<str> for Slot<A> {
     fn borrow(&self) -> &str {
         self.scope()
     }
 }
 
-impl Hash for Slot {
+impl<A> Hash for Slot<A> {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.scope().hash(state);
     }
 }
 
-impl PartialEq for Slot {
+impl<A> PartialEq for Slot<A> {
     fn eq(&self, other: &Self) -> bool {
         self.scope() == other.scope()
     }
 }
 
-impl Eq for Slot {}
+impl<A> Eq for Slot<A> {}
 
 /// `(deadline, seq)`: unique because `seq` is, and ordered by deadline first. The index maps
 /// it to the worker, whose table holds the timer: that is all the index is for.
@@ -81,21 +81,21 @@ type IndexKey = (Instant, u64);
 
 /// Live timers, grouped by worker and indexed by deadline.
 #[derive(Debug)]
-pub struct DeadlineMap<K> {
-    workers: HashMap<K, HashSet<Slot>>,
+pub struct DeadlineMap<K, A = ()> {
+    workers: HashMap<K, HashSet<Slot<A>>>,
     /// Only timers that can fall due; never-due ones live in `workers` alone.
     index: BTreeMap<IndexKey, K>,
     last_seq: u64,
     len: usize,
 }
 
-impl<K> Default for DeadlineMap<K> {
+impl<K, A> Default for DeadlineMap<K, A> {
     fn default() -> Self {
         Self { workers: HashMap::new(), index: BTreeMap::new(), last_seq: 0, len: 0 }
     }
 }
 
-impl<K: Copy + Eq + Hash> DeadlineMap<K> {
+impl<K: Copy + Eq + Hash, A: Default> DeadlineMap<K, A> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -103,16 +103,16 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
     /// Registers, replaces or (negative expiration) releases the timer for
     /// (`pid`, request.scope); `pid` is the request's pid, validated.
     pub fn apply(&mut self, pid: K, request: Request, deadline: Option<Instant>) -> Change {
-        self.apply_at(pid, request, deadline, None)
+        self.apply_noted(pid, request, deadline, A::default())
     }
 
-    /// [`DeadlineMap::apply`], for an acquire that arrived at wall-clock time `acquired`.
-    pub fn apply_at(
+    /// [`DeadlineMap::apply`], with a note kept beside the timer.
+    pub fn apply_noted(
         &mut self,
         pid: K,
         request: Request,
         deadline: Option<Instant>,
-        acquired: Option<f64>,
+        note: A,
     ) -> Change {
         if request.is_release() {
             let Entry::Occupied(mut worker) = self.workers.entry(pid) else {
@@ -144,7 +144,7 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
                 (self.last_seq, Change::Added)
             }
         };
-        let slot = Slot { timer: Timer { request, deadline, acquired }, seq };
+        let slot = Slot { timer: Timer { request, deadline, note }, seq };
         if let Some(key) = slot.index_key() {
             self.index.insert(key, pid);
         }
@@ -188,8 +188,8 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
 
     /// That worker's timers due at `now`, sorted by the request's expiration (wall clock,
     /// ascending, NaN last), ties by arrival order.
-    pub fn due_timers(&self, pid: K, now: Instant) -> Vec<&Timer> {
-        let mut due: Vec<&Slot> = self
+    pub fn due_timers(&self, pid: K, now: Instant) -> Vec<&Timer<A>> {
+        let mut due: Vec<&Slot<A>> = self
             .workers
             .get(&pid)
             .into_iter()
@@ -222,7 +222,7 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
             .collect();
     }
 
-    pub fn get(&self, pid: K, scope: &str) -> Option<&Timer> {
+    pub fn get(&self, pid: K, scope: &str) -> Option<&Timer<A>> {
         self.workers.get(&pid)?.get(scope).map(|slot| &slot.timer)
     }
 
@@ -239,7 +239,7 @@ impl<K: Copy + Eq + Hash> DeadlineMap<K> {
     }
 
     /// Every live timer (any order).
-    pub fn iter(&self) -> impl Iterator<Item = &Timer> {
+    pub fn iter(&self) -> impl Iterator<Item = &Timer<A>> {
         self.workers.values().flatten().map(|slot| &slot.timer)
     }
 }
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn registering_again_replaces() {
         let base = Instant::now();
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         assert_eq!(map.apply(1, acquire(1, "a", 5.0), Some(at(base, 5))), Change::Added);
         assert_eq!(map.apply(1, req(1, "a", 7.0, 15), Some(at(base, 7))), Change::Replaced);
         assert_eq!(map.len(), 1);
@@ -304,7 +304,7 @@ mod tests {
     #[test]
     fn negative_expiration_releases() {
         let base = Instant::now();
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         map.apply(1, acquire(1, "a", 5.0), Some(at(base, 5)));
         map.apply(1, acquire(1, "b", 6.0), Some(at(base, 6)));
         assert_eq!(map.apply(1, release(1, "a"), None), Change::Released);
@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn releasing_a_missing_key_is_a_no_op() {
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         assert_eq!(map.apply(1, release(1, "a"), None), Change::NoOp);
         assert!(!map.contains_worker(1));
         map.apply(1, acquire(1, "a", 5.0), None);
@@ -330,7 +330,7 @@ mod tests {
     fn timers_without_deadline_never_fall_due_but_are_ordinary_otherwise() {
         let base = Instant::now();
         let far = at(base, 1 << 40);
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         map.apply(1, acquire(1, "nan", f64::NAN), None);
         map.apply(1, acquire(1, "inf", f64::INFINITY), None);
         assert_eq!(map.len(), 2);
@@ -352,7 +352,7 @@ mod tests {
     #[test]
     fn remove_worker_drops_only_that_worker() {
         let base = Instant::now();
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         map.apply(1, acquire(1, "a", 1.0), Some(at(base, 1)));
         map.apply(1, acquire(1, "b", 2.0), None);
         map.apply(2, acquire(2, "a", 3.0), Some(at(base, 3)));
@@ -367,7 +367,7 @@ mod tests {
     #[test]
     fn due_workers_come_once_by_earliest_due_deadline() {
         let base = Instant::now();
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         map.apply(3, acquire(3, "a", 0.0), Some(at(base, 5)));
         map.apply(1, acquire(1, "a", 0.0), Some(at(base, 9)));
         map.apply(1, acquire(1, "b", 0.0), Some(at(base, 2)));
@@ -382,7 +382,7 @@ mod tests {
     fn due_timers_sort_by_expiration_then_arrival() {
         let base = Instant::now();
         let due = Some(at(base, 1));
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         map.apply(1, acquire(1, "late", 30.0), due);
         map.apply(1, acquire(1, "nan", f64::NAN), due);
         map.apply(1, acquire(1, "first", 10.0), due);
@@ -401,7 +401,7 @@ mod tests {
     #[test]
     fn postpone_moves_only_earlier_deadlines_and_keeps_requests() {
         let base = Instant::now();
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         map.apply(1, acquire(1, "a", 1.0), Some(at(base, 1)));
         map.apply(1, acquire(1, "b", 5.0), Some(at(base, 5)));
         map.apply(1, acquire(1, "c", 20.0), Some(at(base, 20)));
@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn acquire_release_pairs_leave_nothing_behind() {
         let base = Instant::now();
-        let mut map = DeadlineMap::new();
+        let mut map: DeadlineMap<Pid> = DeadlineMap::new();
         for round in 0..3 {
             for pid in 0..100 {
                 map.apply(pid, acquire(pid, "s", 1.0), Some(at(base, pid as u64)));
@@ -464,11 +464,11 @@ mod tests {
                     Change::Released
                 }
                 (Some(i), false) => {
-                    self.0[i] = Timer { request, deadline, acquired: None };
+                    self.0[i] = Timer { request, deadline, note: () };
                     Change::Replaced
                 }
                 (None, false) => {
-                    self.0.push(Timer { request, deadline, acquired: None });
+                    self.0.push(Timer { request, deadline, note: () });
                     Change::Added
                 }
             }
@@ -566,7 +566,7 @@ mod tests {
         #[test]
         fn behaves_like_the_obvious_model(ops in proptest::collection::vec(op(), 1..60)) {
             let base = Instant::now();
-            let mut map = DeadlineMap::new();
+            let mut map: DeadlineMap<Pid> = DeadlineMap::new();
             let mut model = Model::default();
             for op in ops {
                 match op {

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+use crate::learned::Learned;
 use crate::stacks::Stacks;
 
 /// The variable torchrun's agent sets in each worker's environment.
@@ -27,9 +28,11 @@ const MAX_ENVIRON: u64 = 4 << 20;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fired<'a> {
     pub scope: &'a str,
-    /// The bound that ran out, in seconds (from the acquire to the deadline); None when the
-    /// server did not see the acquire arrive (a timer registered from Python).
-    pub bound: Option<f64>,
+    /// The `after` its client asked for, in seconds (its expiration minus the acquire's
+    /// arrival); None when the server did not see the acquire arrive (registered from Python).
+    pub after: Option<f64>,
+    /// The learned bound that set its deadline instead, if one did.
+    pub learned: Option<Learned>,
 }
 
 /// The error file named in the initial environment of process `pid` (`/proc/<pid>/environ`;
@@ -57,9 +60,17 @@ pub fn message(pid: i32, fired: &[Fired<'_>], signal: i32, stacks: Option<&Stack
     );
     for timer in fired {
         text.push_str(&format!("\n  scope {:?}", timer.scope));
-        match timer.bound {
-            Some(bound) => text.push_str(&format!(": its bound of {bound:.2} s ran out")),
-            None => text.push_str(": its deadline passed"),
+        match (timer.learned, timer.after) {
+            (Some(learned), _) => text.push_str(&format!(
+                ": its learned bound of {:.2} s ran out (the longest of {} blocks took {:.2} s; \
+                 its client asked for {:.2} s)",
+                learned.bound.as_secs_f64(),
+                learned.samples,
+                learned.max.as_secs_f64(),
+                learned.after.as_secs_f64()
+            )),
+            (None, Some(after)) => text.push_str(&format!(": its bound of {after:.2} s ran out")),
+            (None, None) => text.push_str(": its deadline passed"),
         }
     }
     match stacks {
@@ -113,13 +124,24 @@ pub fn write_new(path: &Path, content: &str) -> io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::stacks::Source;
 
     #[test]
     fn the_message_names_each_scope_its_bound_and_the_stacks() {
-        let fired =
-            [Fired { scope: "train.py#31", bound: Some(3.0) }, Fired { scope: "x", bound: None }];
+        let learned = Learned {
+            bound: Duration::from_secs(5),
+            samples: 20,
+            max: Duration::from_secs(1),
+            after: Duration::from_secs(300),
+        };
+        let fired = [
+            Fired { scope: "train.py#31", after: Some(3.0), learned: None },
+            Fired { scope: "x", after: None, learned: None },
+            Fired { scope: "y", after: Some(300.0), learned: Some(learned) },
+        ];
         let stacks = Stacks {
             source: Source::Faulthandler,
             text: "  File \"t.py\", line 3 in hang\n".into(),
@@ -131,6 +153,9 @@ mod tests {
         ));
         assert!(text.contains("\n  scope \"train.py#31\": its bound of 3.00 s ran out"), "{text}");
         assert!(text.contains("\n  scope \"x\": its deadline passed"), "{text}");
+        let y = "\n  scope \"y\": its learned bound of 5.00 s ran out (the longest of 20 blocks \
+                 took 1.00 s; its client asked for 300.00 s)";
+        assert!(text.contains(y), "{text}");
         assert!(text.ends_with("(from faulthandler):\n  File \"t.py\", line 3 in hang"), "{text}");
     }
 

@@ -169,8 +169,8 @@ pub struct Acquired {
 
 /// One scope's figures, for reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScopeSummary<'a> {
-    pub scope: &'a str,
+pub struct ScopeSummary {
+    pub scope: String,
     pub samples: u64,
     /// Quantiles: the upper edge of their histogram bucket (at most 1/8 wide), at most `max`.
     pub p50: Option<Duration>,
@@ -380,10 +380,23 @@ impl<K: Copy + Eq + Hash> Learner<K> {
         }
     }
 
+    /// How many scopes are tracked.
+    pub fn len(&self) -> usize {
+        self.scopes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scopes.is_empty()
+    }
+
+    pub fn config(&self) -> &LearnConfig {
+        &self.config
+    }
+
     /// Every tracked scope's figures, in the order the scopes were first seen.
-    pub fn summaries(&self) -> impl Iterator<Item = ScopeSummary<'_>> {
+    pub fn summaries(&self) -> impl Iterator<Item = ScopeSummary> + '_ {
         self.scopes.iter().map(|scope| ScopeSummary {
-            scope: &scope.name,
+            scope: scope.name.to_string(),
             samples: scope.samples,
             p50: scope.quantile(0.5),
             p99: scope.quantile(0.99),
@@ -565,25 +578,18 @@ impl<K: Copy + Eq + Hash> Learner<K> {
         Ok(())
     }
 
-    /// Writes the statistics to `path` atomically: a temporary file in the same directory,
-    /// flushed to disk, then renamed over `path`.
+    /// Writes the statistics to `path` atomically (see [`write_state`]).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        self.write_state(path).map_err(|source| StateError::Write { path: path.to_owned(), source })
+        write_state(path, &self.state_bytes())
     }
 
-    fn write_state(&self, path: &Path) -> io::Result<()> {
-        let mut json = serde_json::to_vec(&self.state()).map_err(io::Error::other)?;
+    /// The state file's content: cheap enough to take under the server's lock, and written
+    /// elsewhere by [`write_state`].
+    pub fn state_bytes(&self) -> Vec<u8> {
+        // Plain data: serialising it cannot fail.
+        let mut json = serde_json::to_vec(&self.state()).unwrap_or_default();
         json.push(b'\n');
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let mut file = tempfile::Builder::new().prefix(".elastic-timer-state.").tempfile_in(dir)?;
-        file.write_all(&json)?;
-        file.as_file().sync_all()?;
-        file.persist(path).map_err(|e| e.error)?;
-        // The rename is durable once the directory is.
-        File::open(dir)?.sync_all()
+        json
     }
 
     fn state(&self) -> StateFile<'_> {
@@ -591,7 +597,7 @@ impl<K: Copy + Eq + Hash> Learner<K> {
             .summaries()
             .zip(&self.scopes)
             .map(|(summary, scope)| ScopeRecord {
-                scope: Cow::Borrowed(summary.scope),
+                scope: Cow::Owned(summary.scope),
                 samples: summary.samples,
                 max: summary.max.map(seconds),
                 after: summary.after.map(seconds),
@@ -603,6 +609,24 @@ impl<K: Copy + Eq + Hash> Learner<K> {
             .collect();
         StateFile { format: STATE_FORMAT.into(), version: STATE_VERSION, scopes }
     }
+}
+
+/// Writes a state file's `content` (from [`Learner::state_bytes`]) to `path` atomically: a
+/// temporary file in the same directory, flushed to disk, then renamed over `path`.
+pub fn write_state(path: &Path, content: &[u8]) -> Result<(), StateError> {
+    let write = || -> io::Result<()> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let mut file = tempfile::Builder::new().prefix(".elastic-timer-state.").tempfile_in(dir)?;
+        file.write_all(content)?;
+        file.as_file().sync_all()?;
+        file.persist(path).map_err(|e| e.error)?;
+        // The rename is durable once the directory is.
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|source| StateError::Write { path: path.to_owned(), source })
 }
 
 /// The file's bytes; None when it is larger than [`MAX_STATE_BYTES`].
@@ -658,7 +682,7 @@ mod tests {
         acquired
     }
 
-    fn summary<'a>(learner: &'a Learner<Pid>, scope: &str) -> ScopeSummary<'a> {
+    fn summary(learner: &Learner<Pid>, scope: &str) -> ScopeSummary {
         learner.summaries().find(|s| s.scope == scope).expect("the scope is tracked")
     }
 
@@ -772,7 +796,7 @@ mod tests {
         assert_eq!(learner.acquired(1, "c", base, SECOND).limit_reached, Some(Limit::Scopes));
         assert_eq!(learner.acquired(1, "d", base, SECOND).limit_reached, None);
         assert_eq!(learner.acquired(1, "a", base, SECOND).limit_reached, None);
-        let scopes: Vec<&str> = learner.summaries().map(|s| s.scope).collect();
+        let scopes: Vec<String> = learner.summaries().map(|s| s.scope).collect();
         assert_eq!(scopes, ["a", "b"]);
         assert_eq!(learner.worker_scopes, 2);
     }
@@ -831,7 +855,7 @@ mod tests {
         assert!((0.99..=1.0).contains(&p99), "p99 {p99}");
         let idle = summary(&learner, "idle");
         let expected = ScopeSummary {
-            scope: "idle",
+            scope: "idle".into(),
             samples: 0,
             p50: None,
             p99: None,
@@ -1080,7 +1104,7 @@ mod tests {
         many.save(&path).expect("saved");
         let loaded: Learner<Pid> =
             Learner::load(LearnConfig { max_scopes: 2, ..config() }, &path).expect("ok");
-        let scopes: Vec<&str> = loaded.summaries().map(|s| s.scope).collect();
+        let scopes: Vec<String> = loaded.summaries().map(|s| s.scope).collect();
         assert_eq!(scopes, ["a", "b"]);
     }
 

@@ -22,3 +22,6 @@ pub mod untrusted;
 
 #[cfg(feature = "python")]
 mod bindings;
+
+#[cfg(test)]
+mod test_support;

@@ -387,17 +387,10 @@ pub fn signal_self(signal: Signal) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{pid_of, shell_once_it_says, sleeper};
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Child, Command};
     use std::time::{Duration, Instant};
-
-    fn sleeper() -> Child {
-        Command::new("sleep").arg("30").spawn().expect("spawn sleep")
-    }
-
-    fn pid_of(child: &Child) -> Pid {
-        Pid::from_raw(child.id() as i32).expect("child pid")
-    }
 
     #[test]
     fn refuses_pids_that_are_not_one_process() {
@@ -542,17 +535,7 @@ mod tests {
         let mut workers = Workers::new(16);
         // A child, and a grandchild (the shell's child).
         let mut child = sleeper();
-        let mut shell = Command::new("sh")
-            .args(["-c", "sleep 30 & echo $!; wait"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn sh");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(shell.stdout.take().expect("stdout")),
-            &mut line,
-        )
-        .expect("read");
+        let (mut shell, line) = shell_once_it_says("sleep 30 & echo $!; wait");
         let grandchild = Pid::from_raw(line.trim().parse().expect("pid")).expect("pid");
         for pid in [pid_of(&child), grandchild] {
             let _ = workers.track(pid);

@@ -3,7 +3,8 @@
 # (torch among them, from PyPI) and Debian's libfaketime, checks formatting and lints, then runs
 # the Rust unit tests and the whole pytest suite (torch-interop tests included; none is skipped),
 # then fuzzes the two decoders briefly (cargo-fuzz on the stable toolchain, with RUSTC_BOOTSTRAP
-# for its -Z flags).
+# for its -Z flags). Arguments go to pytest: `make test-fast` runs
+# `FUZZ_SECONDS=0 bash scripts/test.sh -m "not torchrun"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,14 +18,7 @@ if ! compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null; then
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y libfaketime
 fi
 
-cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo clippy --all-targets --features python -- -D warnings
-python3 -m ruff check python tests examples benches
-python3 -m ruff format --check python tests examples benches
-python3 -m mypy
-# The stub of the native module, checked against the compiled module.
-python3 -m mypy.stubtest elastic_timer._native --allowlist stubtest-allowlist.txt
+bash scripts/lint.sh
 
 cargo test --lib
 
@@ -41,4 +35,4 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
 fi
 
 # Last, so its summary is the run's closing line.
-python3 -m pytest
+python3 -m pytest "$@"

@@ -1,12 +1,24 @@
 """Shared fixtures and rules: a clean global timer client, cleanup of the servers and child
 processes a test starts (only those: nothing else is ever signalled), no skipped test, and a
-failed test's leftover processes killed."""
+failed test's leftover processes killed.
+
+Also the ``torch`` marker's bookkeeping: every test of a module that imports torch at top level,
+and every ``torchrun`` test, is marked ``torch``. On a Python without torch, ``-m "not torch"``
+does not import those modules at all; anywhere else they are collected as usual, so a missing
+torch is an error, never a skip. ``ft_launcher`` tests are deselected (not skipped) on Pythons
+that nvidia-resiliency-ext does not support (before 3.10).
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import os
+import re
 import signal
 import subprocess
+import sys
 from collections.abc import Generator, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -72,6 +84,48 @@ def kill_what_a_failed_test_left(request: pytest.FixtureRequest) -> Iterator[Non
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+TORCH_INSTALLED = importlib.util.find_spec("torch") is not None
+
+
+@functools.cache
+def imports_torch(path: Path) -> bool:
+    """Whether the module at ``path`` imports torch at top level."""
+    for node in ast.parse(path.read_bytes()).body:
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.partition(".")[0] == "torch" for name in names):
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    deselects_torch = re.search(r"\bnot\s+torch\b", config.getoption("markexpr") or "")
+    if TORCH_INSTALLED or not deselects_torch or collection_path.suffix != ".py":
+        return None
+    return imports_torch(collection_path) or None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return "torch: " + ("installed" if TORCH_INSTALLED else "not installed")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if imports_torch(item.path) or item.get_closest_marker("torchrun"):
+            item.add_marker(pytest.mark.torch)
+    if sys.version_info < (3, 10):
+        # nvidia-resiliency-ext needs Python 3.10: not a missing feature of ours.
+        unsupported = [item for item in items if item.get_closest_marker("ft_launcher")]
+        if unsupported:
+            config.hook.pytest_deselected(items=unsupported)
+            items[:] = [item for item in items if item not in unsupported]
 
 
 class Stoppable(Protocol):

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ["client", "throughput", "reap", "cpu", "scale"]
+FAMILIES = ["client", "throughput", "reap", "cpu", "scale", "adaptive"]
+
+pytestmark = pytest.mark.torch  # the harness measures torch's timers too (and needs matplotlib)
 
 
 def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:

@@ -97,7 +97,8 @@ def file_server(fifo: str) -> Iterator[Callable[..., tuple[FileTimerServer, list
 
 
 @pytest.mark.parametrize(
-    ("setup", "source"), [(OUR_CLIENT, "faulthandler"), (TORCH_CLIENT, "py-spy")]
+    ("setup", "source"),
+    [(OUR_CLIENT, "faulthandler"), pytest.param(TORCH_CLIENT, "py-spy", marks=pytest.mark.torch)],
 )
 def test_the_stacks_of_an_expired_worker_are_logged_before_it_is_killed(
     file_server: Callable[..., Any],
@@ -128,6 +129,7 @@ def test_the_stacks_of_an_expired_worker_are_logged_before_it_is_killed(
     assert server.stats()["stack_dumps"] == 1
 
 
+@pytest.mark.torch
 def test_a_worker_with_no_way_to_dump_it_is_killed_at_its_deadline(
     file_server: Callable[..., Any],
     fifo: str,
@@ -567,6 +569,8 @@ def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> N
         "stack_dumps",
         "live_timers",
         "events_dropped",
+        "learned_expiries",
+        "learned_scopes",
     }
 
 
@@ -599,6 +603,10 @@ def test_the_diagnostics_keywords_are_those_documented_and_a_typo_is_an_error(
         "dry_run",
         "event_log",
         "on_event",
+        "adaptive",
+        "adaptive_factor",
+        "adaptive_floor",
+        "state_file",
     }
     args = (fifo, "typo") if server is FileTimerServer else (mp.get_context("spawn").Queue(),)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\): stack_dum$"):

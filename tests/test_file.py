@@ -826,7 +826,8 @@ def test_server_process_signals_itself_after_a_reap(sig: int, tmp_path: Path) ->
     worker_pid = int(run.stdout.split()[0])
     try:
         assert run.returncode == -sig, (run.stdout, run.stderr)
-        assert process_gone(worker_pid)
+        # Signalled before the server's process, but its teardown may finish after that one's.
+        assert wait_for(lambda: process_gone(worker_pid))
         assert f"Successfully reaped worker=[{worker_pid}] with signal={int(sig)}" in run.stderr
         assert "Terminating the server process" in run.stderr
     finally:
@@ -871,8 +872,8 @@ def test_signal_self_default_follows_the_installed_torch(
 class RecordingServer(FileTimerServer):
     """Overrides torch's ``_reap_worker(worker_pid, signal)`` hook; reaps only its workers."""
 
-    def __init__(self, *args: Any, workers: set[int], fail_first: bool = False, **kw: Any):
-        super().__init__(*args, **kw)
+    def __init__(self, fifo: str, workers: set[int], fail_first: bool = False, **kw: Any):
+        super().__init__(fifo, "override", max_interval=0.2, signal_self=False, **kw)
         self.workers = workers
         self.calls: list[tuple[int, int]] = []
         self.fail_first = fail_first
@@ -898,14 +899,7 @@ def test_reap_worker_override_is_called_with_pid_and_signal(
     False it is called again on a later pass (torch: "Will retry on next watchdog")."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     workers: set[int] = set()
-    server = RecordingServer(
-        fifo,
-        "override",
-        max_interval=0.2,
-        signal_self=False,
-        workers=workers,
-        fail_first=fail_first,
-    )
+    server = RecordingServer(fifo, workers, fail_first=fail_first)
     try:
         server.start()
         may_go = CTX.Event()
@@ -938,14 +932,7 @@ def test_a_failing_log_event_does_not_cancel_an_overridden_reap(
         if name == "timer expired" and failures:
             raise failures.pop()
 
-    server = RecordingServer(
-        fifo,
-        "override",
-        max_interval=0.2,
-        signal_self=False,
-        workers=workers,
-        log_event=log_event,
-    )
+    server = RecordingServer(fifo, workers, log_event=log_event)
     try:
         server.start()
         may_go = CTX.Event()
@@ -983,7 +970,7 @@ def test_an_overridden_reap_survives_a_reporter_that_fell_behind(
     lines fills the event queue, a worker's timer expires. Once Python catches up, the
     override is still asked to reap the stuck worker: a dropped report must not cancel a reap."""
     workers: set[int] = set()
-    server = RecordingServer(fifo, "override", max_interval=0.2, signal_self=False, workers=workers)
+    server = RecordingServer(fifo, workers)
     handler = BlockingHandler()
     logger = logging.getLogger(LOGGER)
     try:

@@ -707,6 +707,36 @@ def test_interpreter_shutdown_with_a_running_server(tmp_path: Path) -> None:
     assert time.monotonic() - started < 5
 
 
+# Registered before elastic_timer is imported, so it runs after elastic_timer's own exit hook.
+EXIT_HOOK_SCRIPT = """
+import atexit, os, sys, threading
+
+def at_exit():
+    reporters = [t for t in threading.enumerate() if t.name == "elastic-timer-reporter"]
+    print("reporters", len(reporters), "fifo", os.path.exists(sys.argv[1]), flush=True)
+
+atexit.register(at_exit)
+from elastic_timer import FileTimerServer, LocalTimerServer
+import multiprocessing as mp
+
+file_server = FileTimerServer(sys.argv[1], "exit", max_interval=10)  # daemon, never stopped
+file_server.start()
+local_server = LocalTimerServer(mp.get_context("spawn").Queue(), max_interval=10)
+local_server.start()
+"""
+
+
+def test_servers_nobody_stopped_are_stopped_before_the_interpreter_finalizes(
+    tmp_path: Path,
+) -> None:
+    """Their reporters return before finalization: one waking during it would be ended with
+    pthread_exit, unwinding through native frames (a crash in the zig-linked wheel)."""
+    fifo = tmp_path / "timer.fifo"
+    run = run_script(EXIT_HOOK_SCRIPT, str(fifo), timeout=20)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "reporters 0 fifo False\n", run.stderr
+
+
 # -- stop() from another thread, and from a signal handler --------------------------------------
 
 STOP_SCRIPT = """

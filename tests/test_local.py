@@ -534,18 +534,25 @@ class RecordingServer(LocalTimerServer):
         return True
 
 
+def _recorded_hang(
+    servers: Servers, children: Children, mp_queue: Any, **kw: Any
+) -> tuple[RecordingServer, BaseProcess]:
+    """A started ``RecordingServer`` and a worker hanging past a 0.3 s timer, which the
+    server may reap."""
+    allowed: set[int] = set()
+    server = RecordingServer(mp_queue, allowed, **kw)
+    servers.append(server)
+    server.start()
+    worker = _start(children, _hang, mp_queue, 0.3)
+    assert worker.pid is not None
+    allowed.add(worker.pid)
+    return server, worker
+
+
 def test_reap_worker_override_is_called(servers: Servers, children: Children) -> None:
     """A subclass's ``_reap_worker`` is what reaps: called once with the worker's pid."""
     mp_queue = FORK.Queue()
-    allowed: set[int] = set()
-    server = RecordingServer(mp_queue, allowed)
-    servers.append(server)
-    server.start()
-    worker = FORK.Process(target=_hang, args=(mp_queue, 0.3))
-    worker.start()
-    children.append(worker)
-    assert worker.pid is not None
-    allowed.add(worker.pid)
+    server, worker = _recorded_hang(servers, children, mp_queue)
     assert _join(worker) == -signal.SIGKILL
     time.sleep(0.2)
     assert [pid for pid, _ in server.calls] == [worker.pid]
@@ -559,15 +566,7 @@ def test_a_failed_override_reap_is_retried(
     about max_interval) until it succeeds."""
     caplog.set_level(logging.INFO, logger="elastic_timer")
     mp_queue = FORK.Queue()
-    allowed: set[int] = set()
-    server = RecordingServer(mp_queue, allowed, failures=2)
-    servers.append(server)
-    server.start()
-    worker = FORK.Process(target=_hang, args=(mp_queue, 0.3))
-    worker.start()
-    children.append(worker)
-    assert worker.pid is not None
-    allowed.add(worker.pid)
+    server, worker = _recorded_hang(servers, children, mp_queue, failures=2)
     assert _join(worker) == -signal.SIGKILL
     assert [pid for pid, _ in server.calls] == [worker.pid] * 3
     gaps = [b - a for (_, a), (_, b) in zip(server.calls, server.calls[1:])]

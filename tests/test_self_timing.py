@@ -35,10 +35,8 @@ fifo = os.path.join(tempfile.mkdtemp(), "timer.fifo")
 """
 
 # torch's test pattern: configure() a client of an in-process server, and read _timers.
-FILE_SCENARIO = """
-server = timer.FileTimerServer(fifo, "self", max_interval=0.1, signal_self=False)
+GUARDED_THEN_STUCK = """
 server.start()
-timer.configure(timer.FileTimerClient(fifo, signal=signal.SIGTERM))
 me = os.getpid()
 with timer.expires(after=60, scope="guarded"):
     say("listed", wait_for(lambda: (me, "guarded") in server._timers))
@@ -49,20 +47,22 @@ with timer.expires(after=0.5, scope="stuck"):
 say("survived")
 """
 
-LOCAL_SCENARIO = """
+FILE_SCENARIO = (
+    """
+server = timer.FileTimerServer(fifo, "self", max_interval=0.1, signal_self=False)
+timer.configure(timer.FileTimerClient(fifo, signal=signal.SIGTERM))
+"""
+    + GUARDED_THEN_STUCK
+)
+
+LOCAL_SCENARIO = (
+    """
 queue = mp.get_context("spawn").Queue()
 server = timer.LocalTimerServer(queue, max_interval=0.1)
-server.start()
 timer.configure(timer.LocalTimerClient(queue))
-me = os.getpid()
-with timer.expires(after=60, scope="guarded"):
-    say("listed", wait_for(lambda: (me, "guarded") in server._timers))
-say("released", wait_for(lambda: not server._timers))
-say("hanging")
-with timer.expires(after=0.5, scope="stuck"):
-    time.sleep(30)
-say("survived")
 """
+    + GUARDED_THEN_STUCK
+)
 
 # With descendants_only, the server's own process is refused: it does not descend from itself.
 DESCENDANTS_ONLY_SCENARIO = """

@@ -273,6 +273,7 @@ def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
     assert "Traceback" not in daemon.log()
 
 
+@pytest.mark.torch
 def test_daemon_reaps_a_torch_client_worker(
     start_daemon: Callable[..., Daemon], children: Children
 ) -> None:
@@ -302,6 +303,51 @@ def test_a_healthy_worker_is_left_alone(
     assert worker.wait(10) == 0
     assert "Reaping" not in daemon.log()
     assert daemon.stop() == 0
+
+
+LEARNING_WORKER = """\
+import sys, time
+import elastic_timer
+
+client = elastic_timer.FileTimerClient(sys.argv[1])
+for _ in range(12):  # 2 warm-up blocks, then 10 samples of 10 ms
+    with elastic_timer.expires(after=60, scope="step", client=client):
+        time.sleep(0.01)
+with elastic_timer.expires(after=60, scope="step", client=client):
+    print("armed", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_adaptive_flags_learn_reap_at_the_bound_expose_and_save_it(
+    start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
+) -> None:
+    """``--adaptive --adaptive-floor --state-file``: the hang asking for 60 s is reaped at the
+    learned bound, the metrics show the scope's durations and timeout, and the state file is
+    saved at stop."""
+    state = tmp_path / "learned.json"
+    daemon = start_daemon(
+        "--adaptive",
+        "--adaptive-floor",
+        "0.5",
+        "--state-file",
+        str(state),
+        "--metrics",
+        "127.0.0.1:0",
+    )
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", daemon.log())
+    assert found, daemon.log()
+    worker = start_worker(children, LEARNING_WORKER, daemon.fifo, 60)
+    armed = time.monotonic()
+    assert worker.wait(30) == -signal.SIGKILL
+    assert time.monotonic() - armed < 10, "reaped at its after, not the learned bound"
+    body = scrape(int(found.group(1)))[2]
+    assert 'elastic_timer_scope_timeout_seconds{scope="step"} 0.5\n' in body, body
+    assert 'elastic_timer_scope_duration_seconds_count{scope="step"} 10\n' in body
+    assert samples(body)["elastic_timer_learned_expiries_total"] == 1
+    assert "Learned timeout fired" in daemon.log()
+    assert daemon.stop() == 0
+    assert json.loads(state.read_text())["scopes"][0]["scope"] == "step"
 
 
 def test_metrics_count_requests_and_the_reap(

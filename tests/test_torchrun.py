@@ -3,7 +3,8 @@
 The job (tests/jobs/train.py) runs three steps per worker, each inside
 ``expires(after=1)``; the rank named by HANG_RANK hangs in its second step on the attempts
 listed in HANG_ATTEMPTS. Workers configure their client with ``elastic_timer.configure()``:
-the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent.
+the FIFO comes from TORCHELASTIC_TIMER_FILE, set by the agent. The jobs are marked
+``torchrun`` (which implies ``torch``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProces
     return result, time.monotonic() - started
 
 
+@pytest.mark.torchrun
 def test_a_job_without_hang_finishes_with_exit_0_and_no_reap(tmp_path: Path) -> None:
     result, _ = run([LAUNCHER, "--standalone", *COMMON, JOB], job_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -78,6 +80,7 @@ EXPIRY_SAYS = re.compile(
 )
 
 
+@pytest.mark.torchrun
 def test_a_hung_worker_ends_the_job_with_torchruns_failure_summary(tmp_path: Path) -> None:
     """--max-restarts 0: the hung worker is reaped and the agent, which our server never
     kills, ends the job as torchrun ends a failed job: exit 1 and its failure summary, whose
@@ -97,6 +100,7 @@ def test_a_hung_worker_ends_the_job_with_torchruns_failure_summary(tmp_path: Pat
     assert "error.json" in cause  # the summary read the worker's error file
 
 
+@pytest.mark.torchrun
 def test_the_failure_summary_has_the_hung_workers_stacks(tmp_path: Path) -> None:
     """With stacks on, the Root Cause shows where the worker was stuck; the event log names
     the error file written."""
@@ -115,6 +119,7 @@ def test_the_failure_summary_has_the_hung_workers_stacks(tmp_path: Path) -> None
     assert f"error_file: {expired['error_file']}" in cause
 
 
+@pytest.mark.torchrun
 def test_a_worker_that_records_its_own_error_keeps_its_message(tmp_path: Path) -> None:
     """The timer reaps with SIGTERM, which the worker turns into an exception that torch's
     @record writes to its error file: the summary shows the worker's traceback, not ours."""
@@ -128,6 +133,7 @@ def test_a_worker_that_records_its_own_error_keeps_its_message(tmp_path: Path) -
     assert "elastic-timer: a timer" not in cause
 
 
+@pytest.mark.torchrun
 @pytest.mark.parametrize("signal_self", [True, None])
 def test_install_with_torchs_self_signal_ends_the_job_as_stock_torch(
     tmp_path: Path, signal_self: bool | None
@@ -165,6 +171,7 @@ def test_install_with_torchs_self_signal_ends_the_job_as_stock_torch(
     print(f"job with a hung worker: elastic-timer {ours_time:.2f} s, torch {stock_time:.2f} s")
 
 
+@pytest.mark.torchrun
 def test_a_hung_worker_is_reaped_and_the_group_restarted(tmp_path: Path) -> None:
     """--max-restarts 1: the hang of attempt 0 is reaped, the group restarts, the job ends 0."""
     result, _ = run(
@@ -181,6 +188,38 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.torchrun
+def test_learned_timeouts_catch_a_hang_in_seconds_and_again_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """--max-restarts 1 with ELASTIC_TIMER_ADAPTIVE=1 and steps that ask for 60 s: rank 1
+    hangs after 12 steps and is reaped at the learned bound (the 0.5 s floor here); the group
+    restarts under a new server, which loads what the first learned (a file per run id), and
+    rank 1, hanging at its first step, is reaped at the learned bound again."""
+    env = job_env(tmp_path, hang_rank=1, hang_attempts="0,1")
+    events = tmp_path / "events.jsonl"
+    env.update(
+        STEPS="20",
+        STEP_TIMEOUT="60",
+        HANG_STEPS="12,0",
+        ELASTIC_TIMER_ADAPTIVE="1",
+        ELASTIC_TIMER_ADAPTIVE_FLOOR="0.5",
+        ELASTIC_TIMER_EVENT_LOG=str(events),
+    )
+    result, took = run([LAUNCHER, "--standalone", "--max-restarts", "1", *COMMON, JOB], env)
+    assert result.returncode != 0, "both attempts hung: the job fails"
+    assert "rank 1" not in " ".join(finished(tmp_path)), result.stderr[-3000:]
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    expired = [r for r in records if r["event"] == "timer expired"]
+    assert [(r["outcome"], r["learned_bound"]) for r in expired] == [("signalled", 0.5)] * 2
+    first, second = expired
+    assert first["learned_samples"] >= 10
+    assert second["learned_samples"] >= first["learned_samples"], "learned afresh"
+    assert all(r["learned_after"] > 59 for r in expired)
+    assert took < 60, "a hang cost its after (60 s), not the learned bound"
+
+
+@pytest.mark.torchrun
 def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: Path) -> None:
     """A torchrun user cannot pass keywords to the agent's server: the environment does it.
     The hung worker's stacks appear in the agent's log before its reap, and in the event log."""
@@ -199,6 +238,7 @@ def test_environment_variables_turn_on_stack_dumps_and_the_event_log(tmp_path: P
     assert "in main" in expired["stacks"], expired["stacks"]
 
 
+@pytest.mark.torchrun
 def test_stock_torchrun_kills_its_agent_instead_of_restarting(tmp_path: Path) -> None:
     """Why the launcher turns the self-signal off: with torch's server (from torch 2.7 on)
     --max-restarts is moot. Before 2.7 torch's server left the agent alone, which restarted."""
@@ -231,6 +271,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.torchrun
 def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     """Two agents (c10d rendezvous on 127.0.0.1), a worker on node 1 hangs: it is reaped, both
     the failed group restarts, and both agents end the job cleanly (exit 0). The other
@@ -322,6 +363,7 @@ def hang_job_env(tmp_path: Path, hang_rank: int) -> dict[str, str]:
     return env
 
 
+@pytest.mark.torchrun
 def test_one_hang_report_names_the_rank_that_is_not_in_the_collective(tmp_path: Path) -> None:
     """The issue's proof: ranks step through all_reduce inside expires(after=3); at step 2
     rank 3 sleeps in load_batch instead. Both agents take all their ranks' stacks, one
@@ -348,6 +390,7 @@ def test_one_hang_report_names_the_rank_that_is_not_in_the_collective(tmp_path: 
     assert re.search(r'collective.py", line \d+ in load_batch', failure.split("\n[")[0])
 
 
+@pytest.mark.torchrun
 def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers(
     tmp_path: Path,
 ) -> None:
@@ -370,6 +413,7 @@ def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers
     assert any("(behind the others in Flight Recorder's" in err for _, err in outcomes)
 
 
+@pytest.mark.torchrun
 def test_the_same_job_without_a_hang_ends_0_and_writes_no_report(tmp_path: Path) -> None:
     outcomes = two_agents(tmp_path, hang_job_env(tmp_path, hang_rank=-1), "no-hang")
     assert [code for code, _ in outcomes] == [0, 0], outcomes[0][1][-3000:]
@@ -381,6 +425,7 @@ def test_the_same_job_without_a_hang_ends_0_and_writes_no_report(tmp_path: Path)
     assert all("Hang report" not in stderr for _, stderr in outcomes)
 
 
+@pytest.mark.torch  # the launcher's help is torchrun's, with ours in front
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_launcher_help_explains_the_restart_behaviour(flag: str) -> None:
     result = subprocess.run([LAUNCHER, flag], capture_output=True, text=True, timeout=60)
@@ -400,6 +445,7 @@ def test_configure_without_argument_or_variable_is_a_clear_error() -> None:
     assert "TORCHELASTIC_TIMER_FILE" in result.stdout
 
 
+@pytest.mark.torch
 def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: Path) -> None:
     """What torch's agent looks up resolves to our server after install(), with the
     signal_self default asked for, and to torch's again after uninstall()."""
@@ -448,9 +494,7 @@ def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: P
 FT_LAUNCHER = [LAUNCHER, "--launcher", "ft_launcher"]
 STOCK_FT_LAUNCHER = [sys.executable, "-m", "nvidia_resiliency_ext.fault_tolerance.launcher"]
 FT_TIMER = "nvidia_resiliency_ext.fault_tolerance._torch_elastic_compat.timer"
-needs_ft_launcher = pytest.mark.skipif(
-    sys.version_info < (3, 10), reason="nvidia-resiliency-ext needs Python 3.10+"
-)
+needs_ft_launcher = pytest.mark.ft_launcher  # deselected before Python 3.10 (conftest)
 
 
 def expired_by_our_server(events: Path) -> dict[str, Any]:
@@ -469,6 +513,7 @@ def expired_by_our_server(events: Path) -> dict[str, Any]:
     return expired
 
 
+@pytest.mark.torchrun
 @needs_ft_launcher
 def test_ft_launcher_job_has_its_hung_rank_reaped_by_our_server_and_restarted(
     tmp_path: Path,
@@ -486,6 +531,7 @@ def test_ft_launcher_job_has_its_hung_rank_reaped_by_our_server_and_restarted(
     assert [r["event"] for r in read_events(events)].count("watchdog started") == 2
 
 
+@pytest.mark.torchrun
 @needs_ft_launcher
 def test_ft_launcher_without_restarts_ends_as_stock_ft_launcher(tmp_path: Path) -> None:
     """--max-restarts 0: ft_launcher's own server never signals the agent, so ours does not
@@ -623,6 +669,7 @@ def test_without_a_usable_ft_launcher(hidden: str, warned: bool) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.torchrun
 @needs_ft_launcher
 def test_ft_launcher_agents_write_the_hang_report_too(tmp_path: Path) -> None:
     """ft_launcher's agent (its own copy of torch's) joins the report as torchrun's does."""

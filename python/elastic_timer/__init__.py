@@ -24,6 +24,7 @@ Replace ``import torch.distributed.elastic.timer as timer`` by ``import elastic_
 timer`` and nothing else changes; the README lists the intended differences.
 """
 
+from ._native import __version__
 from .api import RequestQueue, TimerClient, TimerRequest, TimerServer, configure, expires
 from .file_based_local_timer import FileTimerClient, FileTimerRequest, FileTimerServer
 from .local_timer import LocalTimerClient, LocalTimerServer, MultiprocessingRequestQueue
@@ -39,6 +40,7 @@ __all__ = [
     "TimerClient",
     "TimerRequest",
     "TimerServer",
+    "__version__",
     "configure",
     "expires",
 ]

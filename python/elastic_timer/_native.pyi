@@ -14,15 +14,18 @@ __all__ = [
     "Expired",
     "Expiry",
     "FifoClient",
+    "LearnedBound",
     "Malformed",
     "Notice",
     "Outcome",
     "QueueWriter",
     "Refused",
+    "ScopeTimeout",
     "Server",
     "Stacks",
     "Unreapable",
     "WorkerExited",
+    "__version__",
     "decode_json_line",
     "decode_pickle",
     "encode_json_line",
@@ -31,6 +34,7 @@ __all__ = [
 PIPE_BUF: int
 # (name, "counter" | "gauge", help) of each key of Server.stats(), in order (server::Stats).
 STATS: list[tuple[str, str, str]]
+__version__: str
 
 _RequestTuple = tuple[int, str, float, int]
 
@@ -70,7 +74,39 @@ class Expiry:
     @property
     def stacks(self) -> Stacks | None: ...
     @property
+    def learned(self) -> LearnedBound | None: ...
+    @property
     def error_file(self) -> str | None: ...
+
+# A learned bound, in seconds, when it undercut the after an acquire asked for.
+@final
+class LearnedBound:
+    @property
+    def bound(self) -> float: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def max(self) -> float: ...
+    @property
+    def after(self) -> float: ...
+
+# One scope's learned figures, in seconds (None: no value yet).
+@final
+class ScopeTimeout:
+    @property
+    def scope(self) -> str: ...
+    @property
+    def samples(self) -> int: ...
+    @property
+    def p50(self) -> float | None: ...
+    @property
+    def p99(self) -> float | None: ...
+    @property
+    def max(self) -> float | None: ...
+    @property
+    def after(self) -> float | None: ...
+    @property
+    def suggested(self) -> float | None: ...
 
 @final
 class Expired:
@@ -159,6 +195,7 @@ class Server:
     def reject(self, reason: str) -> None: ...
     def peek_stacks(self, pids: list[int]) -> list[tuple[int, Stacks | None]]: ...
     def stats(self) -> dict[str, int]: ...
+    def timeouts(self) -> list[ScopeTimeout]: ...
     def last_progress(self) -> float: ...
     def next_event(self, timeout: float) -> Event | Closed | None: ...
     def ack_expired(self) -> None: ...

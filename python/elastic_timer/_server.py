@@ -8,10 +8,12 @@ If Python is wedged the reporter waits, and the reaping goes on.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -33,6 +35,55 @@ Outcome = _native.Outcome
 
 # How long stop() waits for the reporter to finish reporting what the loop already did.
 _REPORTER_JOIN_TIMEOUT = 5.0
+
+# The servers of this process whose loop runs, for _stop_at_exit.
+_RUNNING: weakref.WeakSet[NativeServer[Any]] = weakref.WeakSet()
+
+
+def _stop_at_exit() -> None:
+    """Stops the loops still running when the interpreter exits (daemon servers that nobody
+    stopped) and lets their reporters return. A reporter that woke during finalization would
+    be ended by CPython with pthread_exit, whose forced unwind crosses the native frames it
+    waits in: undefined behaviour, and a crash where the extension links its own unwinder (as
+    zig-linked manylinux wheels do)."""
+    for server in list(_RUNNING):
+        if not server._core.forked_copy:
+            server._stop_native()
+
+
+atexit.register(_stop_at_exit)
+
+
+# The events reported as one log record and one JSON event of their fields: level, message,
+# the JSON event's name, its fields.
+_PLAIN_EVENTS: dict[type, tuple[int, str, str, tuple[str, ...]]] = {
+    _native.Malformed: (
+        logging.WARNING,
+        "Skipping malformed timer request: %(reason)s",
+        "malformed",
+        ("reason",),
+    ),
+    _native.WorkerExited: (
+        logging.INFO,
+        "Worker pid=%(pid)s exited; dropped its %(dropped)s timer(s)",
+        "worker exited",
+        ("pid", "dropped"),
+    ),
+    _native.Escalated: (
+        logging.WARNING,
+        "Worker pid=%(pid)s still ran %(after).2f s after signal %(signal)s: sent SIGKILL",
+        "escalated",
+        ("pid", "signal", "after"),
+    ),
+    _native.Unreapable: (
+        logging.ERROR,
+        "Worker pid=%(pid)s still runs %(after).2f s after SIGKILL and cannot be reaped: "
+        "%(state)s (reported once)",
+        "unreapable",
+        ("pid", "after", "state"),
+    ),
+    _native.Notice: (logging.WARNING, "%(message)s", "warning", ("message",)),
+}
 
 
 class NativeServer(Generic[R]):
@@ -176,6 +227,7 @@ class NativeServer(Generic[R]):
             target=self._report_events, name="elastic-timer-reporter", daemon=self._daemon
         )
         self._reporter.start()
+        _RUNNING.add(self)
 
     def _stop_native(self, *, run_once: bool = False) -> bool:
         """Stops the loop (after one last pass if ``run_once``); False if it was not running.
@@ -183,6 +235,7 @@ class NativeServer(Generic[R]):
         when the loop never ran."""
         # Taken first: stop() may be called again meanwhile (another thread, a signal handler).
         reporter, self._reporter = self._reporter, None
+        _RUNNING.discard(self)
         if run_once:
             self._core.run_once()
         else:
@@ -217,9 +270,6 @@ class NativeServer(Generic[R]):
     def _report(self, event: _native.Event) -> None:
         if isinstance(event, _native.Expired):
             self._report_expired(event.expiries)
-        elif isinstance(event, _native.Malformed):
-            logger.warning("Skipping malformed timer request: %s", event.reason)
-            self._events.emit("malformed", reason=event.reason)
         elif isinstance(event, _native.Refused):
             pid, scope, expiration, sig = event.request
             logger.error(
@@ -236,33 +286,15 @@ class NativeServer(Generic[R]):
                 signal=sig,
                 reason=event.reason,
             )
-        elif isinstance(event, _native.WorkerExited):
-            logger.info("Worker pid=%s exited; dropped its %s timer(s)", event.pid, event.dropped)
-            self._events.emit("worker exited", pid=event.pid, dropped=event.dropped)
         elif isinstance(event, _native.Dumping):
             # Its stacks are being taken: the moment for the other ranks' (an Expired follows).
             if self._hang_reporter is not None:
                 self._hang_reporter.expiring(event.pid, event.scopes)
-        elif isinstance(event, _native.Escalated):
-            logger.warning(
-                "Worker pid=%s still ran %.2f s after signal %s: sent SIGKILL",
-                event.pid,
-                event.after,
-                event.signal,
-            )
-            self._events.emit("escalated", pid=event.pid, signal=event.signal, after=event.after)
-        elif isinstance(event, _native.Unreapable):
-            logger.error(
-                "Worker pid=%s still runs %.2f s after SIGKILL and cannot be reaped: %s "
-                "(reported once)",
-                event.pid,
-                event.after,
-                event.state,
-            )
-            self._events.emit("unreapable", pid=event.pid, after=event.after, state=event.state)
-        elif isinstance(event, _native.Notice):
-            logger.warning("%s", event.message)
-            self._events.emit("warning", message=event.message)
+        elif type(event) in _PLAIN_EVENTS:
+            level, message, name, fields = _PLAIN_EVENTS[type(event)]
+            values = {field: getattr(event, field) for field in fields}
+            logger.log(level, message, values)
+            self._events.emit(name, **values)
         else:
             raise TypeError(f"unknown timer server event {event!r}")
 
@@ -271,9 +303,11 @@ class NativeServer(Generic[R]):
         outcomes = []
         for expiry in expiries:
             requests = [self._request_from_tuple(t) for t in expiry.timers]
-            stacks = expiry.stacks
+            stacks, learned = expiry.stacks, expiry.learned
             if stacks is not None:
                 _log_stacks(expiry.pid, [r.scope_id for r in requests], stacks)
+            if learned is not None:
+                _log_learned(expiry.pid, [r.scope_id for r in requests], learned)
             outcome = self._reap_expired(
                 expiry.pid, requests, expiry.signal, expiry.outcome, expiry.detail
             )
@@ -295,6 +329,10 @@ class NativeServer(Generic[R]):
                 stacks=None if stacks is None else stacks.text,
                 stacks_source=None if stacks is None else stacks.source,
                 stacks_complete=None if stacks is None else stacks.complete,
+                learned_bound=None if learned is None else learned.bound,
+                learned_samples=None if learned is None else learned.samples,
+                learned_max=None if learned is None else learned.max,
+                learned_after=None if learned is None else learned.after,
                 error_file=expiry.error_file,
             )
         return outcomes
@@ -338,6 +376,13 @@ class NativeServer(Generic[R]):
         """Requests received (acquires and releases), as torch's File server counts them."""
         return int(self._core.stats()["requests"])
 
+    def timeouts(self) -> list[dict[str, Any]]:
+        """Each learned scope's figures, in seconds (None: no value yet): scope, samples, p50,
+        p99, max, after (the largest asked for) and suggested (the bound its acquires get,
+        at most after). Empty unless the server is adaptive."""
+        fields = ("scope", "samples", "p50", "p99", "max", "after", "suggested")
+        return [{f: getattr(t, f) for f in fields} for t in self._core.timeouts()]
+
     def stats(self) -> dict[str, int]:
         """The server's counters by name; ``elastic_timer._native.STATS`` says what each
         one counts (``live_timers`` is the timers held now)."""
@@ -350,6 +395,19 @@ def log_dry_run(pid: int, scopes: list[str], signal: int) -> None:
         pid,
         signal,
         scopes,
+    )
+
+
+def _log_learned(pid: int, scopes: list[str], learned: _native.LearnedBound) -> None:
+    logger.warning(
+        "Learned timeout fired for worker pid=%s (timers %s) after %.3f s, the bound learned "
+        "from %s samples (the longest %.3f s), before the after=%.3f s asked for",
+        pid,
+        scopes,
+        learned.bound,
+        learned.samples,
+        learned.max,
+        learned.after,
     )
 
 

@@ -78,6 +78,17 @@ TIMEOUT_COLUMNS = ("scope", "samples", "p50", "p99", "max", "after", "suggested"
 # -- argument types -----------------------------------------------------------------------------
 
 
+def factor(text: str) -> float:
+    """A finite number of at least 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number of at least 1, got {text!r}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """A positive, finite number of seconds."""
     try:
@@ -127,12 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="elastic-timer: expiration timers that kill hung workers.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    serve = commands.add_parser(
+
+    def command(name: str, handler: Any, summary: str, description: str, epilog: str) -> Any:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(handler=handler, parser=sub)
+        return sub
+
+    serve = command(
         "serve",
-        help="run a standalone timer server (a FIFO workers send their timers to)",
-        description=SERVE_DESCRIPTION,
-        epilog=SERVE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _serve,
+        "run a standalone timer server (a FIFO workers send their timers to)",
+        SERVE_DESCRIPTION,
+        SERVE_EPILOG,
     )
     serve.add_argument(
         "--fifo",
@@ -191,6 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="Log and report every expired timer, but signal nothing.",
     )
     serve.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="Learn each scope's durations from its acquires and releases, and fire at "
+        "min(after, max(floor, factor x the longest seen)) once a scope has enough samples "
+        "(ELASTIC_TIMER_ADAPTIVE=1 does the same).",
+    )
+    serve.add_argument(
+        "--adaptive-factor",
+        type=factor,
+        metavar="N",
+        help="The factor of --adaptive (at least 1). Default: 5.",
+    )
+    serve.add_argument(
+        "--adaptive-floor",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="The floor of --adaptive: no learned timeout is shorter. Default: 5.",
+    )
+    serve.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="Load the learned durations from PATH at start, and save them there (atomically) "
+        "at stop and now and then; `elastic-timer timeouts PATH` prints them.",
+    )
+    serve.add_argument(
         "--event-log",
         metavar="PATH",
         help="Append every event (a timer expired, a worker signalled...) to PATH as one "
@@ -211,16 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"The least severe log records shown on stderr ({', '.join(LOG_LEVELS)}). "
         "Default: %(default)s.",
     )
-    serve.set_defaults(handler=_serve, parser=serve)
-    timeouts = commands.add_parser(
+    timeouts = command(
         "timeouts",
-        help="print the scopes' durations and timeouts a server learned (its state file)",
-        description=TIMEOUTS_DESCRIPTION,
-        epilog=TIMEOUTS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        _timeouts,
+        "print the scopes' durations and timeouts a server learned (its state file)",
+        TIMEOUTS_DESCRIPTION,
+        TIMEOUTS_EPILOG,
     )
     timeouts.add_argument("state_file", metavar="STATE_FILE", help="The server's state file.")
-    timeouts.set_defaults(handler=_timeouts, parser=timeouts)
     return parser
 
 
@@ -239,6 +285,10 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         directory = os.path.dirname(os.path.abspath(args.event_log))
         if not os.path.isdir(directory):
             parser.error(f"--event-log: directory {directory} does not exist")
+    if args.state_file is not None:
+        directory = os.path.dirname(os.path.abspath(args.state_file))
+        if not os.path.isdir(directory):
+            parser.error(f"--state-file: directory {directory} does not exist")
     if args.stack_dump is None:
         for option, given in (
             ("--stack-signal", args.stack_signal is not None),
@@ -267,6 +317,11 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         options["dry_run"] = True
     if args.event_log is not None:
         options["event_log"] = args.event_log
+    if args.adaptive:
+        options["adaptive"] = True
+    for option in ("adaptive_factor", "adaptive_floor", "state_file"):
+        if getattr(args, option) is not None:
+            options[option] = getattr(args, option)
     return options
 
 
@@ -349,12 +404,15 @@ def _run(
     def stats() -> Mapping[str, int]:
         return server.stats() if server is not None else {}
 
+    def timeouts() -> list[dict[str, Any]]:
+        return server.timeouts() if server is not None else []
+
     try:
         if args.metrics is not None:
             # Bound first: a taken port then leaves no FIFO behind, not even for a moment.
             host, port = args.metrics
             try:
-                metrics = serve_metrics(host, port, stats)
+                metrics = serve_metrics(host, port, stats, timeouts)
             except OSError as e:
                 raise _SetupError(f"cannot serve metrics on {host}:{port}: {e}") from None
         try:

@@ -15,6 +15,13 @@ so that a torchrun user (who does not construct the agent's server) can turn it 
     report every expiry, signal nothing.
 ``ELASTIC_TIMER_EVENT_LOG=<path>``
     append every event to this file, one JSON object per line.
+``ELASTIC_TIMER_ADAPTIVE=1``
+    learn each scope's durations and fire at ``min(after, max(floor, factor x the longest
+    seen))`` once a scope has enough samples (``adaptive=True``).
+``ELASTIC_TIMER_ADAPTIVE_FACTOR=<number>``, ``ELASTIC_TIMER_ADAPTIVE_FLOOR=<seconds>``
+    that factor (default 5) and floor (default 5 s).
+``ELASTIC_TIMER_STATE_FILE=<path>``
+    where the learned statistics are loaded from at start and saved to.
 
 A server taking stacks makes a stacks directory (``ELASTIC_TIMER_STACKS_DIR`` from its own
 environment when set, created if missing; else a temporary one) and names it to workers in two
@@ -57,6 +64,12 @@ ESCALATE_AFTER_ENV = "ELASTIC_TIMER_ESCALATE_AFTER"
 DRY_RUN_ENV = "ELASTIC_TIMER_DRY_RUN"
 EVENT_LOG_ENV = "ELASTIC_TIMER_EVENT_LOG"
 STACKS_DIR_ENV = "ELASTIC_TIMER_STACKS_DIR"
+ADAPTIVE_ENV = "ELASTIC_TIMER_ADAPTIVE"
+ADAPTIVE_FACTOR_ENV = "ELASTIC_TIMER_ADAPTIVE_FACTOR"
+ADAPTIVE_FLOOR_ENV = "ELASTIC_TIMER_ADAPTIVE_FLOOR"
+STATE_FILE_ENV = "ELASTIC_TIMER_STATE_FILE"
+DEFAULT_ADAPTIVE_FACTOR = 5.0
+DEFAULT_ADAPTIVE_FLOOR = 5.0
 
 DEFAULT_STACK_SIGNAL = _signal.SIGUSR2
 # In the stacks directory: the signal number workers arm faulthandler on.
@@ -107,6 +120,13 @@ def _seconds(value: float, name: str) -> float:
     return seconds
 
 
+def _factor(value: float | str) -> float:
+    factor = float(value)
+    if not 1 <= factor < float("inf"):
+        raise ValueError(f"adaptive_factor must be a number of at least 1, got {value!r}")
+    return factor
+
+
 def _from_env(name: str, parse: Callable[[str], Any]) -> Any:
     """The parsed value of an environment variable; a bad one is logged and ignored, so a
     typo in a job's environment does not stop its agent from starting."""
@@ -146,6 +166,10 @@ class DiagnosticsOptions(TypedDict, total=False):
     dry_run: bool | None
     event_log: str | None
     on_event: EventCallback | None
+    adaptive: bool | None
+    adaptive_factor: float | None
+    adaptive_floor: float | None
+    state_file: str | None
 
 
 def _create_new(path: str, mode: int) -> int:
@@ -208,6 +232,10 @@ class Diagnostics:
     dry_run: bool = False
     event_log: str | None = None
     on_event: EventCallback | None = None
+    adaptive: bool = False
+    adaptive_factor: float = DEFAULT_ADAPTIVE_FACTOR
+    adaptive_floor: float = DEFAULT_ADAPTIVE_FLOOR
+    state_file: str | None = None
     # Whether the server made the stacks directory (and so removes it).
     owns_stacks_dir: bool = False
     # Whether the stacks directory is the user's ELASTIC_TIMER_STACKS_DIR (left set at stop).
@@ -256,7 +284,24 @@ class Diagnostics:
         if stacks_dir is not None:
             # Named to workers whose working directory is not the server's.
             stacks_dir = os.path.abspath(stacks_dir)
+        adaptive = options.get("adaptive")
+        if adaptive is None:
+            adaptive = bool(_from_env(ADAPTIVE_ENV, _flag))
+        factor = options.get("adaptive_factor")
+        if factor is None:
+            factor = _from_env(ADAPTIVE_FACTOR_ENV, _factor) or DEFAULT_ADAPTIVE_FACTOR
+        floor = options.get("adaptive_floor")
+        if floor is None:
+            floor = (
+                _from_env(ADAPTIVE_FLOOR_ENV, lambda s: _seconds(float(s), ADAPTIVE_FLOOR_ENV))
+                or DEFAULT_ADAPTIVE_FLOOR
+            )
+        state_file = options.get("state_file") or os.environ.get(STATE_FILE_ENV) or None
         return cls(
+            adaptive=bool(adaptive),
+            adaptive_factor=_factor(factor),
+            adaptive_floor=_seconds(floor, "adaptive_floor"),
+            state_file=None if state_file is None else os.path.abspath(state_file),
             stack_dump=stack_dump,
             stack_signal=parse_stack_signal(stack_signal),
             stacks_dir=stacks_dir,
@@ -271,6 +316,10 @@ class Diagnostics:
     def native_options(self) -> dict[str, Any]:
         """The native server's share of its options."""
         return {
+            "adaptive": self.adaptive,
+            "adaptive_factor": self.adaptive_factor,
+            "adaptive_floor": self.adaptive_floor,
+            "state_file": self.state_file,
             "dry_run": self.dry_run,
             "escalate_after": self.escalate_after,
             "stack_dump": self.stack_dump,

@@ -16,7 +16,7 @@ import selectors
 import socket
 import socketserver
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,8 +36,19 @@ GAUGES: dict[str, str] = {name: help for name, kind, help in _native.STATS if ki
 _INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
 
 
-def prometheus_text(stats: Mapping[str, int], *, prefix: str = "elastic_timer") -> str:
-    """``stats`` in the Prometheus text format 0.0.4: HELP, TYPE and sample for each key.
+# Per-scope series exposed at most (the scopes with the most samples): bounded cardinality.
+MAX_SCOPE_SERIES = 100
+
+Timeouts = Sequence[Mapping[str, Any]]
+
+
+def prometheus_text(
+    stats: Mapping[str, int], timeouts: Timeouts = (), *, prefix: str = "elastic_timer"
+) -> str:
+    """``stats`` in the Prometheus text format 0.0.4: HELP, TYPE and sample for each key;
+    then, from a learning server's ``timeouts()``, each scope's durations as a summary
+    (p50, p99, count) and its learned timeout, for the ``MAX_SCOPE_SERIES`` scopes with the
+    most samples.
 
     Known counters become ``<prefix>_<key>_total`` (counter), ``live_timers`` becomes
     ``<prefix>_live_timers`` (gauge), and any other key a gauge with a generic HELP. Known
@@ -62,7 +73,30 @@ def prometheus_text(stats: Mapping[str, int], *, prefix: str = "elastic_timer") 
             emit(key, "gauge", help_text)
     for key in sorted(k for k in stats if k not in COUNTERS and k not in GAUGES):
         emit(key, "gauge", f"The timer server's stats() value {key!r}.")
+    scopes = sorted(timeouts, key=lambda t: -int(t["samples"]))[:MAX_SCOPE_SERIES]
+    if scopes:
+        durations, timeout = f"{prefix}_scope_duration_seconds", f"{prefix}_scope_timeout_seconds"
+        lines.append(f"# HELP {durations} How long each scope's blocks take (learned).")
+        lines.append(f"# TYPE {durations} summary")
+        for scope in scopes:
+            label = f'scope="{_escape_label(str(scope["scope"]))}"'
+            for quantile in ("p50", "p99"):
+                if scope[quantile] is not None:
+                    q = "0.5" if quantile == "p50" else "0.99"
+                    value = _format_value(scope[quantile])
+                    lines.append(f'{durations}{{{label},quantile="{q}"}} {value}')
+            lines.append(f"{durations}_count{{{label}}} {int(scope['samples'])}")
+        lines.append(f"# HELP {timeout} The timeout each scope's acquires get (learned).")
+        lines.append(f"# TYPE {timeout} gauge")
+        for scope in scopes:
+            if scope["suggested"] is not None:
+                label = f'scope="{_escape_label(str(scope["scope"]))}"'
+                lines.append(f"{timeout}{{{label}}} {_format_value(scope['suggested'])}")
     return "".join(line + "\n" for line in lines)
+
+
+def _escape_label(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _metric_name(name: str) -> str:
@@ -92,11 +126,17 @@ class MetricsServer:
     chosen by the system when 0 was asked for).
     """
 
-    def __init__(self, host: str, port: int, stats: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        stats: Callable[[], Mapping[str, int]],
+        timeouts: Callable[[], Timeouts] = tuple,
+    ) -> None:
         family = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0][0]
-        self._httpd = _HTTPServer((host, port), family, stats)
+        self._httpd = _HTTPServer((host, port), family, stats, timeouts)
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._lock = threading.Lock()
@@ -133,13 +173,19 @@ class MetricsServer:
                     self._httpd.handle_request()
 
 
-def serve_metrics(host: str, port: int, stats: Callable[[], Mapping[str, int]]) -> MetricsServer:
-    """Serves ``prometheus_text(stats())`` at ``http://host:port/metrics`` until ``close()``.
+def serve_metrics(
+    host: str,
+    port: int,
+    stats: Callable[[], Mapping[str, int]],
+    timeouts: Callable[[], Timeouts] = tuple,
+) -> MetricsServer:
+    """Serves ``prometheus_text(stats(), timeouts())`` at ``http://host:port/metrics`` until
+    ``close()``.
 
     Port 0 picks a free port (see ``MetricsServer.address``). Raises ``OSError`` when the
     address cannot be resolved or bound.
     """
-    return MetricsServer(host, port, stats)
+    return MetricsServer(host, port, stats, timeouts)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -150,9 +196,11 @@ class _HTTPServer(ThreadingHTTPServer):
         address: tuple[str, int],
         family: socket.AddressFamily,
         stats: Callable[[], Mapping[str, int]],
+        timeouts: Callable[[], Timeouts],
     ) -> None:
         self.address_family = family
         self.stats = stats
+        self.timeouts = timeouts
         super().__init__(address, _MetricsHandler)
         self.timeout = None
 
@@ -182,7 +230,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
             return
         assert isinstance(self.server, _HTTPServer)
         try:
-            text = prometheus_text(self.server.stats())
+            text = prometheus_text(self.server.stats(), self.server.timeouts())
         except Exception:
             logger.exception("Error collecting timer server stats for /metrics")
             self._send(500, "text/plain; charset=utf-8", b"Error collecting stats\n", body)

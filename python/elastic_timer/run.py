@@ -55,6 +55,13 @@ Opt-in diagnostics, set in the environment of this command:
                                      SIGKILL a worker that outlives its signal that long
   ELASTIC_TIMER_DRY_RUN=1            report expiries, kill nothing
   ELASTIC_TIMER_EVENT_LOG=PATH       every event as one JSON object per line
+  ELASTIC_TIMER_ADAPTIVE=1           learn each scope's durations; fire at
+                                     min(after, max(floor, factor x the longest block)),
+                                     kept across restarts of the worker group
+  ELASTIC_TIMER_ADAPTIVE_FACTOR=N, ELASTIC_TIMER_ADAPTIVE_FLOOR=SECONDS
+                                     that factor (default 5) and floor (default 5 s)
+  ELASTIC_TIMER_STATE_FILE=PATH      where the learned durations are kept (default: one file
+                                     per run id in the temporary directory)
 
 """
 

@@ -17,11 +17,14 @@ import functools
 import importlib
 import importlib.util
 import logging
+import os
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from .diagnostics import STATE_FILE_ENV
 from .file_based_local_timer import FileTimerServer
 from .hang_report import HangReporter
 
@@ -102,6 +105,10 @@ def _agent_server(
                 if name in kwargs:
                     raise TypeError(f"FileTimerServer got multiple values for argument {name!r}")
             kwargs.update(zip(positional, args))
+            if not kwargs.get("state_file") and not os.environ.get(STATE_FILE_ENV):
+                # The agent builds a new server for every restart of the worker group: one
+                # file per run keeps what the last one learned (used only when adaptive).
+                kwargs["state_file"] = run_state_file(kwargs.get("run_id", ""))
             group = getattr(_starting, "group", None)
             if group is not None:
                 # With stacks on, the hang report's time to reach every worker before the kill.
@@ -118,6 +125,16 @@ def _agent_server(
     AgentFileTimerServer.__qualname__ = AgentFileTimerServer.__name__ = "FileTimerServer"
     AgentFileTimerServer.__module__ = FileTimerServer.__module__
     return AgentFileTimerServer
+
+
+def run_state_file(run_id: str) -> str | None:
+    """Where an agent's servers keep their learned timeouts across restarts of the worker
+    group: one file per run id (and user) in the temporary directory; None without a run id
+    (two jobs would share it)."""
+    if not run_id:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return os.path.join(tempfile.gettempdir(), f"elastic-timer-learned-{os.getuid()}-{safe}.json")
 
 
 def _hang_reporter(server: FileTimerServer, group: Any, grace: float) -> HangReporter | None:

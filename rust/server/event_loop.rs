@@ -5,7 +5,7 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::process::Pid;
@@ -14,11 +14,14 @@ use super::pass::{Clock, Phase};
 use super::report::{Event, ReapOutcome};
 use super::{Command, Shared, TAG_FIFO_WATCH, TAG_SOURCE, TAG_WAKE, TAG_WORKER};
 use crate::codec::{self, Request};
+use crate::learned;
 use crate::reaper;
 use crate::{fifo, queue};
 
 /// How long the loop waits for its events to be reported before it signals its own process.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
+/// How often, at most, learned statistics are saved while the server runs.
+const SAVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Where requests come from, as the server holds it (opened while the loop runs).
 pub(super) enum Source {
@@ -212,6 +215,7 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
             }
         }
         pass(shared, &mut decoded, exited);
+        save_learned(shared, last);
         if last {
             if let Some(fd) = source.fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
@@ -224,6 +228,30 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
             shared.intake_decoded(&mut shared.lock(), &mut decoded, Clock::now());
             return source;
         }
+    }
+}
+
+/// Saves what was learned, if it changed: at most every `SAVE_INTERVAL`, and on stop. The
+/// file is written outside the lock (a pass never waits for the disk).
+fn save_learned(shared: &Shared, last: bool) {
+    let Some(path) = shared.config.adaptive.as_ref().and_then(|a| a.state_file.as_ref()) else {
+        return;
+    };
+    let content = {
+        let mut state = shared.lock();
+        let now = Instant::now();
+        if !state.learned_dirty || !(last || now >= state.next_save) {
+            return;
+        }
+        state.learned_dirty = false;
+        state.next_save = now + SAVE_INTERVAL;
+        match &state.learner {
+            Some(learner) => learner.state_bytes(),
+            None => return,
+        }
+    };
+    if let Err(err) = learned::write_state(path, &content) {
+        shared.lock().emit(Event::Warning(err.to_string()));
     }
 }
 

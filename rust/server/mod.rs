@@ -30,6 +30,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::process::Pid;
 
 use crate::codec::Request;
+use crate::learned::{LearnConfig, Learner, ScopeSummary, StateError};
 use crate::reaper;
 use crate::{fifo, queue, stacks};
 use event_loop::Source;
@@ -67,9 +68,20 @@ pub struct Config {
     pub escalate_after: Option<Duration>,
     /// Ask an expired worker for its stacks before signalling it.
     pub stack_dump: Option<stacks::Config>,
+    /// Learn each scope's durations and fire at the learned bound (`adaptive=True`).
+    pub adaptive: Option<Adaptive>,
     /// Before signalling a torchrun worker, write its `TORCHELASTIC_ERROR_FILE` (if it did
     /// not) so the agent's failure summary says which timer fired.
     pub error_files: bool,
+}
+
+/// Timeouts learned from the job.
+#[derive(Debug, Clone)]
+pub struct Adaptive {
+    pub learn: LearnConfig,
+    /// Where the statistics live between servers: loaded when the server is built, saved
+    /// when it stops and now and then while it runs.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Where requests come from.
@@ -158,12 +170,31 @@ impl Server {
             Transport::Queue(reader) => Source::Queue(reader),
             Transport::Direct => Source::Direct,
         };
+        let mut state = State::new(config.max_pidfds);
+        if let Some(adaptive) = &config.adaptive {
+            let learner = match &adaptive.state_file {
+                Some(path) => Learner::load(adaptive.learn.clone(), path),
+                None => Learner::new(adaptive.learn.clone()).map_err(Into::into),
+            };
+            state.learner = Some(match learner {
+                Ok(learner) => learner,
+                Err(StateError::Config(err)) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, err))
+                }
+                Err(err) => {
+                    // A bad state file costs what it held, not the server.
+                    state.deferred.push(format!("{err}; learning from scratch"));
+                    Learner::new(adaptive.learn.clone())
+                        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?
+                }
+            });
+        }
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         epoll::add(&epoll, &wake, EventData::new_u64(TAG_WAKE), EventFlags::IN)?;
         Ok(Self {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::new(config.max_pidfds)),
+                state: Mutex::new(state),
                 epoll,
                 wake,
                 command: AtomicU8::new(Command::Run as u8),
@@ -200,7 +231,13 @@ impl Server {
             return Err(err);
         }
         let (sender, receiver) = mpsc::sync_channel(EVENT_CAPACITY);
-        self.shared.lock().events = Some(sender);
+        {
+            let mut state = self.shared.lock();
+            state.events = Some(sender);
+            for warning in std::mem::take(&mut state.deferred) {
+                state.emit(Event::Warning(warning));
+            }
+        }
         self.shared.command.store(Command::Run as u8, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         let thread = thread::Builder::new().name("elastic-timer".into()).spawn(move || {
@@ -317,6 +354,12 @@ impl Server {
             })
             .collect();
         Peek { dumps }
+    }
+
+    /// The learned figures of every scope (none unless adaptive).
+    pub fn timeouts(&self) -> Vec<ScopeSummary> {
+        let state = self.shared.lock();
+        state.learner.as_ref().map(|learner| learner.summaries().collect()).unwrap_or_default()
     }
 
     /// Wall-clock seconds of the loop's last progress: now while it waits, else when its

@@ -14,6 +14,7 @@ use super::{Shared, TAG_WORKER};
 use crate::codec::Request;
 use crate::deadlines::DeadlineMap;
 use crate::error_file::{self, Fired};
+use crate::learned::{Learned, Learner, Limit, MAX_SCOPE_BYTES};
 use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
 use crate::stacks::{self, Stacks};
 
@@ -58,9 +59,9 @@ pub(super) fn wall_now() -> f64 {
 /// Where a worker stands once a timer of its expired; a worker with none is only timed.
 #[derive(Debug)]
 pub(super) enum Phase {
-    /// Its stacks are being taken (looked at again `at`); then it is reaped as these
-    /// timers say.
-    Dumping { at: Instant, dump: stacks::Dump, timers: Vec<Request>, signal: Signal },
+    /// Its stacks are being taken (looked at again `at`); then it is reaped as `expired`
+    /// says.
+    Dumping { at: Instant, dump: stacks::Dump, expired: Expired },
     /// Its reap is to be tried again: it failed, or the caller has not answered it since
     /// `delegated`. `dumped`: its stacks were taken already, and are not asked for twice.
     Retrying { dumped: bool, delegated: Option<Instant> },
@@ -68,6 +69,27 @@ pub(super) enum Phase {
     Escalate { at: Instant, signal: Signal, since: Instant },
     /// Sent SIGKILL at `since`: reported as unreapable `at` if it still runs.
     Unreapable { at: Instant, since: Instant },
+}
+
+/// What expired for one worker in a pass.
+#[derive(Debug)]
+pub(super) struct Expired {
+    /// Its due timers, in expiration order.
+    timers: Vec<Request>,
+    /// The signal they chose (torch: the first positive one), if any.
+    signal: Option<Signal>,
+    /// The learned bound that fired, if one did.
+    learned: Option<Learned>,
+}
+
+/// What the server keeps beside each timer.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(super) struct Note {
+    /// When the acquire arrived (wall clock), if it came through `intake`: the `after` that
+    /// ran out is its expiration minus this.
+    pub acquired: Option<f64>,
+    /// The learned bound that set its deadline, if one did.
+    pub learned: Option<Learned>,
 }
 
 impl Phase {
@@ -83,7 +105,16 @@ impl Phase {
 }
 
 pub(super) struct State {
-    pub timers: DeadlineMap<Pid>,
+    /// Each timer notes when its acquire arrived and the learned bound that set its
+    /// deadline, if one did.
+    pub timers: DeadlineMap<Pid, Note>,
+    /// Each scope's durations, when adaptive.
+    pub learner: Option<Learner<Pid>>,
+    /// Whether the learner changed since it was last saved, and when to save it next.
+    pub learned_dirty: bool,
+    pub next_save: Instant,
+    /// Warnings from before the loop started (a bad state file), emitted when it starts.
+    pub deferred: Vec<String>,
     pub workers: Workers,
     /// The workers past an expiry, and what is left to do about each.
     pub phases: HashMap<Pid, Phase>,
@@ -101,6 +132,10 @@ impl State {
     pub fn new(max_pidfds: usize) -> Self {
         Self {
             timers: DeadlineMap::new(),
+            learner: None,
+            learned_dirty: false,
+            next_save: Instant::now(),
+            deferred: Vec::new(),
             workers: Workers::new(max_pidfds),
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
@@ -125,7 +160,11 @@ impl State {
 
     /// The stats as readers see them, with the gauge filled in.
     pub fn stats(&self) -> Stats {
-        Stats { live_timers: self.timers.len() as u64, ..self.stats }
+        Stats {
+            live_timers: self.timers.len() as u64,
+            learned_scopes: self.learner.as_ref().map_or(0, |learner| learner.len() as u64),
+            ..self.stats
+        }
     }
 }
 
@@ -146,6 +185,10 @@ impl Shared {
             Err(reason) => return Self::refuse(state, request, reason),
         };
         if request.is_release() {
+            if let Some(learner) = &mut state.learner {
+                learner.released(pid, &request.scope, clock.mono);
+                state.learned_dirty = true;
+            }
             state.timers.apply(pid, request, None);
             return;
         }
@@ -183,8 +226,51 @@ impl Shared {
                 return;
             }
         }
+        let (deadline, learned) = Self::learn(state, pid, &request, clock);
+        let note = Note { acquired: Some(clock.wall), learned };
+        state.timers.apply_noted(pid, request, deadline, note);
+    }
+
+    /// An acquire's deadline: the one it asked for, or the learned bound of its scope when
+    /// that comes sooner (and then the bound, noted beside the timer).
+    fn learn(
+        state: &mut State,
+        pid: Pid,
+        request: &Request,
+        clock: Clock,
+    ) -> (Option<Instant>, Option<Learned>) {
         let deadline = clock.deadline(request.expiration);
-        state.timers.apply_at(pid, request, deadline, Some(clock.wall));
+        let (Some(learner), Some(_)) = (&mut state.learner, deadline) else {
+            return (deadline, None);
+        };
+        let after = Duration::try_from_secs_f64((request.expiration - clock.wall).max(0.0))
+            .unwrap_or(Duration::MAX);
+        let acquired = learner.acquired(pid, &request.scope, clock.mono, after);
+        let limits = learner.config();
+        let warning = acquired.limit_reached.map(|limit| match limit {
+            Limit::Scopes => format!(
+                "learned timeouts: {} scopes are tracked; new scopes are not learned (reported \
+                 once; a scope id with a step counter in it makes a new scope per step)",
+                limits.max_scopes
+            ),
+            Limit::ScopeBytes => format!(
+                "learned timeouts: scopes longer than {MAX_SCOPE_BYTES} bytes are not learned \
+                 (reported once)"
+            ),
+            Limit::WorkerScopes => format!(
+                "learned timeouts: {} (worker, scope) pairs are followed; new ones are not \
+                 learned (reported once)",
+                limits.max_worker_scopes
+            ),
+        });
+        state.learned_dirty = true;
+        if let Some(warning) = warning {
+            state.emit(Event::Warning(warning));
+        }
+        match acquired.learned {
+            Some(learned) => (clock.mono.checked_add(learned.bound).or(deadline), Some(learned)),
+            None => (deadline, None),
+        }
     }
 
     /// Registers what the transport decoded; counts and reports what it could not.
@@ -219,12 +305,10 @@ impl Shared {
     pub(super) fn worker_exited(&self, state: &mut State, pid: Pid) {
         let dropped = state.timers.worker_len(pid);
         let phase = self.forget_worker(state, pid);
-        if let Some(Phase::Dumping { dump, timers, signal, .. }) = phase {
+        if let Some(Phase::Dumping { dump, expired, .. }) = phase {
             // It exited while its stacks were taken: report the expiry with what came.
             let stacks = Some(dump.finish());
-            let signal = signal.as_raw();
-            let outcome = ReapOutcome::Gone;
-            let expiry = Expiry { pid, timers, signal, outcome, stacks, error_file: None };
+            let expiry = expired.report(pid, ReapOutcome::Gone, stacks);
             state.stats.expired += 1;
             state.emit(Event::Expired { expiries: vec![expiry], ack: None });
         } else if dropped > 0 {
@@ -281,21 +365,25 @@ impl Shared {
                 .map(|t| t.request.signal)
                 .find(|&s| s > 0)
                 .and_then(|s| reaper::validate_signal(s).ok());
+            // The bound that fired: the deciding timer's (else the first's).
+            let deciding = expired.iter().find(|t| t.request.signal > 0).or(expired.first());
+            let learned = deciding.and_then(|t| t.note.learned);
             let timers: Vec<Request> = expired.iter().map(|t| t.request.clone()).collect();
-            if let (Some(signal), false) = (signal, dumped) {
+            let expired = Expired { timers, signal, learned };
+            if expired.signal.is_some() && !dumped {
                 if let Some(mut dump) = self.start_dump(state, pid, now) {
                     if let Some(config) = &self.config.stack_dump {
                         dump.hold(now, config.hold);
                     }
                     let at = dump.next_poll(now);
                     state.timers.postpone_worker(pid, at);
-                    let scopes = timers.iter().map(|t| t.scope.clone()).collect();
-                    state.phases.insert(pid, Phase::Dumping { at, dump, timers, signal });
+                    let scopes = expired.timers.iter().map(|t| t.scope.clone()).collect();
+                    state.phases.insert(pid, Phase::Dumping { at, dump, expired });
                     state.emit(Event::Dumping { pid, scopes });
                     continue;
                 }
             }
-            expiries.push(self.reap(state, pid, timers, signal, None, dumped, now));
+            expiries.push(self.reap(state, pid, expired, None, dumped, now));
         }
         let self_signals = self.self_signals(&expiries);
         (expiries, self_signals)
@@ -334,27 +422,22 @@ impl Shared {
         for pid in due {
             let Some(phase) = state.phases.remove(&pid) else { continue };
             match phase {
-                Phase::Dumping { mut dump, timers, signal, .. } => {
+                Phase::Dumping { mut dump, expired, .. } => {
                     if !dump.poll(now) {
                         let at = dump.next_poll(now);
-                        state.phases.insert(pid, Phase::Dumping { at, dump, timers, signal });
+                        state.phases.insert(pid, Phase::Dumping { at, dump, expired });
                         continue;
                     }
                     let stacks = dump.finish();
                     if !stacks.text.is_empty() {
                         state.stats.stack_dumps += 1;
                     }
-                    expiries.push(self.reap(
-                        state,
-                        pid,
-                        timers,
-                        Some(signal),
-                        Some(stacks),
-                        true,
-                        now,
-                    ));
+                    expiries.push(self.reap(state, pid, expired, Some(stacks), true, now));
                 }
-                Phase::Retrying { .. } => {}
+                phase @ Phase::Retrying { .. } => {
+                    // Never due as a followup (its timers are); kept as it was.
+                    state.phases.insert(pid, phase);
+                }
                 _ if !state.workers.is_running(pid) => {
                     self.forget_worker(state, pid);
                 }
@@ -414,18 +497,17 @@ impl Shared {
 
     /// Does what an expiry calls for (signal, hand over, or only report) and keeps the books.
     /// `dumped`: its stacks were taken for this expiry (and are not asked for again).
-    #[allow(clippy::too_many_arguments)]
     fn reap(
         &self,
         state: &mut State,
         pid: Pid,
-        timers: Vec<Request>,
-        signal: Option<Signal>,
+        expired: Expired,
         stacks: Option<Stacks>,
         dumped: bool,
         now: Instant,
     ) -> Expiry {
         let retry = now + self.retry_interval();
+        let signal = expired.signal;
         let mut error_file = None;
         let outcome = match signal {
             None => ReapOutcome::NotSignalled,
@@ -436,7 +518,7 @@ impl Shared {
             Some(_) if pid == self.own_pid => ReapOutcome::Signalled,
             Some(signal) => {
                 // Before the signal: the agent reads it as soon as it sees the worker die.
-                error_file = self.write_error_file(state, pid, &timers, signal, stacks.as_ref());
+                error_file = self.write_error_file(state, pid, &expired, signal, stacks.as_ref());
                 match state.workers.signal(pid, signal) {
                     Outcome::Signalled => ReapOutcome::Signalled,
                     Outcome::Gone => ReapOutcome::Gone,
@@ -452,7 +534,7 @@ impl Shared {
         match (&outcome, signal) {
             (ReapOutcome::NotSignalled | ReapOutcome::DryRun, _) => {
                 // Only the expired timers go: a later timer with a signal stays armed.
-                for timer in &timers {
+                for timer in &expired.timers {
                     let release = Request { expiration: -1.0, ..timer.clone() };
                     state.timers.apply(pid, release, None);
                 }
@@ -491,8 +573,10 @@ impl Shared {
             (ReapOutcome::Signalled, None) => unreachable!("signalled without a signal"),
         }
         state.stats.expired += 1;
-        let signal = signal.map_or(0, Signal::as_raw);
-        Expiry { pid, timers, signal, outcome, stacks, error_file }
+        if expired.learned.is_some() {
+            state.stats.learned_expiries += 1;
+        }
+        Expiry { error_file, ..expired.report(pid, outcome, stacks) }
     }
 
     /// Writes torch's error file of a worker about to be signalled (see [`error_file`]), when
@@ -502,7 +586,7 @@ impl Shared {
         &self,
         state: &mut State,
         pid: Pid,
-        timers: &[Request],
+        expired: &Expired,
         signal: Signal,
         stacks: Option<&Stacks>,
     ) -> Option<PathBuf> {
@@ -515,12 +599,17 @@ impl Shared {
             return None;
         }
         let path = error_file::path_of(number)?;
-        let fired: Vec<Fired<'_>> = timers
+        let fired: Vec<Fired<'_>> = expired
+            .timers
             .iter()
             .map(|request| {
-                let acquired = state.timers.get(pid, &request.scope).and_then(|t| t.acquired);
-                let bound = acquired.map(|at| request.expiration - at).filter(|b| b.is_finite());
-                Fired { scope: &request.scope, bound }
+                let note = state.timers.get(pid, &request.scope).map(|t| t.note);
+                let learned = note.and_then(|note| note.learned);
+                let after = note
+                    .and_then(|note| note.acquired)
+                    .map(|at| request.expiration - at)
+                    .filter(|after| after.is_finite());
+                Fired { scope: &request.scope, after, learned }
             })
             .collect();
         let message = error_file::message(number, &fired, signal.as_raw(), stacks);
@@ -558,6 +647,9 @@ impl Shared {
         if let Some(pidfd) = state.workers.forget(pid) {
             let _ = epoll::delete(&self.epoll, &pidfd);
         }
+        if let Some(learner) = &mut state.learner {
+            learner.worker_gone(pid);
+        }
         state.timers.remove_worker(pid);
         state.phases.remove(&pid)
     }
@@ -574,6 +666,14 @@ impl Shared {
             tv_sec: i64::try_from(millis / 1000).unwrap_or(i64::MAX),
             tv_nsec: ((millis % 1000) * 1_000_000) as _,
         })
+    }
+}
+
+impl Expired {
+    fn report(self, pid: Pid, outcome: ReapOutcome, stacks: Option<Stacks>) -> Expiry {
+        let signal = self.signal.map_or(0, Signal::as_raw);
+        let (timers, learned) = (self.timers, self.learned);
+        Expiry { pid, timers, signal, outcome, stacks, learned, error_file: None }
     }
 }
 

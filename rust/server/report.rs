@@ -8,6 +8,7 @@ use std::time::Duration;
 use rustix::process::Pid;
 
 use crate::codec::Request;
+use crate::learned::Learned;
 use crate::reaper::Refusal;
 use crate::stacks::Stacks;
 
@@ -46,6 +47,9 @@ pub struct Expiry {
     pub outcome: ReapOutcome,
     /// Its stacks, when the server asked for them first.
     pub stacks: Option<Stacks>,
+    /// The learned bound that fired (that of the timer that decided the signal), when one
+    /// undercut the `after` its client asked for.
+    pub learned: Option<Learned>,
     /// The torchrun error file this server wrote for it before the signal.
     pub error_file: Option<PathBuf>,
 }
@@ -132,5 +136,7 @@ stats! {
     Counter unreapable: "Workers still alive after SIGKILL (each counted once).",
     Counter stack_dumps: "Python stack dumps taken of expired workers.",
     Counter events_dropped: "Events dropped because the reporting thread fell behind.",
+    Counter learned_expiries: "Expiries whose deadline a learned bound set (adaptive).",
     Gauge live_timers: "Timers currently registered.",
+    Gauge learned_scopes: "Scopes whose durations are learned (adaptive).",
 }

@@ -5,8 +5,9 @@ use super::*;
 use crate::codec;
 use crate::deadlines::DeadlineMap;
 use crate::reaper::Refusal;
+use crate::test_support::{pid_of, shell_once_it_says, sleeper};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command as Process};
+use std::process::Child;
 use std::time::Instant;
 
 fn config() -> Config {
@@ -19,6 +20,7 @@ fn config() -> Config {
         dry_run: false,
         escalate_after: None,
         stack_dump: None,
+        adaptive: None,
         error_files: false,
     }
 }
@@ -26,14 +28,6 @@ fn config() -> Config {
 fn fifo_server(name: &str, config: Config) -> (Server, PathBuf) {
     let path = std::env::temp_dir().join(format!("et-server-{}-{name}", std::process::id()));
     (Server::new(Transport::Fifo(path.clone()), config).expect("server"), path)
-}
-
-fn pid_of(child: &Child) -> Pid {
-    Pid::from_raw(child.id() as i32).expect("a child's pid")
-}
-
-fn sleeper() -> Child {
-    Process::new("sleep").arg("30").spawn().expect("spawn")
 }
 
 fn request(pid: u32, scope: &str, after: f64, signal: i32) -> Request {
@@ -221,7 +215,7 @@ fn deadlines_are_monotonic_instants_fixed_on_receipt() {
     assert!(clock.deadline(-1e300).is_some_and(|d| d <= mono), "long past: due at once");
     // The map keeps the Instant: a later wall-clock step changes nothing (nothing reads
     // the wall clock again for this timer).
-    let mut map = DeadlineMap::new();
+    let mut map: DeadlineMap<i64> = DeadlineMap::new();
     let request = Request { pid: 7, scope: "s".into(), expiration: 1_002.5, signal: 9 };
     map.apply(7, request, clock.deadline(1_002.5));
     assert_eq!(map.next_deadline(), Some(mono + Duration::from_millis(2_500)));
@@ -391,15 +385,8 @@ fn a_worker_that_ignores_its_signal_is_killed_after_the_grace() {
         fifo_server("escalate", Config { escalate_after: Some(grace), ..config() });
     let events = server.start().expect("start");
     // A shell that ignores SIGTERM, waiting on a child that would die of it.
-    let mut worker = Process::new("sh")
-        .args(["-c", "trap '' TERM; echo trapped; sleep 30 & wait"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sh");
-    let mut line = String::new();
-    let stdout = worker.stdout.take().expect("stdout");
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).expect("read");
-    assert_eq!(line, "trapped\n", "the trap is set");
+    let (mut worker, said) = shell_once_it_says("trap '' TERM; echo trapped; sleep 30 & wait");
+    assert_eq!(said, "trapped\n", "the trap is set");
     server.register([request(worker.id(), "stuck", 0.0, libc::SIGTERM)]);
     assert!(matches!(expiry(&events).outcome, ReapOutcome::Signalled));
     let started = Instant::now();
@@ -471,18 +458,108 @@ fn stacks_are_taken_before_the_signal() {
     std::fs::remove_dir_all(&dir).expect("rm");
 }
 
+fn adaptive(name: &str) -> (Config, PathBuf) {
+    let path = std::env::temp_dir().join(format!("et-learned-{}-{name}.json", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let learn = crate::learned::LearnConfig {
+        factor: 2.0,
+        floor: Duration::from_millis(200),
+        warmup: 0,
+        min_samples: 3,
+        ..Default::default()
+    };
+    let adaptive = Adaptive { learn, state_file: Some(path.clone()) };
+    (Config { adaptive: Some(adaptive), ..config() }, path)
+}
+
+/// Acquires and releases `scope` for the worker `runs` times, each block taking `took`.
+fn run_blocks(server: &Server, worker: &Child, scope: &str, runs: usize, took: Duration) {
+    for _ in 0..runs {
+        server.register([request(worker.id(), scope, 60.0, libc::SIGKILL)]);
+        thread::sleep(took);
+        server.register([request(worker.id(), scope, -1.0 - wall_now(), 0)]);
+    }
+}
+
+#[test]
+fn a_learned_bound_fires_long_before_the_after_asked_for_and_outlives_the_server() {
+    let (config, path) = adaptive("bound");
+    let mut server = Server::new(Transport::Direct, config.clone()).expect("server");
+    let events = server.start().expect("start");
+    let mut worker = sleeper();
+    run_blocks(&server, &worker, "step", 3, Duration::from_millis(10));
+    // Learned: 3 samples of ~10 ms, so a bound of max(200 ms, 2 x ~10 ms) instead of 60 s.
+    let acquired = Instant::now();
+    server.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    let waited = acquired.elapsed();
+    assert!(waited >= Duration::from_millis(195), "fired before the bound: {waited:?}");
+    assert!(waited < Duration::from_secs(10), "fired at the after, not the bound: {waited:?}");
+    let fired = expiry(&events);
+    let learned = fired.learned.expect("the learned bound fired");
+    assert_eq!(learned.samples, 3);
+    assert_eq!(learned.bound, Duration::from_millis(200), "the floor: 2 x 10 ms is less");
+    assert!(learned.after > Duration::from_secs(59), "{learned:?}");
+    let stats = server.stats();
+    assert_eq!((stats.learned_expiries, stats.learned_scopes), (1, 1));
+    server.stop();
+
+    // A new server loads what this one learned and enforces it from its first acquire.
+    let mut next = Server::new(Transport::Direct, config).expect("server");
+    let events = next.start().expect("start");
+    let mut worker = sleeper();
+    let acquired = Instant::now();
+    next.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    assert!(acquired.elapsed() < Duration::from_secs(10), "{:?}", acquired.elapsed());
+    assert_eq!(expiry(&events).learned.map(|l| l.samples), Some(3));
+    next.stop();
+    std::fs::remove_file(&path).expect("the state file was saved");
+}
+
+#[test]
+fn a_bad_state_file_is_reported_and_learning_starts_afresh() {
+    let (config, path) = adaptive("corrupt");
+    std::fs::write(&path, b"{not json").expect("write");
+    let mut server = Server::new(Transport::Direct, config).expect("a bad file costs no server");
+    let events = server.start().expect("start");
+    match events.recv_timeout(Duration::from_secs(1)).expect("a warning") {
+        Event::Warning(warning) => {
+            assert!(warning.contains("cannot load the state file"), "{warning}");
+            assert!(warning.ends_with("learning from scratch"), "{warning}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(server.stats().learned_scopes, 0);
+    server.stop();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_dry_run_reports_what_the_learned_bound_would_kill_and_kills_nothing() {
+    let (config, path) = adaptive("dry");
+    let config = Config { dry_run: true, ..config };
+    let mut server = Server::new(Transport::Direct, config).expect("server");
+    let events = server.start().expect("start");
+    let mut worker = sleeper();
+    run_blocks(&server, &worker, "step", 3, Duration::from_millis(5));
+    server.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    let fired = expiry(&events);
+    assert!(matches!(fired.outcome, ReapOutcome::DryRun));
+    assert_eq!(fired.learned.map(|l| l.bound), Some(Duration::from_millis(200)));
+    assert!(worker.try_wait().expect("try_wait").is_none(), "a dry run killed");
+    server.stop();
+    worker.kill().expect("kill");
+    worker.wait().expect("wait");
+    let _ = std::fs::remove_file(&path);
+}
+
 /// A worker whose environment names a torchrun error file, once it has exec'd.
 fn torchrun_worker(error_file: &std::path::Path) -> Child {
-    use std::io::BufRead;
-    let mut child = Process::new("sh")
-        .args(["-c", "echo ready; exec sleep 30"])
-        .env(crate::error_file::VARIABLE, error_file)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    let stdout = child.stdout.as_mut().expect("stdout");
-    std::io::BufReader::new(stdout).read_line(&mut line).expect("read");
+    let variable = crate::error_file::VARIABLE;
+    let script =
+        format!("exec env {variable}='{}' sh -c 'echo ready; exec sleep 30'", error_file.display());
+    let (child, line) = shell_once_it_says(&script);
     assert_eq!(line, "ready\n");
     child
 }

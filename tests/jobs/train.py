@@ -1,8 +1,10 @@
 """A tiny training job for the torchrun end-to-end tests.
 
 Each worker runs STEPS steps (3 by default) inside ``expires(after=STEP_TIMEOUT)``. The rank
-named by HANG_RANK hangs in its second step on the attempts listed in HANG_ATTEMPTS (torchrun's
-TORCHELASTIC_RESTART_COUNT); every other step takes STEP_SECONDS (50 ms by default). Each
+named by HANG_RANK hangs on the attempts listed in HANG_ATTEMPTS (torchrun's
+TORCHELASTIC_RESTART_COUNT), in its second step, or in the step HANG_STEPS names for that
+attempt (a comma-separated list, one step per attempt); every other step takes STEP_SECONDS
+(50 ms by default). Each
 worker appends a line to $JOB_LOG when it finishes, so the test can see which attempt
 completed.
 
@@ -30,6 +32,8 @@ def main() -> None:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     hang_rank = int(os.environ.get("HANG_RANK", "-1"))
     hang_attempts = {int(a) for a in os.environ.get("HANG_ATTEMPTS", "").split(",") if a}
+    hang_steps = [int(s) for s in os.environ.get("HANG_STEPS", "").split(",") if s]
+    hang_step = hang_steps[attempt] if attempt < len(hang_steps) else 1
     if os.environ.get("HANG_SIGNAL") == "TERM":
         signal.signal(signal.SIGTERM, told_to_stop)
         fifo = os.environ["TORCHELASTIC_TIMER_FILE"]
@@ -38,7 +42,7 @@ def main() -> None:
         timer.configure()
     for step in range(STEPS):
         with timer.expires(after=STEP_TIMEOUT):
-            if rank == hang_rank and attempt in hang_attempts and step == 1:
+            if rank == hang_rank and attempt in hang_attempts and step == hang_step:
                 time.sleep(3600)
             time.sleep(STEP_SECONDS)
     with open(os.environ["JOB_LOG"], "a") as log:
