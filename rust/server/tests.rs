@@ -596,3 +596,26 @@ fn the_error_file_says_which_timer_fired_before_the_signal_unless_the_worker_wro
     assert_eq!(std::fs::read_to_string(&own).expect("read"), "{\"message\": \"the worker's own\"}");
     server.stop();
 }
+
+#[test]
+fn when_the_learned_bound_fires_the_error_file_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, state) = adaptive("error-file");
+    let config = Config { error_files: true, ..config };
+    let mut server = Server::new(Transport::Direct, config).expect("server");
+    let events = server.start().expect("start");
+    let path = dir.path().join("error.json");
+    let mut worker = torchrun_worker(&path);
+    run_blocks(&server, &worker, "step", 3, Duration::from_millis(10));
+    server.register([request(worker.id(), "step", 60.0, libc::SIGKILL)]);
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    assert!(expiry(&events).learned.is_some());
+    let content: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let message = content["message"]["extraInfo"]["py_callstack"].as_str().expect("str");
+    let said = "scope \"step\": its learned bound of 0.20 s ran out (the longest of 3 blocks took";
+    assert!(message.contains(said), "{message}");
+    assert!(message.contains("its client asked for 60.0"), "{message}");
+    server.stop();
+    let _ = std::fs::remove_file(&state);
+}
