@@ -6,7 +6,7 @@ Also the ``torch`` marker's bookkeeping: every test of a module that imports tor
 and every ``torchrun`` test, is marked ``torch``. On a Python without torch, ``-m "not torch"``
 does not import those modules at all; anywhere else they are collected as usual, so a missing
 torch is an error, never a skip. ``ft_launcher`` tests are deselected (not skipped) on Pythons
-that nvidia-resiliency-ext does not support (before 3.10).
+that PyPI has no nvidia-resiliency-ext for (it has 3.10 to 3.12).
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if imports_torch(item.path) or item.get_closest_marker("torchrun"):
             item.add_marker(pytest.mark.torch)
-    if sys.version_info < (3, 10):
-        # nvidia-resiliency-ext needs Python 3.10: not a missing feature of ours.
+    if not (3, 10) <= sys.version_info < (3, 13):
+        # PyPI has nvidia-resiliency-ext for Python 3.10 to 3.12 only: not a feature of ours.
         unsupported = [item for item in items if item.get_closest_marker("ft_launcher")]
         if unsupported:
             config.hook.pytest_deselected(items=unsupported)

@@ -25,6 +25,9 @@ import pytest
 
 from elastic_timer._torch_versions import torch_signals_self
 
+# Every test here runs torchrun, torch's agent or its launcher code.
+pytestmark = pytest.mark.torch
+
 JOB = str(Path(__file__).parent / "jobs" / "train.py")
 LAUNCHER = shutil.which("elastic-timer-run") or "elastic-timer-run"
 COMMON = ["--monitor-interval", "0.1", "--nproc-per-node", "2"]
@@ -494,7 +497,7 @@ def test_install_points_torchs_server_at_ours_and_uninstall_restores(tmp_path: P
 FT_LAUNCHER = [LAUNCHER, "--launcher", "ft_launcher"]
 STOCK_FT_LAUNCHER = [sys.executable, "-m", "nvidia_resiliency_ext.fault_tolerance.launcher"]
 FT_TIMER = "nvidia_resiliency_ext.fault_tolerance._torch_elastic_compat.timer"
-needs_ft_launcher = pytest.mark.ft_launcher  # deselected before Python 3.10 (conftest)
+needs_ft_launcher = pytest.mark.ft_launcher  # deselected outside Python 3.10-3.12 (conftest)
 
 
 def expired_by_our_server(events: Path) -> dict[str, Any]:
@@ -643,6 +646,7 @@ def test_install_points_ft_launchers_copy_at_ours_and_uninstall_restores(
         ("nvidia_resiliency_ext.fault_tolerance", True),  # installed, but broken
     ],
 )
+@needs_ft_launcher
 def test_without_a_usable_ft_launcher(hidden: str, warned: bool) -> None:
     """install() then patches torch's server alone (with a warning when the package is there
     but cannot be imported), and --launcher ft_launcher is a clear error, not a traceback."""
