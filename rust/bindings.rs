@@ -212,10 +212,13 @@ struct ScopeTimeout {
     suggested: Option<f64>,
 }
 
-/// One pass's expiries; the loop may wait for `ack_expired` before it signals itself.
+/// One pass's expiries. With `signals_self` the loop signals its own process once the report
+/// is acknowledged (`ack_expired`): the pass reaped this process's own timer, or (for torch's
+/// File server) `signal_self` is set and the pass signalled a worker.
 #[pyclass(module = "elastic_timer._native", frozen, get_all)]
 struct Expired {
     expiries: Vec<Py<Expiry>>,
+    signals_self: bool,
 }
 
 #[pyclass(module = "elastic_timer._native", frozen, get_all)]
@@ -270,6 +273,50 @@ fn raw(pid: rustix::process::Pid) -> i32 {
     pid.as_raw_nonzero().get()
 }
 
+/// One pass's expiries as the Python `Expired` event.
+fn expired_object(
+    py: Python<'_>,
+    expiries: Vec<crate::server::Expiry>,
+    signals_self: bool,
+) -> PyResult<Py<PyAny>> {
+    let expiries = expiries
+        .into_iter()
+        .map(|expiry| {
+            let stacks = expiry
+                .stacks
+                .map(|stacks| {
+                    let (source, text) = (stacks.source.name(), stacks.text);
+                    Py::new(py, Stacks { source, text, complete: stacks.complete })
+                })
+                .transpose()?;
+            let learned = expiry
+                .learned
+                .map(|l| {
+                    let (bound, max) = (l.bound.as_secs_f64(), l.max.as_secs_f64());
+                    let (samples, after) = (l.samples, l.after.as_secs_f64());
+                    Py::new(py, LearnedBound { bound, samples, max, after })
+                })
+                .transpose()?;
+            let detail = match &expiry.outcome {
+                ReapOutcome::Failed(err) => Some(err.to_string()),
+                _ => None,
+            };
+            let expiry = Expiry {
+                pid: raw(expiry.pid),
+                timers: expiry.timers.into_iter().map(to_tuple).collect(),
+                signal: expiry.signal,
+                outcome: Outcome::of(&expiry.outcome),
+                detail,
+                stacks,
+                learned,
+                error_file: expiry.error_file.map(|path| path.to_string_lossy().into_owned()),
+            };
+            Py::new(py, expiry)
+        })
+        .collect::<PyResult<_>>()?;
+    Ok(Py::new(py, Expired { expiries, signals_self })?.into_any())
+}
+
 /// An event as the Python object of its class.
 fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
     let object = match event {
@@ -291,46 +338,7 @@ fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
         Event::Unreapable { pid, after, state } => {
             Py::new(py, Unreapable { pid: raw(pid), after: after.as_secs_f64(), state })?.into_any()
         }
-        Event::Expired { expiries, ack: _ } => {
-            let expiries = expiries
-                .into_iter()
-                .map(|expiry| {
-                    let stacks = expiry
-                        .stacks
-                        .map(|stacks| {
-                            let (source, text) = (stacks.source.name(), stacks.text);
-                            Py::new(py, Stacks { source, text, complete: stacks.complete })
-                        })
-                        .transpose()?;
-                    let learned = expiry
-                        .learned
-                        .map(|l| {
-                            let (bound, max) = (l.bound.as_secs_f64(), l.max.as_secs_f64());
-                            let (samples, after) = (l.samples, l.after.as_secs_f64());
-                            Py::new(py, LearnedBound { bound, samples, max, after })
-                        })
-                        .transpose()?;
-                    let detail = match &expiry.outcome {
-                        ReapOutcome::Failed(err) => Some(err.to_string()),
-                        _ => None,
-                    };
-                    let expiry = Expiry {
-                        pid: raw(expiry.pid),
-                        timers: expiry.timers.into_iter().map(to_tuple).collect(),
-                        signal: expiry.signal,
-                        outcome: Outcome::of(&expiry.outcome),
-                        detail,
-                        stacks,
-                        learned,
-                        error_file: expiry
-                            .error_file
-                            .map(|path| path.to_string_lossy().into_owned()),
-                    };
-                    Py::new(py, expiry)
-                })
-                .collect::<PyResult<_>>()?;
-            Py::new(py, Expired { expiries })?.into_any()
-        }
+        Event::Expired { expiries, ack } => expired_object(py, expiries, ack.is_some())?,
     };
     Ok(object)
 }
@@ -562,8 +570,9 @@ impl PyServer {
         });
         match received {
             Ok(Event::Expired { expiries, ack }) => {
+                let signals_self = ack.is_some();
                 *lock(&self.ack) = ack;
-                Ok(Some(event_object(py, Event::Expired { expiries, ack: None })?))
+                Ok(Some(expired_object(py, expiries, signals_self)?))
             }
             Ok(event) => Ok(Some(event_object(py, event)?)),
             Err(RecvTimeoutError::Timeout) => Ok(None),

@@ -112,6 +112,8 @@ class ScopeTimeout:
 class Expired:
     @property
     def expiries(self) -> list[Expiry]: ...
+    @property
+    def signals_self(self) -> bool: ...
 
 @final
 class Malformed:

@@ -269,7 +269,7 @@ class NativeServer(Generic[R]):
 
     def _report(self, event: _native.Event) -> None:
         if isinstance(event, _native.Expired):
-            self._report_expired(event.expiries)
+            self._report_expired(event.expiries, event.signals_self)
         elif isinstance(event, _native.Refused):
             pid, scope, expiration, sig = event.request
             logger.error(
@@ -298,8 +298,9 @@ class NativeServer(Generic[R]):
         else:
             raise TypeError(f"unknown timer server event {event!r}")
 
-    def _report_expired(self, expiries: list[_native.Expiry]) -> list[Outcome]:
-        """Reports one pass's expiries (stacks first); returns their final outcomes."""
+    def _report_expired(self, expiries: list[_native.Expiry], signals_self: bool) -> list[Outcome]:
+        """Reports one pass's expiries (stacks first); returns their final outcomes.
+        ``signals_self``: the loop signals this process once this report is done."""
         outcomes = []
         for expiry in expiries:
             requests = [self._request_from_tuple(t) for t in expiry.timers]

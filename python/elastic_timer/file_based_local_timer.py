@@ -260,21 +260,25 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         except Exception:
             logger.exception("log_event(%r) raised", name)
 
-    def _report_expired(self, expiries: list[_native.Expiry]) -> list[Outcome]:
+    def _report_expired(self, expiries: list[_native.Expiry], signals_self: bool) -> list[Outcome]:
         debug_info_logging.log_debug_info_for_expired_timers(
             self._run_id,
             {e.pid: [self._request_from_tuple(t).to_json() for t in e.timers] for e in expiries},
         )
-        outcomes = super()._report_expired(expiries)
+        outcomes = super()._report_expired(expiries, signals_self)
         signals = [e.signal for e, o in zip(expiries, outcomes) if o == Outcome.SIGNALLED]
-        if signals and self._signal_self:
+        if signals_self:
+            # The native loop signals this process once this report is done.
             logger.info(
                 "Terminating the server process=[%s] because of expired timers", os.getpid()
             )
-            if overrides(self, FileTimerServer, "_reap_worker"):
-                # The native loop hands these reaps over and so does not signal itself.
-                self._reap_worker(os.getpid(), signals[-1])
-            # Otherwise the native loop signals this process once this report is done.
+        elif signals and self._signal_self and overrides(self, FileTimerServer, "_reap_worker"):
+            # The loop handed these reaps to the override and cannot know which succeeded:
+            # torch's rule (the signal of the pass's last reap) applies to the override's answers.
+            logger.info(
+                "Terminating the server process=[%s] because of expired timers", os.getpid()
+            )
+            self._reap_worker(os.getpid(), signals[-1])
         return outcomes
 
     _worker_label = "worker_pid"
