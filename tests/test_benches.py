@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ["client", "throughput", "reap", "cpu", "scale"]
+FAMILIES = ["client", "throughput", "reap", "delivery", "cpu", "scale"]
 
 
 def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:

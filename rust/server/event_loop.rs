@@ -1,4 +1,5 @@
-//! The loop thread: waits in `epoll_wait`, reads the transport, runs a pass, reports it.
+//! The loop thread: waits in `epoll_wait` (woken by requests, exits and its alarm), reads
+//! the transport, runs a pass, reports it.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -9,10 +10,12 @@ use std::time::Duration;
 
 use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::process::Pid;
+use rustix::time::Timespec;
 
+use super::alarm::Alarm;
 use super::pass::{Clock, Phase};
 use super::report::{Event, ReapOutcome};
-use super::{Command, Shared, TAG_FIFO_WATCH, TAG_SOURCE, TAG_WAKE, TAG_WORKER};
+use super::{Command, Shared, TAG_ALARM, TAG_FIFO_WATCH, TAG_SOURCE, TAG_WAKE, TAG_WORKER};
 use crate::codec::{self, Request};
 use crate::reaper;
 use crate::{fifo, queue};
@@ -151,13 +154,35 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
         source.close(&mut Vec::new());
         return source;
     }
+    let mut alarm = match Alarm::new().and_then(|alarm| {
+        epoll::add(&shared.epoll, alarm.fd(), EventData::new_u64(TAG_ALARM), EventFlags::IN)?;
+        Ok(alarm)
+    }) {
+        Ok(alarm) => alarm,
+        Err(err) => {
+            shared.lock().emit(Event::Warning(format!("cannot set the loop's timer: {err}")));
+            source.close(&mut Vec::new());
+            return source;
+        }
+    };
     let mut ready: Vec<epoll::Event> = Vec::with_capacity(64);
     let mut decoded = Vec::new();
     loop {
-        let timeout = {
+        let next = {
             let mut state = shared.lock();
             state.busy_since = None;
             shared.next_timeout(&state)
+        };
+        // A timer that cannot be set is retried every millisecond, as epoll would time out.
+        let fallback = Timespec { tv_sec: 0, tv_nsec: 1_000_000 };
+        let timeout = match alarm.set(next) {
+            Ok(()) => None,
+            Err(err) => {
+                shared
+                    .lock()
+                    .emit(Event::Warning(format!("setting the loop's timer failed: {err}")));
+                Some(fallback)
+            }
         };
         ready.clear();
         match epoll::wait(
@@ -188,6 +213,7 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
                     let mut counter = [0u8; 8];
                     let _ = rustix::io::read(&shared.wake, &mut counter);
                 }
+                TAG_ALARM => alarm.acknowledge(),
                 TAG_SOURCE => read_source = true,
                 TAG_FIFO_WATCH => fifo_changed = true,
                 tag => exited.extend(Pid::from_raw((tag - TAG_WORKER) as i32)),
@@ -219,6 +245,7 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
             if let Some(fd) = source.watch_fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
             }
+            let _ = epoll::delete(&shared.epoll, alarm.fd());
             // What was written during this pass, read just before the FIFO closes.
             source.close(&mut decoded);
             shared.intake_decoded(&mut shared.lock(), &mut decoded, Clock::now());
