@@ -496,11 +496,32 @@ impl PyFifoClient {
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
     ) -> PyResult<Option<PathBuf>> {
+        let expiration = number(expiration_time)?;
+        let exact = match expiration {
+            codec::Number::Float(x) => Some(x),
+            codec::Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
+            codec::Number::Int(_) => None,
+        };
+        if let (Some(exact), Ok(ring_signal)) = (exact, i32::try_from(signal)) {
+            // Our server's ring first: no system call, and no waiting but for a full ring.
+            match self.0.push(pid, scope_id, exact, ring_signal) {
+                fifo::Pushed::Sent => return Ok(None),
+                fifo::Pushed::Full => {
+                    if py.detach(|| self.0.push_when_room(pid, scope_id, exact, ring_signal)) {
+                        return Ok(None);
+                    }
+                }
+                fifo::Pushed::Fifo => {}
+            }
+        }
         let mut line = Vec::with_capacity(128 + scope_id.len());
-        codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
+        codec::encode_json_line(pid, scope_id, expiration, signal, &mut line);
         // Keep the GIL for a write that cannot wait; let go of it for one that may.
         if !self.0.try_send(&line)? {
             py.detach(|| self.0.send(&line))?;
+        }
+        if self.0.wants_ring() {
+            py.detach(|| self.0.offer_ring());
         }
         Ok(self.0.take_stacks_dir())
     }

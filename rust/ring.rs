@@ -26,7 +26,8 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::Once;
 
 use rustix::fs::{self, MemfdFlags, SealFlags};
 use rustix::mm::{self, MapFlags, ProtFlags};
@@ -39,6 +40,9 @@ const CAPACITY: usize = RING_BYTES - HEADER;
 const MAGIC: u64 = u64::from_le_bytes(*b"ETRING01");
 /// A scope longer than this goes by FIFO (where the line's own bound applies).
 pub const MAX_SCOPE: usize = 4000;
+/// A client whose deadline is nearer than this wakes the server (whose polls, every 5 ms
+/// under a lease, could otherwise see the acquire too late).
+pub const NEAR: std::time::Duration = std::time::Duration::from_millis(50);
 /// Entry length marking the end of the data area as padding.
 const SKIP: u32 = u32::MAX;
 const ENTRY_HEAD: usize = 16;
@@ -59,6 +63,33 @@ pub const CLOSED: u32 = 2;
 pub fn monotonic_ns() -> u64 {
     let now = clock_gettime(ClockId::Monotonic);
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static PID: AtomicI32 = AtomicI32::new(0);
+static AT_FORK: Once = Once::new();
+
+extern "C" fn forked() {
+    // In the child right after fork: atomics and getpid(2) only (async-signal-safe).
+    FORKS.fetch_add(1, Ordering::SeqCst);
+    PID.store(rustix::process::getpid().as_raw_nonzero().get(), Ordering::SeqCst);
+}
+
+/// This process: its pid, and how many forks separate it from the one that first asked
+/// (a ring made before a fork belongs to the parent). No system call after the first.
+pub fn this_process() -> (i32, u64) {
+    AT_FORK.call_once(|| {
+        PID.store(rustix::process::getpid().as_raw_nonzero().get(), Ordering::SeqCst);
+        // SAFETY: registers a handler that only does async-signal-safe work.
+        unsafe { libc::pthread_atfork(None, None, Some(forked)) };
+    });
+    (PID.load(Ordering::Relaxed), FORKS.load(Ordering::Relaxed))
+}
+
+/// Seconds on the wall clock (what request expirations count).
+pub fn wall_now() -> f64 {
+    let now = clock_gettime(ClockId::Realtime);
+    now.tv_sec as f64 + now.tv_nsec as f64 * 1e-9
 }
 
 /// The FIFO line that announces a ring: `pid`'s file descriptor `fd`.
@@ -197,10 +228,13 @@ pub enum Push {
 }
 
 /// The worker's end.
+#[derive(Debug)]
 pub struct Writer {
     map: Mapping,
     memfd: OwnedFd,
     write: u64,
+    /// The process that made it (`this_process`): a forked child must not write to it.
+    owner: (i32, u64),
 }
 
 impl Writer {
@@ -215,7 +249,12 @@ impl Writer {
         let map = Mapping::map(&memfd)?;
         map.u32_at(OFF_CAPACITY).store(CAPACITY as u32, Ordering::Relaxed);
         map.u64_at(OFF_MAGIC).store(MAGIC, Ordering::Release);
-        Ok(Self { map, memfd, write: 0 })
+        Ok(Self { map, memfd, write: 0, owner: this_process() })
+    }
+
+    /// Whether this process made it (it was not inherited through a fork).
+    pub fn is_own(&self) -> bool {
+        this_process() == self.owner
     }
 
     /// The descriptor the server opens (`/proc/<pid>/fd/<this>`).

@@ -15,6 +15,7 @@ mod alarm;
 mod event_loop;
 mod pass;
 mod report;
+mod rings;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -46,6 +47,7 @@ const TAG_SOURCE: u64 = 1;
 const TAG_FIFO_WATCH: u64 = 2;
 const TAG_ALARM: u64 = 3;
 const TAG_WORKER: u64 = 1 << 32;
+const TAG_RING: u64 = 2 << 32;
 
 /// How a server behaves (see the Python classes for the user-facing names).
 #[derive(Debug, Clone)]
