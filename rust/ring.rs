@@ -36,13 +36,17 @@ use rustix::time::{clock_gettime, ClockId};
 /// Size of a ring, header included.
 pub const RING_BYTES: usize = 256 * 1024;
 const HEADER: usize = 256;
-const CAPACITY: usize = RING_BYTES - HEADER;
+/// Bytes of the data area.
+pub const CAPACITY: usize = RING_BYTES - HEADER;
 const MAGIC: u64 = u64::from_le_bytes(*b"ETRING01");
 /// A scope longer than this goes by FIFO (where the line's own bound applies).
 pub const MAX_SCOPE: usize = 4000;
 /// A client whose deadline is nearer than this wakes the server (whose polls, every 5 ms
 /// under a lease, could otherwise see the acquire too late).
 pub const NEAR: std::time::Duration = std::time::Duration::from_millis(50);
+const MEMFD_NAME: &str = "elastic-timer-ring";
+/// What `/proc/<pid>/fd/<fd>` of a ring's memfd links to (then " (deleted)").
+pub const MEMFD_LINK: &str = "/memfd:elastic-timer-ring";
 /// Entry length marking the end of the data area as padding.
 const SKIP: u32 = u32::MAX;
 const ENTRY_HEAD: usize = 16;
@@ -241,7 +245,7 @@ impl Writer {
     /// Creates a ring (a sealed memfd of [`RING_BYTES`], closed on exec).
     pub fn create() -> io::Result<Self> {
         let memfd = fs::memfd_create(
-            "elastic-timer-ring",
+            MEMFD_NAME,
             MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
         )?;
         fs::ftruncate(&memfd, RING_BYTES as u64)?;

@@ -103,7 +103,14 @@ impl Rings {
         let pid = reaper::validate_pid(pid).map_err(|err| err.to_string())?;
         let raw = pid.as_raw_nonzero().get();
         let path = format!("/proc/{raw}/fd/{fd}");
-        let memfd = fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        // Opening is not harmless for every file (a device may act on it): only a memfd
+        // named as ours is opened, and then checked.
+        let target = fs::readlink(&path, Vec::new()).map_err(|err| format!("{path}: {err}"))?;
+        if !target.as_bytes().starts_with(ring::MEMFD_LINK.as_bytes()) {
+            return Err(format!("{path} is {target:?}, not a ring's memfd"));
+        }
+        let flags = OFlags::RDWR | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK;
+        let memfd = fs::open(&path, flags, Mode::empty())
             .map_err(|err| format!("cannot open {path}: {err}"))?;
         let reader = Reader::open(memfd).map_err(|why| format!("{path} is not a ring: {why}"))?;
         if let Some(old) = self.held.get_mut(&pid) {
