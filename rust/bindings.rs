@@ -13,9 +13,9 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::codec::{self, CodecError, Number, Request};
 use crate::fifo::{self, SendError, SendOptions};
 use crate::queue::{self, Semaphore};
-use crate::reaper;
 use crate::server::{Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
+use crate::{reaper, ring};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
@@ -496,11 +496,35 @@ impl PyFifoClient {
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
     ) -> PyResult<Option<PathBuf>> {
-        let expiration = number(expiration_time)?;
+        self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
+    }
+
+    /// `send` for a request of this process (its pid known without a system call).
+    fn send_own(
+        &self,
+        py: Python<'_>,
+        scope_id: &str,
+        expiration_time: &Bound<'_, PyAny>,
+        signal: i64,
+    ) -> PyResult<Option<PathBuf>> {
+        let pid = i64::from(ring::this_process().0);
+        self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
+    }
+}
+
+impl PyFifoClient {
+    fn send_request(
+        &self,
+        py: Python<'_>,
+        pid: i64,
+        scope_id: &str,
+        expiration: Number,
+        signal: i64,
+    ) -> PyResult<Option<PathBuf>> {
         let exact = match expiration {
-            codec::Number::Float(x) => Some(x),
-            codec::Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
-            codec::Number::Int(_) => None,
+            Number::Float(x) => Some(x),
+            Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
+            Number::Int(_) => None,
         };
         if let (Some(exact), Ok(ring_signal)) = (exact, i32::try_from(signal)) {
             // Our server's ring first: no system call, and no waiting but for a full ring.

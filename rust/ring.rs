@@ -6,7 +6,7 @@
 //! ([`Reader::open`]) and says in the header whether it took it. From then on the worker
 //! appends entries and the server drains them when it wakes and while it holds a *lease*: a
 //! `CLOCK_MONOTONIC` instant, in the header, until which it promises to look at the ring
-//! often (every few milliseconds). A worker writing past the lease, or with a deadline
+//! often (every 20 ms). A worker writing past the lease, or with a deadline
 //! nearer than that, or filling the ring past half, wakes the server with an empty FIFO line.
 //!
 //! Everything the worker wrote is untrusted: the server copies the pending bytes out first,
@@ -41,7 +41,7 @@ pub const CAPACITY: usize = RING_BYTES - HEADER;
 const MAGIC: u64 = u64::from_le_bytes(*b"ETRING01");
 /// A scope longer than this goes by FIFO (where the line's own bound applies).
 pub const MAX_SCOPE: usize = 4000;
-/// A client whose deadline is nearer than this wakes the server (whose polls, every 5 ms
+/// A client whose deadline is nearer than this wakes the server (whose polls, every 20 ms
 /// under a lease, could otherwise see the acquire too late).
 pub const NEAR: std::time::Duration = std::time::Duration::from_millis(50);
 const MEMFD_NAME: &str = "elastic-timer-ring";
@@ -101,11 +101,14 @@ pub fn announcement(pid: i32, fd: i32) -> Vec<u8> {
     format!("{{\"elastic_timer_ring\": 1, \"pid\": {pid}, \"fd\": {fd}}}\n").into_bytes()
 }
 
+/// What an announcement line says: the pid and fd of a ring, or why it makes no sense.
+pub type Announcement = Result<(i64, i32), String>;
+
 /// The pid and fd of an announcement line (without its newline); None if it is not one.
-pub fn parse_announcement(line: &[u8]) -> Option<Result<(i64, i32), String>> {
+pub fn parse_announcement(line: &[u8]) -> Option<Announcement> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
-    struct Announcement {
+    struct Line {
         elastic_timer_ring: u32,
         pid: i64,
         fd: i32,
@@ -113,7 +116,7 @@ pub fn parse_announcement(line: &[u8]) -> Option<Result<(i64, i32), String>> {
     if !line.starts_with(b"{\"elastic_timer_ring\"") {
         return None;
     }
-    Some(match serde_json::from_slice::<Announcement>(line) {
+    Some(match serde_json::from_slice::<Line>(line) {
         Ok(a) if a.elastic_timer_ring == 1 && a.fd >= 0 => Ok((a.pid, a.fd)),
         Ok(a) => {
             Err(format!("ring announcement of version {} or fd {}", a.elastic_timer_ring, a.fd))
@@ -193,14 +196,14 @@ impl Mapping {
     }
 
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
-        debug_assert!(offset % 8 == 0 && offset + 8 <= RING_BYTES);
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= RING_BYTES);
         // SAFETY: in bounds and aligned (the mapping is page-aligned); shared memory is only
         // accessed atomically.
         unsafe { &*self.0.as_ptr().add(offset).cast::<AtomicU64>() }
     }
 
     fn u32_at(&self, offset: usize) -> &AtomicU32 {
-        debug_assert!(offset % 4 == 0 && offset + 4 <= RING_BYTES);
+        debug_assert!(offset.is_multiple_of(4) && offset + 4 <= RING_BYTES);
         // SAFETY: as for `u64_at`.
         unsafe { &*self.0.as_ptr().add(offset).cast::<AtomicU32>() }
     }
@@ -244,10 +247,7 @@ pub struct Writer {
 impl Writer {
     /// Creates a ring (a sealed memfd of [`RING_BYTES`], closed on exec).
     pub fn create() -> io::Result<Self> {
-        let memfd = fs::memfd_create(
-            MEMFD_NAME,
-            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-        )?;
+        let memfd = fs::memfd_create(MEMFD_NAME, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
         fs::ftruncate(&memfd, RING_BYTES as u64)?;
         fs::fcntl_add_seals(&memfd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
         let map = Mapping::map(&memfd)?;
@@ -375,7 +375,7 @@ impl Reader {
         if pending == 0 {
             return (Vec::new(), None);
         }
-        if pending > CAPACITY as u64 || pending % 8 != 0 {
+        if pending > CAPACITY as u64 || !pending.is_multiple_of(8) {
             return (Vec::new(), Some(format!("ring write position {write} is impossible")));
         }
         let start = (self.read % CAPACITY as u64) as usize;

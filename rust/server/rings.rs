@@ -22,9 +22,9 @@ use crate::ring::{self, Reader};
 
 /// How often the server drains the rings while it holds a lease. A client whose deadline is
 /// nearer than [`ring::NEAR`] wakes it instead.
-pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(5);
+pub(super) const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// The lease given at each poll: a worker writing later wakes the server.
-const LEASE: Duration = Duration::from_millis(20);
+const LEASE: Duration = Duration::from_millis(60);
 /// How long the server keeps polling after the last request a ring brought.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 
@@ -33,7 +33,7 @@ const IDLE_AFTER: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub(super) struct Arrivals {
     pub requests: Vec<Result<Request, String>>,
-    pub rings: Vec<(usize, Result<(i64, i32), String>)>,
+    pub rings: Vec<(usize, ring::Announcement)>,
 }
 
 struct Held {
@@ -85,7 +85,7 @@ impl Rings {
     fn announced(
         &mut self,
         epoll: &OwnedFd,
-        announcement: Result<(i64, i32), String>,
+        announcement: ring::Announcement,
         out: &mut Vec<Result<Request, String>>,
         warnings: &mut Vec<String>,
     ) {
