@@ -60,7 +60,7 @@ CASES = [
         "file",
         None,
         0,
-        Target(">= 50x", min_speedup=50),
+        Target(">= 100x", min_speedup=100),
     ),
     Case(
         "client.default_scope.deep",
@@ -68,7 +68,15 @@ CASES = [
         "file",
         None,
         DEEP,
-        Target(">= 200x", min_speedup=200),
+        Target(">= 400x", min_speedup=400),
+    ),
+    Case(
+        "client.default_scope.local",
+        "expires() block, default scope, Local client (+ queue flush)",
+        "local",
+        None,
+        0,
+        Target(">= 100x", min_speedup=100),
     ),
     Case(
         "client.explicit_scope.file",

@@ -4,7 +4,6 @@ server restart and a scribbled-on ring are handled."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 import elastic_timer as timer
-from tests.helpers import wait_for
 
 RING = "memfd:elastic-timer-ring"
 # A worker: a client on the FIFO in argv[1], one block to connect (the ring is offered after
