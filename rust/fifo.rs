@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard, Once, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -567,7 +567,13 @@ impl Client {
     /// Puts a request of worker `pid` in the ring, if this process has one and `pid` is this
     /// process. Never waits.
     pub fn push(&self, pid: i64, scope: &str, expiration: f64, signal: i32) -> Pushed {
-        let mut ring = self.ring();
+        // Busy only while another thread offers a ring (up to `RING_WAIT`): this request then
+        // goes by FIFO rather than hold the GIL that long.
+        let mut ring = match self.ring.try_lock() {
+            Ok(ring) => ring,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Pushed::Fifo,
+        };
         let Some(writer) = ring.as_mut() else { return Pushed::Fifo };
         if !writer.is_own() {
             // Inherited through fork: the parent's. This process offers its own.
