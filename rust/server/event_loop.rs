@@ -12,7 +12,7 @@ use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::process::Pid;
 use rustix::time::Timespec;
 
-use super::alarm::Alarm;
+use super::alarm::{self, Alarm};
 use super::pass::{Clock, Phase};
 use super::report::{Event, ReapOutcome};
 use super::rings::{Arrivals, Rings};
@@ -164,6 +164,7 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
         source.close(&mut Arrivals::default());
         return source;
     }
+    alarm::ask_for_short_slices();
     let mut alarm = match Alarm::new().and_then(|alarm| {
         epoll::add(&shared.epoll, alarm.fd(), EventData::new_u64(TAG_ALARM), EventFlags::IN)?;
         Ok(alarm)
