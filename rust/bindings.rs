@@ -544,7 +544,7 @@ impl PyFifoClient {
         if !self.0.try_send(&line)? {
             py.detach(|| self.0.send(&line))?;
         }
-        if self.0.wants_ring() {
+        if self.0.ring_due() {
             py.detach(|| self.0.offer_ring());
         }
         Ok(self.0.take_stacks_dir())

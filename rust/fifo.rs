@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, Once, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -516,7 +516,7 @@ pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), S
 /// request, and after a restart; not per request), the client reads the stacks directory the
 /// server names beside it (`stacks_sidecar`), for `take_stacks_dir`.
 ///
-/// To our server, after the first request of a connection, the client offers a shared-memory
+/// To our server, after the third request of a connection, the client offers a shared-memory
 /// ring (`crate::ring`): once the server has taken it, requests of this process go there,
 /// with no system call, and by FIFO again once the ring is full, too long for a scope,
 /// closed by the server, or inherited through a fork.
@@ -528,8 +528,9 @@ pub struct Client {
     kept: Mutex<Option<OwnedFd>>,
     /// The stacks directory our server named at the last connection, until taken.
     stacks_dir: Mutex<Option<PathBuf>>,
-    /// A new connection to our server: a ring is to be offered (by `offer_ring`).
-    ring_wanted: AtomicBool,
+    /// FIFO requests to go before this connection to our server offers a ring (0: none to
+    /// offer): a client used for one block never makes one.
+    ring_countdown: AtomicU32,
     /// The ring our server took (always locked before `kept`, never after).
     ring: Mutex<Option<ring::Writer>>,
 }
@@ -544,6 +545,9 @@ pub enum Pushed {
     Fifo,
 }
 
+/// FIFO requests a new connection to our server carries before it offers a ring.
+const RING_AFTER: u32 = 3;
+
 /// How long offering a ring waits for the server to take it, and a full ring for room,
 /// before the client sends by FIFO.
 const RING_WAIT: Duration = Duration::from_millis(200);
@@ -555,7 +559,7 @@ impl Client {
             options,
             kept: Mutex::new(None),
             stacks_dir: Mutex::new(None),
-            ring_wanted: AtomicBool::new(false),
+            ring_countdown: AtomicU32::new(0),
             ring: Mutex::new(None),
         }
     }
@@ -578,7 +582,7 @@ impl Client {
         if !writer.is_own() {
             // Inherited through fork: the parent's. This process offers its own.
             *ring = None;
-            self.ring_wanted.store(true, Ordering::Relaxed);
+            self.ring_countdown.store(1, Ordering::Relaxed);
             return Pushed::Fifo;
         }
         if i64::from(ring::this_process().0) != pid {
@@ -631,16 +635,23 @@ impl Client {
         }
     }
 
-    /// Whether a ring is to be offered (a new connection to our server).
-    pub fn wants_ring(&self) -> bool {
-        self.ring_wanted.load(Ordering::Relaxed)
+    /// After a request sent by FIFO: whether it is time to offer a ring (`offer_ring`).
+    pub fn ring_due(&self) -> bool {
+        match self.ring_countdown.load(Ordering::Relaxed) {
+            0 => false,
+            1 => true,
+            n => {
+                self.ring_countdown.store(n - 1, Ordering::Relaxed);
+                false
+            }
+        }
     }
 
     /// Offers the server a ring and waits (bounded) for it to be taken; without an answer,
     /// requests keep going by FIFO.
     pub fn offer_ring(&self) {
         let mut ring = self.ring();
-        if !self.ring_wanted.swap(false, Ordering::Relaxed) {
+        if self.ring_countdown.swap(0, Ordering::Relaxed) == 0 {
             return;
         }
         *ring = None;
@@ -684,7 +695,7 @@ impl Client {
 
     /// A request went through a new connection to `fifo`, one of our servers'.
     fn connected(&self, fifo: &OwnedFd) {
-        self.ring_wanted.store(true, Ordering::Relaxed);
+        self.ring_countdown.store(RING_AFTER, Ordering::Relaxed);
         if let Some(dir) = announced_stacks_dir(&self.path, fifo) {
             *self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dir);
         }

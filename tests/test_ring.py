@@ -16,16 +16,17 @@ from helpers import wait_for
 import elastic_timer as timer
 
 RING = "memfd:elastic-timer-ring"
-# A worker: a client on the FIFO in argv[1], one block to connect (the ring is offered after
-# the first request), then the test's code.
+# A worker: a client on the FIFO in argv[1], two blocks to connect (the ring is offered after
+# the third request), then the test's code.
 PRELUDE = """
 import ctypes, mmap, os, struct, sys, time
 import elastic_timer as t
 fifo = sys.argv[1]
 client = t.FileTimerClient(fifo)
 t.configure(client)
-with t.expires(after=60, scope="connect"):
-    pass
+for _ in range(2):
+    with t.expires(after=60, scope="connect"):
+        pass
 
 def ring_fds():
     fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
@@ -104,11 +105,11 @@ def test_blocks_go_through_the_ring_every_request_counts_in_order(
     assert line(process) == ["1"]
     assert maps_ring() == 1
     assert wait_for(lambda: scopes(server, process.pid) == {"last"})
-    assert server._request_count == 2 + 2 * 20_000 + 1
+    assert server._request_count == 4 + 2 * 20_000 + 1
     assert server.stats()["malformed"] == 0
     tell(process, "go")
     assert process.wait(30) == 0
-    assert wait_for(lambda: server._request_count == 2 + 2 * 20_000 + 2)
+    assert wait_for(lambda: server._request_count == 4 + 2 * 20_000 + 2)
     assert wait_for(lambda: maps_ring() == 0)
 
 
@@ -189,10 +190,34 @@ def test_exec_and_exit_lose_nothing(
     assert wait_for(lambda: scopes(server, process.pid) == {"before-exec", "after-exec"})
     tell(process, "go")
     assert process.wait(30) == 0
-    # connect (2) + before-exec, then connect (2) + after-exec (2) + at-exit.
-    assert wait_for(lambda: server._request_count == 8)
+    # connect (4) + before-exec, then connect (4) + after-exec (2) + at-exit.
+    assert wait_for(lambda: server._request_count == 12)
     assert wait_for(lambda: not scopes(server, process.pid))
     assert wait_for(lambda: maps_ring() == 0)
+
+
+def test_a_client_used_for_one_block_makes_no_ring(
+    server: timer.FileTimerServer, fifo: str, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A client per block (acquire and release by FIFO) never offers a ring: had one done so,
+    the server would have replaced (and closed) the configured client's ring, of the same
+    process, and that client would have none left."""
+    process = worker(
+        children,
+        fifo,
+        """
+        for i in range(3):
+            with t.expires(after=60, scope="once", client=t.FileTimerClient(fifo)):
+                pass
+        with t.expires(after=60, scope="configured"):
+            pass
+        say(rings())
+        """,
+    )
+    assert line(process) == ["1"]
+    assert process.wait(30) == 0
+    assert wait_for(lambda: server._request_count == 4 + 6 + 2)
+    assert server.stats()["malformed"] == 0
 
 
 def test_a_restarted_server_gets_the_requests_after_its_restart(
@@ -213,17 +238,17 @@ def test_a_restarted_server_gets_the_requests_after_its_restart(
     )
     tell(process, "one")
     assert line(process) == ["1"]
-    assert wait_for(lambda: server._request_count == 4)
+    assert wait_for(lambda: server._request_count == 6)
     server.stop()
     second = timer.FileTimerServer(fifo, "ring", max_interval=0.1, signal_self=False)
     servers.append(second)
     second.start()
     tell(process, "two")
-    assert line(process) == ["1"]  # a ring again, with the new server
+    assert line(process) == ["0"]  # the old ring is closed; by FIFO to the new server...
     tell(process, "three")
-    assert line(process) == ["1"]
+    assert line(process) == ["1"]  # ...until its third request, which offers a ring
     assert wait_for(lambda: second._request_count == 4)
-    assert server._request_count == 4
+    assert server._request_count == 6
     assert maps_ring() == 1
 
 
@@ -259,4 +284,4 @@ def test_a_scribbled_ring_is_reported_and_the_worker_carries_on_by_fifo(
     assert wait_for(lambda: scopes(server, process.pid) == {"after"})
     tell(process, "go")
     assert process.wait(30) == 0
-    assert wait_for(lambda: server._request_count == 4)
+    assert wait_for(lambda: server._request_count == 6)
