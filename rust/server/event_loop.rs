@@ -20,8 +20,7 @@ use super::{
     Command, Shared, TAG_ALARM, TAG_FIFO_WATCH, TAG_RING, TAG_SOURCE, TAG_WAKE, TAG_WORKER,
 };
 use crate::codec::{self, Request};
-use crate::{fifo, queue};
-use crate::{reaper, ring};
+use crate::{fifo, queue, reaper, ring};
 
 /// How long the loop waits for its events to be reported before it signals its own process.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
@@ -180,6 +179,7 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
     let mut arrivals = Arrivals::default();
     let mut decoded = Vec::new();
     let mut rings = Rings::new(shared.config.max_pidfds / 2);
+    let mut alarm_failed = false;
     loop {
         let next = {
             let mut state = shared.lock();
@@ -187,15 +187,16 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
             let next = shared.next_timeout(&state);
             next.into_iter().chain(rings.next_poll()).min()
         };
-        // A timer that cannot be set is retried every millisecond, as epoll would time out.
-        let fallback = Timespec { tv_sec: 0, tv_nsec: 1_000_000 };
+        // A timer that cannot be set (reported once) is replaced by a 1 ms timeout.
         let timeout = match alarm.set(next) {
             Ok(()) => None,
             Err(err) => {
-                shared
-                    .lock()
-                    .emit(Event::Warning(format!("setting the loop's timer failed: {err}")));
-                Some(fallback)
+                if !alarm_failed {
+                    alarm_failed = true;
+                    let warning = format!("setting the loop's timer failed: {err}");
+                    shared.lock().emit(Event::Warning(warning));
+                }
+                Some(Timespec { tv_sec: 0, tv_nsec: 1_000_000 })
             }
         };
         ready.clear();

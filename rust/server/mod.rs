@@ -9,6 +9,8 @@
 //! * this module: the handle ([`Server`]) and what the loop and its callers share;
 //! * [`pass`]: torch's reap rules, one pass at a time, and where each worker stands;
 //! * `event_loop`: the thread, its transport and the self-signal handshake;
+//! * `alarm`: the timerfd the thread sleeps on, and its scheduler slice;
+//! * `rings`: the workers' shared-memory request rings (`crate::ring`);
 //! * [`report`]: what comes out (events, stats).
 
 mod alarm;
