@@ -157,7 +157,7 @@ def test_a_forked_child_gets_its_own_ring_and_keeps_its_own_pid(
     assert said["parent"] == [str(process.pid), "1"]
     assert said["child"][1] == "1"  # the parent's ring was let go, and one of its own made
     assert wait_for(lambda: scopes(server, child) == {"child", "child-2"})
-    assert scopes(server, process.pid) == {"parent"}
+    assert wait_for(lambda: scopes(server, process.pid) == {"parent"})
     assert wait_for(lambda: maps_ring() == 2)
     tell(process, "go")
     assert process.wait(30) == 0
