@@ -42,7 +42,7 @@ CASES = [
         "file",
         None,
         0,
-        common.Target(">= 50x", min_speedup=50),
+        common.Target(">= 100x", min_speedup=100),
     ),
     Case(
         "client.default_scope.deep",
@@ -50,7 +50,15 @@ CASES = [
         "file",
         None,
         DEEP,
-        common.Target(">= 200x", min_speedup=200),
+        common.Target(">= 400x", min_speedup=400),
+    ),
+    Case(
+        "client.default_scope.local",
+        "expires() block, default scope, Local client (+ queue flush)",
+        "local",
+        None,
+        0,
+        common.Target(">= 100x", min_speedup=100),
     ),
     Case(
         "client.explicit_scope.file",

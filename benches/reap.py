@@ -42,7 +42,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from types import ModuleType
@@ -116,14 +116,14 @@ LEAN_CODE = "from benches.reap import lean_worker; lean_worker()"
 
 
 class _Recording:
-    """A client that first tells the harness the expiration time it was asked for."""
+    """A client that first tells ``noted`` the expiration time it was asked for."""
 
-    def __init__(self, client: Any, conn: Connection) -> None:
+    def __init__(self, client: Any, noted: Callable[[float], None]) -> None:
         self._client = client
-        self._conn = conn
+        self._noted = noted
 
     def acquire(self, scope_id: str, expiration_time: float) -> None:
-        common.reply(self._conn, expiration_time)
+        self._noted(expiration_time)
         self._client.acquire(scope_id, expiration_time)
 
     def release(self, scope_id: str) -> None:
@@ -133,7 +133,9 @@ class _Recording:
 def _worker(
     conn: Connection, timer: ModuleType, transport: common.Transport, lifetime: float
 ) -> None:
-    client = _Recording(common.make_client(timer, transport, signal.SIGTERM), conn)
+    client = _Recording(
+        common.make_client(timer, transport, signal.SIGTERM), lambda t: common.reply(conn, t)
+    )
     with timer.expires(after=AFTER, scope=SCOPE, client=client):
         time.sleep(lifetime)
 

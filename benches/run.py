@@ -12,6 +12,7 @@ benches/results). Progress goes to stderr. The benchmarks, in the issue's order:
   shallow and a deep stack, explicit scope over File and Local);
 - throughput: requests/s one File server takes from 4 and 16 client processes;
 - reap: from a timer's expiration to the worker's death seen by ``waitpid``;
+- delivery: from a timer's expiration to the worker receiving its signal;
 - cpu: CPU of a started server, idle and with 100k live timers;
 - scale: memory and CPU per operation at 10k, 100k and 1M live timers;
 - adaptive: from a hang to its reap, torch at the after asked for, ours learning the steps.
@@ -37,7 +38,7 @@ from typing import Callable, NoReturn
 if __package__ in (None, ""):  # run as a script: make the ``benches`` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benches import adaptive, client, reap, report, scale, server
+from benches import adaptive, client, delivery, reap, report, scale, server
 from benches.common import (
     DEFAULT,
     QUICK,
@@ -56,6 +57,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "client": client.run,
     "throughput": server.run_throughput,
     "reap": reap.run,
+    "delivery": delivery.run,
     "cpu": server.run_cpu,
     "scale": scale.run,
     "adaptive": adaptive.run,

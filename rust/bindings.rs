@@ -14,9 +14,9 @@ use crate::codec::{self, CodecError, Number, Request};
 use crate::fifo::{self, SendError, SendOptions};
 use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
-use crate::reaper;
 use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
+use crate::{reaper, ring};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
@@ -614,11 +614,56 @@ impl PyFifoClient {
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
     ) -> PyResult<Option<PathBuf>> {
+        self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
+    }
+
+    /// `send` for a request of this process (its pid known without a system call).
+    fn send_own(
+        &self,
+        py: Python<'_>,
+        scope_id: &str,
+        expiration_time: &Bound<'_, PyAny>,
+        signal: i64,
+    ) -> PyResult<Option<PathBuf>> {
+        let pid = i64::from(ring::this_process().0);
+        self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
+    }
+}
+
+impl PyFifoClient {
+    fn send_request(
+        &self,
+        py: Python<'_>,
+        pid: i64,
+        scope_id: &str,
+        expiration: Number,
+        signal: i64,
+    ) -> PyResult<Option<PathBuf>> {
+        let exact = match expiration {
+            Number::Float(x) => Some(x),
+            Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
+            Number::Int(_) => None,
+        };
+        if let (Some(exact), Ok(ring_signal)) = (exact, i32::try_from(signal)) {
+            // Our server's ring first: no system call, and no waiting but for a full ring.
+            match self.0.push(pid, scope_id, exact, ring_signal) {
+                fifo::Pushed::Sent => return Ok(None),
+                fifo::Pushed::Full => {
+                    if py.detach(|| self.0.push_when_room(pid, scope_id, exact, ring_signal)) {
+                        return Ok(None);
+                    }
+                }
+                fifo::Pushed::Fifo => {}
+            }
+        }
         let mut line = Vec::with_capacity(128 + scope_id.len());
-        codec::encode_json_line(pid, scope_id, number(expiration_time)?, signal, &mut line);
+        codec::encode_json_line(pid, scope_id, expiration, signal, &mut line);
         // Keep the GIL for a write that cannot wait; let go of it for one that may.
         if !self.0.try_send(&line)? {
             py.detach(|| self.0.send(&line))?;
+        }
+        if self.0.ring_due() {
+            py.detach(|| self.0.offer_ring());
         }
         Ok(self.0.take_stacks_dir())
     }

@@ -11,8 +11,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{self, inotify, FileType, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
-use crate::untrusted;
+use crate::{ring, untrusted};
 
 /// The longest request line (without its newline): writes up to `PIPE_BUF` bytes are atomic.
 pub const MAX_LINE: usize = libc::PIPE_BUF;
@@ -177,6 +177,10 @@ pub struct Endpoint {
     open: Option<(Reader, Option<Watch>)>,
 }
 
+/// How often [`Endpoint::repair`] creates the FIFO again before it gives up on a path that
+/// changes faster than it can be repaired.
+const MAX_REPAIRS: usize = 8;
+
 /// What [`Endpoint::repair`] found at the FIFO's path.
 #[derive(Debug)]
 pub enum Repair {
@@ -248,33 +252,39 @@ impl Endpoint {
         if let Some(watch) = watch.as_ref() {
             watch.drain();
         }
-        let what = match path_state(&self.path, reader.identity()) {
-            PathState::Ours => return Repair::Ours,
-            PathState::OtherFifo => {
-                if let Some(watch) = watch.take() {
-                    unwatch(watch.fd());
+        let mut recreated = None;
+        // The watch on a new FIFO is set up after the FIFO is made: a change in between would
+        // never be reported, so the path is looked at again until it settles.
+        for _ in 0..MAX_REPAIRS {
+            let what = match path_state(&self.path, reader.identity()) {
+                PathState::Ours => return recreated.map_or(Repair::Ours, Repair::Recreated),
+                PathState::OtherFifo => {
+                    if let Some(watch) = watch.take() {
+                        unwatch(watch.fd());
+                    }
+                    self.ours = None;
+                    return Repair::TakenOver;
                 }
-                self.ours = None;
-                return Repair::TakenOver;
+                PathState::Missing => "was deleted",
+                PathState::NotAFifo => "was replaced by a file that is not a FIFO",
+            };
+            let replacement =
+                create(&self.path).and_then(|identity| Ok((identity, Reader::open(&self.path)?)));
+            let (identity, new_reader) = match replacement {
+                Ok(replacement) => replacement,
+                Err(err) => return Repair::Failed(what, err),
+            };
+            while matches!(reader.read_lines(&mut sink), Ok(n) if n > 0) {}
+            unwatch(reader.fd());
+            if let Some(watch) = watch.as_ref() {
+                unwatch(watch.fd());
             }
-            PathState::Missing => "was deleted",
-            PathState::NotAFifo => "was replaced by a file that is not a FIFO",
-        };
-        let replacement =
-            create(&self.path).and_then(|identity| Ok((identity, Reader::open(&self.path)?)));
-        let (identity, new_reader) = match replacement {
-            Ok(replacement) => replacement,
-            Err(err) => return Repair::Failed(what, err),
-        };
-        while matches!(reader.read_lines(&mut sink), Ok(n) if n > 0) {}
-        unwatch(reader.fd());
-        if let Some(watch) = watch.as_ref() {
-            unwatch(watch.fd());
+            *reader = new_reader;
+            *watch = Watch::new(&self.path).ok();
+            self.ours = Some(identity);
+            recreated = Some(what);
         }
-        *reader = new_reader;
-        *watch = Watch::new(&self.path).ok();
-        self.ours = Some(identity);
-        Repair::Recreated(what)
+        Repair::Failed("keeps changing", io::Error::other("its path changed on every repair"))
     }
 
     /// Reads what is left into `sink`, then closes the FIFO (see [`Reader::close`]).
@@ -515,6 +525,11 @@ pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), S
 /// opened again when the server has gone. On each connection to a marked FIFO (the first
 /// request, and after a restart; not per request), the client reads the stacks directory the
 /// server names beside it (`stacks_sidecar`), for `take_stacks_dir`.
+///
+/// To our server, after the third request of a connection, the client offers a shared-memory
+/// ring (`crate::ring`): once the server has taken it, requests of this process go there,
+/// with no system call, and by FIFO again once the ring is full, too long for a scope,
+/// closed by the server, or inherited through a fork.
 #[derive(Debug)]
 pub struct Client {
     path: PathBuf,
@@ -523,11 +538,159 @@ pub struct Client {
     kept: Mutex<Option<OwnedFd>>,
     /// The stacks directory our server named at the last connection, until taken.
     stacks_dir: Mutex<Option<PathBuf>>,
+    /// FIFO requests to go before this connection to our server offers a ring (0: none to
+    /// offer): a client used for one block never makes one.
+    ring_countdown: AtomicU32,
+    /// The ring our server took (always locked before `kept`, never after).
+    ring: Mutex<Option<ring::Writer>>,
 }
+
+/// What became of a request offered to the ring.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Sent,
+    /// The ring is full: `push_when_room` may wait for the server to drain it.
+    Full,
+    /// Send it by FIFO.
+    Fifo,
+}
+
+/// FIFO requests a new connection to our server carries before it offers a ring.
+const RING_AFTER: u32 = 3;
+
+/// How long offering a ring waits for the server to take it, and a full ring for room,
+/// before the client sends by FIFO.
+const RING_WAIT: Duration = Duration::from_millis(200);
 
 impl Client {
     pub fn new(path: PathBuf, options: SendOptions) -> Self {
-        Self { path, options, kept: Mutex::new(None), stacks_dir: Mutex::new(None) }
+        Self {
+            path,
+            options,
+            kept: Mutex::new(None),
+            stacks_dir: Mutex::new(None),
+            ring_countdown: AtomicU32::new(0),
+            ring: Mutex::new(None),
+        }
+    }
+
+    fn ring(&self) -> MutexGuard<'_, Option<ring::Writer>> {
+        self.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Puts a request of worker `pid` in the ring, if this process has one and `pid` is this
+    /// process. Never waits.
+    pub fn push(&self, pid: i64, scope: &str, expiration: f64, signal: i32) -> Pushed {
+        // Busy only while another thread offers a ring (up to `RING_WAIT`): this request then
+        // goes by FIFO rather than hold the GIL that long.
+        let mut ring = match self.ring.try_lock() {
+            Ok(ring) => ring,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Pushed::Fifo,
+        };
+        let Some(writer) = ring.as_mut() else { return Pushed::Fifo };
+        if !writer.is_own() {
+            // Inherited through fork: the parent's. This process offers its own.
+            *ring = None;
+            self.ring_countdown.store(1, Ordering::Relaxed);
+            return Pushed::Fifo;
+        }
+        if i64::from(ring::this_process().0) != pid {
+            return Pushed::Fifo;
+        }
+        let near = expiration >= 0.0 && expiration - ring::wall_now() < ring::NEAR.as_secs_f64();
+        match writer.push(scope.as_bytes(), expiration, signal, near) {
+            ring::Push::Written { wake: false } => Pushed::Sent,
+            ring::Push::Written { wake: true } => {
+                if self.wake() {
+                    Pushed::Sent
+                } else {
+                    // The server is gone (maybe before it read this): send it again by FIFO.
+                    *ring = None;
+                    Pushed::Fifo
+                }
+            }
+            ring::Push::Full => Pushed::Full,
+            ring::Push::Closed => {
+                *ring = None;
+                Pushed::Fifo
+            }
+            ring::Push::TooLong => {
+                writer.abandon();
+                *ring = None;
+                Pushed::Fifo
+            }
+        }
+    }
+
+    /// After `Pushed::Full`: wakes the server and waits (bounded) for room; past that the
+    /// ring is left and this returns false (send by FIFO).
+    pub fn push_when_room(&self, pid: i64, scope: &str, expiration: f64, signal: i32) -> bool {
+        let deadline = Instant::now() + RING_WAIT;
+        loop {
+            match self.push(pid, scope, expiration, signal) {
+                Pushed::Sent => return true,
+                Pushed::Fifo => return false,
+                Pushed::Full if Instant::now() < deadline => {
+                    self.wake();
+                    thread::sleep(Duration::from_micros(200));
+                }
+                Pushed::Full => {
+                    if let Some(writer) = self.ring().take() {
+                        writer.abandon();
+                    }
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// After a request sent by FIFO: whether it is time to offer a ring (`offer_ring`).
+    pub fn ring_due(&self) -> bool {
+        match self.ring_countdown.load(Ordering::Relaxed) {
+            0 => false,
+            1 => true,
+            n => {
+                self.ring_countdown.store(n - 1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Offers the server a ring and waits (bounded) for it to be taken; without an answer,
+    /// requests keep going by FIFO.
+    pub fn offer_ring(&self) {
+        let mut ring = self.ring();
+        if self.ring_countdown.swap(0, Ordering::Relaxed) == 0 {
+            return;
+        }
+        *ring = None;
+        let Ok(writer) = ring::Writer::create() else { return };
+        let line = ring::announcement(ring::this_process().0, writer.fd());
+        let sent = match self.kept().as_ref() {
+            Some(fd) => matches!(rustix::io::write(fd, &line), Ok(n) if n == line.len()),
+            None => false,
+        };
+        if !sent {
+            return;
+        }
+        let deadline = Instant::now() + RING_WAIT;
+        while writer.state() == ring::PENDING && Instant::now() < deadline {
+            thread::sleep(Duration::from_micros(100));
+        }
+        if writer.state() == ring::ACCEPTED {
+            *ring = Some(writer);
+        } else {
+            writer.abandon();
+        }
+    }
+
+    /// Wakes the server for the ring (an empty line); false if the FIFO has no reader.
+    fn wake(&self) -> bool {
+        let kept = self.kept();
+        let Some(fd) = kept.as_ref() else { return false };
+        // A full pipe wakes the server anyway.
+        !matches!(rustix::io::write(fd, b"\n"), Err(Errno::PIPE))
     }
 
     fn kept(&self) -> MutexGuard<'_, Option<OwnedFd>> {
@@ -542,6 +705,7 @@ impl Client {
 
     /// A request went through a new connection to `fifo`, one of our servers'.
     fn connected(&self, fifo: &OwnedFd) {
+        self.ring_countdown.store(RING_AFTER, Ordering::Relaxed);
         if let Some(dir) = announced_stacks_dir(&self.path, fifo) {
             *self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dir);
         }

@@ -16,6 +16,7 @@ pub mod fifo;
 pub mod learned;
 pub mod queue;
 pub mod reaper;
+pub mod ring;
 pub mod server;
 pub mod stacks;
 pub mod untrusted;

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ["client", "throughput", "reap", "cpu", "scale", "adaptive"]
+FAMILIES = ["client", "throughput", "reap", "delivery", "cpu", "scale", "adaptive"]
 
 pytestmark = pytest.mark.torch  # the harness measures torch's timers too (and needs matplotlib)
 

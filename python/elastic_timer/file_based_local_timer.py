@@ -114,25 +114,31 @@ class FileTimerClient(TimerClient):
         # The open FIFO stays with this process; a copy opens its own.
         return {**self.__dict__, "_fifo": None}
 
-    def _send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None:
-        fifo = self._fifo
-        if fifo is None:
-            fifo = self._fifo = _native.FifoClient(
-                self._file_path, self._connect_timeout, self._send_timeout
-            )
-        # Not None only when this request connected to a server taking stacks.
-        stacks_dir = fifo.send(pid, scope_id, expiration_time, signal)
+    def _connect(self) -> _native.FifoClient:
+        fifo = self._fifo = _native.FifoClient(
+            self._file_path, self._connect_timeout, self._send_timeout
+        )
+        return fifo
+
+    @staticmethod
+    def _sent(stacks_dir: object) -> None:
+        # Not None only when the request connected to a server taking stacks.
         if stacks_dir is not None:
             arm_stack_dump(str(stacks_dir))
+
+    def _send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None:
+        self._sent((self._fifo or self._connect()).send(pid, scope_id, expiration_time, signal))
 
     def _send_request(self, request: FileTimerRequest) -> None:
         self._send(request.worker_pid, request.scope_id, request.expiration_time, request.signal)
 
+    # This process's requests: the native client knows its pid without a system call.
     def acquire(self, scope_id: str, expiration_time: float) -> None:
-        self._send(os.getpid(), scope_id, expiration_time, self.signal)
+        fifo = self._fifo or self._connect()
+        self._sent(fifo.send_own(scope_id, expiration_time, self.signal))
 
     def release(self, scope_id: str) -> None:
-        self._send(os.getpid(), scope_id, -1, 0)
+        self._sent((self._fifo or self._connect()).send_own(scope_id, -1, 0))
 
 
 class FileTimerServer(NativeServer[FileTimerRequest]):

@@ -1,4 +1,5 @@
-//! The loop thread: waits in `epoll_wait`, reads the transport, runs a pass, reports it.
+//! The loop thread: waits in `epoll_wait` (woken by requests, exits and its alarm), reads
+//! the transport, runs a pass, reports it.
 
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -9,14 +10,18 @@ use std::time::{Duration, Instant};
 
 use rustix::event::epoll::{self, EventData, EventFlags};
 use rustix::process::Pid;
+use rustix::time::Timespec;
 
+use super::alarm::{self, Alarm};
 use super::pass::{Clock, Phase};
 use super::report::{Event, ReapOutcome};
-use super::{Command, Shared, TAG_FIFO_WATCH, TAG_SOURCE, TAG_WAKE, TAG_WORKER};
+use super::rings::{Arrivals, Rings};
+use super::{
+    Command, Shared, TAG_ALARM, TAG_FIFO_WATCH, TAG_RING, TAG_SOURCE, TAG_WAKE, TAG_WORKER,
+};
 use crate::codec::{self, Request};
 use crate::learned;
-use crate::reaper;
-use crate::{fifo, queue};
+use crate::{fifo, queue, reaper, ring};
 
 /// How long the loop waits for its events to be reported before it signals its own process.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
@@ -43,7 +48,7 @@ impl Source {
     /// Reads the last requests; the FIFO is closed right after its last read, so a client
     /// writing later gets `EPIPE` (and opens the path again) instead of writing into a pipe
     /// about to be closed unread.
-    fn close(&mut self, decoded: &mut Vec<Result<Request, String>>) {
+    fn close(&mut self, decoded: &mut Arrivals) {
         match self {
             Source::Fifo(endpoint) => endpoint.close(|line| decode_line(line, decoded)),
             source => while matches!(source.read(decoded), Ok(n) if n > 0) {},
@@ -66,11 +71,11 @@ impl Source {
     }
 
     /// Reads and decodes what is available; returns how many bytes or frames were read.
-    fn read(&mut self, requests: &mut Vec<Result<Request, String>>) -> io::Result<usize> {
+    fn read(&mut self, arrivals: &mut Arrivals) -> io::Result<usize> {
         match self {
-            Source::Fifo(endpoint) => endpoint.read_lines(|line| decode_line(line, requests)),
+            Source::Fifo(endpoint) => endpoint.read_lines(|line| decode_line(line, arrivals)),
             Source::Queue(reader) => reader.read_frames(|frame| {
-                requests.push(match frame {
+                arrivals.requests.push(match frame {
                     queue::Frame::Payload(bytes) => {
                         codec::decode_pickle(bytes).map_err(|err| err.to_string())
                     }
@@ -84,7 +89,7 @@ impl Source {
     }
 
     /// After the watch said the FIFO's path changed: repairs it, and says what happened.
-    fn repair_fifo(&mut self, shared: &Shared, decoded: &mut Vec<Result<Request, String>>) {
+    fn repair_fifo(&mut self, shared: &Shared, decoded: &mut Arrivals) {
         let Source::Fifo(endpoint) = self else { return };
         let unwatch = |fd: BorrowedFd<'_>| {
             let _ = epoll::delete(&shared.epoll, fd);
@@ -109,9 +114,16 @@ impl Source {
     }
 }
 
-/// Decodes one FIFO line. A line that does not decode but ends with a client's request
-/// (written after someone left garbage without a newline) costs only the garbage.
-fn decode_line(line: fifo::Line<'_>, requests: &mut Vec<Result<Request, String>>) {
+/// Decodes one FIFO line: a request, or a worker's ring announcement. A line that does not
+/// decode but ends with a client's request (written after someone left garbage without a
+/// newline) costs only the garbage.
+fn decode_line(line: fifo::Line<'_>, arrivals: &mut Arrivals) {
+    if let fifo::Line::Complete(bytes) = line {
+        if let Some(announcement) = ring::parse_announcement(bytes) {
+            return arrivals.rings.push((arrivals.requests.len(), announcement));
+        }
+    }
+    let requests = &mut arrivals.requests;
     let (error, end) = match line {
         fifo::Line::Complete(bytes) => match codec::decode_json_line(bytes) {
             Ok(request) => return requests.push(Ok(request)),
@@ -151,16 +163,44 @@ fn watch(shared: &Shared, source: &Source) -> bool {
 /// Runs the loop until `stop` or `run_once`; returns the transport, closed.
 pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
     if !watch(shared, &source) {
-        source.close(&mut Vec::new());
+        source.close(&mut Arrivals::default());
         return source;
     }
+    alarm::ask_for_short_slices();
+    let mut alarm = match Alarm::new().and_then(|alarm| {
+        epoll::add(&shared.epoll, alarm.fd(), EventData::new_u64(TAG_ALARM), EventFlags::IN)?;
+        Ok(alarm)
+    }) {
+        Ok(alarm) => alarm,
+        Err(err) => {
+            shared.lock().emit(Event::Warning(format!("cannot set the loop's timer: {err}")));
+            source.close(&mut Arrivals::default());
+            return source;
+        }
+    };
     let mut ready: Vec<epoll::Event> = Vec::with_capacity(64);
+    let mut arrivals = Arrivals::default();
     let mut decoded = Vec::new();
+    let mut rings = Rings::new(shared.config.max_pidfds / 2);
+    let mut alarm_failed = false;
     loop {
-        let timeout = {
+        let next = {
             let mut state = shared.lock();
             state.busy_since = None;
-            shared.next_timeout(&state)
+            let next = shared.next_timeout(&state);
+            next.into_iter().chain(rings.next_poll()).min()
+        };
+        // A timer that cannot be set (reported once) is replaced by a 1 ms timeout.
+        let timeout = match alarm.set(next) {
+            Ok(()) => None,
+            Err(err) => {
+                if !alarm_failed {
+                    alarm_failed = true;
+                    let warning = format!("setting the loop's timer failed: {err}");
+                    shared.lock().emit(Event::Warning(warning));
+                }
+                Some(Timespec { tv_sec: 0, tv_nsec: 1_000_000 })
+            }
         };
         ready.clear();
         match epoll::wait(
@@ -185,23 +225,28 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
         let mut read_source = last;
         let mut fifo_changed = false;
         let mut exited = Vec::new();
+        let mut rings_exited = Vec::new();
         for event in &ready {
             match event.data.u64() {
                 TAG_WAKE => {
                     let mut counter = [0u8; 8];
                     let _ = rustix::io::read(&shared.wake, &mut counter);
                 }
+                TAG_ALARM => alarm.acknowledge(),
                 TAG_SOURCE => read_source = true,
                 TAG_FIFO_WATCH => fifo_changed = true,
+                tag if tag >= TAG_RING => {
+                    rings_exited.extend(Pid::from_raw((tag - TAG_RING) as i32))
+                }
                 tag => exited.extend(Pid::from_raw((tag - TAG_WORKER) as i32)),
             }
         }
         if fifo_changed {
-            source.repair_fifo(shared, &mut decoded);
+            source.repair_fifo(shared, &mut arrivals);
         }
         if read_source {
             loop {
-                match source.read(&mut decoded) {
+                match source.read(&mut arrivals) {
                     Ok(0) => break,
                     Ok(_) if last => continue,
                     Ok(_) => break,
@@ -214,6 +259,15 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
                 }
             }
         }
+        take_in(shared, &mut rings, &mut arrivals, &mut decoded);
+        for pid in rings_exited {
+            rings.exited(&shared.epoll, pid, &mut decoded);
+        }
+        if last {
+            rings.close(&shared.epoll, &mut decoded);
+        } else {
+            rings.drain_all(&shared.epoll, &mut decoded);
+        }
         pass(shared, &mut decoded, exited);
         save_learned(shared, last);
         if last {
@@ -223,8 +277,10 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
             if let Some(fd) = source.watch_fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
             }
+            let _ = epoll::delete(&shared.epoll, alarm.fd());
             // What was written during this pass, read just before the FIFO closes.
-            source.close(&mut decoded);
+            source.close(&mut arrivals);
+            take_in(shared, &mut rings, &mut arrivals, &mut decoded);
             shared.intake_decoded(&mut shared.lock(), &mut decoded, Clock::now());
             return source;
         }
@@ -252,6 +308,23 @@ fn save_learned(shared: &Shared, last: bool) {
     };
     if let Err(err) = learned::write_state(path, &content) {
         shared.lock().emit(Event::Warning(err.to_string()));
+    }
+}
+
+/// Moves what the transport brought into `decoded`, with the rings announced and drained
+/// in order among it.
+fn take_in(
+    shared: &Shared,
+    rings: &mut Rings,
+    arrivals: &mut Arrivals,
+    decoded: &mut Vec<Result<Request, String>>,
+) {
+    let warnings = rings.merge(&shared.epoll, arrivals, decoded);
+    if !warnings.is_empty() {
+        let mut state = shared.lock();
+        for warning in warnings {
+            state.emit(Event::Warning(warning));
+        }
     }
 }
 

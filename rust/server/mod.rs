@@ -1,7 +1,7 @@
 //! The timer server: one native thread that reads requests, keeps deadlines and reaps.
 //!
 //! The thread sleeps in one `epoll_wait` on the transport, an eventfd (stop, and timers
-//! registered from outside), and the pidfds of workers with timers. Its timeout is the
+//! registered from outside), the pidfds of workers with timers, and a timerfd armed at the
 //! earliest deadline, so a deadline fires when it is due and an idle server does not wake.
 //! It never needs Python: what it has to report goes, as [`Event`]s, down a bounded channel
 //! that the bindings drain from a thread of their own.
@@ -9,11 +9,15 @@
 //! * this module: the handle ([`Server`]) and what the loop and its callers share;
 //! * [`pass`]: torch's reap rules, one pass at a time, and where each worker stands;
 //! * `event_loop`: the thread, its transport and the self-signal handshake;
+//! * `alarm`: the timerfd the thread sleeps on, and its scheduler slice;
+//! * `rings`: the workers' shared-memory request rings (`crate::ring`);
 //! * [`report`]: what comes out (events, stats).
 
+mod alarm;
 mod event_loop;
 mod pass;
 mod report;
+mod rings;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -44,7 +48,9 @@ const EVENT_CAPACITY: usize = 4096;
 const TAG_WAKE: u64 = 0;
 const TAG_SOURCE: u64 = 1;
 const TAG_FIFO_WATCH: u64 = 2;
+const TAG_ALARM: u64 = 3;
 const TAG_WORKER: u64 = 1 << 32;
+const TAG_RING: u64 = 2 << 32;
 
 /// How a server behaves (see the Python classes for the user-facing names).
 #[derive(Debug, Clone)]

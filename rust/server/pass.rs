@@ -655,17 +655,10 @@ impl Shared {
     }
 
     /// When the loop must next look at its deadlines.
-    pub(super) fn next_timeout(&self, state: &State) -> Option<rustix::time::Timespec> {
+    pub(super) fn next_timeout(&self, state: &State) -> Option<Instant> {
         let follow_up = state.phases.values().filter_map(Phase::follow_up_at).min();
         let sweep = (state.workers.without_pidfd() > 0).then_some(state.next_sweep);
-        let next = [state.timers.next_deadline(), follow_up, sweep].into_iter().flatten().min()?;
-        let wait = next.saturating_duration_since(Instant::now());
-        // epoll waits in whole milliseconds: round up so the deadline has passed on waking.
-        let millis = wait.as_nanos().div_ceil(1_000_000);
-        Some(rustix::time::Timespec {
-            tv_sec: i64::try_from(millis / 1000).unwrap_or(i64::MAX),
-            tv_nsec: ((millis % 1000) * 1_000_000) as _,
-        })
+        [state.timers.next_deadline(), follow_up, sweep].into_iter().flatten().min()
     }
 }
 
