@@ -204,8 +204,8 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 def test_learned_timeouts_catch_a_hang_in_seconds_and_again_after_the_restart(
     tmp_path: Path,
 ) -> None:
-    """--max-restarts 1 with ELASTIC_TIMER_ADAPTIVE=1 and steps that ask for 60 s: rank 1
-    hangs after 12 steps and is reaped at the learned bound (the 0.5 s floor here); the group
+    """--adaptive (as ELASTIC_TIMER_ADAPTIVE=1), --max-restarts 1, steps that ask for 60 s:
+    rank 1 hangs after 12 steps and is reaped at the learned bound (the 0.5 s floor here); the group
     restarts under a new server, which loads what the first learned (a file per run id), and
     rank 1, hanging at its first step, is reaped at the learned bound again."""
     env = job_env(tmp_path, hang_rank=1, hang_attempts="0,1")
@@ -214,11 +214,11 @@ def test_learned_timeouts_catch_a_hang_in_seconds_and_again_after_the_restart(
         STEPS="20",
         STEP_TIMEOUT="60",
         HANG_STEPS="12,0",
-        ELASTIC_TIMER_ADAPTIVE="1",
         ELASTIC_TIMER_ADAPTIVE_FLOOR="0.5",
         ELASTIC_TIMER_EVENT_LOG=str(events),
     )
-    result, took = run([LAUNCHER, "--standalone", "--max-restarts", "1", *COMMON, JOB], env)
+    cmd = [LAUNCHER, "--adaptive", "--standalone", "--max-restarts", "1", *COMMON, JOB]
+    result, took = run(cmd, env)
     assert result.returncode != 0, "both attempts hung: the job fails"
     assert "rank 1" not in " ".join(finished(tmp_path)), result.stderr[-3000:]
     records = [json.loads(line) for line in events.read_text().splitlines()]

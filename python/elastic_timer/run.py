@@ -19,18 +19,22 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import torch as torch_integration
+from .diagnostics import ADAPTIVE_ENV
 
 HELP_PREAMBLE = """\
 elastic-timer-run: torchrun, or ft_launcher, with elastic-timer's native watchdog.
 
-usage: elastic-timer-run [--launcher {torchrun,ft_launcher}] [launcher's arguments] script.py ...
+usage: elastic-timer-run [--launcher {torchrun,ft_launcher}] [--adaptive] [launcher's arguments]
+                         script.py ...
 
   --launcher torchrun     torch's torchrun (the default, also without --launcher)
   --launcher ft_launcher  nvidia-resiliency-ext's ft_launcher (pip install nvidia-resiliency-ext)
+  --adaptive              learn each scope's durations and fire at the learned bound (the same
+                          as ELASTIC_TIMER_ADAPTIVE=1, below)
 
---launcher, when given, comes first. Every argument of the launcher works unchanged: they are
-listed below (`elastic-timer-run --launcher ft_launcher --help` lists ft_launcher's). On top
-of the launcher:
+--launcher and --adaptive, when given, come first. Every argument of the launcher works
+unchanged: they are listed below (`elastic-timer-run --launcher ft_launcher --help` lists
+ft_launcher's). On top of the launcher:
   * TORCHELASTIC_ENABLE_FILE_TIMER=1 is set unless you set it yourself, so the agent runs a
     timer server and tells the workers its FIFO in TORCHELASTIC_TIMER_FILE;
   * the timer server is elastic-timer's: it kills a hung worker at its deadline, even if the
@@ -85,6 +89,10 @@ LAUNCHERS = {
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     name, argv = _split_launcher(argv)
+    if argv[:1] == ["--adaptive"]:
+        # The agent's server reads it, as any ELASTIC_TIMER_* variable.
+        os.environ[ADAPTIVE_ENV] = "1"
+        argv = argv[1:]
     launcher = _import_launcher(name)
     if "-h" in argv or "--help" in argv:
         sys.stdout.write(HELP_PREAMBLE)
