@@ -288,56 +288,27 @@ def test_two_nodes_on_localhost(tmp_path: Path) -> None:
     """Two agents (c10d rendezvous on 127.0.0.1), a worker on node 1 hangs: it is reaped, both
     the failed group restarts, and both agents end the job cleanly (exit 0). The other
     workers are still training when the hang is reaped, as in a real job."""
-    port = free_port()
     env = job_env(tmp_path, hang_rank=3, hang_attempts="0")
     # Healthy steps keep a 2 s margin to their timeout, even on 2 loaded cores; the hang (in
     # rank 3's second step) is reaped at 4 s, while the others still train (8 steps of 1 s).
     env.update(STEPS="8", STEP_SECONDS="1", STEP_TIMEOUT="3")
-    cmd = [
-        LAUNCHER,
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
-        "--rdzv-id",
-        "two-nodes",
-        "--max-restarts",
-        "1",
-        "--monitor-interval",
-        "0.1",
-        JOB,
-    ]
-    agents = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    try:
-        outputs = [agent.communicate(timeout=120) for agent in agents]
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
-    assert [agent.returncode for agent in agents] == [0, 0], (
-        outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    )
+    outcomes = two_agents(env, "two-nodes", JOB, "--max-restarts", "1")
+    assert [code for code, _ in outcomes] == [0, 0], outcomes[0][1][-2000:] + outcomes[1][1][-2000:]
     done = finished(tmp_path)
     assert "rank 3 attempt 0" not in done  # the hung worker never finished its first attempt
     assert "rank 3 attempt 1" in done  # its restart did
     assert {line.split(" attempt")[0] for line in done} == {f"rank {r}" for r in range(4)}
-    assert sum("Reaping worker_pid" in err for _, err in outputs) == 1
+    assert sum("Reaping worker_pid" in err for _, err in outcomes) == 1
 
 
 COLLECTIVE_JOB = str(Path(__file__).parent / "jobs" / "collective.py")
 
 
-def two_agents(tmp_path: Path, env: dict[str, str], run_id: str) -> list[tuple[int, str]]:
-    """Runs tests/jobs/collective.py under two agents (2 ranks each, c10d rendezvous on
-    127.0.0.1); returns each agent's exit code and stderr."""
+def two_agents(
+    env: dict[str, str], run_id: str, script: str = "", *launcher_args: str
+) -> list[tuple[int, str]]:
+    """Runs ``script`` (tests/jobs/collective.py by default) under two agents (2 ranks each,
+    c10d rendezvous on 127.0.0.1); returns each agent's exit code and stderr."""
     cmd = [
         LAUNCHER,
         "--nnodes",
@@ -352,14 +323,17 @@ def two_agents(tmp_path: Path, env: dict[str, str], run_id: str) -> list[tuple[i
         run_id,
         "--monitor-interval",
         "0.1",
-        COLLECTIVE_JOB,
+        *launcher_args,
+        script or COLLECTIVE_JOB,
     ]
     agents = [
         subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     try:
-        return [(agent.wait(120), agent.communicate()[1]) for agent in agents]
+        # communicate, not wait: an agent's stderr must be read as it comes, or it blocks.
+        outputs = [agent.communicate(timeout=120)[1] for agent in agents]
+        return [(agent.returncode, output) for agent, output in zip(agents, outputs)]
     finally:
         for agent in agents:
             if agent.poll() is None:
@@ -382,7 +356,7 @@ def test_one_hang_report_names_the_rank_that_is_not_in_the_collective(tmp_path: 
     """The issue's proof: ranks step through all_reduce inside expires(after=3); at step 2
     rank 3 sleeps in load_batch instead. Both agents take all their ranks' stacks, one
     report names rank 3 as the only suspect, and rank 3's agent's summary has its stack."""
-    outcomes = two_agents(tmp_path, hang_job_env(tmp_path, hang_rank=3), "hang-report")
+    outcomes = two_agents(hang_job_env(tmp_path, hang_rank=3), "hang-report")
     assert [code for code, _ in outcomes] == [1, 1], outcomes[0][1][-3000:] + outcomes[1][1][-3000:]
     assert not (tmp_path / "job.log").exists()  # nobody finished
     (report,) = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "hang report"]
@@ -414,7 +388,7 @@ def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers
     env = hang_job_env(tmp_path, hang_rank=3)
     (tmp_path / "control-plane").mkdir()
     env.update(CONTROL_PLANE_DIR=str(tmp_path / "control-plane"), TORCH_FR_BUFFER_SIZE="100")
-    outcomes = two_agents(tmp_path, env, "flight-recorder")
+    outcomes = two_agents(env, "flight-recorder")
     assert [code for code, _ in outcomes] == [1, 1], outcomes[0][1][-3000:]
     (report,) = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "hang report"]
     assert (report["suspects"], report["suspects_from"]) == ([3], "flight recorder")
@@ -429,7 +403,7 @@ def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers
 
 @pytest.mark.torchrun
 def test_the_same_job_without_a_hang_ends_0_and_writes_no_report(tmp_path: Path) -> None:
-    outcomes = two_agents(tmp_path, hang_job_env(tmp_path, hang_rank=-1), "no-hang")
+    outcomes = two_agents(hang_job_env(tmp_path, hang_rank=-1), "no-hang")
     assert [code for code, _ in outcomes] == [0, 0], outcomes[0][1][-3000:]
     assert sorted((tmp_path / "job.log").read_text().splitlines()) == [
         f"rank {r} done" for r in range(4)
