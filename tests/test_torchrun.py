@@ -614,7 +614,6 @@ def test_install_points_ft_launchers_copy_at_ours_and_uninstall_restores(
             looked_up(ft_timer)(str(tmp_path / "x.fifo"), 0.5, True, None, "extra")
         with pytest.raises(TypeError, match="multiple values for argument 'max_interval'"):
             looked_up(ft_timer)(str(tmp_path / "x.fifo"), 0.5, max_interval=1)
-        # torch's copy keeps torch's self-signal.
         torch_server = looked_up(torch_timer)(str(tmp_path / "torch.fifo"), "run", 0.1)
         servers.append(torch_server)
         # torch's copy keeps what the installed torch's server does (it signals itself from 2.7).
