@@ -68,6 +68,14 @@ def test_a_fingerprint_ignores_thread_ids_and_their_order() -> None:
     assert fingerprint(one) != fingerprint(faulthandler_dump(moved, LOADER_THREAD))
 
 
+def test_a_dump_taken_twice_has_the_fingerprint_of_one() -> None:
+    """A worker asked for its stacks by its own expiry and by another host's report appends
+    two dumps to its file (seen in a loaded run): it still groups with its peers."""
+    once = faulthandler_dump(IN_ALL_REDUCE)
+    assert fingerprint(once + once) == fingerprint(once)
+    assert fingerprint(once + faulthandler_dump(LOADING)) != fingerprint(once)
+
+
 def test_py_spy_dumps_are_read_too() -> None:
     py_spy = (
         'Thread 4242 (idle): "MainThread"\n'

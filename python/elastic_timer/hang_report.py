@@ -154,8 +154,9 @@ def threads(stacks: str) -> list[list[Frame]]:
 
 def fingerprint(stacks: str) -> str:
     """Equal for two dumps whose threads are at the same lines of the same code, whatever
-    the thread ids and the order the threads were listed in."""
-    normalised = sorted(repr(frames) for frames in threads(stacks))
+    the thread ids, the order the threads were listed in, and how often (a worker asked for
+    its stacks twice, by its own expiry and by another host's report, appends two dumps)."""
+    normalised = sorted({repr(frames) for frames in threads(stacks)})
     return hashlib.sha1("\n".join(normalised).encode()).hexdigest()[:16]
 
 
