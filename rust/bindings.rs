@@ -639,33 +639,47 @@ impl PyFifoClient {
         expiration: Number,
         signal: i64,
     ) -> PyResult<Option<PathBuf>> {
-        let exact = match expiration {
-            Number::Float(x) => Some(x),
-            Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
-            Number::Int(_) => None,
-        };
-        if let (Some(exact), Ok(ring_signal)) = (exact, i32::try_from(signal)) {
-            // Our server's ring first: no system call, and no waiting but for a full ring.
-            match self.0.push(pid, scope_id, exact, ring_signal) {
-                fifo::Pushed::Sent => return Ok(None),
-                fifo::Pushed::Full => {
-                    if py.detach(|| self.0.push_when_room(pid, scope_id, exact, ring_signal)) {
-                        return Ok(None);
-                    }
-                }
-                fifo::Pushed::Fifo => {}
-            }
+        let client = &self.0;
+        if send_by_ring(py, &client.ring, client, pid, scope_id, expiration, signal) {
+            return Ok(None);
         }
         let mut line = Vec::with_capacity(128 + scope_id.len());
         codec::encode_json_line(pid, scope_id, expiration, signal, &mut line);
         // Keep the GIL for a write that cannot wait; let go of it for one that may.
-        if !self.0.try_send(&line)? {
-            py.detach(|| self.0.send(&line))?;
+        if !client.try_send(&line)? {
+            py.detach(|| client.send(&line))?;
         }
-        if self.0.ring_due() {
-            py.detach(|| self.0.offer_ring());
+        if client.ring.due() {
+            py.detach(|| client.ring.offer(client));
         }
-        Ok(self.0.take_stacks_dir())
+        Ok(client.take_stacks_dir())
+    }
+}
+
+/// Puts the request in the client's ring, if it holds one our server took: no system call,
+/// and no waiting but for a full ring. False if it must go by the channel.
+fn send_by_ring(
+    py: Python<'_>,
+    sender: &ring::Sender,
+    channel: &(impl ring::Channel + Sync),
+    pid: i64,
+    scope_id: &str,
+    expiration: Number,
+    signal: i64,
+) -> bool {
+    // An entry holds an f64 and an i32: other numbers go by the channel, exactly.
+    let exact = match expiration {
+        Number::Float(x) => Some(x),
+        Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
+        Number::Int(_) => None,
+    };
+    let (Some(exact), Ok(signal)) = (exact, i32::try_from(signal)) else { return false };
+    match sender.push(channel, pid, scope_id, exact, signal) {
+        ring::Pushed::Sent => true,
+        ring::Pushed::Full => {
+            py.detach(|| sender.push_when_room(channel, pid, scope_id, exact, signal))
+        }
+        ring::Pushed::Channel => false,
     }
 }
 
@@ -713,8 +727,9 @@ impl PyQueueWriter {
         Ok(Self { writer, timeout: seconds(timeout, "send_timeout")?, _queue: queue })
     }
 
-    /// Puts `TimerRequest(pid, scope_id, expiration_time)` on the queue. Returns False, having
-    /// sent nothing, if the frame is too large to write atomically (use `put` then).
+    /// Puts `TimerRequest(pid, scope_id, expiration_time)` on the queue (or in the ring our
+    /// server took). Returns False, having sent nothing, if the frame is too large to write
+    /// atomically (use `put` then).
     fn send(
         &self,
         py: Python<'_>,
@@ -722,19 +737,51 @@ impl PyQueueWriter {
         scope_id: &str,
         expiration_time: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
+        self.send_request(py, pid, scope_id, number(expiration_time)?)
+    }
+
+    /// `send` for a request of this process (its pid known without a system call).
+    fn send_own(
+        &self,
+        py: Python<'_>,
+        scope_id: &str,
+        expiration_time: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let pid = i64::from(ring::this_process().0);
+        self.send_request(py, pid, scope_id, number(expiration_time)?)
+    }
+}
+
+impl PyQueueWriter {
+    fn send_request(
+        &self,
+        py: Python<'_>,
+        pid: i64,
+        scope_id: &str,
+        expiration: Number,
+    ) -> PyResult<bool> {
+        let writer = &self.writer;
+        let signal = i64::from(codec::SIGKILL);
+        if send_by_ring(py, &writer.ring, writer, pid, scope_id, expiration, signal) {
+            return Ok(true);
+        }
         let mut frame = Vec::with_capacity(160 + scope_id.len());
-        codec::encode_pickle_frame(pid, scope_id, number(expiration_time)?, &mut frame);
+        codec::encode_pickle_frame(pid, scope_id, expiration, &mut frame);
         // Keep the GIL for a write that cannot wait; let go of it for one that may.
-        let sent = match self.writer.try_send(&frame) {
+        let sent = match writer.try_send(&frame) {
             Ok(true) => Ok(()),
-            Ok(false) => py.detach(|| self.writer.send(&frame, self.timeout)),
+            Ok(false) => py.detach(|| writer.send(&frame, self.timeout)),
             Err(err) => Err(err),
         };
         match sent {
-            Ok(()) => Ok(true),
-            Err(queue::SendError::TooLarge(_)) => Ok(false),
-            Err(err) => Err(err.into()),
+            Ok(()) => {}
+            Err(queue::SendError::TooLarge(_)) => return Ok(false),
+            Err(err) => return Err(err.into()),
         }
+        if writer.ring_due() {
+            py.detach(|| writer.ring.offer(writer));
+        }
+        Ok(true)
     }
 }
 

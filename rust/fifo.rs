@@ -11,8 +11,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::{Mutex, MutexGuard, Once, TryLockError};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -538,29 +538,9 @@ pub struct Client {
     kept: Mutex<Option<OwnedFd>>,
     /// The stacks directory our server named at the last connection, until taken.
     stacks_dir: Mutex<Option<PathBuf>>,
-    /// FIFO requests to go before this connection to our server offers a ring (0: none to
-    /// offer): a client used for one block never makes one.
-    ring_countdown: AtomicU32,
-    /// The ring our server took (always locked before `kept`, never after).
-    ring: Mutex<Option<ring::Writer>>,
+    /// The ring offered to our server, and taken (`ring::Channel` is this client's FIFO).
+    pub ring: ring::Sender,
 }
-
-/// What became of a request offered to the ring.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Pushed {
-    Sent,
-    /// The ring is full: `push_when_room` may wait for the server to drain it.
-    Full,
-    /// Send it by FIFO.
-    Fifo,
-}
-
-/// FIFO requests a new connection to our server carries before it offers a ring.
-const RING_AFTER: u32 = 3;
-
-/// How long offering a ring waits for the server to take it, and a full ring for room,
-/// before the client sends by FIFO.
-const RING_WAIT: Duration = Duration::from_millis(200);
 
 impl Client {
     pub fn new(path: PathBuf, options: SendOptions) -> Self {
@@ -569,128 +549,8 @@ impl Client {
             options,
             kept: Mutex::new(None),
             stacks_dir: Mutex::new(None),
-            ring_countdown: AtomicU32::new(0),
-            ring: Mutex::new(None),
+            ring: ring::Sender::default(),
         }
-    }
-
-    fn ring(&self) -> MutexGuard<'_, Option<ring::Writer>> {
-        self.ring.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Puts a request of worker `pid` in the ring, if this process has one and `pid` is this
-    /// process. Never waits.
-    pub fn push(&self, pid: i64, scope: &str, expiration: f64, signal: i32) -> Pushed {
-        // Busy only while another thread offers a ring (up to `RING_WAIT`): this request then
-        // goes by FIFO rather than hold the GIL that long.
-        let mut ring = match self.ring.try_lock() {
-            Ok(ring) => ring,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return Pushed::Fifo,
-        };
-        let Some(writer) = ring.as_mut() else { return Pushed::Fifo };
-        if !writer.is_own() {
-            // Inherited through fork: the parent's. This process offers its own.
-            *ring = None;
-            self.ring_countdown.store(1, Ordering::Relaxed);
-            return Pushed::Fifo;
-        }
-        if i64::from(ring::this_process().0) != pid {
-            return Pushed::Fifo;
-        }
-        let near = expiration >= 0.0 && expiration - ring::wall_now() < ring::NEAR.as_secs_f64();
-        match writer.push(scope.as_bytes(), expiration, signal, near) {
-            ring::Push::Written { wake: false } => Pushed::Sent,
-            ring::Push::Written { wake: true } => {
-                if self.wake() {
-                    Pushed::Sent
-                } else {
-                    // The server is gone (maybe before it read this): send it again by FIFO.
-                    *ring = None;
-                    Pushed::Fifo
-                }
-            }
-            ring::Push::Full => Pushed::Full,
-            ring::Push::Closed => {
-                *ring = None;
-                Pushed::Fifo
-            }
-            ring::Push::TooLong => {
-                writer.abandon();
-                *ring = None;
-                Pushed::Fifo
-            }
-        }
-    }
-
-    /// After `Pushed::Full`: wakes the server and waits (bounded) for room; past that the
-    /// ring is left and this returns false (send by FIFO).
-    pub fn push_when_room(&self, pid: i64, scope: &str, expiration: f64, signal: i32) -> bool {
-        let deadline = Instant::now() + RING_WAIT;
-        loop {
-            match self.push(pid, scope, expiration, signal) {
-                Pushed::Sent => return true,
-                Pushed::Fifo => return false,
-                Pushed::Full if Instant::now() < deadline => {
-                    self.wake();
-                    thread::sleep(Duration::from_micros(200));
-                }
-                Pushed::Full => {
-                    if let Some(writer) = self.ring().take() {
-                        writer.abandon();
-                    }
-                    return false;
-                }
-            }
-        }
-    }
-
-    /// After a request sent by FIFO: whether it is time to offer a ring (`offer_ring`).
-    pub fn ring_due(&self) -> bool {
-        match self.ring_countdown.load(Ordering::Relaxed) {
-            0 => false,
-            1 => true,
-            n => {
-                self.ring_countdown.store(n - 1, Ordering::Relaxed);
-                false
-            }
-        }
-    }
-
-    /// Offers the server a ring and waits (bounded) for it to be taken; without an answer,
-    /// requests keep going by FIFO.
-    pub fn offer_ring(&self) {
-        let mut ring = self.ring();
-        if self.ring_countdown.swap(0, Ordering::Relaxed) == 0 {
-            return;
-        }
-        *ring = None;
-        let Ok(writer) = ring::Writer::create() else { return };
-        let line = ring::announcement(ring::this_process().0, writer.fd());
-        let sent = match self.kept().as_ref() {
-            Some(fd) => matches!(rustix::io::write(fd, &line), Ok(n) if n == line.len()),
-            None => false,
-        };
-        if !sent {
-            return;
-        }
-        let deadline = Instant::now() + RING_WAIT;
-        while writer.state() == ring::PENDING && Instant::now() < deadline {
-            thread::sleep(Duration::from_micros(100));
-        }
-        if writer.state() == ring::ACCEPTED {
-            *ring = Some(writer);
-        } else {
-            writer.abandon();
-        }
-    }
-
-    /// Wakes the server for the ring (an empty line); false if the FIFO has no reader.
-    fn wake(&self) -> bool {
-        let kept = self.kept();
-        let Some(fd) = kept.as_ref() else { return false };
-        // A full pipe wakes the server anyway.
-        !matches!(rustix::io::write(fd, b"\n"), Err(Errno::PIPE))
     }
 
     fn kept(&self) -> MutexGuard<'_, Option<OwnedFd>> {
@@ -705,7 +565,7 @@ impl Client {
 
     /// A request went through a new connection to `fifo`, one of our servers'.
     fn connected(&self, fifo: &OwnedFd) {
-        self.ring_countdown.store(RING_AFTER, Ordering::Relaxed);
+        self.ring.arm();
         if let Some(dir) = announced_stacks_dir(&self.path, fifo) {
             *self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dir);
         }
@@ -784,6 +644,24 @@ impl Client {
                 Err(err) => return Err(err),
             }
         }
+    }
+}
+
+impl ring::Channel for Client {
+    fn announce(&self, pid: i32, fd: i32) -> bool {
+        let line = ring::announcement(pid, fd);
+        match self.kept().as_ref() {
+            Some(kept) => matches!(rustix::io::write(kept, &line), Ok(n) if n == line.len()),
+            None => false,
+        }
+    }
+
+    /// An empty line; false if the FIFO has no reader.
+    fn wake(&self) -> bool {
+        let kept = self.kept();
+        let Some(fd) = kept.as_ref() else { return false };
+        // A full pipe wakes the server anyway.
+        !matches!(rustix::io::write(fd, b"\n"), Err(Errno::PIPE))
     }
 }
 

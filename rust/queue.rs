@@ -5,13 +5,23 @@
 //! each item is a frame: a 4-byte big-endian length (or -1 and an 8-byte length) then a
 //! pickle. We read frames ourselves, under `_rlock`, and post `_sem` once per frame, exactly
 //! as `Queue.get` does, so Python readers stay correct and `put` never blocks on us.
+//!
+//! While our server reads a queue it marks it ([`Mark`]); our client, finding the mark,
+//! offers the server a shared-memory ring (`crate::ring`) as it does on a marked FIFO. The
+//! ring's announcement and wake-ups are queue items a torch server would take for releases
+//! of timers that do not exist.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::Errno;
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+
+use crate::codec::{self, Number};
+use crate::ring;
 
 /// Frames above this size cannot be timer requests; they are skipped, not buffered.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -87,6 +97,55 @@ impl Semaphore {
     }
 }
 
+/// Our server's mark on a queue it reads: an abstract Unix socket named after the queue's
+/// pipe, bound while the server reads. The kernel drops the name with the socket, so a mark
+/// never outlives its server, whatever the way it ends.
+#[derive(Debug)]
+pub struct Mark {
+    _socket: OwnedFd,
+}
+
+impl Mark {
+    /// Marks the queue whose pipe end (either one) is `pipe`.
+    pub fn claim(pipe: BorrowedFd<'_>) -> io::Result<Self> {
+        let socket = unix_socket()?;
+        rustix::net::bind(&socket, &mark_name(pipe)?)?;
+        Ok(Self { _socket: socket })
+    }
+
+    /// Whether one of our servers reads the queue whose pipe end is `pipe`. Never takes the
+    /// name (connecting a datagram socket only looks it up), so a server starting meanwhile
+    /// can still claim it.
+    pub fn is_on(pipe: BorrowedFd<'_>) -> bool {
+        let Ok(socket) = unix_socket() else { return false };
+        mark_name(pipe).is_ok_and(|name| rustix::net::connect(&socket, &name).is_ok())
+    }
+}
+
+fn unix_socket() -> io::Result<OwnedFd> {
+    Ok(rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// The mark's name: the pipe's device and inode, the same from both ends and in every
+/// process that holds the queue, and unique among the pipes alive on the host.
+fn mark_name(pipe: BorrowedFd<'_>) -> io::Result<SocketAddrUnix> {
+    let stat = rustix::fs::fstat(pipe)?;
+    let name = format!("elastic-timer/queue/{}:{}", stat.st_dev, stat.st_ino);
+    Ok(SocketAddrUnix::new_abstract_name(name.as_bytes())?)
+}
+
+/// The scope of the queue item that wakes our server for a ring (a release to torch's).
+pub const RING_WAKE: &str = "{\"elastic_timer_ring_wake\": 1}";
+
+/// How many requests an unmarked writer sends before it looks for the mark again (a server
+/// may start reading after the writer's first request, or again after a restart).
+const MARK_RECHECK: u32 = 1000;
+
 /// One frame read from the queue.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -112,6 +171,7 @@ pub struct Reader {
     items: Semaphore,
     pending: Vec<u8>,
     state: State,
+    mark: Option<Mark>,
 }
 
 impl Reader {
@@ -124,7 +184,20 @@ impl Reader {
             items,
             pending: Vec::new(),
             state: State::Framing,
+            mark: None,
         })
+    }
+
+    /// Marks the queue as read by our server (see [`Mark`]), until `unmark`.
+    pub fn mark(&mut self) -> io::Result<()> {
+        if self.mark.is_none() {
+            self.mark = Some(Mark::claim(self.fd.as_fd())?);
+        }
+        Ok(())
+    }
+
+    pub fn unmark(&mut self) {
+        self.mark = None;
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -237,17 +310,55 @@ pub enum SendError {
 
 /// A client's writer to one `multiprocessing.Queue`: what `put` and its feeder thread do,
 /// done at once on the caller's thread (take `_sem`, then write one frame under `_wlock`).
+///
+/// To a queue our server marks, after the third request the writer offers a ring, as the
+/// FIFO client does (`ring::Channel` is this queue).
 #[derive(Debug)]
 pub struct Writer {
     fd: OwnedFd,
     write_lock: Semaphore,
     items: Semaphore,
+    pub ring: ring::Sender,
+    /// Requests sent without a ring since the mark was last looked for.
+    unmarked: AtomicU32,
 }
 
 impl Writer {
     /// `fd` is the queue's `_writer` end (duplicated, flags left alone).
     pub fn new(fd: BorrowedFd<'_>, write_lock: Semaphore, items: Semaphore) -> io::Result<Self> {
-        Ok(Self { fd: fd.try_clone_to_owned()?, write_lock, items })
+        let writer = Self {
+            fd: fd.try_clone_to_owned()?,
+            write_lock,
+            items,
+            ring: ring::Sender::default(),
+            unmarked: AtomicU32::new(0),
+        };
+        writer.look_for_mark();
+        Ok(writer)
+    }
+
+    fn look_for_mark(&self) {
+        if Mark::is_on(self.fd.as_fd()) {
+            self.ring.arm();
+        }
+    }
+
+    /// After a request sent on the queue: whether it is time to offer a ring
+    /// (`ring.offer(self)`). Without a ring the mark is looked for every `MARK_RECHECK`
+    /// requests.
+    pub fn ring_due(&self) -> bool {
+        if !self.ring.is_armed() && self.unmarked.fetch_add(1, Ordering::Relaxed) >= MARK_RECHECK {
+            self.unmarked.store(0, Ordering::Relaxed);
+            self.look_for_mark();
+        }
+        self.ring.due()
+    }
+
+    /// Puts a frame of worker `pid` with the given scope, for the server only.
+    fn send_control(&self, pid: i32, scope: &str) -> bool {
+        let mut frame = Vec::with_capacity(160 + scope.len());
+        codec::encode_pickle_frame(i64::from(pid), scope, Number::Int(-1), &mut frame);
+        matches!(self.try_send(&frame), Ok(true))
     }
 
     /// Writes the frame if that needs no waiting (a free slot, the write lock, room in the
@@ -343,6 +454,22 @@ impl Writer {
     }
 }
 
+impl ring::Channel for Writer {
+    /// A `TimerRequest` whose scope is the announcement line.
+    fn announce(&self, pid: i32, fd: i32) -> bool {
+        let line = ring::announcement(pid, fd);
+        let scope = std::str::from_utf8(&line[..line.len() - 1]).expect("an ASCII line");
+        self.send_control(pid, scope)
+    }
+
+    /// A `TimerRequest` of scope `RING_WAKE`. A full queue wakes the server anyway, and a
+    /// queue has no way to tell whether its server is gone: always true.
+    fn wake(&self) -> bool {
+        self.send_control(ring::this_process().0, RING_WAKE);
+        true
+    }
+}
+
 /// Parses a frame header: returns its length and the payload size, or None if incomplete.
 fn parse_header(bytes: &[u8]) -> Option<(usize, u64)> {
     let short = i32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
@@ -404,6 +531,42 @@ mod tests {
             })
             .expect("read");
         frames
+    }
+
+    #[test]
+    fn a_reader_marks_its_queue_for_either_end_until_it_unmarks() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        assert!(!Mark::is_on(write.as_fd()));
+        reader.mark().expect("mark");
+        assert!(Mark::is_on(write.as_fd()) && Mark::is_on(read.as_fd()));
+        assert!(Mark::claim(write.as_fd()).is_err(), "one mark per queue");
+        let (other, _) = rustix::pipe::pipe().expect("pipe");
+        assert!(!Mark::is_on(other.as_fd()), "another queue is not marked");
+        reader.unmark();
+        assert!(!Mark::is_on(write.as_fd()));
+    }
+
+    #[test]
+    fn a_writer_arms_its_ring_only_on_a_marked_queue_and_announces_in_a_release() {
+        use crate::ring::Channel;
+        let (read, write, mut lock, mut items) = setup();
+        let mut wlock = TestSemaphore::new(1);
+        let mut slots = TestSemaphore::new(10);
+        let unmarked = Writer::new(write.as_fd(), wlock.handle(), slots.handle()).expect("writer");
+        assert!(!unmarked.ring.is_armed());
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        reader.mark().expect("mark");
+        let marked = Writer::new(write.as_fd(), wlock.handle(), slots.handle()).expect("writer");
+        assert!(marked.ring.is_armed());
+        assert!(marked.announce(1234, 7) && marked.wake());
+        let frames = collect(&mut reader);
+        let requests: Vec<_> =
+            frames.iter().map(|f| codec::decode_pickle(f).expect("a TimerRequest")).collect();
+        assert_eq!(requests[0].expiration, -1.0);
+        assert_eq!(ring::parse_announcement(requests[0].scope.as_bytes()), Some(Ok((1234, 7))));
+        assert_eq!(requests[1].scope, RING_WAKE);
+        assert_eq!(requests[1].expiration, -1.0);
     }
 
     #[test]

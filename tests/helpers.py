@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import os
 import subprocess
 import sys
 import time
@@ -28,3 +30,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=30, check=False, env=env
     )
+
+
+def open_rings() -> int:
+    """How many request rings (``elastic_timer.ring``'s memfds) this process holds open."""
+    count = 0
+    for fd in glob.glob("/proc/self/fd/*"):
+        try:
+            count += "elastic-timer-ring" in os.readlink(fd)
+        except OSError:  # the fd the glob itself opened, closed since
+            pass
+    return count

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch.distributed.elastic.timer as torch_timer
+from helpers import open_rings
 
 import elastic_timer
 from elastic_timer._torch_versions import torch_signals_self
@@ -201,6 +202,36 @@ def test_local_transport_pairings(server_package: str, client_package: str) -> N
             worker.join(15)
         assert stuck.exitcode == -signal.SIGKILL
         assert happy.exitcode == 0
+    finally:
+        server.stop()
+
+
+def many_blocks_then_stuck(mp_queue: Any, conn: Any) -> None:
+    """Our client: enough blocks to offer a ring (to our server), then a stuck one."""
+    client = elastic_timer.LocalTimerClient(mp_queue)
+    for _ in range(50):
+        with elastic_timer.expires(after=60, client=client):
+            pass
+    conn.send(open_rings())
+    with elastic_timer.expires(after=0.3, client=client):
+        time.sleep(30)
+
+
+@pytest.mark.parametrize(("server_package", "ring"), [("torch", 0), ("ours", 1)])
+def test_our_local_client_offers_a_ring_only_to_our_server(server_package: str, ring: int) -> None:
+    """torch's server never sees a ring's announcement (our client finds no mark on its
+    queue) and still reaps; ours takes the ring and reaps from it."""
+    mp_queue = CTX.Queue()
+    server = PACKAGES[server_package].LocalTimerServer(mp_queue, max_interval=0.05)
+    server.start()
+    try:
+        parent, child = CTX.Pipe()
+        worker = CTX.Process(target=many_blocks_then_stuck, args=(mp_queue, child))
+        worker.start()
+        assert parent.poll(30)
+        assert parent.recv() == ring
+        worker.join(15)
+        assert worker.exitcode == -signal.SIGKILL
     finally:
         server.stop()
 

@@ -37,11 +37,14 @@ pub(super) enum Source {
 
 impl Source {
     /// Makes the transport ready for the loop (the FIFO is opened, and created again if
-    /// stop removed it).
-    pub fn open(&mut self) -> io::Result<()> {
+    /// stop removed it; the queue is marked). Returns a warning if it works without rings.
+    pub fn open(&mut self) -> io::Result<Option<String>> {
         match self {
-            Source::Fifo(endpoint) => endpoint.open(),
-            Source::Queue(_) | Source::Direct => Ok(()),
+            Source::Fifo(endpoint) => endpoint.open().map(|()| None),
+            Source::Queue(reader) => Ok(reader.mark().err().map(|err| {
+                format!("cannot mark the queue for our clients ({err}): they send no rings")
+            })),
+            Source::Direct => Ok(None),
         }
     }
 
@@ -51,7 +54,12 @@ impl Source {
     fn close(&mut self, decoded: &mut Arrivals) {
         match self {
             Source::Fifo(endpoint) => endpoint.close(|line| decode_line(line, decoded)),
-            source => while matches!(source.read(decoded), Ok(n) if n > 0) {},
+            source => {
+                while matches!(source.read(decoded), Ok(n) if n > 0) {}
+                if let Source::Queue(reader) = source {
+                    reader.unmark();
+                }
+            }
         }
     }
 
@@ -74,16 +82,7 @@ impl Source {
     fn read(&mut self, arrivals: &mut Arrivals) -> io::Result<usize> {
         match self {
             Source::Fifo(endpoint) => endpoint.read_lines(|line| decode_line(line, arrivals)),
-            Source::Queue(reader) => reader.read_frames(|frame| {
-                arrivals.requests.push(match frame {
-                    queue::Frame::Payload(bytes) => {
-                        codec::decode_pickle(bytes).map_err(|err| err.to_string())
-                    }
-                    queue::Frame::TooLarge(n) => {
-                        Err(format!("queue item of {n} bytes is not a timer request"))
-                    }
-                })
-            }),
+            Source::Queue(reader) => reader.read_frames(|frame| decode_frame(frame, arrivals)),
             Source::Direct => Ok(0),
         }
     }
@@ -141,6 +140,24 @@ fn decode_line(line: fifo::Line<'_>, arrivals: &mut Arrivals) {
         }
         None => requests.push(Err(error)),
     }
+}
+
+/// Decodes one queue item: a request, a worker's ring announcement (in the scope of a
+/// release), or a wake-up for the rings (nothing to register).
+fn decode_frame(frame: queue::Frame<'_>, arrivals: &mut Arrivals) {
+    let request = match frame {
+        queue::Frame::Payload(bytes) => codec::decode_pickle(bytes).map_err(|err| err.to_string()),
+        queue::Frame::TooLarge(n) => Err(format!("queue item of {n} bytes is not a timer request")),
+    };
+    if let Ok(control) = &request {
+        if control.scope == queue::RING_WAKE {
+            return;
+        }
+        if let Some(announcement) = ring::parse_announcement(control.scope.as_bytes()) {
+            return arrivals.rings.push((arrivals.requests.len(), announcement));
+        }
+    }
+    arrivals.requests.push(request);
 }
 
 /// Adds the transport's fds to the epoll set; false if the transport itself cannot be watched.

@@ -232,13 +232,17 @@ impl Server {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "server already started"));
         }
         let mut source = self.parked.take().expect("a stopped server holds its transport");
-        if let Err(err) = source.open() {
-            self.parked = Some(source);
-            return Err(err);
-        }
+        let warning = match source.open() {
+            Ok(warning) => warning,
+            Err(err) => {
+                self.parked = Some(source);
+                return Err(err);
+            }
+        };
         let (sender, receiver) = mpsc::sync_channel(EVENT_CAPACITY);
         {
             let mut state = self.shared.lock();
+            state.deferred.extend(warning);
             state.events = Some(sender);
             for warning in std::mem::take(&mut state.deferred) {
                 state.emit(Event::Warning(warning));

@@ -1,13 +1,15 @@
-//! A shared-memory request ring between one worker process and our FIFO server: requests
-//! with no system call.
+//! A shared-memory request ring between one worker process and our server: requests with
+//! no system call.
 //!
-//! The worker (`Writer`) creates a sealed memfd, maps it, and announces it on the FIFO
-//! ([`announcement`]); the server opens it through `/proc/<pid>/fd/<fd>`, checks it
+//! The worker (`Writer`) creates a sealed memfd, maps it, and announces it on its transport
+//! ([`announcement`]: a FIFO line, or the scope of a queue item; [`Sender`] is the client's
+//! side, whatever the transport); the server opens it through `/proc/<pid>/fd/<fd>`, checks it
 //! ([`Reader::open`]) and says in the header whether it took it. From then on the worker
 //! appends entries and the server drains them when it wakes and while it holds a *lease*: a
 //! `CLOCK_MONOTONIC` instant, in the header, until which it promises to look at the ring
 //! often (every 20 ms). A worker writing past the lease, or with a deadline
-//! nearer than that, or filling the ring past half, wakes the server with an empty FIFO line.
+//! nearer than that, or filling the ring past half, wakes the server (an empty FIFO line, a
+//! queue item of scope `queue::RING_WAKE`).
 //!
 //! Everything the worker wrote is untrusted: the server copies the pending bytes out first,
 //! then [`parse`] checks each entry (bounded lengths, UTF-8 scope), so a worker that
@@ -32,6 +34,9 @@ use std::sync::Once;
 use rustix::fs::{self, MemfdFlags, SealFlags};
 use rustix::mm::{self, MapFlags, ProtFlags};
 use rustix::time::{clock_gettime, ClockId};
+
+mod sender;
+pub use sender::{Channel, Pushed, Sender};
 
 /// Size of a ring, header included.
 pub const RING_BYTES: usize = 256 * 1024;
