@@ -8,11 +8,10 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{self, inotify, FileType, Mode, OFlags, CWD};
 use rustix::io::Errno;
 
-use crate::{ring, untrusted};
+use crate::{fork, ring, untrusted};
 
 /// The longest request line (without its newline): writes up to `PIPE_BUF` bytes are atomic.
 pub const MAX_LINE: usize = libc::PIPE_BUF;
@@ -343,8 +342,8 @@ impl Reader {
         }
         let identity = Identity::of(&fs::fstat(&read)?);
         let write = fs::open(path, OFlags::WRONLY | flags, Mode::empty())?;
-        close_in_forked_children(read.as_raw_fd());
-        close_in_forked_children(write.as_raw_fd());
+        fork::close_in_children(read.as_raw_fd());
+        fork::close_in_children(write.as_raw_fd());
         Ok(Self {
             read,
             _write: write,
@@ -446,49 +445,9 @@ fn emit(line: &[u8], dropped: usize, sink: &mut impl FnMut(Line<'_>)) {
 impl Drop for Reader {
     fn drop(&mut self) {
         // Before the fds close, and their numbers can be reused.
-        keep_in_forked_children(self.read.as_raw_fd());
-        keep_in_forked_children(self._write.as_raw_fd());
+        fork::keep_in_children(self.read.as_raw_fd());
+        fork::keep_in_children(self._write.as_raw_fd());
     }
-}
-
-/// The server's FIFO fds, closed in every child forked from its process (-1: a free slot).
-///
-/// A forked child gets copies of all the fds (`CLOEXEC` closes them only on `exec`), and a
-/// child that holds the FIFO's read end keeps writes to it from failing: a client that
-/// kept the FIFO open would write, unread, into the FIFO of a server that stopped or moved
-/// on, instead of getting `EPIPE` and opening the path again. Workers forked from the
-/// agent's process are such children.
-static CLOSED_ON_FORK: [AtomicI32; 64] = [const { AtomicI32::new(-1) }; 64];
-static AT_FORK: Once = Once::new();
-
-extern "C" fn close_server_fds_in_child() {
-    // Runs in the child right after fork: atomics and close(2) only (async-signal-safe).
-    for slot in &CLOSED_ON_FORK {
-        let fd = slot.swap(-1, Ordering::Relaxed);
-        if fd >= 0 {
-            // SAFETY: the child's copy of a server fd, which nothing in the child uses (the
-            // server's thread, its only user, does not exist in the child).
-            unsafe { libc::close(fd) };
-        }
-    }
-}
-
-fn close_in_forked_children(fd: RawFd) {
-    AT_FORK.call_once(|| {
-        // SAFETY: registers a handler that only closes fds; it cannot fail in a way that
-        // matters (without it, children keep the fds, as before).
-        unsafe { libc::pthread_atfork(None, None, Some(close_server_fds_in_child)) };
-    });
-    // Past 64 server fds (32 servers in one process), further ones stay open in children.
-    let _ = CLOSED_ON_FORK
-        .iter()
-        .find(|slot| slot.compare_exchange(-1, fd, Ordering::Relaxed, Ordering::Relaxed).is_ok());
-}
-
-fn keep_in_forked_children(fd: RawFd) {
-    let _ = CLOSED_ON_FORK
-        .iter()
-        .find(|slot| slot.compare_exchange(fd, -1, Ordering::Relaxed, Ordering::Relaxed).is_ok());
 }
 
 /// Why a client could not send a request.

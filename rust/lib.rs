@@ -13,6 +13,7 @@ pub mod codec;
 pub mod deadlines;
 pub mod error_file;
 pub mod fifo;
+pub mod fork;
 pub mod learned;
 pub mod queue;
 pub mod reaper;

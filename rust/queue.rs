@@ -12,7 +12,7 @@
 //! of timers that do not exist.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use crate::codec::{self, Number};
-use crate::ring;
+use crate::{fork, ring};
 
 /// Frames above this size cannot be timer requests; they are skipped, not buffered.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -99,10 +99,11 @@ impl Semaphore {
 
 /// Our server's mark on a queue it reads: an abstract Unix socket named after the queue's
 /// pipe, bound while the server reads. The kernel drops the name with the socket, so a mark
-/// never outlives its server, whatever the way it ends.
+/// never outlives its server, whatever the way it ends (children forked meanwhile do not
+/// keep it: `crate::fork`).
 #[derive(Debug)]
 pub struct Mark {
-    _socket: OwnedFd,
+    socket: OwnedFd,
 }
 
 impl Mark {
@@ -110,7 +111,8 @@ impl Mark {
     pub fn claim(pipe: BorrowedFd<'_>) -> io::Result<Self> {
         let socket = unix_socket()?;
         rustix::net::bind(&socket, &mark_name(pipe)?)?;
-        Ok(Self { _socket: socket })
+        fork::close_in_children(socket.as_raw_fd());
+        Ok(Self { socket })
     }
 
     /// Whether one of our servers reads the queue whose pipe end is `pipe`. Never takes the
@@ -119,6 +121,12 @@ impl Mark {
     pub fn is_on(pipe: BorrowedFd<'_>) -> bool {
         let Ok(socket) = unix_socket() else { return false };
         mark_name(pipe).is_ok_and(|name| rustix::net::connect(&socket, &name).is_ok())
+    }
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        fork::keep_in_children(self.socket.as_raw_fd());
     }
 }
 
