@@ -150,6 +150,10 @@ fn mark_name(pipe: BorrowedFd<'_>) -> io::Result<SocketAddrUnix> {
 /// The scope of the queue item that wakes our server for a ring (a release to torch's).
 pub const RING_WAKE: &str = "{\"elastic_timer_ring_wake\": 1}";
 
+/// How long a wake-up waits for the queue's write lock. Another writer holds it for one
+/// write, or longer only while the pipe is full, and a full pipe wakes the server anyway.
+const WAKE_LOCK_WAIT: Duration = Duration::from_millis(10);
+
 /// How many requests an unmarked writer sends before it looks for the mark again (a server
 /// may start reading after the writer's first request, or again after a restart).
 const MARK_RECHECK: u32 = 1000;
@@ -363,22 +367,32 @@ impl Writer {
     }
 
     /// Puts a frame of worker `pid` with the given scope, for the server only.
-    fn send_control(&self, pid: i32, scope: &str) -> bool {
+    fn send_control(&self, pid: i32, scope: &str, lock_wait: Duration) -> bool {
         let mut frame = Vec::with_capacity(160 + scope.len());
         codec::encode_pickle_frame(i64::from(pid), scope, Number::Int(-1), &mut frame);
-        matches!(self.try_send(&frame), Ok(true))
+        matches!(self.send_at_once(&frame, lock_wait), Ok(true))
     }
 
     /// Writes the frame if that needs no waiting (a free slot, the write lock, room in the
     /// pipe). Returns false, having changed nothing, when `send` must do it.
     pub fn try_send(&self, frame: &[u8]) -> Result<bool, SendError> {
+        self.send_at_once(frame, Duration::ZERO)
+    }
+
+    /// `try_send`, but waiting up to `lock_wait` for the write lock.
+    fn send_at_once(&self, frame: &[u8], lock_wait: Duration) -> Result<bool, SendError> {
         if frame.len() > libc::PIPE_BUF {
             return Err(SendError::TooLarge(frame.len()));
         }
         if !self.items.try_wait()? {
             return Ok(false);
         }
-        if !self.write_lock.try_wait()? {
+        let locked = if lock_wait.is_zero() {
+            self.write_lock.try_wait()?
+        } else {
+            self.write_lock.wait_for(lock_wait)?
+        };
+        if !locked {
             self.items.post()?;
             return Ok(false);
         }
@@ -467,13 +481,15 @@ impl ring::Channel for Writer {
     fn announce(&self, pid: i32, fd: i32) -> bool {
         let line = ring::announcement(pid, fd);
         let scope = std::str::from_utf8(&line[..line.len() - 1]).expect("an ASCII line");
-        self.send_control(pid, scope)
+        self.send_control(pid, scope, Duration::ZERO)
     }
 
-    /// A `TimerRequest` of scope `RING_WAKE`. A full queue wakes the server anyway, and a
-    /// queue has no way to tell whether its server is gone: always true.
+    /// A `TimerRequest` of scope `RING_WAKE`. It may be skipped only when the server has
+    /// unread items anyway (a full queue or pipe); another writer's frame is no such proof
+    /// (the server may have read it before our entry was in the ring), so the write lock is
+    /// waited for. A queue has no way to tell whether its server is gone: always true.
     fn wake(&self) -> bool {
-        self.send_control(ring::this_process().0, RING_WAKE);
+        self.send_control(ring::this_process().0, RING_WAKE, WAKE_LOCK_WAIT);
         true
     }
 }
@@ -575,6 +591,26 @@ mod tests {
         assert_eq!(ring::parse_announcement(requests[0].scope.as_bytes()), Some(Ok((1234, 7))));
         assert_eq!(requests[1].scope, RING_WAKE);
         assert_eq!(requests[1].expiration, -1.0);
+    }
+
+    #[test]
+    fn a_wake_waits_for_another_writers_lock() {
+        use crate::ring::Channel;
+        let (read, write, mut lock, mut items) = setup();
+        let mut wlock = TestSemaphore::new(0); // another writer holds it
+        let mut slots = TestSemaphore::new(10);
+        let writer = Writer::new(write.as_fd(), wlock.handle(), slots.handle()).expect("writer");
+        let held = wlock.handle();
+        let other = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            held.post().expect("post");
+        });
+        assert!(writer.wake());
+        other.join().expect("other writer");
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        let frames = collect(&mut reader);
+        assert_eq!(frames.len(), 1, "the wake went out once the lock was free");
+        assert_eq!(codec::decode_pickle(&frames[0]).expect("request").scope, RING_WAKE);
     }
 
     #[test]
