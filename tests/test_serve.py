@@ -266,7 +266,8 @@ def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
     assert worker.wait(5) == -signal.SIGKILL
     assert time.monotonic() - armed >= 0.45  # not before its deadline
     assert daemon.process.poll() is None  # the daemon outlives the reap (no self-signal)
-    assert f"Successfully reaped worker=[{worker.pid}]" in daemon.log()
+    # Logged by the daemon's reporter thread, after the kill.
+    assert wait_for(lambda: f"Successfully reaped worker=[{worker.pid}]" in daemon.log())
     assert daemon.stop(signal.SIGTERM) == 0
     assert not os.path.exists(daemon.fifo)
     assert "SIGTERM received, stopping" in daemon.log()
@@ -345,7 +346,8 @@ def test_adaptive_flags_learn_reap_at_the_bound_expose_and_save_it(
     assert 'elastic_timer_scope_timeout_seconds{scope="step"} 0.5\n' in body, body
     assert 'elastic_timer_scope_duration_seconds_count{scope="step"} 10\n' in body
     assert samples(body)["elastic_timer_learned_expiries_total"] == 1
-    assert "Learned timeout fired" in daemon.log()
+    # Logged by the daemon's reporter thread, after the kill.
+    assert wait_for(lambda: "Learned timeout fired" in daemon.log())
     assert daemon.stop() == 0
     assert json.loads(state.read_text())["scopes"][0]["scope"] == "step"
 
