@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch.distributed.elastic.timer as torch_timer
-from helpers import open_rings
+from helpers import open_rings, wait_for
 
 import elastic_timer
 from elastic_timer._torch_versions import torch_signals_self
@@ -119,6 +119,8 @@ def run_file_scenario(
             second = CTX.Process(target=file_worker, args=(client_package, fifo, 1.5, 30, sig))
             second.start()
             second.join(15)
+            # The server logs the second reap after its kill: let it, before it is killed.
+            wait_for(lambda: len(events.read_text().splitlines()) >= 5)
             server_exit = server.poll()
     finally:
         if second is not None and second.is_alive():

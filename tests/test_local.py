@@ -554,9 +554,10 @@ def test_reap_worker_override_is_called(servers: Servers, children: Children) ->
     mp_queue = FORK.Queue()
     server, worker = _recorded_hang(servers, children, mp_queue)
     assert _join(worker) == -signal.SIGKILL
+    # The reporter thread answers the loop after the override's kill; the timers go then.
+    assert wait_for(lambda: server._timers == {})
     time.sleep(0.2)
     assert [pid for pid, _ in server.calls] == [worker.pid]
-    assert server._timers == {}
 
 
 def test_a_failed_override_reap_is_retried(

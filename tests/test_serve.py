@@ -164,6 +164,13 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str, str]:
         return error.code, error.headers["Content-Type"], error.read().decode()
 
 
+def events_of(path: Path, name: str) -> list[dict[str, Any]]:
+    """The events called ``name`` in the event log of a daemon that may be writing to it: a
+    last line without its newline is one it has not finished writing."""
+    lines = path.read_text().split("\n")[:-1]
+    return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 
@@ -266,7 +273,8 @@ def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
     assert worker.wait(5) == -signal.SIGKILL
     assert time.monotonic() - armed >= 0.45  # not before its deadline
     assert daemon.process.poll() is None  # the daemon outlives the reap (no self-signal)
-    assert f"Successfully reaped worker=[{worker.pid}]" in daemon.log()
+    # Logged by the daemon's reporter thread, after the kill.
+    assert wait_for(lambda: f"Successfully reaped worker=[{worker.pid}]" in daemon.log())
     assert daemon.stop(signal.SIGTERM) == 0
     assert not os.path.exists(daemon.fifo)
     assert "SIGTERM received, stopping" in daemon.log()
@@ -345,7 +353,8 @@ def test_adaptive_flags_learn_reap_at_the_bound_expose_and_save_it(
     assert 'elastic_timer_scope_timeout_seconds{scope="step"} 0.5\n' in body, body
     assert 'elastic_timer_scope_duration_seconds_count{scope="step"} 10\n' in body
     assert samples(body)["elastic_timer_learned_expiries_total"] == 1
-    assert "Learned timeout fired" in daemon.log()
+    # Logged by the daemon's reporter thread, after the kill.
+    assert wait_for(lambda: "Learned timeout fired" in daemon.log())
     assert daemon.stop() == 0
     assert json.loads(state.read_text())["scopes"][0]["scope"] == "step"
 
@@ -390,19 +399,12 @@ def test_dry_run_reports_the_expiry_in_the_event_log_and_kills_nothing(
     time.sleep(0.5 + 1.0)
     assert worker.poll() is None, "dry run: the worker must not be signalled"
 
-    def expiry() -> dict[str, object] | None:
-        if not events.exists():
-            return None
-        for line in events.read_text().splitlines():
-            event = json.loads(line)
-            if event.get("event") == "timer expired" and event.get("pid") == worker.pid:
-                assert isinstance(event, dict)
-                return event
-        return None
+    def expiries() -> list[dict[str, Any]]:
+        return [e for e in events_of(events, "timer expired") if e["pid"] == worker.pid]
 
-    assert wait_for(lambda: expiry() is not None), events.read_text() if events.exists() else ""
-    event = expiry()
-    assert event is not None and event["outcome"] == "dry_run", event
+    assert wait_for(expiries), events.read_text()
+    event = expiries()[0]
+    assert event["outcome"] == "dry_run", event
     worker.kill()
     assert worker.wait(5) == -signal.SIGKILL
     assert daemon.stop() == 0
@@ -438,19 +440,11 @@ def test_stack_dump_through_the_directory_the_daemon_names(
     env = {**clean_env(), "ELASTIC_TIMER_STACKS_DIR": found.group(1)}
     worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5, env)
     assert worker.wait(10) == -signal.SIGKILL
-    assert wait_for(lambda: "hang_here" in events.read_text())
-    expired = [
-        json.loads(line)
-        for line in events.read_text().splitlines()
-        if json.loads(line)["event"] == "timer expired"
-    ]
+    assert wait_for(lambda: events_of(events, "timer expired"))
+    expired = events_of(events, "timer expired")
     assert [e["pid"] for e in expired] == [worker.pid]
     assert "hang_here" in expired[0]["stacks"]
     assert daemon.stop() == 0
-
-
-def events_of(path: Path, name: str) -> list[dict[str, Any]]:
-    return [e for e in map(json.loads, path.read_text().splitlines()) if e["event"] == name]
 
 
 def parent_of(pid: int) -> int:

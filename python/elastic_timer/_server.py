@@ -242,7 +242,9 @@ class NativeServer(Generic[R]):
             self._core.stop()
         if reporter is None:
             return False
-        if reporter is not threading.current_thread():
+        # Not alive: it has returned, or not started yet (this is a signal handler that
+        # interrupted start() in Thread.start); it then finds the loop closed and returns.
+        if reporter is not threading.current_thread() and reporter.is_alive():
             reporter.join(_REPORTER_JOIN_TIMEOUT)
         return True
 

@@ -231,15 +231,7 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
                 thread::sleep(Duration::from_millis(10));
             }
         }
-        let command = shared.command.load(Ordering::SeqCst);
-        // Stopping, or a last pass: every request already written is read first, so a
-        // client whose write succeeded is never lost. The FIFO goes first (if it is still
-        // ours), so no new client can open it meanwhile.
-        let last = command != Command::Run as u8;
-        if let (true, Source::Fifo(endpoint)) = (last, &mut source) {
-            endpoint.unlink();
-        }
-        let mut read_source = last;
+        let mut read_source = false;
         let mut fifo_changed = false;
         let mut exited = Vec::new();
         let mut rings_exited = Vec::new();
@@ -258,6 +250,18 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
                 tag => exited.extend(Pid::from_raw((tag - TAG_WORKER) as i32)),
             }
         }
+        // Only after the wake counter is read: a stop asked for before that read is seen
+        // now, and one asked for after it leaves the counter set for the next wait. (Read
+        // before, a stop's wake could be taken with an earlier one, and the loop slept on.)
+        let command = shared.command.load(Ordering::SeqCst);
+        // Stopping, or a last pass: every request already written is read first, so a
+        // client whose write succeeded is never lost. The FIFO goes first (if it is still
+        // ours), so no new client can open it meanwhile.
+        let last = command != Command::Run as u8;
+        if let (true, Source::Fifo(endpoint)) = (last, &mut source) {
+            endpoint.unlink();
+        }
+        read_source |= last;
         if fifo_changed {
             source.repair_fifo(shared, &mut arrivals);
         }
