@@ -201,22 +201,29 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
     let mut rings = Rings::new(shared.config.max_pidfds / 2);
     let mut alarm_failed = false;
     loop {
-        let next = {
+        let (next, deadline) = {
             let mut state = shared.lock();
             state.busy_since = None;
             let next = shared.next_timeout(&state);
-            next.into_iter().chain(rings.next_poll()).min()
+            (next.into_iter().chain(rings.next_poll()).min(), state.timers.next_deadline())
         };
-        // A timer that cannot be set (reported once) is replaced by a 1 ms timeout.
-        let timeout = match alarm.set(next) {
-            Ok(()) => None,
-            Err(err) => {
-                if !alarm_failed {
-                    alarm_failed = true;
-                    let warning = format!("setting the loop's timer failed: {err}");
-                    shared.lock().emit(Event::Warning(warning));
+        // A deadline within `WAKE_EARLY` is waited out here, then whatever arrived meanwhile
+        // (a release just in time) is read before the pass. A timer that cannot be set
+        // (reported once) is replaced by a 1 ms timeout.
+        let timeout = if let Some(at) = alarm::due_soon(deadline) {
+            alarm::spin_until(at);
+            Some(Timespec { tv_sec: 0, tv_nsec: 0 })
+        } else {
+            match alarm.set(alarm::ring_at(next, deadline)) {
+                Ok(()) => None,
+                Err(err) => {
+                    if !alarm_failed {
+                        alarm_failed = true;
+                        let warning = format!("setting the loop's timer failed: {err}");
+                        shared.lock().emit(Event::Warning(warning));
+                    }
+                    Some(Timespec { tv_sec: 0, tv_nsec: 1_000_000 })
                 }
-                Some(Timespec { tv_sec: 0, tv_nsec: 1_000_000 })
             }
         };
         ready.clear();
