@@ -727,20 +727,9 @@ impl PyQueueWriter {
         Ok(Self { writer, timeout: seconds(timeout, "send_timeout")?, _queue: queue })
     }
 
-    /// Puts `TimerRequest(pid, scope_id, expiration_time)` on the queue (or in the ring our
-    /// server took). Returns False, having sent nothing, if the frame is too large to write
-    /// atomically (use `put` then).
-    fn send(
-        &self,
-        py: Python<'_>,
-        pid: i64,
-        scope_id: &str,
-        expiration_time: &Bound<'_, PyAny>,
-    ) -> PyResult<bool> {
-        self.send_request(py, pid, scope_id, number(expiration_time)?)
-    }
-
-    /// `send` for a request of this process (its pid known without a system call).
+    /// Puts `TimerRequest(<this process>, scope_id, expiration_time)` on the queue (or in
+    /// the ring our server took). Returns False, having sent nothing, if the frame is too
+    /// large to write atomically (use `put` then).
     fn send_own(
         &self,
         py: Python<'_>,
