@@ -219,3 +219,25 @@ def test_a_bad_announcement_on_the_queue_is_reported_and_costs_nothing(
     assert wait_for(lambda: any(refused in r.getMessage() for r in caplog.records))
     assert server.stats()["requests"] == 1
     assert maps_ring() == 0
+
+
+def test_a_second_server_on_a_marked_queue_warns_and_serves_without_rings(
+    mp_queue: Any,
+    server: timer.LocalTimerServer,
+    servers: list[Any],
+    children: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mark is the first server's: a second one reading the same queue says it cannot
+    mark it, and still reaps what it reads."""
+    caplog.set_level(logging.WARNING, logger="elastic_timer")
+    second = timer.LocalTimerServer(mp_queue, max_interval=0.1)
+    servers.append(second)
+    second.start()
+    assert wait_for(lambda: any("cannot mark the queue" in r.getMessage() for r in caplog.records))
+    server.stop()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    children.append(sleeper)
+    mp_queue.put(timer.TimerRequest(sleeper.pid, "expired", time.time() - 1))
+    assert sleeper.wait(30) == -signal.SIGKILL
+    assert second.stats()["reaped"] == 1

@@ -30,7 +30,7 @@ pub enum Pushed {
 
 /// Requests a new connection to our server carries by its channel before it offers a ring:
 /// a client used for one block never makes one.
-pub const OFFER_AFTER: u32 = 3;
+const OFFER_AFTER: u32 = 3;
 
 /// How long offering a ring waits for the server to take it, and a full ring for room,
 /// before the client sends by its channel.
