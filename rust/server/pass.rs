@@ -12,7 +12,7 @@ use rustix::process::{Pid, Signal};
 use super::report::{Event, Expiry, ReapOutcome, Stats};
 use super::{Shared, TAG_WORKER};
 use crate::codec::Request;
-use crate::deadlines::DeadlineMap;
+use crate::deadlines::{Cap, Caps, DeadlineMap};
 use crate::error_file::{self, Fired};
 use crate::learned::{Learned, Learner, Limit, MAX_SCOPE_BYTES};
 use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
@@ -120,6 +120,8 @@ pub(super) struct State {
     pub phases: HashMap<Pid, Phase>,
     /// Pids already reported as refused: a misbehaving client is logged once, not flooded.
     pub refused_pids: HashSet<i64>,
+    /// Workers already warned that a cap refused their timers (each once).
+    pub over_cap_pids: HashSet<Pid>,
     pub stats: Stats,
     /// When the running pass started; None while the loop waits (it is then making progress).
     pub busy_since: Option<f64>,
@@ -129,9 +131,9 @@ pub(super) struct State {
 }
 
 impl State {
-    pub fn new(max_pidfds: usize) -> Self {
+    pub fn new(max_pidfds: usize, caps: Caps) -> Self {
         Self {
-            timers: DeadlineMap::new(),
+            timers: DeadlineMap::with_caps(caps),
             learner: None,
             learned_dirty: false,
             next_save: Instant::now(),
@@ -139,6 +141,7 @@ impl State {
             workers: Workers::new(max_pidfds),
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
+            over_cap_pids: HashSet::new(),
             stats: Stats::default(),
             busy_since: None,
             next_sweep: Instant::now(),
@@ -191,6 +194,10 @@ impl Shared {
             }
             state.timers.apply(pid, request, None);
             return;
+        }
+        // Before anything is done for it (tracking, learning): a refused acquire leaves no trace.
+        if let Err(cap) = state.timers.admits(pid, &request.scope) {
+            return Self::over_cap(state, pid, cap);
         }
         let fresh = !state.workers.is_tracked(pid);
         let (tracked, warning) = state.workers.track(pid);
@@ -299,6 +306,30 @@ impl Shared {
         if first {
             state.emit(Event::Refused { request, reason });
         }
+    }
+
+    /// Counts an acquire a cap refused, and warns the first time for its worker.
+    fn over_cap(state: &mut State, pid: Pid, cap: Cap) {
+        state.stats.over_cap += 1;
+        if state.over_cap_pids.len() >= MAX_REFUSED_REPORTED || !state.over_cap_pids.insert(pid) {
+            return;
+        }
+        let caps = state.timers.caps();
+        let full = match cap {
+            Cap::Worker => format!(
+                "worker pid={} holds {} timers, the most a worker may (max_worker_timers)",
+                raw(pid),
+                caps.per_worker
+            ),
+            Cap::Total => {
+                format!("the server holds {} timers, the most it may (max_timers)", caps.total)
+            }
+        };
+        state.emit(Event::Warning(format!(
+            "{full}: new timers of worker pid={} are refused, and it is not guarded by them \
+             (reported once per worker; stats()['over_cap'] counts them)",
+            raw(pid)
+        )));
     }
 
     /// A worker exited (its pidfd said so, or the sweep found it gone).
@@ -651,6 +682,8 @@ impl Shared {
             learner.worker_gone(pid);
         }
         state.timers.remove_worker(pid);
+        // A later process with its pid is warned anew.
+        state.over_cap_pids.remove(&pid);
         state.phases.remove(&pid)
     }
 

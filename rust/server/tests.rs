@@ -12,6 +12,7 @@ use std::time::Instant;
 
 fn config() -> Config {
     Config {
+        caps: Caps::NONE,
         max_interval: Duration::from_millis(100),
         signal_self: false,
         delegate_reaps: false,
