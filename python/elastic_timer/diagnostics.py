@@ -77,8 +77,9 @@ DEFAULT_ADAPTIVE_FACTOR = 5.0
 DEFAULT_ADAPTIVE_FLOOR = 5.0
 # A worker holds one timer per open `expires` block (a handful): 10,000 is far beyond any
 # honest use, and bounds a worker flooding distinct scopes to about 40 MiB (4 KiB scopes, the
-# most a FIFO line carries). Together: 10 such workers, or 100 workers with 1,000 timers each;
-# the server then holds at most about 400 MiB, 25 MiB with scopes of ordinary length.
+# most a FIFO line carries; a Local queue's items may be up to 64 KiB). Together: 10 such
+# workers, or 100 workers with 1,000 timers each; the server then holds at most about 400 MiB
+# (FIFO), 25 MiB with scopes of ordinary length.
 DEFAULT_MAX_WORKER_TIMERS = 10_000
 DEFAULT_MAX_TIMERS = 100_000
 
