@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::codec::{self, CodecError, Number, Request};
+use crate::deadlines::Caps;
 use crate::fifo::{self, SendError, SendOptions};
 use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
@@ -74,6 +75,8 @@ struct Options {
     adaptive_factor: f64,
     adaptive_floor: f64,
     state_file: Option<PathBuf>,
+    max_timers: usize,
+    max_worker_timers: usize,
 }
 
 impl Options {
@@ -115,6 +118,7 @@ impl Options {
                 .transpose()?,
             stack_dump,
             error_files: self.error_files,
+            caps: Caps { per_worker: self.max_worker_timers, total: self.max_timers },
         })
     }
 }

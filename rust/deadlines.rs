@@ -3,7 +3,8 @@
 //! Pure bookkeeping: no I/O and no clock reads; callers pass [`Instant`]s. One timer per
 //! `(worker, scope)`, as in torch: registering again replaces it, a negative expiration
 //! releases it, and releasing a key that does not exist does nothing. Workers are keyed by
-//! whatever the caller validated a request's pid into (the server: a `rustix` `Pid`).
+//! whatever the caller validated a request's pid into (the server: a `rustix` `Pid`). The map
+//! holds at most as many timers as its [`Caps`] allow.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -32,6 +33,27 @@ pub enum Change {
     Replaced,
     Released,
     NoOp,
+    /// A new timer past a cap: not registered, and nothing else changed.
+    Refused(Cap),
+}
+
+/// The most live timers the map holds, per worker and in all. Only a new `(worker, scope)`
+/// is refused past a cap: replacing or releasing a timer always works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    pub per_worker: usize,
+    pub total: usize,
+}
+
+impl Caps {
+    pub const NONE: Caps = Caps { per_worker: usize::MAX, total: usize::MAX };
+}
+
+/// Which of the [`Caps`] refused a timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    Worker,
+    Total,
 }
 
 /// A timer and its arrival number, hashed and compared by scope alone so that a worker's
@@ -87,17 +109,43 @@ pub struct DeadlineMap<K, A = ()> {
     index: BTreeMap<IndexKey, K>,
     last_seq: u64,
     len: usize,
+    caps: Caps,
 }
 
 impl<K, A> Default for DeadlineMap<K, A> {
     fn default() -> Self {
-        Self { workers: HashMap::new(), index: BTreeMap::new(), last_seq: 0, len: 0 }
+        Self::with_caps(Caps::NONE)
+    }
+}
+
+impl<K, A> DeadlineMap<K, A> {
+    pub fn with_caps(caps: Caps) -> Self {
+        Self { workers: HashMap::new(), index: BTreeMap::new(), last_seq: 0, len: 0, caps }
     }
 }
 
 impl<K: Copy + Eq + Hash, A: Default> DeadlineMap<K, A> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// Whether an acquire of (`pid`, `scope`) would be registered: it replaces a timer, or
+    /// both caps leave room for a new one. O(1).
+    pub fn admits(&self, pid: K, scope: &str) -> Result<(), Cap> {
+        let worker = self.workers.get(&pid);
+        if worker.is_some_and(|slots| slots.contains(scope)) {
+            Ok(())
+        } else if worker.map_or(0, HashSet::len) >= self.caps.per_worker {
+            Err(Cap::Worker)
+        } else if self.len >= self.caps.total {
+            Err(Cap::Total)
+        } else {
+            Ok(())
+        }
     }
 
     /// Registers, replaces or (negative expiration) releases the timer for
@@ -129,6 +177,9 @@ impl<K: Copy + Eq + Hash, A: Default> DeadlineMap<K, A> {
             }
             self.len -= 1;
             return Change::Released;
+        }
+        if let Err(cap) = self.admits(pid, &request.scope) {
+            return Change::Refused(cap);
         }
         let worker = self.workers.entry(pid).or_default();
         let (seq, change) = match worker.take(request.scope.as_str()) {
@@ -428,6 +479,37 @@ mod tests {
         assert_eq!(map.due_workers(at(base, 10)), vec![2, 1]);
         assert_eq!(map.due_timers(1, at(base, 10)).len(), 2);
         assert_eq!(map.len(), 5);
+    }
+
+    #[test]
+    fn caps_refuse_only_new_timers_and_lose_nothing() {
+        let base = Instant::now();
+        let due = Some(at(base, 1));
+        let mut map: DeadlineMap<Pid> = DeadlineMap::with_caps(Caps { per_worker: 2, total: 3 });
+        assert_eq!(map.apply(1, acquire(1, "a", 1.0), due), Change::Added);
+        assert_eq!(map.apply(1, acquire(1, "b", 1.0), due), Change::Added);
+        assert_eq!(map.admits(1, "c"), Err(Cap::Worker));
+        assert_eq!(map.apply(1, acquire(1, "c", 1.0), due), Change::Refused(Cap::Worker));
+        // At its cap, a worker still replaces and releases its timers.
+        assert_eq!(map.admits(1, "a"), Ok(()));
+        assert_eq!(map.apply(1, acquire(1, "a", 2.0), Some(at(base, 2))), Change::Replaced);
+        assert_eq!(map.apply(1, release(1, "c"), None), Change::NoOp);
+        assert_eq!(map.apply(2, acquire(2, "a", 1.0), due), Change::Added);
+        assert_eq!(map.apply(3, acquire(3, "a", 1.0), due), Change::Refused(Cap::Total));
+        assert!(!map.contains_worker(3), "a refused worker leaves nothing behind");
+        assert_eq!(map.apply(2, acquire(2, "b", 1.0), due), Change::Refused(Cap::Total));
+        // Nothing registered was lost; what fell due still does.
+        assert_eq!(map.len(), 3);
+        assert_eq!(map.get(1, "a").expect("kept").request.expiration, 2.0);
+        assert_eq!(map.due_workers(at(base, 1)), vec![1, 2]);
+        assert_eq!(map.due_timers(1, at(base, 2)).len(), 2);
+        // Room again once a timer goes.
+        assert_eq!(map.apply(1, release(1, "b"), None), Change::Released);
+        assert_eq!(map.apply(3, acquire(3, "a", 1.0), due), Change::Added);
+        assert_eq!(map.apply(1, acquire(1, "c", 1.0), due), Change::Refused(Cap::Total));
+        assert_eq!(map.remove_worker(2), 1);
+        assert_eq!(map.apply(1, acquire(1, "c", 1.0), due), Change::Added);
+        assert_eq!(map.admits(1, "d"), Err(Cap::Worker), "the worker's cap comes first");
     }
 
     #[test]

@@ -26,11 +26,13 @@ use crate::{fork, ring};
 /// Frames above this size cannot be timer requests; they are skipped, not buffered.
 pub const MAX_FRAME: usize = 64 * 1024;
 
+/// A header claiming more than this is corruption, not a frame: 16 times the largest request
+/// we decode, far beyond any `TimerRequest` (whose scope is a name). Skipping that many bytes
+/// would swallow every request written after it.
+pub const MAX_CLAIMED: u64 = 16 * MAX_FRAME as u64;
+
 /// How long we wait for `_rlock` (another reader holds it) before trying again later.
 const LOCK_WAIT: Duration = Duration::from_millis(10);
-
-/// How long we wait for the rest of a frame whose start we have read.
-const FRAME_WAIT: Duration = Duration::from_millis(200);
 
 /// A POSIX semaphore owned by a Python `multiprocessing` object.
 #[derive(Debug)]
@@ -164,6 +166,13 @@ pub enum Frame<'a> {
     Payload(&'a [u8]),
     /// A frame over `MAX_FRAME`, skipped; its length.
     TooLarge(u64),
+    /// A header claiming more than `MAX_CLAIMED` bytes: the stream is corrupt. The reader
+    /// dropped what followed the header, held or in the pipe (`dropped` bytes), to get back
+    /// in step.
+    Corrupt {
+        claimed: u64,
+        dropped: usize,
+    },
 }
 
 /// What the reader is in the middle of.
@@ -183,6 +192,8 @@ pub struct Reader {
     items: Semaphore,
     pending: Vec<u8>,
     state: State,
+    /// The process holding `_rlock` across a frame not yet complete (see `read_frames`).
+    holding_lock: Option<rustix::process::Pid>,
     mark: Option<Mark>,
 }
 
@@ -196,6 +207,7 @@ impl Reader {
             items,
             pending: Vec::new(),
             state: State::Framing,
+            holding_lock: None,
             mark: None,
         })
     }
@@ -217,13 +229,24 @@ impl Reader {
     }
 
     /// Reads every frame the pipe holds and hands each to `sink`. Returns the number of frames
-    /// (0 when another reader holds the lock or the pipe is empty).
+    /// (0 when another reader holds the lock or the pipe is empty). Never waits for the rest
+    /// of a frame: what came is kept, and the loop's epoll says when more comes.
     pub fn read_frames(&mut self, mut sink: impl FnMut(Frame<'_>)) -> io::Result<usize> {
-        if !self.read_lock.wait_for(LOCK_WAIT)? {
+        if self.holding_lock.is_none() && !self.read_lock.wait_for(LOCK_WAIT)? {
             return Ok(0);
         }
         let result = self.read_locked(&mut sink);
-        self.read_lock.post()?;
+        // Mid-frame, `_rlock` stays ours until the frame is complete, as it stays with a
+        // `Queue.get` blocked in the middle of one. Given back, it would let a Python reader
+        // take the rest of our frame for a header and the pickle after it: that reader would
+        // wait for bytes never written, or hand out garbage, and the queue would stay out of
+        // step for everyone. Only other readers wait; writers and our loop do not.
+        if result.is_ok() && self.mid_frame() {
+            self.holding_lock = Some(rustix::process::getpid());
+        } else {
+            self.holding_lock = None;
+            self.read_lock.post()?;
+        }
         result
     }
 
@@ -232,11 +255,8 @@ impl Reader {
         loop {
             // Never block: read only what the pipe says it holds (the fd is a blocking one we
             // share with Python and must not switch to non-blocking).
-            let available = rustix::io::ioctl_fionread(&self.fd)? as usize;
+            let available = self.available()?;
             if available == 0 {
-                if self.mid_frame() && self.wait_readable(FRAME_WAIT)? {
-                    continue;
-                }
                 return Ok(frames);
             }
             let start = self.pending.len();
@@ -254,18 +274,32 @@ impl Reader {
         }
     }
 
+    fn available(&self) -> io::Result<usize> {
+        Ok(rustix::io::ioctl_fionread(&self.fd)? as usize)
+    }
+
     fn mid_frame(&self) -> bool {
         !self.pending.is_empty() || matches!(self.state, State::Skipping(_))
     }
 
-    fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
-        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-        let timeout = rustix::time::Timespec::try_from(timeout).expect("small timeout");
-        match poll(&mut fds, Some(&timeout)) {
-            Ok(n) => Ok(n > 0),
-            Err(Errno::INTR) => Ok(true),
-            Err(err) => Err(err.into()),
+    /// Reads and drops what the pipe holds now; returns how many bytes.
+    fn discard_available(&self) -> io::Result<usize> {
+        let mut left = self.available()?;
+        let mut scratch = [0u8; 4096];
+        let mut dropped = 0;
+        while left > 0 {
+            let want = left.min(scratch.len());
+            match rustix::io::read(&self.fd, &mut scratch[..want]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    dropped += n;
+                    left -= n;
+                }
+                Err(Errno::INTR) => {}
+                Err(err) => return Err(err.into()),
+            }
         }
+        Ok(dropped)
     }
 
     /// Cuts complete frames off the front of `pending`.
@@ -287,6 +321,17 @@ impl Reader {
             let Some((header, size)) = parse_header(rest) else {
                 break;
             };
+            if size > MAX_CLAIMED {
+                // No writer frames that much for us: the stream is out of step (or was never
+                // in it). Where the next frame starts cannot be known, so everything held now
+                // goes; what is written from here on is read in step again.
+                let dropped = rest.len() - header + self.discard_available()?;
+                sink(Frame::Corrupt { claimed: size, dropped });
+                self.items.post()?;
+                frames += 1;
+                offset = self.pending.len();
+                break;
+            }
             if size > MAX_FRAME as u64 {
                 sink(Frame::TooLarge(size));
                 self.items.post()?;
@@ -306,6 +351,16 @@ impl Reader {
         }
         self.pending.drain(..offset);
         Ok(frames)
+    }
+}
+
+impl Drop for Reader {
+    /// Gives back `_rlock` held across a frame, in the process that took it (a forked
+    /// copy of the reader must not release its parent's lock).
+    fn drop(&mut self) {
+        if self.holding_lock == Some(rustix::process::getpid()) {
+            let _ = self.read_lock.post();
+        }
     }
 }
 
@@ -552,6 +607,9 @@ mod tests {
             .read_frames(|frame| match frame {
                 Frame::Payload(bytes) => frames.push(bytes.to_vec()),
                 Frame::TooLarge(n) => frames.push(format!("<{n}>").into_bytes()),
+                Frame::Corrupt { claimed, dropped } => {
+                    frames.push(format!("<corrupt {claimed}, dropped {dropped}>").into_bytes())
+                }
             })
             .expect("read");
         frames
@@ -626,21 +684,61 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_split_across_writes_is_reassembled() {
+    fn a_frame_split_across_writes_is_reassembled_without_waiting_for_its_rest() {
         let (read, write, mut lock, mut items) = setup();
         let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
         let bytes = frame(b"0123456789");
-        let writer = std::thread::spawn(move || {
-            rustix::io::write(&write, &bytes[..6]).expect("write");
-            std::thread::sleep(Duration::from_millis(20));
-            rustix::io::write(&write, &bytes[6..]).expect("write");
-            write
-        });
-        std::thread::sleep(Duration::from_millis(5));
-        let mut got = collect(&mut reader);
-        let _write = writer.join().expect("writer");
-        got.extend(collect(&mut reader));
-        assert_eq!(got, [b"0123456789".to_vec()]);
+        rustix::io::write(&write, &bytes[..6]).expect("write");
+        // The rest never comes yet: the reader returns at once, holding the read lock so that
+        // no other reader takes the rest of the frame for a frame of its own.
+        assert!(collect(&mut reader).is_empty());
+        assert_eq!((lock.value(), items.value()), (0, 0));
+        assert!(collect(&mut reader).is_empty(), "it reads on while holding the lock");
+        rustix::io::write(&write, &bytes[6..]).expect("write");
+        assert_eq!(collect(&mut reader), [b"0123456789".to_vec()]);
+        assert_eq!((lock.value(), items.value()), (1, 1), "the lock is given back");
+    }
+
+    #[test]
+    fn a_reader_dropped_mid_frame_gives_the_read_lock_back() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        rustix::io::write(&write, &frame(b"0123456789")[..3]).expect("write");
+        collect(&mut reader);
+        assert_eq!(lock.value(), 0);
+        drop(reader);
+        assert_eq!(lock.value(), 1);
+    }
+
+    #[test]
+    fn an_absurd_length_is_corruption_and_the_stream_gets_back_in_step() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        let mut long = (-1i32).to_be_bytes().to_vec();
+        long.extend_from_slice(&u64::MAX.to_be_bytes());
+        for header in [i32::MAX.to_be_bytes().to_vec(), long] {
+            // The absurd header, what came with it, and a frame written before the read.
+            let bytes = [header.as_slice(), b"junk", &frame(b"lost")].concat();
+            rustix::io::write(&write, &bytes).expect("write");
+            let claimed = if header.len() == 4 { i32::MAX as u64 } else { u64::MAX };
+            let dropped = bytes.len() - header.len();
+            let corrupt = format!("<corrupt {claimed}, dropped {dropped}>").into_bytes();
+            assert_eq!(collect(&mut reader), [corrupt]);
+            assert_eq!(lock.value(), 1, "nothing is held for the rest of a corrupt frame");
+            rustix::io::write(&write, &frame(b"after")).expect("write");
+            assert_eq!(collect(&mut reader), [b"after".to_vec()]);
+        }
+        assert_eq!(items.value(), 4, "one item each for the corruption and the frame after it");
+    }
+
+    #[test]
+    fn the_largest_claim_is_still_a_frame_skipped() {
+        let (read, write, mut lock, mut items) = setup();
+        let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+        let claim = u32::try_from(MAX_CLAIMED).expect("small").to_be_bytes();
+        rustix::io::write(&write, &claim).expect("write");
+        assert_eq!(collect(&mut reader), [format!("<{MAX_CLAIMED}>").into_bytes()]);
+        assert_eq!(lock.value(), 0, "held while the frame is skipped");
     }
 
     #[test]

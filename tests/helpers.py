@@ -9,7 +9,10 @@ import sys
 import time
 from collections.abc import Callable
 
+import pytest
+
 CLI = [sys.executable, "-m", "elastic_timer.cli"]
+LIBFAKETIME = "/usr/lib/*/faketime/libfaketime.so.1"
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
@@ -41,3 +44,13 @@ def open_rings() -> int:
         except OSError:  # the fd the glob itself opened, closed since
             pass
     return count
+
+
+def libfaketime() -> str:
+    found = sorted(glob.glob(LIBFAKETIME))
+    if not found:
+        pytest.fail(
+            f"libfaketime not found ({LIBFAKETIME}): install Debian's libfaketime "
+            "(apt-get install libfaketime; scripts/test.sh does it)"
+        )
+    return found[0]

@@ -9,7 +9,6 @@ after the step back. Neither may happen, and ``_timers`` keeps showing what the 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -21,25 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import libfaketime, wait_for
 
 HOST = str(Path(__file__).parent / "jobs" / "clock_host.py")
-LIBFAKETIME = "/usr/lib/*/faketime/libfaketime.so.1"
 # Early: due after the step forward. Late: due after the step back. Pending: due in 2 h, never
 # here; a server that fired by the wall clock would still not reach it (1 h forward at most).
 SCOPES = [["early", 3.0], ["late", 6.0], ["pending", 7200.0]]
 HOUR = 3600.0
 LATE_MARGIN = 1.0  # generous on 2 loaded cores; a wall-clock reap would be an hour off
-
-
-def libfaketime() -> str:
-    found = sorted(glob.glob(LIBFAKETIME))
-    if not found:
-        pytest.fail(
-            f"libfaketime not found ({LIBFAKETIME}): install Debian's libfaketime "
-            "(apt-get install libfaketime; scripts/test.sh does it)"
-        )
-    return found[0]
 
 
 class Host:

@@ -562,6 +562,7 @@ def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> N
         "requests",
         "malformed",
         "refused",
+        "over_cap",
         "expired",
         "reaped",
         "escalated",
@@ -582,6 +583,8 @@ def test_counters_are_readable_from_python(file_server: Callable[..., Any]) -> N
         ("stack_signal", "NOPE", "unknown signal 'NOPE'"),
         ("stack_signal", 999, "not a valid signal number"),
         ("stack_signal", "KILL", "SIGKILL cannot be caught"),
+        ("max_timers", 0, "max_timers must be a positive whole number"),
+        ("max_worker_timers", 2.5, "max_worker_timers must be a positive whole number"),
     ],
 )
 def test_bad_diagnostics_keywords_are_a_clear_error(
@@ -607,6 +610,8 @@ def test_the_diagnostics_keywords_are_those_documented_and_a_typo_is_an_error(
         "adaptive_factor",
         "adaptive_floor",
         "state_file",
+        "max_timers",
+        "max_worker_timers",
     }
     args = (fifo, "typo") if server is FileTimerServer else (mp.get_context("spawn").Queue(),)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\): stack_dum$"):
@@ -618,9 +623,26 @@ def test_a_bad_environment_variable_is_a_warning_and_ignored(
 ) -> None:
     monkeypatch.setenv("ELASTIC_TIMER_ESCALATE_AFTER", "soon")
     monkeypatch.setenv("ELASTIC_TIMER_DRY_RUN", "maybe")
+    monkeypatch.setenv("ELASTIC_TIMER_MAX_TIMERS", "-3")
     server = FileTimerServer(fifo, "env", signal_self=False)
     assert server._diagnostics.escalate_after is None
     assert server._diagnostics.dry_run is False
+    assert server._diagnostics.max_timers == diagnostics.DEFAULT_MAX_TIMERS
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "Ignoring ELASTIC_TIMER_ESCALATE_AFTER='soon'" in text
     assert "Ignoring ELASTIC_TIMER_DRY_RUN='maybe'" in text
+    assert "Ignoring ELASTIC_TIMER_MAX_TIMERS='-3'" in text
+
+
+def test_the_timer_caps_come_from_keywords_else_the_environment_else_the_defaults(
+    fifo: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = FileTimerServer(fifo, "caps", signal_self=False)._diagnostics
+    assert (default.max_worker_timers, default.max_timers) == (10_000, 100_000)
+    monkeypatch.setenv("ELASTIC_TIMER_MAX_WORKER_TIMERS", "7")
+    monkeypatch.setenv("ELASTIC_TIMER_MAX_TIMERS", "70")
+    from_env = FileTimerServer(fifo, "caps", signal_self=False)._diagnostics
+    assert (from_env.max_worker_timers, from_env.max_timers) == (7, 70)
+    keywords = FileTimerServer(fifo, "caps", signal_self=False, max_timers=9)._diagnostics
+    assert (keywords.max_worker_timers, keywords.max_timers) == (7, 9)
+    assert keywords.native_options()["max_timers"] == 9

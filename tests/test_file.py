@@ -118,6 +118,15 @@ def late_client_worker(path: str, asking: Any, acquired_at: Any) -> None:
     client.release("late")
 
 
+def flooding_worker(path: str, timers: int) -> None:
+    """Acquires ``timers`` timers, the first due in 1 s, the others far away; then hangs."""
+    client = FileTimerClient(path)
+    client.acquire("first", time.time() + 1.0)
+    for i in range(1, timers):
+        client.acquire(f"flood-{i}", time.time() + FAR)
+    time.sleep(30)
+
+
 # -- helpers and fixtures ---------------------------------------------------------------------
 
 
@@ -423,6 +432,34 @@ def test_register_timers_keeps_the_good_requests_of_a_bad_batch(
     skipped = [r for r in caplog.records if "Skipping malformed timer request" in r.getMessage()]
     assert len(skipped) == len(bad)
     assert "signal must be a signal number, got 'SIGKILL'" in skipped[3].getMessage()
+
+
+def test_acquires_past_the_worker_cap_are_refused_counted_warned_once_and_nothing_is_lost(
+    make_server: Callable[..., FileTimerServer],
+    procs: Callable[..., BaseProcess],
+    fifo: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = make_server(max_interval=0.1, max_worker_timers=5)
+    server.start()
+    started = time.monotonic()
+    worker = procs(flooding_worker, fifo, 12)
+    assert wait_for(lambda: server.stats()["over_cap"] == 7), server.stats()
+    # The timers it holds are its first five; the first of them still fires.
+    worker.join(started + 1.0 + 5.0 - time.monotonic())
+    assert worker.exitcode == -signal.SIGKILL
+    assert time.monotonic() >= started + 1.0
+    stats = server.stats()
+    assert (stats["over_cap"], stats["refused"], stats["live_timers"]) == (7, 0, 0), stats
+    assert wait_for(lambda: logged(caplog, "the most a worker may", logging.WARNING))
+    warnings = [m for m in messages(caplog, logging.WARNING) if "max_worker_timers" in m]
+    assert warnings == [
+        f"worker pid={worker.pid} holds 5 timers, the most a worker may (max_worker_timers): "
+        f"new timers of worker pid={worker.pid} are refused, and it is not guarded by them "
+        "(reported once per worker; stats()['over_cap'] counts them)"
+    ]
+    assert logged(caplog, f"Reaping worker_pid=[{worker.pid}]. Expired timers: ['first']")
 
 
 def test_timers_of_a_dead_pid_are_not_kept(

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -101,6 +102,26 @@ def _exit_holding_a_timer(mp_queue: Any) -> None:
     with expires(after=60):
         time.sleep(0.2)
         os._exit(3)
+
+
+def _half_an_item(mp_queue: Any, written: Any) -> None:
+    """A writer stuck in the middle of an item, as a ``put`` would be (holding the queue's
+    write lock): half of a 60,000-byte item, then a byte now and then, never the rest."""
+    mp_queue._sem.acquire()
+    with mp_queue._wlock:
+        fd = mp_queue._writer.fileno()
+        os.write(fd, struct.pack("!i", 60_000) + b"x" * 30_000)
+        written.set()
+        while True:
+            time.sleep(0.05)
+            os.write(fd, b"x")
+
+
+def _absurd_header(mp_queue: Any) -> None:
+    """Puts an item header claiming 2 GiB, and a few bytes, then exits."""
+    mp_queue._sem.acquire()
+    with mp_queue._wlock:
+        os.write(mp_queue._writer.fileno(), struct.pack("!i", 2**31 - 1) + b"junk")
 
 
 class NotARequest:
@@ -506,6 +527,47 @@ def test_malformed_items_are_logged_and_skipped(
     assert "not a timer request" in reasons[4]
     assert set(server._timers) == {(keeper.pid, "before")}
     assert keeper.poll() is None
+
+
+def test_a_writer_stuck_mid_item_does_not_stall_the_other_workers_timers(
+    servers: Servers, children: Children
+) -> None:
+    """A worker that wrote half an item (and trickles a byte now and then, never finishing)
+    holds nobody up: the loop keeps what came and goes on, so a stuck worker's timer, already
+    registered, still fires on time."""
+    mp_queue = FORK.Queue()
+    server = _start_server(servers, mp_queue)
+    started = time.monotonic()
+    stuck = _start(children, _hang, mp_queue, 1.0)
+    assert wait_for(lambda: any(pid == stuck.pid for pid, _ in server._timers))
+    written = FORK.Event()
+    _start(children, _half_an_item, mp_queue, written)
+    assert written.wait(10)
+    # Generous on two loaded cores; a stalled loop never reaps it (its sleep is 30 s).
+    assert _join(stuck, timeout=started + 1.0 + 5.0 - time.monotonic()) == -signal.SIGKILL
+    assert time.monotonic() >= started + 1.0
+    assert server.stats()["malformed"] == 0
+
+
+def test_an_item_header_claiming_gigabytes_is_corruption_and_later_items_are_served(
+    servers: Servers, children: Children, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header claiming 2 GiB is no timer request: counted as malformed and logged once; the
+    reader drops what it holds and reads the items written after it (torch's server recovers
+    from it too)."""
+    caplog.set_level(logging.INFO, logger="elastic_timer")
+    mp_queue = FORK.Queue()
+    server = _start_server(servers, mp_queue)
+    assert _join(_start(children, _absurd_header, mp_queue)) == 0
+    assert wait_for(lambda: server.stats()["malformed"] == 1), server.stats()
+    assert wait_for(lambda: _messages(caplog, "the queue is corrupt"))
+    [record] = _messages(caplog, "the queue is corrupt")
+    assert record.levelno == logging.WARNING
+    assert f"claims {2**31 - 1} bytes" in record.getMessage()
+    worker = _start(children, _hang, mp_queue, 0.3)
+    assert _join(worker) == -signal.SIGKILL
+    assert server.stats()["malformed"] == 1
+    assert mp_queue.qsize() == 0
 
 
 # -- custom reaping --------------------------------------------------------------------------

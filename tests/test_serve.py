@@ -186,6 +186,8 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         "--stacks-dir",
         "--escalate-after",
         "--dry-run",
+        "--max-worker-timers",
+        "--max-timers",
         "--event-log",
         "--metrics",
         "--log-level",
@@ -210,6 +212,8 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         (["--metrics", "localhost"], "--metrics: expected HOST:PORT"),
         (["--metrics", "127.0.0.1:70000"], "--metrics: expected HOST:PORT"),
         (["--log-level", "LOUD"], "--log-level: unknown log level"),
+        (["--max-timers", "0"], "--max-timers: must be a positive whole number"),
+        (["--max-worker-timers", "many"], "--max-worker-timers: must be a positive whole"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_the_problem(
@@ -407,6 +411,20 @@ def test_dry_run_reports_the_expiry_in_the_event_log_and_kills_nothing(
     assert event["outcome"] == "dry_run", event
     worker.kill()
     assert worker.wait(5) == -signal.SIGKILL
+    assert daemon.stop() == 0
+
+
+def test_max_worker_timers_refuses_a_workers_timers_past_it(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    daemon = start_daemon("--max-worker-timers", "1")
+    flooding = ELASTIC_WORKER.replace(
+        'print("armed", flush=True)',
+        'client.acquire("second", time.time() + 600)\n    print("armed", flush=True)',
+    )
+    worker = start_worker(children, flooding, daemon.fifo, 0.5)
+    assert worker.wait(10) == -signal.SIGKILL
+    assert wait_for(lambda: "the most a worker may (max_worker_timers)" in daemon.log())
     assert daemon.stop() == 0
 
 

@@ -18,7 +18,14 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .diagnostics import STACKS_DIR_ENV, STACKS_SIDECAR_SUFFIX, parse_stack_signal
+from .diagnostics import (
+    DEFAULT_MAX_TIMERS,
+    DEFAULT_MAX_WORKER_TIMERS,
+    STACKS_DIR_ENV,
+    STACKS_SIDECAR_SUFFIX,
+    parse_count,
+    parse_stack_signal,
+)
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
 from .metrics import MetricsServer, serve_metrics
@@ -50,7 +57,8 @@ Then wrap code that may hang in `with elastic_timer.expires(after=SECONDS): ...`
 SERVE_EPILOG = """\
 Diagnostics not given as options are read from the server's environment, as under
 torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_STACKS_DIR,
-ELASTIC_TIMER_ESCALATE_AFTER, ELASTIC_TIMER_DRY_RUN and ELASTIC_TIMER_EVENT_LOG.
+ELASTIC_TIMER_ESCALATE_AFTER, ELASTIC_TIMER_DRY_RUN, ELASTIC_TIMER_EVENT_LOG,
+ELASTIC_TIMER_MAX_TIMERS and ELASTIC_TIMER_MAX_WORKER_TIMERS.
 
 exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments; 1 when the FIFO or the metrics
 address cannot be set up (for example permission denied, or the port is taken).
@@ -98,6 +106,13 @@ def positive_seconds(text: str) -> float:
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
     return value
+
+
+def positive_count(text: str) -> int:
+    try:
+        return parse_count(text, "the value")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
 
 
 def signal_number(text: str) -> int:
@@ -239,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
         "at stop and now and then; `elastic-timer timeouts PATH` prints them.",
     )
     serve.add_argument(
+        "--max-worker-timers",
+        type=positive_count,
+        metavar="N",
+        help="The most live timers one worker may hold; a worker's acquires past it are "
+        "refused (counted in the over_cap counter, warned of once per worker). "
+        f"Default: {DEFAULT_MAX_WORKER_TIMERS}.",
+    )
+    serve.add_argument(
+        "--max-timers",
+        type=positive_count,
+        metavar="N",
+        help="The most live timers all workers together may hold; acquires past it are "
+        f"refused, as past --max-worker-timers. Default: {DEFAULT_MAX_TIMERS}.",
+    )
+    serve.add_argument(
         "--event-log",
         metavar="PATH",
         help="Append every event (a timer expired, a worker signalled...) to PATH as one "
@@ -319,7 +349,13 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         options["event_log"] = args.event_log
     if args.adaptive:
         options["adaptive"] = True
-    for option in ("adaptive_factor", "adaptive_floor", "state_file"):
+    for option in (
+        "adaptive_factor",
+        "adaptive_floor",
+        "state_file",
+        "max_timers",
+        "max_worker_timers",
+    ):
         if getattr(args, option) is not None:
             options[option] = getattr(args, option)
     return options

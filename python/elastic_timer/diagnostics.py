@@ -22,6 +22,9 @@ so that a torchrun user (who does not construct the agent's server) can turn it 
     that factor (default 5) and floor (default 5 s).
 ``ELASTIC_TIMER_STATE_FILE=<path>``
     where the learned statistics are loaded from at start and saved to.
+``ELASTIC_TIMER_MAX_WORKER_TIMERS=<n>``, ``ELASTIC_TIMER_MAX_TIMERS=<n>``
+    the most live timers a worker may hold, and all workers together (on by default:
+    10,000 and 100,000); past either, an acquire is refused, counted and warned of.
 
 A server taking stacks makes a stacks directory (``ELASTIC_TIMER_STACKS_DIR`` from its own
 environment when set, created if missing; else a temporary one) and names it to workers in two
@@ -68,8 +71,18 @@ ADAPTIVE_ENV = "ELASTIC_TIMER_ADAPTIVE"
 ADAPTIVE_FACTOR_ENV = "ELASTIC_TIMER_ADAPTIVE_FACTOR"
 ADAPTIVE_FLOOR_ENV = "ELASTIC_TIMER_ADAPTIVE_FLOOR"
 STATE_FILE_ENV = "ELASTIC_TIMER_STATE_FILE"
+MAX_TIMERS_ENV = "ELASTIC_TIMER_MAX_TIMERS"
+MAX_WORKER_TIMERS_ENV = "ELASTIC_TIMER_MAX_WORKER_TIMERS"
 DEFAULT_ADAPTIVE_FACTOR = 5.0
 DEFAULT_ADAPTIVE_FLOOR = 5.0
+# A worker holds one timer per open `expires` block (a handful): 10,000 is far beyond any
+# honest use, and bounds a worker flooding distinct scopes to about 40 MiB (4 KiB scopes, the
+# most a FIFO line carries; a Local queue's items may be up to 64 KiB). Together: 10 such
+# workers, or 100 workers with 1,000 timers each; the server then holds at most about 400 MiB
+# (FIFO), 30 MiB with scopes of ordinary length (measured: 435 and 30 MiB per 100,000 timers
+# of 4,000- and 40-byte scopes).
+DEFAULT_MAX_WORKER_TIMERS = 10_000
+DEFAULT_MAX_TIMERS = 100_000
 
 DEFAULT_STACK_SIGNAL = _signal.SIGUSR2
 # In the stacks directory: the signal number workers arm faulthandler on.
@@ -127,6 +140,27 @@ def _factor(value: float | str) -> float:
     return factor
 
 
+def parse_count(value: int | str, name: str) -> int:
+    """A positive whole number (a cap on timers); ValueError names `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}") from None
+    if count < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+    return count
+
+
+def _cap(value: int | None, name: str, env: str, default: int) -> int:
+    """A cap on timers: the keyword, else the variable ``env``, else the default."""
+    if value is not None:
+        return parse_count(value, name)
+    from_env: int | None = _from_env(env, lambda raw: parse_count(raw, env))
+    return default if from_env is None else from_env
+
+
 def _from_env(name: str, parse: Callable[[str], Any]) -> Any:
     """The parsed value of an environment variable; a bad one is logged and ignored, so a
     typo in a job's environment does not stop its agent from starting."""
@@ -170,6 +204,8 @@ class DiagnosticsOptions(TypedDict, total=False):
     adaptive_factor: float | None
     adaptive_floor: float | None
     state_file: str | None
+    max_timers: int | None
+    max_worker_timers: int | None
 
 
 def _create_new(path: str, mode: int) -> int:
@@ -236,6 +272,8 @@ class Diagnostics:
     adaptive_factor: float = DEFAULT_ADAPTIVE_FACTOR
     adaptive_floor: float = DEFAULT_ADAPTIVE_FLOOR
     state_file: str | None = None
+    max_timers: int = DEFAULT_MAX_TIMERS
+    max_worker_timers: int = DEFAULT_MAX_WORKER_TIMERS
     # Whether the server made the stacks directory (and so removes it).
     owns_stacks_dir: bool = False
     # Whether the stacks directory is the user's ELASTIC_TIMER_STACKS_DIR (left set at stop).
@@ -298,6 +336,15 @@ class Diagnostics:
             )
         state_file = options.get("state_file") or os.environ.get(STATE_FILE_ENV) or None
         return cls(
+            max_timers=_cap(
+                options.get("max_timers"), "max_timers", MAX_TIMERS_ENV, DEFAULT_MAX_TIMERS
+            ),
+            max_worker_timers=_cap(
+                options.get("max_worker_timers"),
+                "max_worker_timers",
+                MAX_WORKER_TIMERS_ENV,
+                DEFAULT_MAX_WORKER_TIMERS,
+            ),
             adaptive=bool(adaptive),
             adaptive_factor=_factor(factor),
             adaptive_floor=_seconds(floor, "adaptive_floor"),
@@ -326,6 +373,8 @@ class Diagnostics:
             "stack_signal": self.stack_signal,
             "stacks_dir": self.stacks_dir,
             "py_spy": _find_py_spy() if self.stack_dump is not None else None,
+            "max_timers": self.max_timers,
+            "max_worker_timers": self.max_worker_timers,
         }
 
     def open(self, fifo: str | None = None) -> EventSink:

@@ -148,6 +148,11 @@ fn decode_frame(frame: queue::Frame<'_>, arrivals: &mut Arrivals) {
     let request = match frame {
         queue::Frame::Payload(bytes) => codec::decode_pickle(bytes).map_err(|err| err.to_string()),
         queue::Frame::TooLarge(n) => Err(format!("queue item of {n} bytes is not a timer request")),
+        queue::Frame::Corrupt { claimed, dropped } => Err(format!(
+            "the queue is corrupt: an item header claims {claimed} bytes (more than {} can be \
+             a timer request); dropped the {dropped} bytes after it to get back in step",
+            queue::MAX_CLAIMED
+        )),
     };
     if let Ok(control) = &request {
         if control.scope == queue::RING_WAKE {

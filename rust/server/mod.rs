@@ -34,6 +34,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::process::Pid;
 
 use crate::codec::Request;
+use crate::deadlines::Caps;
 use crate::learned::{LearnConfig, Learner, ScopeSummary, StateError};
 use crate::reaper;
 use crate::{fifo, queue, stacks};
@@ -79,6 +80,8 @@ pub struct Config {
     /// Before signalling a torchrun worker, write its `TORCHELASTIC_ERROR_FILE` (if it did
     /// not) so the agent's failure summary says which timer fired.
     pub error_files: bool,
+    /// The most live timers per worker and in all; past either an acquire is refused.
+    pub caps: Caps,
 }
 
 /// Timeouts learned from the job.
@@ -176,7 +179,7 @@ impl Server {
             Transport::Queue(reader) => Source::Queue(reader),
             Transport::Direct => Source::Direct,
         };
-        let mut state = State::new(config.max_pidfds);
+        let mut state = State::new(config.max_pidfds, config.caps);
         if let Some(adaptive) = &config.adaptive {
             let learner = match &adaptive.state_file {
                 Some(path) => Learner::load(adaptive.learn.clone(), path),

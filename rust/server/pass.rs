@@ -12,7 +12,7 @@ use rustix::process::{Pid, Signal};
 use super::report::{Event, Expiry, ReapOutcome, Stats};
 use super::{Shared, TAG_WORKER};
 use crate::codec::Request;
-use crate::deadlines::DeadlineMap;
+use crate::deadlines::{Cap, Caps, DeadlineMap};
 use crate::error_file::{self, Fired};
 use crate::learned::{Learned, Learner, Limit, MAX_SCOPE_BYTES};
 use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
@@ -25,6 +25,15 @@ const DELEGATE_GRACE: Duration = Duration::from_secs(10);
 /// Upper bound on the retry interval of a failed reap.
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
+/// A wall-clock reading that the monotonic clock does not predict within this much means the
+/// wall clock was stepped (Linux slews the two clocks together: only a step moves one against
+/// the other). Far above the error of a reading, far below any timeout.
+const CLOCK_STEP: Duration = Duration::from_millis(1);
+/// A reading whose two monotonic reads are further apart than this was interrupted between
+/// them (read again, a few times at most).
+const CLOSE_READ: Duration = Duration::from_micros(5);
+const READ_TRIES: usize = 4;
+
 /// The wall clock and the monotonic clock read together, to move deadlines onto the latter.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Clock {
@@ -33,8 +42,30 @@ pub(super) struct Clock {
 }
 
 impl Clock {
+    /// Both clocks, the wall clock read between two monotonic reads: of a few tries, the
+    /// first whose bracket is close, else the closest (a thread interrupted between the two
+    /// reads would otherwise put the wall clock off by the interruption).
     pub fn now() -> Self {
-        Self { mono: Instant::now(), wall: wall_now() }
+        let mut best: Option<(Duration, Self)> = None;
+        for _ in 0..READ_TRIES {
+            let before = Instant::now();
+            let wall = wall_now();
+            let gap = before.elapsed();
+            let reading = Self { mono: before + gap / 2, wall };
+            if gap <= CLOSE_READ {
+                return reading;
+            }
+            if best.is_none_or(|(closest, _)| gap < closest) {
+                best = Some((gap, reading));
+            }
+        }
+        best.map(|(_, reading)| reading).expect("read at least once")
+    }
+
+    /// Whether this reading's wall clock is not where `base`'s would be by now.
+    pub fn stepped_since(self, base: Clock) -> bool {
+        let elapsed = self.mono.saturating_duration_since(base.mono).as_secs_f64();
+        (self.wall - (base.wall + elapsed)).abs() > CLOCK_STEP.as_secs_f64()
     }
 
     /// The monotonic deadline of a wall-clock expiration (None: never, for inf and NaN).
@@ -105,6 +136,13 @@ impl Phase {
 }
 
 pub(super) struct State {
+    /// The one reading every expiration is moved onto the monotonic clock with, taken again
+    /// only when the wall clock is stepped. Equal wall-clock expirations so become equal
+    /// instants and fall due in the same pass (torch's example gives every worker one
+    /// deadline, and the File server's `signal_self` ends the process after that pass). A
+    /// reading per request would give each the error of its reading: instants some
+    /// microseconds apart, due in separate passes, the later ones never reaped.
+    pub clock_base: Clock,
     /// Each timer notes when its acquire arrived and the learned bound that set its
     /// deadline, if one did.
     pub timers: DeadlineMap<Pid, Note>,
@@ -120,6 +158,8 @@ pub(super) struct State {
     pub phases: HashMap<Pid, Phase>,
     /// Pids already reported as refused: a misbehaving client is logged once, not flooded.
     pub refused_pids: HashSet<i64>,
+    /// Workers already warned that a cap refused their timers (each once).
+    pub over_cap_pids: HashSet<Pid>,
     pub stats: Stats,
     /// When the running pass started; None while the loop waits (it is then making progress).
     pub busy_since: Option<f64>,
@@ -129,9 +169,10 @@ pub(super) struct State {
 }
 
 impl State {
-    pub fn new(max_pidfds: usize) -> Self {
+    pub fn new(max_pidfds: usize, caps: Caps) -> Self {
         Self {
-            timers: DeadlineMap::new(),
+            clock_base: Clock::now(),
+            timers: DeadlineMap::with_caps(caps),
             learner: None,
             learned_dirty: false,
             next_save: Instant::now(),
@@ -139,6 +180,7 @@ impl State {
             workers: Workers::new(max_pidfds),
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
+            over_cap_pids: HashSet::new(),
             stats: Stats::default(),
             busy_since: None,
             next_sweep: Instant::now(),
@@ -156,6 +198,14 @@ impl State {
                 false
             }
         }
+    }
+
+    /// Where a wall-clock expiration falls on the monotonic clock, given a reading taken now.
+    pub(super) fn deadline(&mut self, now: Clock, expiration: f64) -> Option<Instant> {
+        if now.stepped_since(self.clock_base) {
+            self.clock_base = now;
+        }
+        self.clock_base.deadline(expiration)
     }
 
     /// The stats as readers see them, with the gauge filled in.
@@ -191,6 +241,10 @@ impl Shared {
             }
             state.timers.apply(pid, request, None);
             return;
+        }
+        // Before anything is done for it (tracking, learning): a refused acquire leaves no trace.
+        if let Err(cap) = state.timers.admits(pid, &request.scope) {
+            return Self::over_cap(state, pid, cap);
         }
         let fresh = !state.workers.is_tracked(pid);
         let (tracked, warning) = state.workers.track(pid);
@@ -239,7 +293,7 @@ impl Shared {
         request: &Request,
         clock: Clock,
     ) -> (Option<Instant>, Option<Learned>) {
-        let deadline = clock.deadline(request.expiration);
+        let deadline = state.deadline(clock, request.expiration);
         let (Some(learner), Some(_)) = (&mut state.learner, deadline) else {
             return (deadline, None);
         };
@@ -299,6 +353,30 @@ impl Shared {
         if first {
             state.emit(Event::Refused { request, reason });
         }
+    }
+
+    /// Counts an acquire a cap refused, and warns the first time for its worker.
+    fn over_cap(state: &mut State, pid: Pid, cap: Cap) {
+        state.stats.over_cap += 1;
+        if state.over_cap_pids.len() >= MAX_REFUSED_REPORTED || !state.over_cap_pids.insert(pid) {
+            return;
+        }
+        let caps = state.timers.caps();
+        let full = match cap {
+            Cap::Worker => format!(
+                "worker pid={} holds {} timers, the most a worker may (max_worker_timers)",
+                raw(pid),
+                caps.per_worker
+            ),
+            Cap::Total => {
+                format!("the server holds {} timers, the most it may (max_timers)", caps.total)
+            }
+        };
+        state.emit(Event::Warning(format!(
+            "{full}: new timers of worker pid={} are refused, and it is not guarded by them \
+             (reported once per worker; stats()['over_cap'] counts them)",
+            raw(pid)
+        )));
     }
 
     /// A worker exited (its pidfd said so, or the sweep found it gone).
@@ -651,6 +729,8 @@ impl Shared {
             learner.worker_gone(pid);
         }
         state.timers.remove_worker(pid);
+        // A later process with its pid is warned anew.
+        state.over_cap_pids.remove(&pid);
         state.phases.remove(&pid)
     }
 

@@ -130,6 +130,7 @@ stats! {
     Counter requests: "Timer requests received (acquires and releases).",
     Counter malformed: "Requests skipped because they could not be decoded.",
     Counter refused: "Requests refused because they named a process the server must not signal.",
+    Counter over_cap: "Acquires refused because their worker, or the server, held the most timers allowed (max_worker_timers, max_timers).",
     Counter expired: "Timer expiries the server handled (a reap retried after a failure counts again).",
     Counter reaped: "Workers signalled because a timer of theirs expired.",
     Counter escalated: "Workers sent SIGKILL because they outlived their first signal.",

@@ -1,6 +1,6 @@
 //! The server end to end: real FIFOs, real child processes, real signals.
 
-use super::pass::{wall_now, Clock};
+use super::pass::{wall_now, Clock, State};
 use super::*;
 use crate::codec;
 use crate::deadlines::DeadlineMap;
@@ -12,6 +12,7 @@ use std::time::Instant;
 
 fn config() -> Config {
     Config {
+        caps: Caps::NONE,
         max_interval: Duration::from_millis(100),
         signal_self: false,
         delegate_reaps: false,
@@ -219,6 +220,30 @@ fn deadlines_are_monotonic_instants_fixed_on_receipt() {
     let request = Request { pid: 7, scope: "s".into(), expiration: 1_002.5, signal: 9 };
     map.apply(7, request, clock.deadline(1_002.5));
     assert_eq!(map.next_deadline(), Some(mono + Duration::from_millis(2_500)));
+}
+
+#[test]
+fn equal_expirations_are_equal_instants_until_the_wall_clock_steps() {
+    let mut state = State::new(8, Caps::NONE);
+    let base = state.clock_base;
+    let expiration = base.wall + 5.0;
+    // Readings later on, each off by the error of reading two clocks.
+    let reading = |after: Duration, error: f64| Clock {
+        mono: base.mono + after,
+        wall: base.wall + after.as_secs_f64() + error,
+    };
+    let first = state.deadline(reading(Duration::from_millis(10), 30e-6), expiration);
+    let second = state.deadline(reading(Duration::from_millis(900), -40e-6), expiration);
+    assert_eq!(first, base.deadline(expiration));
+    assert_eq!(first, second, "one deadline for every worker is one instant");
+    assert!(!Clock::now().stepped_since(state.clock_base), "a fresh reading is no step");
+    // Stepped an hour forward: what is asked for from now on follows the wall clock.
+    let stepped = reading(Duration::from_secs(1), 3600.0);
+    assert_eq!(
+        state.deadline(stepped, stepped.wall + 5.0),
+        Some(stepped.mono + Duration::from_secs(5))
+    );
+    assert_eq!(state.clock_base.wall, stepped.wall);
 }
 
 #[test]
