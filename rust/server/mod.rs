@@ -176,7 +176,7 @@ impl Server {
             Transport::Queue(reader) => Source::Queue(reader),
             Transport::Direct => Source::Direct,
         };
-        let mut state = State::new(config.max_pidfds);
+        let mut state = State::new(config.max_pidfds)?;
         if let Some(adaptive) = &config.adaptive {
             let learner = match &adaptive.state_file {
                 Some(path) => Learner::load(adaptive.learn.clone(), path),
