@@ -13,6 +13,7 @@ import re
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -179,6 +180,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
     assert result.returncode == 0, result.stderr
     for option in (
         "--fifo",
+        "--fifo-mode",
         "--max-interval",
         "--run-id",
         "--stack-dump",
@@ -210,6 +212,8 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         (["--metrics", "localhost"], "--metrics: expected HOST:PORT"),
         (["--metrics", "127.0.0.1:70000"], "--metrics: expected HOST:PORT"),
         (["--log-level", "LOUD"], "--log-level: unknown log level"),
+        (["--fifo-mode", "0800"], "--fifo-mode: not an octal mode"),
+        (["--fifo-mode", "01600"], "--fifo-mode: expected permission bits 0000-0777"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_the_problem(
@@ -279,6 +283,21 @@ def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
     assert not os.path.exists(daemon.fifo)
     assert "SIGTERM received, stopping" in daemon.log()
     assert "Traceback" not in daemon.log()
+
+
+def test_fifo_mode_sets_the_fifos_permissions_whatever_the_umask(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    under_umask_000 = ["sh", "-c", 'umask 000; exec "$0" "$@"', *CLI]
+    daemon = start_daemon(cli=under_umask_000)
+    # By default the mode follows the umask (as torch's server), plus our mark.
+    assert stat.S_IMODE(os.stat(daemon.fifo).st_mode) == 0o1666
+    assert daemon.stop() == 0
+    daemon = start_daemon("--fifo-mode", "0600", cli=under_umask_000)
+    assert stat.S_IMODE(os.stat(daemon.fifo).st_mode) == 0o1600
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5)
+    assert worker.wait(5) == -signal.SIGKILL
+    assert daemon.stop() == 0
 
 
 @pytest.mark.torch

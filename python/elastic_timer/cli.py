@@ -120,6 +120,17 @@ def host_port(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+def octal_mode(text: str) -> int:
+    """Permission bits in octal (0600, 660, 0o640)."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected permission bits 0000-0777, got {text!r}")
+    return mode
+
+
 def log_level(text: str) -> str:
     level = text.upper()
     if level not in LOG_LEVELS:
@@ -163,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="Where to create the FIFO that workers send their timers to; anything already "
         "at PATH is replaced, and the FIFO is removed when the server stops.",
+    )
+    serve.add_argument(
+        "--fifo-mode",
+        type=octal_mode,
+        metavar="MODE",
+        help="The FIFO's permissions, in octal, whatever the umask (0600: only this user's "
+        "processes can send timers to the server). Default: 0666 less the umask.",
     )
     serve.add_argument(
         "--max-interval",
@@ -417,7 +435,13 @@ def _run(
                 raise _SetupError(f"cannot serve metrics on {host}:{port}: {e}") from None
         try:
             server = FileTimerServer(
-                fifo, args.run_id, args.max_interval, daemon=True, signal_self=False, **options
+                fifo,
+                args.run_id,
+                args.max_interval,
+                daemon=True,
+                signal_self=False,
+                fifo_mode=args.fifo_mode,
+                **options,
             )
         except ValueError as e:
             parser.error(str(e))

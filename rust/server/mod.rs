@@ -79,6 +79,8 @@ pub struct Config {
     /// Before signalling a torchrun worker, write its `TORCHELASTIC_ERROR_FILE` (if it did
     /// not) so the agent's failure summary says which timer fired.
     pub error_files: bool,
+    /// The permissions of a FIFO transport's FIFO (None: 0666 less the umask), plus our mark.
+    pub fifo_mode: Option<rustix::fs::Mode>,
 }
 
 /// Timeouts learned from the job.
@@ -172,7 +174,7 @@ impl Server {
     /// Builds a server. A FIFO transport's FIFO is created now (replacing what is at its path).
     pub fn new(transport: Transport, config: Config) -> io::Result<Self> {
         let source = match transport {
-            Transport::Fifo(path) => Source::Fifo(fifo::Endpoint::create(path)?),
+            Transport::Fifo(path) => Source::Fifo(fifo::Endpoint::create(path, config.fifo_mode)?),
             Transport::Queue(reader) => Source::Queue(reader),
             Transport::Direct => Source::Direct,
         };

@@ -22,6 +22,7 @@ fn config() -> Config {
         stack_dump: None,
         adaptive: None,
         error_files: false,
+        fifo_mode: None,
     }
 }
 
@@ -300,7 +301,7 @@ fn a_deleted_fifo_is_created_again_and_another_servers_is_left_alone() {
     })));
     // Another FIFO (another server's) in its place stays, even after our stop.
     let other = path.with_extension("other");
-    fifo::create(&other).expect("mkfifo");
+    fifo::create(&other, None).expect("mkfifo");
     std::fs::rename(&other, &path).expect("rename");
     let identity = fifo::Reader::open(&path).expect("open").identity();
     // The loop has seen it once it says so.
