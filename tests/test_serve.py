@@ -409,6 +409,88 @@ def test_metrics_count_requests_and_the_reap(
         scrape(port)
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} gives them) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def metrics_port(daemon: Daemon) -> int:
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", daemon.log())
+    assert found, daemon.log()
+    return int(found.group(1))
+
+
+# The daemon's process with a soft limit of 256 fds.
+CLI_WITH_256_FDS = [
+    sys.executable,
+    "-c",
+    "import resource, sys; from elastic_timer import cli; "
+    "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); sys.exit(cli.main())",
+]
+
+
+def test_a_flood_of_idle_metrics_connections_stops_neither_reaps_nor_metrics(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    """400 idle connections to a daemon allowed 256 fds: they hold at most 64 of its fds, a
+    worker that registers meanwhile is reaped at its deadline, a fresh client is answered,
+    and an idle connection is closed after the timeout."""
+    daemon = start_daemon("--metrics", ":0", cli=CLI_WITH_256_FDS)
+    port = metrics_port(daemon)
+    assert listening_addresses(port) == {"0100007F"}, ":PORT binds loopback only"
+    assert "every interface" not in daemon.log()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(400)]
+    for sock in idle:
+        sock.setblocking(False)
+
+    def closed_by_the_daemon(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def still_open() -> list[socket.socket]:
+        return [sock for sock in idle if not closed_by_the_daemon(sock)]
+
+    try:
+        assert wait_for(lambda: len(still_open()) <= 64), len(still_open())
+        fds = len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+        assert fds < 128, f"the daemon holds {fds} fds"
+        worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 1.0)
+        assert worker.wait(10) == -signal.SIGKILL
+        status, _, body = scrape(port)
+        assert status == 200 and samples(body)["elastic_timer_reaped_total"] == 1
+        assert wait_for(lambda: not still_open(), timeout=15), "idle connections time out"
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "exited; dropped" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+def test_metrics_on_every_interface_only_when_asked_and_with_a_warning(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon("--metrics", "0.0.0.0:0")
+    found = re.search(r"metrics on http://0\.0\.0\.0:(\d+)/metrics", daemon.log())
+    assert found, daemon.log()
+    assert listening_addresses(int(found.group(1))) == {"00000000"}
+    assert "[WARNING] elastic_timer.metrics: Metrics are served on every interface" in daemon.log()
+    assert scrape(int(found.group(1)))[0] == 200
+    assert daemon.stop() == 0
+
+
 def test_dry_run_reports_the_expiry_in_the_event_log_and_kills_nothing(
     start_daemon: Callable[..., Daemon], children: Children, tmp_path: Path
 ) -> None:

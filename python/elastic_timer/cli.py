@@ -21,7 +21,7 @@ from typing import Any
 from .diagnostics import STACKS_DIR_ENV, STACKS_SIDECAR_SUFFIX, parse_stack_signal
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
-from .metrics import MetricsServer, serve_metrics
+from .metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS, MetricsServer, serve_metrics
 
 __all__ = ["main"]
 
@@ -109,14 +109,15 @@ def signal_number(text: str) -> int:
 
 
 def host_port(text: str) -> tuple[str, int]:
-    """HOST:PORT (an IPv6 host in brackets: [::1]:9464; an empty host: all interfaces)."""
+    """HOST:PORT (an IPv6 host in brackets: [::1]:9464). An empty host is loopback
+    (127.0.0.1): every interface takes an explicit 0.0.0.0 or [::]."""
     host, colon, port_text = text.rpartition(":")
     if not colon or not port_text.isdigit() or int(port_text) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 0-65535, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
-        host = "0.0.0.0"
+        host = "127.0.0.1"
     return host, int(port_text)
 
 
@@ -267,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=host_port,
         metavar="HOST:PORT",
         help="Serve Prometheus metrics (the server's counters) at http://HOST:PORT/metrics; "
-        "port 0 picks a free port, and the address is logged. Default: off.",
+        "port 0 picks a free port, and the address is logged. :PORT alone binds 127.0.0.1; "
+        "0.0.0.0:PORT or [::]:PORT binds every interface (with a warning). At most "
+        f"{MAX_CONNECTIONS} connections are open at once (a new one closes the oldest), each "
+        f"for at most {CONNECTION_TIMEOUT:g} s. Default: off.",
     )
     serve.add_argument(
         "--log-level",
