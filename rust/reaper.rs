@@ -468,7 +468,7 @@ pub fn signal_self(signal: Signal) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{pid_of, shell_once_it_says, sleeper};
+    use crate::test_support::{fill_fd_table, in_own_process, pid_of, shell_once_it_says, sleeper};
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Child, Command};
     use std::time::{Duration, Instant};
@@ -678,39 +678,18 @@ mod tests {
         assert!((64..=16_384).contains(&pidfd_budget()));
     }
 
-    /// Set in the copy of this test binary that runs with its fd table full.
-    const FULL_FD_TABLE: &str = "ELASTIC_TIMER_TEST_FULL_FD_TABLE";
-
     #[test]
     fn with_the_fd_table_full_a_worker_is_reaped_and_never_taken_for_gone() {
-        // The fd limit is per process: the test runs in a copy of this binary of its own.
-        if std::env::var_os(FULL_FD_TABLE).is_none() {
-            let name =
-                "reaper::tests::with_the_fd_table_full_a_worker_is_reaped_and_never_taken_for_gone";
-            let status = Command::new(std::env::current_exe().expect("test binary"))
-                .args(["--exact", name, "--nocapture", "--test-threads=1"])
-                .env(FULL_FD_TABLE, "1")
-                .status()
-                .expect("run the test binary");
-            assert!(status.success(), "{status}");
+        let name =
+            "reaper::tests::with_the_fd_table_full_a_worker_is_reaped_and_never_taken_for_gone";
+        if !in_own_process(name) {
             return;
         }
         let mut child = sleeper();
         let mut later = sleeper();
         let pid = pid_of(&child);
         let mut workers = workers(16);
-        let limit = process::Rlimit { current: Some(64), maximum: None };
-        let maximum = process::getrlimit(process::Resource::Nofile).maximum;
-        process::setrlimit(process::Resource::Nofile, process::Rlimit { maximum, ..limit })
-            .expect("setrlimit");
-        let mut held = Vec::new();
-        loop {
-            match rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0) {
-                Ok(fd) => held.push(fd),
-                Err(Errno::MFILE) => break,
-                Err(err) => panic!("dup: {err}"),
-            }
-        }
+        let mut held = fill_fd_table(64);
         // No pidfd opens: tracked by pid, its start time read through the reserved slot.
         let (tracked, warning) = workers.track(pid);
         assert!(matches!(tracked, Tracked::Known));
