@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from helpers import CLI, run_cli, wait_for
 
-from elastic_timer.metrics import CONTENT_TYPE, prometheus_text, serve_metrics
+from elastic_timer.metrics import CONTENT_TYPE, MetricsServer, prometheus_text, serve_metrics
 
 # The same command with py-spy out of the server's reach (its lookup finds none), so that
 # stacks can only come from the worker's own faulthandler.
@@ -653,6 +653,30 @@ print("done", flush=True)
 
 
 # -- metrics.py -------------------------------------------------------------------------------
+
+
+def test_the_metrics_server_bounds_its_connections_and_times_them_out() -> None:
+    server = MetricsServer("127.0.0.1", 0, lambda: {"requests": 1}, max_connections=2, timeout=1)
+    try:
+        port = server.address[1]
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        # The third closed the oldest; a fresh client closes the next oldest and is answered.
+        assert idle[0].recv(1) == b""
+        assert scrape(port)[0] == 200
+        assert idle[1].recv(1) == b""
+        # The last idle one is closed at its timeout.
+        assert idle[2].recv(1) == b""
+        for sock in idle:
+            sock.close()
+        # What is not a request gets an error, not a hang.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 405 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"x" * 8193)  # one past the bound: all read when it is refused
+            assert sock.recv(100).startswith(b"HTTP/1.1 431 ")
+    finally:
+        server.close()
 
 
 def test_prometheus_text_format() -> None:

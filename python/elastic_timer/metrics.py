@@ -285,6 +285,8 @@ class MetricsServer:
         connection.sock.close()
 
     def _step(self, connection: _Connection, events: int) -> None:
+        if self._connections.get(connection.sock) is not connection:
+            return  # closed earlier in the same round (the oldest, when one was accepted)
         try:
             if connection.answer is None:
                 data = connection.sock.recv(4096)
