@@ -65,8 +65,9 @@ pub(super) enum Phase {
     /// Its reap is to be tried again: it failed, or the caller has not answered it since
     /// `delegated`. `dumped`: its stacks were taken already, and are not asked for twice.
     Retrying { dumped: bool, delegated: Option<Instant> },
-    /// Sent a catchable `signal` at `since`: SIGKILL `at` if it still runs.
-    Escalate { at: Instant, signal: Signal, since: Instant },
+    /// Sent a catchable `signal` at `since`: SIGKILL `at` if it still runs. `failed`: a
+    /// SIGKILL failed already (said once; it is tried again).
+    Escalate { at: Instant, signal: Signal, since: Instant, failed: bool },
     /// Sent SIGKILL at `since`: reported as unreapable `at` if it still runs.
     Unreapable { at: Instant, since: Instant },
 }
@@ -477,7 +478,7 @@ impl Shared {
                 _ if matches!(state.workers.liveness(pid), Liveness::Gone) => {
                     self.forget_worker(state, pid);
                 }
-                Phase::Escalate { signal, since, .. } => {
+                Phase::Escalate { signal, since, failed, .. } => {
                     match state.workers.signal(pid, Signal::KILL) {
                         Outcome::Signalled => {
                             state.stats.escalated += 1;
@@ -490,14 +491,17 @@ impl Shared {
                             self.forget_worker(state, pid);
                         }
                         Outcome::Failed(err) => {
-                            state.emit(Event::Warning(format!(
-                                "sending SIGKILL to worker pid={}, still running after signal {}, \
-                             failed: {err}; tried again",
-                                raw(pid),
-                                signal.as_raw()
-                            )));
+                            if !failed {
+                                state.emit(Event::Warning(format!(
+                                    "sending SIGKILL to worker pid={}, still running after \
+                                     signal {}, failed: {err}; tried again (reported once)",
+                                    raw(pid),
+                                    signal.as_raw()
+                                )));
+                            }
                             let at = now + self.retry_interval();
-                            state.phases.insert(pid, Phase::Escalate { at, signal, since });
+                            let phase = Phase::Escalate { at, signal, since, failed: true };
+                            state.phases.insert(pid, phase);
                         }
                     }
                 }
@@ -593,7 +597,7 @@ impl Shared {
                         let phase = if signal == Signal::KILL {
                             Phase::Unreapable { at, since: now }
                         } else {
-                            Phase::Escalate { at, signal, since: now }
+                            Phase::Escalate { at, signal, since: now, failed: false }
                         };
                         state.phases.insert(pid, phase);
                     }
