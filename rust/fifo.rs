@@ -64,7 +64,7 @@ pub fn create(path: &Path, mode: Option<Mode>) -> io::Result<Identity> {
     if FileType::from_raw_mode(created.st_mode) != FileType::Fifo {
         return Err(replaced(path, "a file that is not a FIFO"));
     }
-    if created.st_uid != rustix::process::geteuid().as_raw() {
+    if !is_own(&created) {
         return Err(replaced(path, &format!("a FIFO of uid {}", created.st_uid)));
     }
     // The sticky bit means nothing on a FIFO: it tells our clients that this server never
@@ -73,6 +73,11 @@ pub fn create(path: &Path, mode: Option<Mode>) -> io::Result<Identity> {
     let mode = mode.unwrap_or(Mode::from_raw_mode(created.st_mode & 0o777));
     fs::fchmod(&fifo, mode | Mode::SVTX)?;
     Ok(Identity::of(&created))
+}
+
+/// Whether a file belongs to this process's euid.
+fn is_own(stat: &fs::Stat) -> bool {
+    stat.st_uid == rustix::process::geteuid().as_raw()
 }
 
 /// The error of a FIFO whose path someone else took between its `mkfifo` and its open.
@@ -147,7 +152,8 @@ pub enum PathState {
 
 /// What is at `path` now, compared with the FIFO `identity`.
 pub fn path_state(path: &Path, identity: Identity) -> PathState {
-    match fs::stat(path) {
+    // A link is never followed: one at the path is not the FIFO, whatever it points to.
+    match fs::lstat(path) {
         Ok(stat) if Identity::of(&stat) == identity => PathState::Ours,
         Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Fifo => PathState::OtherFifo,
         Ok(_) => PathState::NotAFifo,
@@ -236,11 +242,12 @@ impl Endpoint {
     }
 
     /// Opens the FIFO for the loop, creating it again if `unlink` removed it (or something
-    /// that is not a FIFO took its place).
+    /// that is not a FIFO of this user took its place).
     pub fn open(&mut self) -> io::Result<()> {
-        let is_fifo = fs::stat(&self.path)
-            .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Fifo);
-        if !is_fifo {
+        let is_own_fifo = fs::lstat(&self.path).is_ok_and(|stat| {
+            FileType::from_raw_mode(stat.st_mode) == FileType::Fifo && is_own(&stat)
+        });
+        if !is_own_fifo {
             create(&self.path, self.mode)?;
         }
         let reader = Reader::open(&self.path)?;
@@ -359,15 +366,16 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Opens the FIFO at `path` (it must exist).
+    /// Opens the FIFO at `path` (it must exist, and be this user's).
     pub fn open(path: &Path) -> io::Result<Self> {
         let flags = OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let not_a_fifo = || {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a FIFO", path.display()))
+            let message = format!("{} is not a FIFO of this user", path.display());
+            io::Error::new(io::ErrorKind::InvalidInput, message)
         };
         let read = fs::open(path, OFlags::RDONLY | flags, Mode::empty())?;
         let stat = fs::fstat(&read)?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::Fifo {
+        if FileType::from_raw_mode(stat.st_mode) != FileType::Fifo || !is_own(&stat) {
             return Err(not_a_fifo());
         }
         let identity = Identity::of(&stat);
@@ -1058,6 +1066,34 @@ mod tests {
         let swaps = swapper.join().expect("swapper");
         assert!(swaps > 0 && created > 0, "swaps {swaps}, created {created}, refused {refused}");
         assert_eq!(std::fs::read_to_string(&target).expect("read"), "root only");
+        std::fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_link_or_another_users_fifo_at_the_path_is_replaced_when_the_server_opens() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = open_dir("open");
+        let (path, elsewhere) = (dir.join("t.fifo"), dir.join("elsewhere"));
+        let mut endpoint = Endpoint::create(path.clone(), None).expect("create");
+        // Before the server starts, a link to a FIFO elsewhere takes the path.
+        fs::mkfifoat(CWD, &elsewhere, Mode::from_raw_mode(0o600)).expect("mkfifo");
+        remove(&path).expect("rm");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        endpoint.open().expect("open");
+        let opened = std::fs::symlink_metadata(&path).expect("stat");
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&opened.file_type()), "not followed");
+        assert_eq!(mode_of(&elsewhere), 0o600);
+        endpoint.close(|_| {});
+        // Then a FIFO of another user (chown needs root, as the suite runs).
+        remove(&path).expect("rm");
+        fs::mkfifoat(CWD, &path, Mode::from_raw_mode(0o666)).expect("mkfifo");
+        std::os::unix::fs::chown(&path, Some(54321), None).expect("chown (needs root)");
+        assert!(Reader::open(&path).is_err(), "not this user's");
+        endpoint.open().expect("open");
+        let uid = std::fs::symlink_metadata(&path).expect("stat").uid();
+        assert_eq!(uid, rustix::process::geteuid().as_raw());
+        endpoint.close(|_| {});
+        endpoint.unlink();
         std::fs::remove_dir_all(&dir).expect("rm");
     }
 }
