@@ -71,6 +71,7 @@ struct Options {
     stacks_dir: Option<PathBuf>,
     py_spy: Option<PathBuf>,
     error_files: bool,
+    fifo_mode: Option<u32>,
     adaptive: bool,
     adaptive_factor: f64,
     adaptive_floor: f64,
@@ -119,6 +120,15 @@ impl Options {
             stack_dump,
             error_files: self.error_files,
             caps: Caps { per_worker: self.max_worker_timers, total: self.max_timers },
+            fifo_mode: self
+                .fifo_mode
+                .map(|mode| match mode {
+                    0..=0o777 => Ok(rustix::fs::Mode::from_raw_mode(mode)),
+                    _ => Err(PyValueError::new_err(format!(
+                        "fifo_mode must be permission bits (0 to 0o777), got {mode:#o}"
+                    ))),
+                })
+                .transpose()?,
         })
     }
 }

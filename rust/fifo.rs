@@ -41,18 +41,51 @@ impl Identity {
     }
 }
 
-/// Creates the FIFO at `path`, replacing whatever is there (as torch's server does).
-pub fn create(path: &Path) -> io::Result<Identity> {
+/// Creates the FIFO at `path`, replacing whatever is there (as torch's server does), with
+/// the permissions `mode` (None: 0666 less the umask) and our mark.
+///
+/// The directory may be writable by others (`/tmp`), who may swap a link in after `mkfifo`:
+/// the mode is set on the open FIFO, never by path, and the open follows no link. The FIFO
+/// must be one of this process's euid; its identity is that of the file opened.
+pub fn create(path: &Path, mode: Option<Mode>) -> io::Result<Identity> {
     match fs::unlink(path) {
         Ok(()) | Err(Errno::NOENT) => {}
         Err(err) => return Err(err.into()),
     }
-    fs::mkfifoat(CWD, path, Mode::from_raw_mode(0o666))?;
+    fs::mkfifoat(CWD, path, mode.unwrap_or(Mode::from_raw_mode(0o666)))?;
+    // Non-blocking, a FIFO's read end opens at once, writer or not.
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fifo = match fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::LOOP) => return Err(replaced(path, "a symbolic link")),
+        Err(err) => return Err(err.into()),
+    };
+    let created = fs::fstat(&fifo)?;
+    if FileType::from_raw_mode(created.st_mode) != FileType::Fifo {
+        return Err(replaced(path, "a file that is not a FIFO"));
+    }
+    if !is_own(&created) {
+        return Err(replaced(path, &format!("a FIFO of uid {}", created.st_uid)));
+    }
     // The sticky bit means nothing on a FIFO: it tells our clients that this server never
-    // needs them to close it, so they may keep it open (see `Client`).
-    let created = fs::stat(path)?;
-    fs::chmod(path, Mode::from_raw_mode(created.st_mode & 0o777) | Mode::SVTX)?;
+    // needs them to close it, so they may keep it open (see `Client`). An explicit mode is
+    // set whole, whatever the umask.
+    let mode = mode.unwrap_or(Mode::from_raw_mode(created.st_mode & 0o777));
+    fs::fchmod(&fifo, mode | Mode::SVTX)?;
     Ok(Identity::of(&created))
+}
+
+/// Whether a file belongs to this process's euid.
+fn is_own(stat: &fs::Stat) -> bool {
+    stat.st_uid == rustix::process::geteuid().as_raw()
+}
+
+/// The error of a FIFO whose path someone else took between its `mkfifo` and its open.
+fn replaced(path: &Path, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{} was replaced by {what} right after it was created", path.display()),
+    )
 }
 
 /// Whether `fd` is a FIFO (Some), created by our server (true) or another one (false).
@@ -119,7 +152,8 @@ pub enum PathState {
 
 /// What is at `path` now, compared with the FIFO `identity`.
 pub fn path_state(path: &Path, identity: Identity) -> PathState {
-    match fs::stat(path) {
+    // A link is never followed: one at the path is not the FIFO, whatever it points to.
+    match fs::lstat(path) {
         Ok(stat) if Identity::of(&stat) == identity => PathState::Ours,
         Ok(stat) if FileType::from_raw_mode(stat.st_mode) == FileType::Fifo => PathState::OtherFifo,
         Ok(_) => PathState::NotAFifo,
@@ -169,6 +203,8 @@ impl Watch {
 #[derive(Debug)]
 pub struct Endpoint {
     path: PathBuf,
+    /// The permissions it is created with (None: 0666 less the umask).
+    mode: Option<Mode>,
     /// The FIFO this server created last (or opened), while it is its to remove.
     ours: Option<Identity>,
     /// While the loop runs: the open FIFO, and the watch on its path (None where inotify is
@@ -195,10 +231,10 @@ pub enum Repair {
 }
 
 impl Endpoint {
-    /// Creates the FIFO at `path`, replacing whatever is there.
-    pub fn create(path: PathBuf) -> io::Result<Self> {
-        let ours = Some(create(&path)?);
-        Ok(Self { path, ours, open: None })
+    /// Creates the FIFO at `path`, replacing whatever is there (see [`create`]).
+    pub fn create(path: PathBuf, mode: Option<Mode>) -> io::Result<Self> {
+        let ours = Some(create(&path, mode)?);
+        Ok(Self { path, mode, ours, open: None })
     }
 
     pub fn path(&self) -> &Path {
@@ -206,12 +242,13 @@ impl Endpoint {
     }
 
     /// Opens the FIFO for the loop, creating it again if `unlink` removed it (or something
-    /// that is not a FIFO took its place).
+    /// that is not a FIFO of this user took its place).
     pub fn open(&mut self) -> io::Result<()> {
-        let is_fifo = fs::stat(&self.path)
-            .is_ok_and(|stat| FileType::from_raw_mode(stat.st_mode) == FileType::Fifo);
-        if !is_fifo {
-            create(&self.path)?;
+        let is_own_fifo = fs::lstat(&self.path).is_ok_and(|stat| {
+            FileType::from_raw_mode(stat.st_mode) == FileType::Fifo && is_own(&stat)
+        });
+        if !is_own_fifo {
+            create(&self.path, self.mode)?;
         }
         let reader = Reader::open(&self.path)?;
         self.ours = Some(reader.identity());
@@ -267,8 +304,8 @@ impl Endpoint {
                 PathState::Missing => "was deleted",
                 PathState::NotAFifo => "was replaced by a file that is not a FIFO",
             };
-            let replacement =
-                create(&self.path).and_then(|identity| Ok((identity, Reader::open(&self.path)?)));
+            let replacement = create(&self.path, self.mode)
+                .and_then(|identity| Ok((identity, Reader::open(&self.path)?)));
             let (identity, new_reader) = match replacement {
                 Ok(replacement) => replacement,
                 Err(err) => return Repair::Failed(what, err),
@@ -329,19 +366,24 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Opens the FIFO at `path` (it must exist).
+    /// Opens the FIFO at `path` (it must exist, and be this user's).
     pub fn open(path: &Path) -> io::Result<Self> {
-        let flags = OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let flags = OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let not_a_fifo = || {
+            let message = format!("{} is not a FIFO of this user", path.display());
+            io::Error::new(io::ErrorKind::InvalidInput, message)
+        };
         let read = fs::open(path, OFlags::RDONLY | flags, Mode::empty())?;
-        let kind = FileType::from_raw_mode(fs::fstat(&read)?.st_mode);
-        if kind != FileType::Fifo {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{} is not a FIFO", path.display()),
-            ));
+        let stat = fs::fstat(&read)?;
+        if FileType::from_raw_mode(stat.st_mode) != FileType::Fifo || !is_own(&stat) {
+            return Err(not_a_fifo());
         }
-        let identity = Identity::of(&fs::fstat(&read)?);
+        let identity = Identity::of(&stat);
         let write = fs::open(path, OFlags::WRONLY | flags, Mode::empty())?;
+        // Both ends of the same FIFO, even if the path changed in between.
+        if Identity::of(&fs::fstat(&write)?) != identity {
+            return Err(not_a_fifo());
+        }
         fork::close_in_children(read.as_raw_fd());
         fork::close_in_children(write.as_raw_fd());
         Ok(Self {
@@ -683,7 +725,7 @@ mod tests {
 
     fn temp_fifo(name: &str) -> PathBuf {
         let path = std::env::temp_dir().join(format!("et-fifo-{}-{name}", std::process::id()));
-        create(&path).expect("mkfifo");
+        create(&path, None).expect("mkfifo");
         path
     }
 
@@ -881,7 +923,7 @@ mod tests {
         assert_eq!(collect(&mut reader), ["first", "second"]);
         // The server stops (its FIFO goes) and starts again at the same path.
         drop(reader);
-        create(&path).expect("mkfifo again");
+        create(&path, None).expect("mkfifo again");
         let mut reader = Reader::open(&path).expect("reopen");
         assert!(!client.try_send(b"third\n").expect("EPIPE: send must reconnect"));
         client.send(b"third\n").expect("send after the restart");
@@ -907,7 +949,7 @@ mod tests {
         assert_eq!(collect(&mut reader), ["first", "second"]);
         // A restart: the next connection reads it again.
         drop(reader);
-        create(&path).expect("mkfifo again");
+        create(&path, None).expect("mkfifo again");
         std::fs::write(&sidecar, "/run/job/stacks-2").expect("write");
         reader = Reader::open(&path).expect("reopen");
         client.send(b"third\n").expect("send after the restart");
@@ -952,5 +994,106 @@ mod tests {
         assert_eq!(collect(&mut reader), ["x"]);
         remove(&path).expect("rm");
         std::fs::remove_file(&sidecar).expect("rm");
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(path).expect("stat").permissions().mode() & 0o7777
+    }
+
+    /// A directory anyone may write, without the sticky bit: anyone may rename over a name.
+    fn open_dir(name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("et-fifo-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        dir
+    }
+
+    #[test]
+    fn the_mode_is_set_whole_with_the_mark_and_a_link_at_the_path_is_replaced() {
+        let dir = open_dir("mode");
+        let (path, target) = (dir.join("t.fifo"), dir.join("secret"));
+        std::fs::write(&target, "root only").expect("write");
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        std::os::unix::fs::symlink(&target, &path).expect("symlink");
+        // 0666 is wider than what mkfifo gets under the usual umask: fchmod sets it whole.
+        let identity = create(&path, Some(Mode::from_raw_mode(0o666))).expect("create");
+        assert_eq!(mode_of(&path), 0o1666);
+        assert_eq!(path_state(&path, identity), PathState::Ours);
+        assert_eq!(mode_of(&target), 0o600, "the link's target is untouched");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "root only");
+        create(&path, Some(Mode::from_raw_mode(0o600))).expect("create");
+        assert_eq!(mode_of(&path), 0o1600);
+        std::fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_link_swapped_in_while_the_fifo_is_created_is_never_followed() {
+        let dir = open_dir("race");
+        let (path, target) = (dir.join("t.fifo"), dir.join("secret"));
+        std::fs::write(&target, "root only").expect("write");
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Another user's loop: a link to the target, renamed over whatever is at the path.
+        let swapper = {
+            let (path, target, done) = (path.clone(), target.clone(), done.clone());
+            let link = dir.join("link");
+            thread::spawn(move || {
+                let mut swaps = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&link);
+                    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+                    if std::fs::rename(&link, &path).is_ok() {
+                        swaps += 1;
+                    }
+                }
+                swaps
+            })
+        };
+        let (mut created, mut refused) = (0, 0);
+        for _ in 0..500 {
+            match create(&path, None) {
+                Ok(_) => created += 1,
+                Err(_) => refused += 1,
+            }
+            assert_eq!(mode_of(&target), 0o600, "the target was chmod-ed");
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = swapper.join().expect("swapper");
+        assert!(swaps > 0 && created > 0, "swaps {swaps}, created {created}, refused {refused}");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "root only");
+        std::fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_link_or_another_users_fifo_at_the_path_is_replaced_when_the_server_opens() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = open_dir("open");
+        let (path, elsewhere) = (dir.join("t.fifo"), dir.join("elsewhere"));
+        let mut endpoint = Endpoint::create(path.clone(), None).expect("create");
+        // Before the server starts, a link to a FIFO elsewhere takes the path.
+        fs::mkfifoat(CWD, &elsewhere, Mode::from_raw_mode(0o600)).expect("mkfifo");
+        remove(&path).expect("rm");
+        std::os::unix::fs::symlink(&elsewhere, &path).expect("symlink");
+        endpoint.open().expect("open");
+        let opened = std::fs::symlink_metadata(&path).expect("stat");
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&opened.file_type()), "not followed");
+        assert_eq!(mode_of(&elsewhere), 0o600);
+        endpoint.close(|_| {});
+        // Then a FIFO of another user (chown needs root, as the suite runs).
+        remove(&path).expect("rm");
+        fs::mkfifoat(CWD, &path, Mode::from_raw_mode(0o666)).expect("mkfifo");
+        std::os::unix::fs::chown(&path, Some(54321), None).expect("chown (needs root)");
+        assert!(Reader::open(&path).is_err(), "not this user's");
+        endpoint.open().expect("open");
+        let uid = std::fs::symlink_metadata(&path).expect("stat").uid();
+        assert_eq!(uid, rustix::process::geteuid().as_raw());
+        endpoint.close(|_| {});
+        endpoint.unlink();
+        std::fs::remove_dir_all(&dir).expect("rm");
     }
 }

@@ -15,6 +15,7 @@ pub mod error_file;
 pub mod fifo;
 pub mod fork;
 pub mod learned;
+pub mod procfs;
 pub mod queue;
 pub mod reaper;
 pub mod ring;

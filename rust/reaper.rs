@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use rustix::io::Errno;
 use rustix::process::{self, Pid, PidfdFlags, Signal};
+
+use crate::procfs::{Proc, Stat};
 
 /// Why a request's pid or signal is never acted on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -57,20 +60,34 @@ pub fn validate_signal(signal: i32) -> Result<Signal, Refusal> {
 /// How the server holds on to a worker it has seen.
 #[derive(Debug)]
 enum Handle {
-    /// A pidfd: signals go to exactly the process that registered, and it reports the exit.
-    Pidfd(OwnedFd),
-    /// No pidfd (old kernel, or past the budget): signal by pid, but only while the process
-    /// with that pid is still the one that registered (same start time).
-    Pid { started: Option<u64> },
+    /// A pidfd: signals go to exactly the process that registered, and it reports the exit
+    /// once the loop watches it (`watched`).
+    Pidfd { fd: OwnedFd, watched: bool },
+    /// No pidfd (old kernel, past the budget, or none could be opened then: `retry_pidfd`):
+    /// signal by pid, but only while the process with that pid is still the one that
+    /// registered (same start time). `started` is None while `/proc` could not be read.
+    Pid { started: Option<u64>, retry_pidfd: bool },
+}
+
+/// Whether a tracked worker still runs, as far as the server can tell.
+#[derive(Debug)]
+pub enum Liveness {
+    Running,
+    /// Exited, a zombie, or its pid now names a later process (or it is not tracked).
+    Gone,
+    /// No answer (`/proc` unreadable: EMFILE, ENOMEM...): it is kept, and asked about again.
+    Unknown(io::Error),
 }
 
 /// Where a tracked worker stands relative to the server's process (see [`Workers::lineage`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Lineage {
     Descendant,
     NotDescendant,
     /// The worker has exited (or its pid now names another process).
     Gone,
+    /// Its parents could not be read (`/proc` unreadable).
+    Unknown(io::Error),
 }
 
 /// Parents followed at most when looking for an ancestor (process trees are far shallower).
@@ -79,7 +96,8 @@ const MAX_LINEAGE_DEPTH: usize = 4096;
 /// What `Workers::track` found.
 #[derive(Debug)]
 pub enum Tracked<'a> {
-    /// A new pidfd the caller should watch: it becomes readable when the worker exits.
+    /// A new pidfd the caller should watch (then say so with [`Workers::watching`]): it
+    /// becomes readable when the worker exits.
     New(BorrowedFd<'a>),
     /// Already tracked, or tracked without a pidfd.
     Known,
@@ -87,29 +105,49 @@ pub enum Tracked<'a> {
     Gone,
 }
 
+/// What one look at the workers whose exit no fd reports found (see [`Workers::sweep`]).
+#[derive(Debug, Default)]
+pub struct Sweep {
+    /// Those that are definitely gone.
+    pub exited: Vec<Pid>,
+    /// Those that got a pidfd since (or whose pidfd is not watched yet): the caller watches
+    /// them and says so with [`Workers::watching`].
+    pub to_watch: Vec<Pid>,
+    /// The first error that left a worker's state unknown, if any.
+    pub unknown: Option<io::Error>,
+}
+
 /// The workers the server has seen, each with its pidfd.
 #[derive(Debug)]
 pub struct Workers {
     handles: HashMap<Pid, Handle>,
+    proc: Proc,
     pidfds_available: bool,
     max_pidfds: usize,
     pidfd_count: usize,
     /// Each reason for signalling by pid is reported once, not once per worker.
-    warned_unavailable: bool,
     warned_budget: bool,
+    warned_open: bool,
 }
 
 impl Workers {
-    /// `max_pidfds` bounds the file descriptors spent on pidfds; workers past it are signalled by pid.
-    pub fn new(max_pidfds: usize) -> Self {
-        Self {
+    /// `max_pidfds` bounds the file descriptors spent on pidfds; workers past it are signalled
+    /// by pid. `/proc` is opened now: the reap path reads it with the fd table full.
+    pub fn new(max_pidfds: usize) -> io::Result<Self> {
+        Ok(Self {
             handles: HashMap::new(),
+            proc: Proc::open()?,
             pidfds_available: true,
             max_pidfds,
             pidfd_count: 0,
-            warned_unavailable: false,
             warned_budget: false,
-        }
+            warned_open: false,
+        })
+    }
+
+    /// `/proc`, as the reaper reads it.
+    pub fn proc(&self) -> &Proc {
+        &self.proc
     }
 
     /// Starts tracking `pid` when its first timer is registered.
@@ -121,54 +159,58 @@ impl Workers {
             return (Tracked::Known, None);
         }
         let mut warning = None;
-        let handle = if self.pidfds_available && self.pidfd_count < self.max_pidfds {
+        let mut retry_pidfd = false;
+        if self.pidfds_available && self.pidfd_count < self.max_pidfds {
             match process::pidfd_open(pid, PidfdFlags::empty()) {
-                Ok(fd) => Handle::Pidfd(fd),
-                Err(rustix::io::Errno::SRCH) => return (Tracked::Gone, None),
+                Ok(fd) => {
+                    self.pidfd_count += 1;
+                    let handle =
+                        self.handles.entry(pid).or_insert(Handle::Pidfd { fd, watched: false });
+                    let Handle::Pidfd { fd, .. } = &*handle else { unreachable!("just inserted") };
+                    return (Tracked::New(fd.as_fd()), None);
+                }
+                Err(Errno::SRCH) => return (Tracked::Gone, None),
+                // ENOSYS or EPERM (an old kernel, a seccomp filter): none will open.
+                Err(err @ (Errno::NOSYS | Errno::PERM)) => {
+                    self.pidfds_available = false;
+                    warning = Some(format!(
+                        "pidfds unavailable ({}); signalling workers by pid, checked against \
+                         their start time (reported once)",
+                        io::Error::from(err)
+                    ));
+                }
+                // EMFILE, ENFILE, ENOMEM: this one may open later (see `sweep`).
                 Err(err) => {
-                    // ENOSYS or EPERM (an old kernel, a seccomp filter): none will open. Others
-                    // (EMFILE, ENOMEM) may pass: try again for the next worker.
-                    if matches!(err, rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) {
-                        self.pidfds_available = false;
-                    }
-                    if !self.warned_unavailable {
-                        self.warned_unavailable = true;
+                    retry_pidfd = true;
+                    if !self.warned_open {
+                        self.warned_open = true;
                         warning = Some(format!(
-                            "pidfds unavailable ({}); signalling workers by pid, checked \
-                             against their start time (reported once)",
+                            "cannot open a pidfd for worker pid={} ({}); it is signalled by \
+                             pid, checked against its start time, until one opens (reported \
+                             once)",
+                            pid.as_raw_nonzero(),
                             io::Error::from(err)
                         ));
                     }
-                    Handle::Pid { started: None }
                 }
             }
-        } else {
-            if !is_alive(pid) {
-                return (Tracked::Gone, None);
-            }
-            if self.pidfds_available && !self.warned_budget {
-                self.warned_budget = true;
-                warning = Some(format!(
-                    "more than {} workers: further workers are signalled by pid, checked \
-                     against their start time (reported once)",
-                    self.max_pidfds
-                ));
-            }
-            Handle::Pid { started: None }
-        };
-        let handle = match handle {
-            // Record who registered, so a reused pid is told apart at signal time.
-            Handle::Pid { started: None } => Handle::Pid { started: start_time(pid) },
-            handle => handle,
-        };
-        if matches!(handle, Handle::Pidfd(_)) {
-            self.pidfd_count += 1;
+        } else if self.pidfds_available && !self.warned_budget {
+            self.warned_budget = true;
+            warning = Some(format!(
+                "more than {} workers: further workers are signalled by pid, checked \
+                 against their start time (reported once)",
+                self.max_pidfds
+            ));
         }
-        let handle: &Handle = self.handles.entry(pid).or_insert(handle);
-        match handle {
-            Handle::Pidfd(fd) => (Tracked::New(fd.as_fd()), warning),
-            Handle::Pid { .. } => (Tracked::Known, warning),
-        }
+        // Record who registered, so a reused pid is told apart at signal time. Unreadable
+        // now, it is read at the next sweep: the worker is kept either way.
+        let started = match self.proc.start_time(pid) {
+            Ok(Some(started)) => Some(started),
+            Ok(None) => return (Tracked::Gone, warning),
+            Err(_) => None,
+        };
+        self.handles.insert(pid, Handle::Pid { started, retry_pidfd });
+        (Tracked::Known, warning)
     }
 
     pub fn is_tracked(&self, pid: Pid) -> bool {
@@ -178,41 +220,55 @@ impl Workers {
     /// The pidfd of a tracked worker, if it has one.
     pub fn pidfd(&self, pid: Pid) -> Option<BorrowedFd<'_>> {
         match self.handles.get(&pid)? {
-            Handle::Pidfd(fd) => Some(fd.as_fd()),
+            Handle::Pidfd { fd, .. } => Some(fd.as_fd()),
             Handle::Pid { .. } => None,
         }
     }
 
+    /// The loop watches the pidfd of `pid` now (its exit is reported there).
+    pub fn watching(&mut self, pid: Pid) {
+        if let Some(Handle::Pidfd { watched, .. }) = self.handles.get_mut(&pid) {
+            *watched = true;
+        }
+    }
+
+    /// The `/proc/<pid>/stat` of the tracked worker `pid`, if it is still that worker's: with
+    /// a pidfd, the worker is still running after the read; without, the entry has the start
+    /// time recorded when it was tracked. `Ok(None)`: it is gone.
+    fn own_stat(&self, pid: Pid) -> io::Result<Option<Stat>> {
+        let Some(handle) = self.handles.get(&pid) else { return Ok(None) };
+        let Some(stat) = self.proc.stat(pid)? else { return Ok(None) };
+        let same = match handle {
+            Handle::Pidfd { fd, .. } => !has_exited(fd),
+            // Never read: the best there is (it is read at the next sweep).
+            Handle::Pid { started, .. } => started.is_none_or(|started| started == stat.start_time),
+        };
+        Ok(same.then_some(stat))
+    }
+
     /// Whether the tracked worker `pid` descends from `ancestor`: its chain of parents
     /// (`/proc/<pid>/stat` field 4) reaches `ancestor` before init.
-    ///
-    /// The `/proc` entry read is the worker's and not that of a process that took its pid
-    /// since: with a pidfd, the worker is still running after the read; without, the entry
-    /// has the start time recorded when it was tracked.
     pub fn lineage(&self, pid: Pid, ancestor: Pid) -> Lineage {
-        let Some(stat) = Stat::read(pid.as_raw_nonzero().get()) else { return Lineage::Gone };
-        match self.handles.get(&pid) {
-            Some(Handle::Pidfd(fd)) if has_exited(fd) => return Lineage::Gone,
-            Some(Handle::Pid { started: Some(started) }) if *started != stat.start_time => {
-                return Lineage::Gone
-            }
-            None => return Lineage::Gone,
-            Some(_) => {}
-        }
+        let stat = match self.own_stat(pid) {
+            Ok(Some(stat)) => stat,
+            Ok(None) => return Lineage::Gone,
+            Err(err) => return Lineage::Unknown(err),
+        };
         let ancestor = ancestor.as_raw_nonzero().get();
         let mut parent = stat.ppid;
         for _ in 0..MAX_LINEAGE_DEPTH {
             if parent == ancestor {
                 return Lineage::Descendant;
             }
-            if parent <= 1 {
+            let Some(pid) = Pid::from_raw(parent).filter(|_| parent > 1) else {
                 return Lineage::NotDescendant;
-            }
+            };
             // A parent that exits meanwhile leaves its children to init (or a subreaper):
             // the worker is then no longer our descendant.
-            match Stat::read(parent) {
-                Some(stat) => parent = stat.ppid,
-                None => return Lineage::NotDescendant,
+            match self.proc.stat(pid) {
+                Ok(Some(stat)) => parent = stat.ppid,
+                Ok(None) => return Lineage::NotDescendant,
+                Err(err) => return Lineage::Unknown(err),
             }
         }
         Lineage::NotDescendant
@@ -221,7 +277,7 @@ impl Workers {
     /// Stops tracking `pid` (it exited); returns its pidfd so the caller can unwatch it.
     pub fn forget(&mut self, pid: Pid) -> Option<OwnedFd> {
         match self.handles.remove(&pid)? {
-            Handle::Pidfd(fd) => {
+            Handle::Pidfd { fd, .. } => {
                 self.pidfd_count -= 1;
                 Some(fd)
             }
@@ -233,25 +289,30 @@ impl Workers {
     ///
     /// A stopped worker (SIGSTOP, or a terminal stop) would keep a catchable signal pending
     /// and never act on it, so it is sent SIGCONT right after, the same way: it resumes and
-    /// the pending signal is delivered. SIGKILL needs no help.
+    /// the pending signal is delivered (also when its state cannot be read). SIGKILL needs
+    /// no help.
     pub fn signal(&self, pid: Pid, signal: Signal) -> Outcome {
+        let stat = self.own_stat(pid);
         let stopped = needs_resume(signal)
-            && Stat::read(pid.as_raw_nonzero().get()).is_some_and(|stat| stat.state == 'T');
+            && stat.as_ref().map_or(true, |stat| stat.is_some_and(|stat| stat.state == 'T'));
         let send = |signal| match self.handles.get(&pid) {
-            Some(Handle::Pidfd(fd)) => Some(process::pidfd_send_signal(fd, signal)),
-            Some(Handle::Pid { started }) => {
+            Some(Handle::Pidfd { fd, .. }) => Ok(process::pidfd_send_signal(fd, signal)),
+            Some(Handle::Pid { .. }) => match &stat {
                 // The worker exited and its pid may have been reused: not the same process.
-                if started.is_some() && start_time(pid) != *started {
-                    return None;
-                }
-                Some(process::kill_process(pid, signal))
-            }
+                Ok(None) => Err(Outcome::Gone),
+                // Who has the pid cannot be told now: try again later.
+                Err(err) => Err(Outcome::Failed(io::Error::new(
+                    err.kind(),
+                    format!("cannot read /proc/{}/stat: {err}", pid.as_raw_nonzero()),
+                ))),
+                Ok(Some(_)) => Ok(process::kill_process(pid, signal)),
+            },
             // Never seen alive: whatever has this pid now is not the worker that registered.
-            None => None,
+            None => Err(Outcome::Gone),
         };
         let sent = match send(signal) {
-            Some(sent) => sent,
-            None => return Outcome::Gone,
+            Ok(sent) => sent,
+            Err(outcome) => return outcome,
         };
         if sent.is_ok() && stopped {
             // Its failure changes nothing: the signal was sent.
@@ -259,35 +320,88 @@ impl Workers {
         }
         match sent {
             Ok(()) => Outcome::Signalled,
-            Err(rustix::io::Errno::SRCH) => Outcome::Gone,
+            Err(Errno::SRCH) => Outcome::Gone,
             Err(err) => Outcome::Failed(err.into()),
         }
     }
 
     /// Whether the tracked worker `pid` is still running (not exited, not a zombie).
-    pub fn is_running(&self, pid: Pid) -> bool {
-        match self.handles.get(&pid) {
-            Some(Handle::Pidfd(fd)) => !has_exited(fd),
-            Some(Handle::Pid { started }) => Stat::read(pid.as_raw_nonzero().get())
-                .is_some_and(|stat| stat.state != 'Z' && Some(stat.start_time) == *started),
-            None => false,
+    pub fn liveness(&self, pid: Pid) -> Liveness {
+        if let Some(Handle::Pidfd { fd, .. }) = self.handles.get(&pid) {
+            // The pidfd answers without /proc.
+            return if has_exited(fd) { Liveness::Gone } else { Liveness::Running };
+        }
+        match self.own_stat(pid) {
+            Ok(Some(stat)) if stat.state != 'Z' => Liveness::Running,
+            Ok(_) => Liveness::Gone,
+            Err(err) => Liveness::Unknown(err),
         }
     }
 
-    /// How many workers are tracked without a pidfd (their exits announce themselves nowhere).
-    pub fn without_pidfd(&self) -> usize {
-        self.handles.len() - self.pidfd_count
+    /// The start time of the tracked worker `pid` (see [`Stat::start_time`]).
+    pub fn start_time(&self, pid: Pid) -> io::Result<Option<u64>> {
+        Ok(self.own_stat(pid)?.map(|stat| stat.start_time))
     }
 
-    /// The workers tracked without a pidfd that no longer run (exited, a zombie, or their pid
-    /// now names a later process): the loop asks for them, since no fd reports their exit.
-    pub fn exited_without_pidfd(&self) -> Vec<Pid> {
+    /// How many workers announce their exit through no watched fd (the loop asks for them).
+    pub fn unwatched(&self) -> usize {
         self.handles
+            .values()
+            .filter(|handle| !matches!(handle, Handle::Pidfd { watched: true, .. }))
+            .count()
+    }
+
+    /// Looks at the workers whose exit no watched fd reports: which exited (exited, a zombie,
+    /// or their pid now names a later process; a worker whose state cannot be read is kept),
+    /// and gives each that could not get a pidfd another try, and a start time read late.
+    pub fn sweep(&mut self) -> Sweep {
+        let mut sweep = Sweep::default();
+        let pids: Vec<Pid> = self
+            .handles
             .iter()
-            .filter(|(_, handle)| matches!(handle, Handle::Pid { .. }))
+            .filter(|(_, handle)| !matches!(handle, Handle::Pidfd { watched: true, .. }))
             .map(|(&pid, _)| pid)
-            .filter(|&pid| !self.is_running(pid))
-            .collect()
+            .collect();
+        for pid in pids {
+            match self.liveness(pid) {
+                Liveness::Gone => {
+                    sweep.exited.push(pid);
+                    continue;
+                }
+                Liveness::Unknown(err) => {
+                    sweep.unknown.get_or_insert(err);
+                    continue;
+                }
+                Liveness::Running => {}
+            }
+            match self.handles.get_mut(&pid) {
+                Some(Handle::Pidfd { .. }) => sweep.to_watch.push(pid),
+                Some(Handle::Pid { started, retry_pidfd }) => {
+                    if started.is_none() {
+                        *started = self.proc.start_time(pid).ok().flatten();
+                    }
+                    if *retry_pidfd && self.pidfd_count < self.max_pidfds {
+                        if let Some(fd) = self.open_pidfd(pid) {
+                            self.handles.insert(pid, Handle::Pidfd { fd, watched: false });
+                            self.pidfd_count += 1;
+                            sweep.to_watch.push(pid);
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        sweep
+    }
+
+    /// A pidfd of the tracked worker `pid`, if one opens and it is that worker's (the start
+    /// time read once the pidfd holds the process is the one recorded).
+    fn open_pidfd(&self, pid: Pid) -> Option<OwnedFd> {
+        let Some(Handle::Pid { started: Some(started), .. }) = self.handles.get(&pid) else {
+            return None;
+        };
+        let fd = process::pidfd_open(pid, PidfdFlags::empty()).ok()?;
+        (self.proc.start_time(pid).ok()?? == *started && !has_exited(&fd)).then_some(fd)
     }
 
     pub fn len(&self) -> usize {
@@ -299,58 +413,29 @@ impl Workers {
     }
 }
 
-/// A process's start time (clock ticks since boot, `/proc/<pid>/stat` field 22): with the pid,
-/// it names one process for good. None if there is no such process (or no /proc).
-pub fn start_time(pid: Pid) -> Option<u64> {
-    Some(Stat::read(pid.as_raw_nonzero().get())?.start_time)
-}
-
 /// What `/proc` says of a process that will not die: its name, state, where it waits in the
 /// kernel and (readable by root) its kernel stack.
-pub fn describe(pid: Pid) -> String {
-    let proc = format!("/proc/{}", pid.as_raw_nonzero());
-    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap_or_default();
+pub fn describe(proc: &Proc, pid: Pid) -> String {
+    let read = |name| {
+        let bytes = proc.read(pid, name).ok().flatten().unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let status = read("status");
     let field = |name: &str| {
         status.lines().find_map(|line| line.strip_prefix(name)).map(str::trim).unwrap_or("?")
     };
     let mut description =
         format!("{} (pid {}): state {}", field("Name:"), pid.as_raw_nonzero(), field("State:"));
-    if let Ok(wchan) = std::fs::read_to_string(format!("{proc}/wchan")) {
-        if !wchan.is_empty() && wchan != "0" {
-            description.push_str(&format!(", waiting in {wchan}"));
-        }
+    let wchan = read("wchan");
+    if !wchan.is_empty() && wchan != "0" {
+        description.push_str(&format!(", waiting in {wchan}"));
     }
-    if let Ok(stack) = std::fs::read_to_string(format!("{proc}/stack")) {
-        let frames: Vec<&str> = stack.lines().take(8).map(str::trim).collect();
-        if !frames.is_empty() {
-            description.push_str(&format!(", kernel stack: {}", frames.join(" < ")));
-        }
+    let stack = read("stack");
+    let frames: Vec<&str> = stack.lines().take(8).map(str::trim).collect();
+    if !frames.is_empty() {
+        description.push_str(&format!(", kernel stack: {}", frames.join(" < ")));
     }
     description
-}
-
-/// The fields of `/proc/<pid>/stat` the reaper reads.
-#[derive(Debug)]
-struct Stat {
-    /// Field 3: `R`, `S`, `D`, `T` (stopped), `t` (traced), `Z`, ...
-    state: char,
-    /// Field 4: the parent's pid.
-    ppid: i32,
-    /// Field 22: clock ticks since boot.
-    start_time: u64,
-}
-
-impl Stat {
-    /// None if there is no such process (or no /proc).
-    fn read(pid: i32) -> Option<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name (field 2) may hold spaces and parentheses: count from its end.
-        let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-        let state = fields.next()?.chars().next()?;
-        let ppid = fields.next()?.parse().ok()?;
-        let start_time = fields.nth(17)?.parse().ok()?;
-        Some(Self { state, ppid, start_time })
-    }
 }
 
 /// Signals a stopped process only acts on once continued: all but SIGKILL (which ends it
@@ -375,10 +460,6 @@ pub fn pidfd_budget() -> usize {
     usize::try_from(limit / 4).unwrap_or(usize::MAX).clamp(64, 16_384)
 }
 
-fn is_alive(pid: Pid) -> bool {
-    !matches!(process::test_kill_process(pid), Err(rustix::io::Errno::SRCH))
-}
-
 /// Signals this process (torch's File server does so after it reaps; see `server::Config`).
 pub fn signal_self(signal: Signal) -> io::Result<()> {
     Ok(process::kill_process(process::getpid(), signal)?)
@@ -387,7 +468,7 @@ pub fn signal_self(signal: Signal) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{pid_of, shell_once_it_says, sleeper};
+    use crate::test_support::{fill_fd_table, in_own_process, pid_of, shell_once_it_says, sleeper};
     use std::os::unix::process::ExitStatusExt;
     use std::process::{Child, Command};
     use std::time::{Duration, Instant};
@@ -419,7 +500,7 @@ mod tests {
     fn signals_a_tracked_child_through_its_pidfd() {
         let mut child = sleeper();
         let pid = pid_of(&child);
-        let mut workers = Workers::new(16);
+        let mut workers = workers(16);
         assert!(matches!(workers.track(pid).0, Tracked::New(_)));
         assert!(matches!(workers.track(pid).0, Tracked::Known));
         assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Signalled));
@@ -435,7 +516,7 @@ mod tests {
     fn falls_back_to_kill_past_the_pidfd_budget() {
         let mut first = sleeper();
         let mut second = sleeper();
-        let mut workers = Workers::new(1);
+        let mut workers = workers(1);
         assert!(matches!(workers.track(pid_of(&first)).0, Tracked::New(_)));
         assert!(matches!(workers.track(pid_of(&second)).0, Tracked::Known));
         assert!(matches!(workers.signal(pid_of(&second), Signal::TERM), Outcome::Signalled));
@@ -451,7 +532,7 @@ mod tests {
         let mut child = Command::new("true").spawn().expect("spawn true");
         let pid = pid_of(&child);
         child.wait().expect("wait");
-        let mut workers = Workers::new(16);
+        let mut workers = workers(16);
         assert!(matches!(workers.track(pid).0, Tracked::Gone));
         assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Gone));
     }
@@ -460,7 +541,7 @@ mod tests {
     fn pidfd_reports_the_exit() {
         let mut child = sleeper();
         let pid = pid_of(&child);
-        let mut workers = Workers::new(16);
+        let mut workers = workers(16);
         let (tracked, _) = workers.track(pid);
         let Tracked::New(fd) = tracked else { panic!("expected a pidfd") };
         let fd = fd.try_clone_to_owned().expect("dup");
@@ -476,8 +557,12 @@ mod tests {
         child.wait().expect("wait");
     }
 
+    fn workers(max_pidfds: usize) -> Workers {
+        Workers::new(max_pidfds).expect("/proc")
+    }
+
     fn state_of(pid: Pid) -> Option<char> {
-        Stat::read(pid.as_raw_nonzero().get()).map(|stat| stat.state)
+        Proc::open().expect("/proc").stat(pid).expect("an answer").map(|stat| stat.state)
     }
 
     fn stopped_sleeper() -> Child {
@@ -497,7 +582,7 @@ mod tests {
         for max_pidfds in [16, 0] {
             let mut child = stopped_sleeper();
             let pid = pid_of(&child);
-            let mut workers = Workers::new(max_pidfds);
+            let mut workers = Workers::new(max_pidfds).expect("/proc");
             let _ = workers.track(pid);
             assert!(matches!(workers.signal(pid, Signal::TERM), Outcome::Signalled));
             // Without the SIGCONT it would stay stopped, SIGTERM pending, for good.
@@ -517,7 +602,7 @@ mod tests {
                 .spawn()
                 .expect("spawn sleep");
         let pid = pid_of(&child);
-        let mut workers = Workers::new(16);
+        let mut workers = workers(16);
         let _ = workers.track(pid);
         assert!(matches!(workers.signal(pid, Signal::TSTP), Outcome::Signalled));
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -532,27 +617,30 @@ mod tests {
     #[test]
     fn lineage_follows_the_parent_chain() {
         let own = process::getpid();
-        let mut workers = Workers::new(16);
+        let mut workers = workers(16);
         // A child, and a grandchild (the shell's child).
         let mut child = sleeper();
         let (mut shell, line) = shell_once_it_says("sleep 30 & echo $!; wait");
         let grandchild = Pid::from_raw(line.trim().parse().expect("pid")).expect("pid");
         for pid in [pid_of(&child), grandchild] {
             let _ = workers.track(pid);
-            assert_eq!(workers.lineage(pid, own), Lineage::Descendant);
+            assert!(matches!(workers.lineage(pid, own), Lineage::Descendant));
         }
         // Our own parent is not our descendant (it is tracked, never signalled).
         let parent = process::getppid().expect("a parent");
         let _ = workers.track(parent);
-        assert_eq!(workers.lineage(parent, own), Lineage::NotDescendant);
+        assert!(matches!(workers.lineage(parent, own), Lineage::NotDescendant));
         // Nor is the server's own process (it may time itself, but not as a descendant).
         let _ = workers.track(own);
-        assert_eq!(workers.lineage(own, own), Lineage::NotDescendant);
+        assert!(matches!(workers.lineage(own, own), Lineage::NotDescendant));
         // Untracked, or exited: gone.
-        assert_eq!(Workers::new(16).lineage(pid_of(&child), own), Lineage::Gone);
+        assert!(matches!(
+            Workers::new(16).expect("/proc").lineage(pid_of(&child), own),
+            Lineage::Gone
+        ));
         child.kill().expect("kill");
         child.wait().expect("wait");
-        assert_eq!(workers.lineage(pid_of(&child), own), Lineage::Gone);
+        assert!(matches!(workers.lineage(pid_of(&child), own), Lineage::Gone));
         process::kill_process(grandchild, Signal::KILL).expect("kill grandchild");
         shell.wait().expect("wait");
     }
@@ -560,7 +648,7 @@ mod tests {
     #[test]
     fn falling_back_to_signalling_by_pid_is_reported_once() {
         let mut children: Vec<Child> = (0..3).map(|_| sleeper()).collect();
-        let mut workers = Workers::new(1);
+        let mut workers = workers(1);
         let warnings: Vec<Option<String>> =
             children.iter().map(|child| workers.track(pid_of(child)).1).collect();
         assert!(warnings[0].is_none(), "the first worker has a pidfd");
@@ -576,17 +664,65 @@ mod tests {
     fn a_worker_tracked_by_pid_is_known_by_its_start_time() {
         let mut child = sleeper();
         let pid = pid_of(&child);
-        let started = start_time(pid).expect("a live child has a start time");
-        assert_eq!(start_time(pid), Some(started), "stable");
-        let mut workers = Workers::new(0); // no pidfds: by pid only
+        let mut workers = workers(0); // no pidfds: by pid only
         assert!(matches!(workers.track(pid).0, Tracked::Known));
+        let started = workers.start_time(pid).expect("an answer").expect("a start time");
         // Pretend the worker exited and another process took its pid.
-        workers.handles.insert(pid, Handle::Pid { started: Some(started + 1) });
+        let other = Handle::Pid { started: Some(started + 1), retry_pidfd: false };
+        workers.handles.insert(pid, other);
         assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Gone));
         assert!(child.try_wait().expect("try_wait").is_none(), "the other process was not hit");
-        workers.handles.insert(pid, Handle::Pid { started: Some(started) });
+        workers.handles.insert(pid, Handle::Pid { started: Some(started), retry_pidfd: false });
         assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Signalled));
         assert_eq!(child.wait().expect("wait").signal(), Some(libc::SIGKILL));
         assert!((64..=16_384).contains(&pidfd_budget()));
+    }
+
+    #[test]
+    fn with_the_fd_table_full_a_worker_is_reaped_and_never_taken_for_gone() {
+        let name =
+            "reaper::tests::with_the_fd_table_full_a_worker_is_reaped_and_never_taken_for_gone";
+        if !in_own_process(name) {
+            return;
+        }
+        let mut child = sleeper();
+        let mut later = sleeper();
+        let pid = pid_of(&child);
+        let mut workers = workers(16);
+        let mut held = fill_fd_table(64);
+        // No pidfd opens: tracked by pid, its start time read through the reserved slot.
+        let (tracked, warning) = workers.track(pid);
+        assert!(matches!(tracked, Tracked::Known));
+        assert!(warning.is_some_and(|w| w.contains("cannot open a pidfd")));
+        assert!(matches!(workers.track(pid_of(&later)).0, Tracked::Known));
+        assert!(matches!(workers.liveness(pid), Liveness::Running));
+        // Once another fd takes the reserved slot there is no answer: unknown, not gone.
+        drop(workers.proc.spare.borrow_mut().take());
+        held.push(rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0).expect("the freed slot"));
+        let Liveness::Unknown(err) = workers.liveness(pid) else { panic!("not unknown") };
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        let sweep = workers.sweep();
+        assert!(sweep.exited.is_empty(), "an unreadable worker is kept");
+        assert!(sweep.unknown.is_some());
+        assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Failed(_)));
+        assert!(child.try_wait().expect("try_wait").is_none(), "not signalled blind");
+        // One slot free: read, and the slot is held in reserve again; the reap goes through
+        // with the table full once more.
+        drop(held.pop());
+        assert!(matches!(workers.liveness(pid), Liveness::Running));
+        assert!(workers.proc.spare.borrow().is_some(), "the reserve is taken again");
+        assert!(matches!(workers.signal(pid, Signal::KILL), Outcome::Signalled));
+        assert_eq!(child.wait().expect("wait").signal(), Some(libc::SIGKILL));
+        assert!(matches!(workers.liveness(pid), Liveness::Gone));
+        let sweep = workers.sweep();
+        assert_eq!(sweep.exited, [pid]);
+        assert!(sweep.to_watch.is_empty(), "no slot for a pidfd yet");
+        // Once fds are free, the other worker gets its pidfd (for the caller to watch).
+        held.truncate(held.len() - 2);
+        workers.forget(pid);
+        assert_eq!(workers.sweep().to_watch, [pid_of(&later)]);
+        assert!(workers.pidfd(pid_of(&later)).is_some());
+        assert!(matches!(workers.signal(pid_of(&later), Signal::TERM), Outcome::Signalled));
+        assert_eq!(later.wait().expect("wait").signal(), Some(libc::SIGTERM));
     }
 }

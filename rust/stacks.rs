@@ -300,7 +300,14 @@ mod tests {
     /// This test process stands in for the worker: its uids own the files the test writes.
     fn worker() -> (i32, u64) {
         let pid = rustix::process::getpid();
-        (pid.as_raw_nonzero().get(), crate::reaper::start_time(pid).expect("start time"))
+        (
+            pid.as_raw_nonzero().get(),
+            crate::procfs::Proc::open()
+                .expect("/proc")
+                .start_time(pid)
+                .expect("an answer")
+                .expect("there"),
+        )
     }
 
     fn append(path: &Path, bytes: &[u8]) {

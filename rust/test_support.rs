@@ -1,6 +1,7 @@
 //! What the crate's tests share: real child processes to time, signal and reap.
 
 use std::io::BufRead;
+use std::os::fd::OwnedFd;
 use std::process::{Child, Command, Stdio};
 
 use rustix::process::Pid;
@@ -22,4 +23,38 @@ pub fn shell_once_it_says(script: &str) -> (Child, String) {
     let stdout = shell.stdout.take().expect("stdout");
     std::io::BufReader::new(stdout).read_line(&mut line).expect("read");
     (shell, line)
+}
+
+/// Set in the copy of the test binary that runs one test in a process of its own.
+const OWN_PROCESS: &str = "ELASTIC_TIMER_TEST_OWN_PROCESS";
+
+/// Whether this is the copy of the test binary that runs `test` (its full name) alone; if not,
+/// runs that copy, asserts it passed, and returns false. For tests that change what is
+/// per process (the fd limit): the caller goes on only when this returns true.
+pub fn in_own_process(test: &str) -> bool {
+    if std::env::var_os(OWN_PROCESS).is_some() {
+        return true;
+    }
+    let status = Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(OWN_PROCESS, "1")
+        .status()
+        .expect("run the test binary");
+    assert!(status.success(), "{test} in a process of its own: {status}");
+    false
+}
+
+/// Lowers this process's soft fd limit to `limit` and takes every fd left; returns them.
+pub fn fill_fd_table(limit: u64) -> Vec<OwnedFd> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let maximum = getrlimit(Resource::Nofile).maximum;
+    setrlimit(Resource::Nofile, Rlimit { current: Some(limit), maximum }).expect("setrlimit");
+    let mut held = Vec::new();
+    loop {
+        match rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0) {
+            Ok(fd) => held.push(fd),
+            Err(rustix::io::Errno::MFILE) => return held,
+            Err(err) => panic!("dup: {err}"),
+        }
+    }
 }

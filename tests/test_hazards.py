@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -292,3 +293,66 @@ def test_a_reused_pid_is_never_signalled_for_a_dead_worker() -> None:
     assert result["many"]["pid_reused"] is True
     assert result["many"]["innocent_status"] is None, "an innocent process was SIGKILLed"
     assert result["many"]["timer_dropped"] is True
+
+
+FULL_FD_TABLE_SCENARIO = """
+import errno, resource
+
+path = os.path.join(tempfile.mkdtemp(), "t.fifo")
+# Started while fds are free; it acquires its 1 s timer once told (a line on stdin), and hangs.
+worker = subprocess.Popen(
+    [sys.executable, "-c", '''
+import sys, time
+from elastic_timer import FileTimerClient, expires
+sys.stdin.readline()
+with expires(after=1, client=FileTimerClient(sys.argv[1])):
+    time.sleep(30)
+''', path],
+    stdin=subprocess.PIPE,
+)
+server = FileTimerServer(path, max_interval=0.1, signal_self=False)
+server.start()
+# The server's own process: a low limit, and every fd it allows taken.
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))
+held = []
+while True:
+    try:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as e:
+        assert e.errno == errno.EMFILE, e
+        break
+worker.stdin.write(b"go\\n")
+worker.stdin.flush()
+told = time.monotonic()
+try:
+    status = worker.wait(20)  # waitpid: no fd needed
+except subprocess.TimeoutExpired:
+    status = "not reaped"
+took = time.monotonic() - told
+try:
+    os.close(os.open("/dev/null", os.O_RDONLY))
+    full = False
+except OSError:
+    full = True
+for fd in held:
+    os.close(fd)
+worker.kill()
+wait_for(lambda: any("Successfully reaped" in r["message"] for r in records))
+server.stop()
+report({"status": status, "took": took, "full": full, "messages": [r["message"] for r in records]})
+"""
+
+
+def test_a_server_whose_fd_table_is_full_still_reaps_and_never_drops_a_running_worker() -> None:
+    """At the fd limit, /proc cannot be opened as usual and no pidfd opens: the worker that
+    registers then is tracked by pid (its start time read through the fd the server keeps in
+    reserve), is not taken for exited, and is reaped at its deadline."""
+    result = run_in_new_pid_namespace(FULL_FD_TABLE_SCENARIO)
+    messages = result["messages"]
+    assert result["full"], "the fd table was full until the reap"
+    assert result["status"] == -signal.SIGKILL, messages
+    assert result["took"] >= 0.9
+    assert any("cannot open a pidfd" in m and "Too many open files" in m for m in messages)
+    assert not [m for m in messages if "exited; dropped" in m]
+    assert any("Successfully reaped worker=" in m for m in messages), messages

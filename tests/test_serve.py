@@ -13,6 +13,7 @@ import re
 import selectors
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 from helpers import CLI, run_cli, wait_for
 
-from elastic_timer.metrics import CONTENT_TYPE, prometheus_text, serve_metrics
+from elastic_timer.metrics import CONTENT_TYPE, MetricsServer, prometheus_text, serve_metrics
 
 # The same command with py-spy out of the server's reach (its lookup finds none), so that
 # stacks can only come from the worker's own faulthandler.
@@ -179,6 +180,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
     assert result.returncode == 0, result.stderr
     for option in (
         "--fifo",
+        "--fifo-mode",
         "--max-interval",
         "--run-id",
         "--stack-dump",
@@ -214,6 +216,8 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         (["--log-level", "LOUD"], "--log-level: unknown log level"),
         (["--max-timers", "0"], "--max-timers: must be a positive whole number"),
         (["--max-worker-timers", "many"], "--max-worker-timers: must be a positive whole"),
+        (["--fifo-mode", "0800"], "--fifo-mode: not an octal mode"),
+        (["--fifo-mode", "01600"], "--fifo-mode: expected permission bits 0000-0777"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_naming_the_problem(
@@ -283,6 +287,21 @@ def test_daemon_reaps_a_hung_worker_and_stops_on_sigterm(
     assert not os.path.exists(daemon.fifo)
     assert "SIGTERM received, stopping" in daemon.log()
     assert "Traceback" not in daemon.log()
+
+
+def test_fifo_mode_sets_the_fifos_permissions_whatever_the_umask(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    under_umask_000 = ["sh", "-c", 'umask 000; exec "$0" "$@"', *CLI]
+    daemon = start_daemon(cli=under_umask_000)
+    # By default the mode follows the umask (as torch's server), plus our mark.
+    assert stat.S_IMODE(os.stat(daemon.fifo).st_mode) == 0o1666
+    assert daemon.stop() == 0
+    daemon = start_daemon("--fifo-mode", "0600", cli=under_umask_000)
+    assert stat.S_IMODE(os.stat(daemon.fifo).st_mode) == 0o1600
+    worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 0.5)
+    assert worker.wait(5) == -signal.SIGKILL
+    assert daemon.stop() == 0
 
 
 @pytest.mark.torch
@@ -392,6 +411,88 @@ def test_metrics_count_requests_and_the_reap(
     assert daemon.stop() == 0
     with pytest.raises(OSError):  # the metrics server is gone with the daemon
         scrape(port)
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp{,6} gives them) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, _, hex_port = local.partition(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.add(address)
+    return found
+
+
+def metrics_port(daemon: Daemon) -> int:
+    found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", daemon.log())
+    assert found, daemon.log()
+    return int(found.group(1))
+
+
+# The daemon's process with a soft limit of 256 fds.
+CLI_WITH_256_FDS = [
+    sys.executable,
+    "-c",
+    "import resource, sys; from elastic_timer import cli; "
+    "_, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); sys.exit(cli.main())",
+]
+
+
+def test_a_flood_of_idle_metrics_connections_stops_neither_reaps_nor_metrics(
+    start_daemon: Callable[..., Daemon], children: Children
+) -> None:
+    """400 idle connections to a daemon allowed 256 fds: they hold at most 64 of its fds, a
+    worker that registers meanwhile is reaped at its deadline, a fresh client is answered,
+    and an idle connection is closed after the timeout."""
+    daemon = start_daemon("--metrics", ":0", cli=CLI_WITH_256_FDS)
+    port = metrics_port(daemon)
+    assert listening_addresses(port) == {"0100007F"}, ":PORT binds loopback only"
+    assert "every interface" not in daemon.log()
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(400)]
+    for sock in idle:
+        sock.setblocking(False)
+
+    def closed_by_the_daemon(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def still_open() -> list[socket.socket]:
+        return [sock for sock in idle if not closed_by_the_daemon(sock)]
+
+    try:
+        assert wait_for(lambda: len(still_open()) <= 64), len(still_open())
+        fds = len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+        assert fds < 128, f"the daemon holds {fds} fds"
+        worker = start_worker(children, ELASTIC_WORKER, daemon.fifo, 1.0)
+        assert worker.wait(10) == -signal.SIGKILL
+        status, _, body = scrape(port)
+        assert status == 200 and samples(body)["elastic_timer_reaped_total"] == 1
+        assert wait_for(lambda: not still_open(), timeout=15), "idle connections time out"
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "exited; dropped" not in daemon.log()
+    assert daemon.stop() == 0
+
+
+def test_metrics_on_every_interface_only_when_asked_and_with_a_warning(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon("--metrics", "0.0.0.0:0")
+    found = re.search(r"metrics on http://0\.0\.0\.0:(\d+)/metrics", daemon.log())
+    assert found, daemon.log()
+    assert listening_addresses(int(found.group(1))) == {"00000000"}
+    assert "[WARNING] elastic_timer.metrics: Metrics are served on every interface" in daemon.log()
+    assert scrape(int(found.group(1)))[0] == 200
+    assert daemon.stop() == 0
 
 
 def test_dry_run_reports_the_expiry_in_the_event_log_and_kills_nothing(
@@ -570,6 +671,30 @@ print("done", flush=True)
 
 
 # -- metrics.py -------------------------------------------------------------------------------
+
+
+def test_the_metrics_server_bounds_its_connections_and_times_them_out() -> None:
+    server = MetricsServer("127.0.0.1", 0, lambda: {"requests": 1}, max_connections=2, timeout=1)
+    try:
+        port = server.address[1]
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        # The third closed the oldest; a fresh client closes the next oldest and is answered.
+        assert idle[0].recv(1) == b""
+        assert scrape(port)[0] == 200
+        assert idle[1].recv(1) == b""
+        # The last idle one is closed at its timeout.
+        assert idle[2].recv(1) == b""
+        for sock in idle:
+            sock.close()
+        # What is not a request gets an error, not a hang.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 405 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"x" * 8193)  # one past the bound: all read when it is refused
+            assert sock.recv(100).startswith(b"HTTP/1.1 431 ")
+    finally:
+        server.close()
 
 
 def test_prometheus_text_format() -> None:

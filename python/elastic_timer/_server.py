@@ -108,6 +108,7 @@ class NativeServer(Generic[R]):
         descendants_only: bool,
         signal_self: bool = False,
         error_files: bool = False,
+        fifo_mode: int | None = None,
         **diagnostics: Unpack[DiagnosticsOptions],
     ) -> dict[str, Any]:
         """Resolves the diagnostics and returns every option of the native server, in one
@@ -119,6 +120,7 @@ class NativeServer(Generic[R]):
             "delegate_reaps": delegate_reaps,
             "descendants_only": descendants_only,
             "error_files": error_files,
+            "fifo_mode": fifo_mode,
             "stack_hold": self._stack_hold,
             **self._diagnostics.native_options(),
         }

@@ -28,7 +28,7 @@ from .diagnostics import (
 )
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
-from .metrics import MetricsServer, serve_metrics
+from .metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS, MetricsServer, serve_metrics
 
 __all__ = ["main"]
 
@@ -124,15 +124,27 @@ def signal_number(text: str) -> int:
 
 
 def host_port(text: str) -> tuple[str, int]:
-    """HOST:PORT (an IPv6 host in brackets: [::1]:9464; an empty host: all interfaces)."""
+    """HOST:PORT (an IPv6 host in brackets: [::1]:9464). An empty host is loopback
+    (127.0.0.1): every interface takes an explicit 0.0.0.0 or [::]."""
     host, colon, port_text = text.rpartition(":")
     if not colon or not port_text.isdigit() or int(port_text) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 0-65535, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host:
-        host = "0.0.0.0"
+        host = "127.0.0.1"
     return host, int(port_text)
+
+
+def octal_mode(text: str) -> int:
+    """Permission bits in octal (0600, 660, 0o640)."""
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected permission bits 0000-0777, got {text!r}")
+    return mode
 
 
 def log_level(text: str) -> str:
@@ -178,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="Where to create the FIFO that workers send their timers to; anything already "
         "at PATH is replaced, and the FIFO is removed when the server stops.",
+    )
+    serve.add_argument(
+        "--fifo-mode",
+        type=octal_mode,
+        metavar="MODE",
+        help="The FIFO's permissions, in octal, whatever the umask (0600: only this user's "
+        "processes can send timers to the server). Default: 0666 less the umask.",
     )
     serve.add_argument(
         "--max-interval",
@@ -279,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=host_port,
         metavar="HOST:PORT",
         help="Serve Prometheus metrics (the server's counters) at http://HOST:PORT/metrics; "
-        "port 0 picks a free port, and the address is logged. Default: off.",
+        "port 0 picks a free port, and the address is logged. :PORT alone binds 127.0.0.1; "
+        "0.0.0.0:PORT or [::]:PORT binds every interface (with a warning). At most "
+        f"{MAX_CONNECTIONS} connections are open at once (a new one closes the oldest), each "
+        f"for at most {CONNECTION_TIMEOUT:g} s. Default: off.",
     )
     serve.add_argument(
         "--log-level",
@@ -453,7 +475,13 @@ def _run(
                 raise _SetupError(f"cannot serve metrics on {host}:{port}: {e}") from None
         try:
             server = FileTimerServer(
-                fifo, args.run_id, args.max_interval, daemon=True, signal_self=False, **options
+                fifo,
+                args.run_id,
+                args.max_interval,
+                daemon=True,
+                signal_self=False,
+                fifo_mode=args.fifo_mode,
+                **options,
             )
         except ValueError as e:
             parser.error(str(e))

@@ -166,6 +166,8 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             ``TORCHELASTIC_ERROR_FILE`` (torchrun's workers), write that file, unless the
             worker wrote it: the agent's failure summary then says which timer fired, its
             bound, and the stacks when taken. ``install()`` turns it on for the agent.
+        fifo_mode: the FIFO's permission bits (e.g. ``0o600``: only this user's workers can
+            reach the server). Default None: ``0o666`` less the umask, as torch's server.
         **diagnostics: opt-in diagnostics, ``stack_dump``, ``stack_signal``, ``stacks_dir``,
             ``escalate_after``, ``dry_run``, ``event_log`` and ``on_event``; see
             ``elastic_timer.diagnostics``. Where one is not given, its ``ELASTIC_TIMER_*``
@@ -183,6 +185,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         signal_self: bool | None = None,
         descendants_only: bool = False,
         error_files: bool = False,
+        fifo_mode: int | None = None,
         **diagnostics: Unpack[DiagnosticsOptions],
     ) -> None:
         self._file_path = file_path
@@ -198,6 +201,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             descendants_only=descendants_only,
             signal_self=self._signal_self,
             error_files=error_files,
+            fifo_mode=fifo_mode,
             **diagnostics,
         )
         self._init_native(_native.Server.fifo(file_path, options), daemon)

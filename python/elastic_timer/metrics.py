@@ -1,8 +1,9 @@
 """Prometheus metrics for a timer server: its ``stats()`` counters, as text and over HTTP.
 
 ``prometheus_text`` renders the counters in the Prometheus text exposition format (0.0.4).
-``serve_metrics`` serves them at ``http://HOST:PORT/metrics`` from a daemon thread; the thread
-sleeps until a request or ``close()`` arrives (no polling). Used by ``elastic-timer serve
+``serve_metrics`` serves them at ``http://HOST:PORT/metrics`` from one daemon thread, which
+sleeps until a connection, data or ``close()`` arrives (no polling), with a bound on the
+connections open at once and a timeout on each (no thread per client). Used by ``elastic-timer serve
 --metrics HOST:PORT``.
 """
 
@@ -14,10 +15,9 @@ import os
 import re
 import selectors
 import socket
-import socketserver
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -118,12 +118,44 @@ def _format_value(value: float) -> str:
     return repr(float(value))
 
 
+# Connections open at once; past it, the oldest is closed when another is accepted (a flood
+# of idle connections then keeps no fresh client out). Each holds an fd of the timer server's
+# process, which also needs fds to reap: the bound keeps a flood from exhausting them.
+MAX_CONNECTIONS = 64
+# How long a connection may take to send its request and read the answer before it is closed.
+CONNECTION_TIMEOUT = 5.0
+# A request's head (request line and headers) longer than this is refused (431).
+MAX_REQUEST_BYTES = 8192
+# How long accepting pauses when the process is out of fds (EMFILE): the listening socket stays
+# readable, and retrying at once would spin.
+_ACCEPT_BACKOFF = 0.1
+# Hosts that bind every interface.
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS.update({431: "Request Header Fields Too Large", 500: "Internal Server Error"})
+
+
+class _Connection:
+    """One client: the request bytes read so far, then the answer left to send."""
+
+    __slots__ = ("answer", "deadline", "received", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.received = b""
+        self.answer: bytes | None = None
+
+
 class MetricsServer:
     """An HTTP server answering ``GET /metrics`` with ``prometheus_text(stats())``.
 
-    It serves from a daemon thread that sleeps until a connection or ``close()``; each request
-    is answered on a thread of its own. ``address`` is the bound ``(host, port)`` (the port
-    chosen by the system when 0 was asked for).
+    One daemon thread serves every connection, non-blocking, from one selector: it sleeps
+    until a connection, data, a connection's deadline or ``close()``. At most
+    ``max_connections`` are open at once (past it, accepting one closes the oldest), each for
+    at most ``timeout`` seconds, and each gets one answer and is closed. ``address`` is the bound
+    ``(host, port)`` (the port chosen by the system when 0 was asked for).
     """
 
     def __init__(
@@ -132,12 +164,40 @@ class MetricsServer:
         port: int,
         stats: Callable[[], Mapping[str, int]],
         timeouts: Callable[[], Timeouts] = tuple,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        timeout: float = CONNECTION_TIMEOUT,
     ) -> None:
-        family = socket.getaddrinfo(
+        family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0][0]
-        self._httpd = _HTTPServer((host, port), family, stats, timeouts)
+        )[0]
+        self._listener = socket.socket(family, kind, proto)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(address)
+            self._listener.listen(128)
+            self._listener.setblocking(False)
+        except OSError:
+            self._listener.close()
+            raise
+        self._stats = stats
+        self._timeouts = timeouts
+        self._max_connections = max_connections
+        self._timeout = timeout
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._accepting_from = 0.0
+        self._accept_failed = False
+        if host in WILDCARD_HOSTS:
+            logger.warning(
+                "Metrics are served on every interface (%s:%s): anyone who can reach this "
+                "host can read them and open connections to the timer server; bind 127.0.0.1 "
+                "unless that is meant",
+                *self.address,
+            )
+        self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="elastic-timer-metrics")
@@ -146,11 +206,11 @@ class MetricsServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
+        host, port = self._listener.getsockname()[:2]
         return (str(host), int(port))
 
     def close(self) -> None:
-        """Stops serving and closes the socket; requests being answered finish on their own."""
+        """Stops serving; closes the socket and every connection."""
         with self._lock:
             if self._closed:
                 return
@@ -158,19 +218,138 @@ class MetricsServer:
         os.write(self._wake_w, b"x")
         if self._thread is not threading.current_thread():
             self._thread.join(5.0)
-        self._httpd.server_close()
+        self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
 
+    # -- the serving thread ----------------------------------------------------------------
+
     def _serve(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._httpd.fileno(), selectors.EVENT_READ, "accept")
-            selector.register(self._wake_r, selectors.EVENT_READ, "close")
+        try:
             while True:
-                for key, _ in selector.select():
-                    if key.data == "close":
+                for key, events in self._selector.select(self._next_timeout()):
+                    if key.fileobj is self._wake_r:
                         return
-                    self._httpd.handle_request()
+                    if key.fileobj is self._listener:
+                        self._accept()
+                    else:
+                        self._step(key.data, events)
+                self._expire()
+        finally:
+            for connection in list(self._connections.values()):
+                self._drop(connection)
+            self._selector.close()
+
+    def _next_timeout(self) -> float | None:
+        deadlines = [c.deadline for c in self._connections.values()]
+        if self._accepting_from:
+            deadlines.append(self._accepting_from)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as err:
+                # Out of fds or memory: pause (the listening socket stays readable).
+                if not self._accept_failed:
+                    self._accept_failed = True
+                    logger.warning("Cannot accept metrics connections (paused): %s", err)
+                self._selector.unregister(self._listener)
+                self._accepting_from = time.monotonic() + _ACCEPT_BACKOFF
+                return
+            if len(self._connections) >= self._max_connections:
+                self._drop(next(iter(self._connections.values())))
+            sock.setblocking(False)
+            connection = _Connection(sock, time.monotonic() + self._timeout)
+            self._connections[sock] = connection
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if self._accepting_from and now >= self._accepting_from:
+            self._accepting_from = 0.0
+            self._selector.register(self._listener, selectors.EVENT_READ)
+        for connection in [c for c in self._connections.values() if c.deadline <= now]:
+            self._drop(connection)
+
+    def _drop(self, connection: _Connection) -> None:
+        del self._connections[connection.sock]
+        self._selector.unregister(connection.sock)
+        connection.sock.close()
+
+    def _step(self, connection: _Connection, events: int) -> None:
+        if self._connections.get(connection.sock) is not connection:
+            return  # closed earlier in the same round (the oldest, when one was accepted)
+        try:
+            if connection.answer is None:
+                data = connection.sock.recv(4096)
+                if not data:
+                    self._drop(connection)
+                    return
+                connection.received += data
+                head, end, _ = connection.received.partition(b"\r\n\r\n")
+                if end:
+                    connection.answer = self._answer(head)
+                elif len(connection.received) > MAX_REQUEST_BYTES:
+                    connection.answer = _response(431, b"Request too large\n", body=True)
+                else:
+                    return
+                self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+            sent = connection.sock.send(connection.answer)
+            connection.answer = connection.answer[sent:]
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(connection)
+            return
+        if not connection.answer:
+            self._drop(connection)
+
+    def _answer(self, head: bytes) -> bytes:
+        """The whole response to a request whose head (without its blank line) is ``head``."""
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response(400, b"Bad request\n", body=True)
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return _response(405, b"Only GET and HEAD\n", body=True, allow=True)
+        body = method == "GET"
+        if urlsplit(target).path != "/metrics":
+            return _response(404, b"Not found: try /metrics\n", body=body)
+        try:
+            text = prometheus_text(self._stats(), self._timeouts())
+        except Exception:
+            logger.exception("Error collecting timer server stats for /metrics")
+            return _response(500, b"Error collecting stats\n", body=body)
+        return _response(200, text.encode(), body=body, content_type=CONTENT_TYPE)
+
+
+def _response(
+    status: int,
+    payload: bytes,
+    *,
+    body: bool,
+    content_type: str = "text/plain; charset=utf-8",
+    allow: bool = False,
+) -> bytes:
+    head = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        "Server: elastic-timer",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(payload)}",
+        "Connection: close",
+    ]
+    if allow:
+        head.append("Allow: GET, HEAD")
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + (payload if body else b"")
 
 
 def serve_metrics(
@@ -182,68 +361,8 @@ def serve_metrics(
     """Serves ``prometheus_text(stats(), timeouts())`` at ``http://host:port/metrics`` until
     ``close()``.
 
-    Port 0 picks a free port (see ``MetricsServer.address``). Raises ``OSError`` when the
+    Port 0 picks a free port (see ``MetricsServer.address``). A wildcard host (``0.0.0.0``,
+    ``::``) binds every interface, and says so in a warning. Raises ``OSError`` when the
     address cannot be resolved or bound.
     """
     return MetricsServer(host, port, stats, timeouts)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self,
-        address: tuple[str, int],
-        family: socket.AddressFamily,
-        stats: Callable[[], Mapping[str, int]],
-        timeouts: Callable[[], Timeouts],
-    ) -> None:
-        self.address_family = family
-        self.stats = stats
-        self.timeouts = timeouts
-        super().__init__(address, _MetricsHandler)
-        self.timeout = None
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind also looks up the host's FQDN, which can wait on DNS.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("Error answering a metrics request from %s", client_address, exc_info=True)
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    server_version = "elastic-timer"
-
-    def do_GET(self) -> None:
-        self._answer(body=True)
-
-    def do_HEAD(self) -> None:
-        self._answer(body=False)
-
-    def _answer(self, *, body: bool) -> None:
-        if urlsplit(self.path).path != "/metrics":
-            self._send(404, "text/plain; charset=utf-8", b"Not found: try /metrics\n", body)
-            return
-        assert isinstance(self.server, _HTTPServer)
-        try:
-            text = prometheus_text(self.server.stats(), self.server.timeouts())
-        except Exception:
-            logger.exception("Error collecting timer server stats for /metrics")
-            self._send(500, "text/plain; charset=utf-8", b"Error collecting stats\n", body)
-            return
-        self._send(200, CONTENT_TYPE, text.encode(), body)
-
-    def _send(self, status: int, content_type: str, payload: bytes, body: bool) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if body:
-            self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s - %s", self.address_string(), format % args)

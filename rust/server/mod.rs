@@ -82,6 +82,8 @@ pub struct Config {
     pub error_files: bool,
     /// The most live timers per worker and in all; past either an acquire is refused.
     pub caps: Caps,
+    /// The permissions of a FIFO transport's FIFO (None: 0666 less the umask), plus our mark.
+    pub fifo_mode: Option<rustix::fs::Mode>,
 }
 
 /// Timeouts learned from the job.
@@ -175,11 +177,11 @@ impl Server {
     /// Builds a server. A FIFO transport's FIFO is created now (replacing what is at its path).
     pub fn new(transport: Transport, config: Config) -> io::Result<Self> {
         let source = match transport {
-            Transport::Fifo(path) => Source::Fifo(fifo::Endpoint::create(path)?),
+            Transport::Fifo(path) => Source::Fifo(fifo::Endpoint::create(path, config.fifo_mode)?),
             Transport::Queue(reader) => Source::Queue(reader),
             Transport::Direct => Source::Direct,
         };
-        let mut state = State::new(config.max_pidfds, config.caps);
+        let mut state = State::new(config.max_pidfds, config.caps)?;
         if let Some(adaptive) = &config.adaptive {
             let learner = match &adaptive.state_file {
                 Some(path) => Learner::load(adaptive.learn.clone(), path),

@@ -15,7 +15,7 @@ use crate::codec::Request;
 use crate::deadlines::{Cap, Caps, DeadlineMap};
 use crate::error_file::{self, Fired};
 use crate::learned::{Learned, Learner, Limit, MAX_SCOPE_BYTES};
-use crate::reaper::{self, Lineage, Outcome, Refusal, Tracked, Workers};
+use crate::reaper::{self, Lineage, Liveness, Outcome, Refusal, Tracked, Workers};
 use crate::stacks::{self, Stacks};
 
 /// Distinct refused pids reported (each once); past this, refusals are only counted.
@@ -96,8 +96,9 @@ pub(super) enum Phase {
     /// Its reap is to be tried again: it failed, or the caller has not answered it since
     /// `delegated`. `dumped`: its stacks were taken already, and are not asked for twice.
     Retrying { dumped: bool, delegated: Option<Instant> },
-    /// Sent a catchable `signal` at `since`: SIGKILL `at` if it still runs.
-    Escalate { at: Instant, signal: Signal, since: Instant },
+    /// Sent a catchable `signal` at `since`: SIGKILL `at` if it still runs. `failed`: a
+    /// SIGKILL failed already (said once; it is tried again).
+    Escalate { at: Instant, signal: Signal, since: Instant, failed: bool },
     /// Sent SIGKILL at `since`: reported as unreapable `at` if it still runs.
     Unreapable { at: Instant, since: Instant },
 }
@@ -165,27 +166,31 @@ pub(super) struct State {
     pub busy_since: Option<f64>,
     /// When to look next for the exits of workers tracked without a pidfd.
     pub next_sweep: Instant,
+    /// Whether a sweep could not tell if a worker still runs, since one last could (the
+    /// warning is given once per such stretch, not once per sweep).
+    pub sweep_blind: bool,
     pub events: Option<SyncSender<Event>>,
 }
 
 impl State {
-    pub fn new(max_pidfds: usize, caps: Caps) -> Self {
-        Self {
+    pub fn new(max_pidfds: usize, caps: Caps) -> std::io::Result<Self> {
+        Ok(Self {
             clock_base: Clock::now(),
             timers: DeadlineMap::with_caps(caps),
             learner: None,
             learned_dirty: false,
             next_save: Instant::now(),
             deferred: Vec::new(),
-            workers: Workers::new(max_pidfds),
+            workers: Workers::new(max_pidfds)?,
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
             over_cap_pids: HashSet::new(),
             stats: Stats::default(),
             busy_since: None,
             next_sweep: Instant::now(),
+            sweep_blind: false,
             events: None,
-        }
+        })
     }
 
     /// Queues an event for the reporter; false (and counted) if it had to be dropped.
@@ -259,26 +264,30 @@ impl Shared {
         if self.config.descendants_only {
             // Checked once the worker is tracked, so the check is about the process tracked.
             let lineage = state.workers.lineage(pid, self.own_pid);
-            if lineage != Lineage::Descendant {
+            if !matches!(lineage, Lineage::Descendant) {
                 if fresh {
                     state.workers.forget(pid);
                 }
-                if lineage == Lineage::NotDescendant {
-                    Self::refuse(state, request, Refusal::NotDescendant(raw(pid)));
+                match lineage {
+                    Lineage::NotDescendant => {
+                        Self::refuse(state, request, Refusal::NotDescendant(raw(pid)));
+                    }
+                    Lineage::Unknown(err) => {
+                        state.emit(Event::Warning(format!(
+                            "cannot tell whether worker pid={} descends from this server \
+                             (descendants_only): {err}; its timer {:?} is not registered",
+                            raw(pid),
+                            request.scope
+                        )));
+                    }
+                    Lineage::Gone | Lineage::Descendant => {}
                 }
                 return;
             }
         }
         if new {
-            let tag = TAG_WORKER + raw(pid).unsigned_abs();
-            let watched = state.workers.pidfd(pid).is_some_and(|pidfd| {
-                epoll::add(&self.epoll, pidfd, EventData::new_u64(tag), EventFlags::IN).is_ok()
-            });
-            if !watched {
-                // Its exit could not be noticed: forget it, a later request tries again.
-                state.workers.forget(pid);
-                return;
-            }
+            // Unwatched (epoll full, say), its exit is looked for by the sweep instead.
+            self.watch_worker(state, pid);
         }
         let (deadline, learned) = Self::learn(state, pid, &request, clock);
         let note = Note { acquired: Some(clock.wall), learned };
@@ -345,6 +354,17 @@ impl Shared {
         }
     }
 
+    /// Watches the pidfd of `pid`, if it has one, for its exit.
+    fn watch_worker(&self, state: &mut State, pid: Pid) {
+        let tag = TAG_WORKER + raw(pid).unsigned_abs();
+        let watched = state.workers.pidfd(pid).is_some_and(|pidfd| {
+            epoll::add(&self.epoll, pidfd, EventData::new_u64(tag), EventFlags::IN).is_ok()
+        });
+        if watched {
+            state.workers.watching(pid);
+        }
+    }
+
     /// Counts a refused request, and reports it if it is the first for its pid.
     fn refuse(state: &mut State, request: Request, reason: Refusal) {
         state.stats.refused += 1;
@@ -394,16 +414,33 @@ impl Shared {
         }
     }
 
-    /// Drops the timers of workers tracked without a pidfd that have exited, as a pidfd's
-    /// readiness does for the others; at most once per retry interval (torch's File server
-    /// probes its workers once per pass).
+    /// Drops the timers of workers tracked without a watched pidfd that have exited, as a
+    /// pidfd's readiness does for the others, and watches those that got a pidfd since; at
+    /// most once per retry interval (torch's File server probes its workers once per pass).
+    /// Only a definite answer drops a worker: one whose state cannot be read is kept (and
+    /// that is reported once, until the sweep can read again).
     pub(super) fn sweep_exited(&self, state: &mut State, now: Instant) {
-        if state.workers.without_pidfd() == 0 || now < state.next_sweep {
+        if state.workers.unwatched() == 0 || now < state.next_sweep {
             return;
         }
         state.next_sweep = now + self.retry_interval();
-        for pid in state.workers.exited_without_pidfd() {
+        let sweep = state.workers.sweep();
+        for pid in sweep.exited {
             self.worker_exited(state, pid);
+        }
+        for pid in sweep.to_watch {
+            self.watch_worker(state, pid);
+        }
+        match sweep.unknown {
+            Some(err) if !state.sweep_blind => {
+                state.sweep_blind = true;
+                state.emit(Event::Warning(format!(
+                    "cannot tell whether some workers still run ({err}): their timers are \
+                     kept, and they are looked at again (reported once)"
+                )));
+            }
+            Some(_) => {}
+            None => state.sweep_blind = false,
         }
     }
 
@@ -516,10 +553,10 @@ impl Shared {
                     // Never due as a followup (its timers are); kept as it was.
                     state.phases.insert(pid, phase);
                 }
-                _ if !state.workers.is_running(pid) => {
+                _ if matches!(state.workers.liveness(pid), Liveness::Gone) => {
                     self.forget_worker(state, pid);
                 }
-                Phase::Escalate { signal, since, .. } => {
+                Phase::Escalate { signal, since, failed, .. } => {
                     match state.workers.signal(pid, Signal::KILL) {
                         Outcome::Signalled => {
                             state.stats.escalated += 1;
@@ -532,12 +569,17 @@ impl Shared {
                             self.forget_worker(state, pid);
                         }
                         Outcome::Failed(err) => {
-                            state.emit(Event::Warning(format!(
-                                "sending SIGKILL to worker pid={}, still running after signal {}, \
-                             failed: {err}",
-                                raw(pid),
-                                signal.as_raw()
-                            )));
+                            if !failed {
+                                state.emit(Event::Warning(format!(
+                                    "sending SIGKILL to worker pid={}, still running after \
+                                     signal {}, failed: {err}; tried again (reported once)",
+                                    raw(pid),
+                                    signal.as_raw()
+                                )));
+                            }
+                            let at = now + self.retry_interval();
+                            let phase = Phase::Escalate { at, signal, since, failed: true };
+                            state.phases.insert(pid, phase);
                         }
                     }
                 }
@@ -545,7 +587,8 @@ impl Shared {
                     // Reported once; its exit is still noticed (its pidfd stays watched).
                     state.stats.unreapable += 1;
                     let after = now.saturating_duration_since(since);
-                    state.emit(Event::Unreapable { pid, after, state: reaper::describe(pid) });
+                    let described = reaper::describe(state.workers.proc(), pid);
+                    state.emit(Event::Unreapable { pid, after, state: described });
                 }
             }
         }
@@ -560,10 +603,11 @@ impl Shared {
         now: Instant,
     ) -> Option<stacks::Dump> {
         let config = self.config.stack_dump.as_ref()?;
-        if !state.workers.is_running(pid) {
+        // Gone, or unknown: no dump (a due reap goes on without one).
+        if !matches!(state.workers.liveness(pid), Liveness::Running) {
             return None;
         }
-        let start_time = reaper::start_time(pid)?;
+        let start_time = state.workers.start_time(pid).ok()??;
         let send = |signal| matches!(state.workers.signal(pid, signal), Outcome::Signalled);
         let (dump, refused) =
             stacks::Dump::start(config, pid.as_raw_nonzero().get(), start_time, send, now);
@@ -631,7 +675,7 @@ impl Shared {
                         let phase = if signal == Signal::KILL {
                             Phase::Unreapable { at, since: now }
                         } else {
-                            Phase::Escalate { at, signal, since: now }
+                            Phase::Escalate { at, signal, since: now, failed: false }
                         };
                         state.phases.insert(pid, phase);
                     }
@@ -737,7 +781,7 @@ impl Shared {
     /// When the loop must next look at its deadlines.
     pub(super) fn next_timeout(&self, state: &State) -> Option<Instant> {
         let follow_up = state.phases.values().filter_map(Phase::follow_up_at).min();
-        let sweep = (state.workers.without_pidfd() > 0).then_some(state.next_sweep);
+        let sweep = (state.workers.unwatched() > 0).then_some(state.next_sweep);
         [state.timers.next_deadline(), follow_up, sweep].into_iter().flatten().min()
     }
 }

@@ -5,7 +5,7 @@ use super::*;
 use crate::codec;
 use crate::deadlines::DeadlineMap;
 use crate::reaper::Refusal;
-use crate::test_support::{pid_of, shell_once_it_says, sleeper};
+use crate::test_support::{fill_fd_table, in_own_process, pid_of, shell_once_it_says, sleeper};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::time::Instant;
@@ -23,6 +23,7 @@ fn config() -> Config {
         stack_dump: None,
         adaptive: None,
         error_files: false,
+        fifo_mode: None,
     }
 }
 
@@ -224,7 +225,7 @@ fn deadlines_are_monotonic_instants_fixed_on_receipt() {
 
 #[test]
 fn equal_expirations_are_equal_instants_until_the_wall_clock_steps() {
-    let mut state = State::new(8, Caps::NONE);
+    let mut state = State::new(8, Caps::NONE).expect("state");
     let base = state.clock_base;
     let expiration = base.wall + 5.0;
     // Readings later on, each off by the error of reading two clocks.
@@ -325,7 +326,7 @@ fn a_deleted_fifo_is_created_again_and_another_servers_is_left_alone() {
     })));
     // Another FIFO (another server's) in its place stays, even after our stop.
     let other = path.with_extension("other");
-    fifo::create(&other).expect("mkfifo");
+    fifo::create(&other, None).expect("mkfifo");
     std::fs::rename(&other, &path).expect("rename");
     let identity = fifo::Reader::open(&path).expect("open").identity();
     // The loop has seen it once it says so.
@@ -643,4 +644,53 @@ fn when_the_learned_bound_fires_the_error_file_says_so() {
     assert!(message.contains("its client asked for 60.0"), "{message}");
     server.stop();
     let _ = std::fs::remove_file(&state);
+}
+
+#[test]
+fn a_worker_whose_state_cannot_be_read_keeps_its_timer_and_is_reaped_once_it_can() {
+    let name = "server::tests::a_worker_whose_state_cannot_be_read_keeps_its_timer_and_is_reaped_once_it_can";
+    if !in_own_process(name) {
+        return;
+    }
+    let mut worker = sleeper();
+    // Tracked by pid: the loop's sweep reads /proc to tell whether it still runs.
+    let mut server =
+        Server::new(Transport::Direct, Config { max_pidfds: 0, ..config() }).expect("server");
+    let events = server.start().expect("start");
+    server.register([request(worker.id(), "step", 0.5, libc::SIGKILL)]);
+    // The loop has made its fds (its timer) before the table fills.
+    let has_timerfd = || {
+        std::fs::read_dir("/proc/self/fd").expect("fds").flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|link| link.to_string_lossy().ends_with("[timerfd]"))
+        })
+    };
+    assert!(wait_until(has_timerfd));
+    let mut held = fill_fd_table(64);
+    // The reserved slot taken too: /proc cannot be read at all.
+    drop(server.shared.lock().workers.proc().spare.borrow_mut().take());
+    held.push(rustix::io::fcntl_dupfd_cloexec(std::io::stderr(), 0).expect("the freed slot"));
+    // Past the deadline, the reap fails and is retried (every 100 ms); nothing is dropped,
+    // and the blindness is reported once.
+    let (mut blind, mut failed) = (0, 0);
+    while failed < 5 {
+        match events.recv_timeout(Duration::from_secs(5)).expect("an event") {
+            Event::Warning(warning) if warning.contains("cannot tell whether some workers") => {
+                blind += 1;
+            }
+            Event::Expired { expiries, .. } => {
+                assert!(matches!(expiries[0].outcome, ReapOutcome::Failed(_)), "{expiries:?}");
+                failed += 1;
+            }
+            Event::WorkerExited { .. } => panic!("a running worker was taken for exited"),
+            _ => {}
+        }
+    }
+    assert_eq!(blind, 1, "reported once, not per sweep");
+    assert!(worker.try_wait().expect("try_wait").is_none());
+    // One fd free: the next retry reads /proc (and takes the reserve again), and reaps.
+    drop(held.pop());
+    assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
+    drop(held);
+    server.stop();
 }
