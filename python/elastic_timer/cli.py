@@ -18,7 +18,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .diagnostics import STACKS_DIR_ENV, STACKS_SIDECAR_SUFFIX, parse_stack_signal
+from .diagnostics import (
+    EVENT_LOG_ENV,
+    STACKS_DIR_ENV,
+    STACKS_SIDECAR_SUFFIX,
+    open_event_log,
+    parse_stack_signal,
+)
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
 from .metrics import MetricsServer, serve_metrics
@@ -285,6 +291,14 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         directory = os.path.dirname(os.path.abspath(args.event_log))
         if not os.path.isdir(directory):
             parser.error(f"--event-log: directory {directory} does not exist")
+    # Refused now, rather than as the server starts (a warning, and no event log).
+    event_log = args.event_log or os.environ.get(EVENT_LOG_ENV)
+    if event_log:
+        option = "--event-log" if args.event_log else EVENT_LOG_ENV
+        try:
+            open_event_log(event_log).close()
+        except OSError as e:
+            parser.error(f"{option}: cannot append to {event_log}: {e.strerror or e}")
     if args.state_file is not None:
         directory = os.path.dirname(os.path.abspath(args.state_file))
         if not os.path.isdir(directory):
