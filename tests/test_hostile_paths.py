@@ -175,38 +175,35 @@ def test_another_users_marked_fifo_is_not_kept_nor_its_sidecar_read_and_the_real
     assert "sidecar" not in worker.stderr(), "their sidecar is not even looked at"
 
 
-def test_a_kept_fifo_and_its_ring_are_left_once_another_server_takes_the_path(
+def test_a_kept_fifo_is_left_once_the_real_server_replaces_it(
     tmp_path: Path, children: list[Any], servers: list[Any]
 ) -> None:
-    """The worker holds the first server's FIFO open, with a ring; a second server replaces
-    the FIFO while the first one still reads its own: the worker's requests go to the
-    second once the client looks at the path again (every 50 ms)."""
+    """A marked FIFO of root's that is not the real server's (an impostor, still reading it):
+    the worker keeps it open, as any of our servers' FIFOs. Once the real server replaces it,
+    the worker's requests go to the real one (the client looks at the path every 50 ms)."""
     fifo = str(tmp_path / "timer.fifo")
-    first = FileTimerServer(fifo, "first", 0.1, signal_self=False)
-    servers.append(first)
-    first.start()
-    worker = Worker(fifo, tmp_path, children)
-    worker.ask("pairs 5", "done")
-    assert worker.rings() == 1, "the first server took no ring"
-    second = None
-    while second is None:
-        try:
-            second = FileTimerServer(fifo, "second", 0.1, signal_self=False)
-        except FileExistsError:
-            # The first server saw its FIFO go and made it again between the second's unlink
-            # and mkfifo: two servers on one path race; the second tries again.
-            pass
-    servers.append(second)
-    second.start()
-    deadline = time.monotonic() + 30
-    while second.stats()["requests"] == 0:
-        assert time.monotonic() < deadline, "the worker never reached the second server"
+    os.mkfifo(fifo, 0o666)
+    os.chmod(fifo, 0o1666)
+    impostor = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        worker = Worker(fifo, tmp_path, children)
         worker.ask("pairs 1", "done")
-    worker.ask("hang 1", "armed")
-    assert worker.process.wait(30) == -signal.SIGKILL
-    assert wait_for(lambda: second.stats()["reaped"] == 1)
-    # Had the worker kept the first server's FIFO or ring, its acquire would have gone there.
-    assert first.stats()["expired"] == 0, "the acquire went to the first server"
+        lines, eof = drain(impostor)
+        assert len(lines) == 2 and not eof, "a trusted FIFO is kept open"
+        server = FileTimerServer(fifo, "real", 0.1, signal_self=False)
+        servers.append(server)
+        server.start()
+        deadline = time.monotonic() + 20
+        while server.stats()["requests"] == 0:
+            assert time.monotonic() < deadline, "the worker never reached the real server"
+            worker.ask("pairs 1", "done")
+            drain(impostor)  # it reads what it gets, as a server would
+        drain(impostor)
+        worker.ask("hang 1", "armed")
+        assert worker.process.wait(30) == -signal.SIGKILL
+        assert drain(impostor) == ([], True), "the worker still wrote to the impostor"
+    finally:
+        os.close(impostor)
 
 
 @pytest.mark.parametrize("link", ["sidecar", "signal file"])
