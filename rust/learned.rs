@@ -1127,6 +1127,27 @@ mod tests {
     }
 
     #[test]
+    fn saving_replaces_what_someone_put_at_the_path_and_writes_nothing_else() {
+        let dir = scratch();
+        let target = dir.path().join("shell-startup");
+        std::fs::write(&target, "kept\n").expect("written");
+        for name in ["symlink.json", "hardlink.json"] {
+            let path = dir.path().join(name);
+            if name == "symlink.json" {
+                std::os::unix::fs::symlink(&target, &path).expect("symlink");
+            } else {
+                std::fs::hard_link(&target, &path).expect("link");
+            }
+            learner(config()).save(&path).expect("saved");
+            // The name now holds a new file of ours; the file it led to is as it was.
+            let saved = std::fs::symlink_metadata(&path).expect("stat");
+            assert!(saved.file_type().is_file(), "{name}");
+            load(&path).expect("ours, private: it loads");
+            assert_eq!(std::fs::read_to_string(&target).expect("read"), "kept\n", "{name}");
+        }
+    }
+
+    #[test]
     fn scopes_past_the_cap_are_dropped_on_load() {
         let dir = scratch();
         let path = dir.path().join("state.json");
