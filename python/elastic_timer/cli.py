@@ -58,8 +58,9 @@ Diagnostics not given as options are read from the server's environment, as unde
 torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_STACKS_DIR,
 ELASTIC_TIMER_ESCALATE_AFTER, ELASTIC_TIMER_DRY_RUN and ELASTIC_TIMER_EVENT_LOG.
 
-exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments; 1 when the FIFO or the metrics
-address cannot be set up (for example permission denied, or the port is taken).
+exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments (an event log that is a link, a
+FIFO, a hard link or another user's file among them); 1 when the FIFO or the metrics address
+cannot be set up (for example permission denied, or the port is taken).
 
 example:
   elastic-timer serve --fifo /run/job-42/timer.fifo --escalate-after 30 \\
