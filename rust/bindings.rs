@@ -7,7 +7,9 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyBrokenPipeError, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{
+    PyBrokenPipeError, PyFileNotFoundError, PyRuntimeError, PyTimeoutError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -833,15 +835,20 @@ impl From<untrusted::Refused> for PyErr {
 
 /// The content of a file this process acts on (a state file, a signal number), up to
 /// `limit + 1` bytes (more than `limit`: it is larger), if it is private to this process's
-/// user or root (`untrusted::read_private`); None if there is none. UnsafeFile says why not.
+/// user or root (`untrusted::read_private`). UnsafeFile says why not.
 #[pyfunction]
 fn read_private_file<'py>(
     py: Python<'py>,
     path: PathBuf,
     limit: usize,
-) -> PyResult<Option<Bound<'py, PyBytes>>> {
-    let bytes = py.detach(|| untrusted::read_private(&path, limit))?;
-    Ok(bytes.map(|bytes| PyBytes::new(py, &bytes)))
+) -> PyResult<Bound<'py, PyBytes>> {
+    match py.detach(|| untrusted::read_private(&path, limit))? {
+        Some(bytes) => Ok(PyBytes::new(py, &bytes)),
+        None => {
+            let args = (libc::ENOENT, "No such file or directory", path.into_os_string());
+            Err(PyFileNotFoundError::new_err(args))
+        }
+    }
 }
 
 /// A descriptor open for appending to `path`, created (mode 0600) if missing, if it is a

@@ -36,7 +36,6 @@ when it is installed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import faulthandler
 import json
 import logging
@@ -503,8 +502,6 @@ def _read_stack_signal(directory: str) -> int:
         data = _native.read_private_file(path, _MAX_SIGNAL_BYTES)
     except _native.UnsafeFile as e:
         raise OSError(f"{path} is refused: {e}") from None
-    if data is None:
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     try:
         return parse_signal(data.decode("ascii"))
     except ValueError:  # UnicodeDecodeError is one

@@ -122,7 +122,8 @@ class FileTimerClient(TimerClient):
 
     @staticmethod
     def _sent(announced: object) -> None:
-        # Not None only when the request connected to a server taking stacks.
+        # Not None only when the request opened a connection to a server naming its stacks
+        # directory beside its FIFO.
         if isinstance(announced, str):
             logger.warning("%s", announced)  # why its stacks sidecar was refused
         elif announced is not None:

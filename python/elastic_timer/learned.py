@@ -7,10 +7,8 @@ read: the histogram behind the quantiles stays the server's business.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +54,6 @@ def read_state(path: str) -> list[ScopeFigures]:
     try:
         # The server's own rule (rust/learned.rs): a file private to this user or root.
         data = _native.read_private_file(path, MAX_STATE_BYTES)
-        if data is None:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     except OSError as e:
         raise StateFileError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > MAX_STATE_BYTES:
