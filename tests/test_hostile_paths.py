@@ -206,6 +206,39 @@ def test_a_kept_fifo_is_left_once_the_real_server_replaces_it(
         os.close(impostor)
 
 
+def test_a_ring_is_left_once_the_fifo_path_leads_elsewhere(
+    tmp_path: Path, children: list[Any], servers: list[Any]
+) -> None:
+    """The worker sends by a ring the server took; another FIFO is renamed over the server's
+    path (atomically: the server, taken over, keeps reading its own FIFO and the ring). The
+    worker leaves the ring and sends to what is at the path now."""
+    fifo = str(tmp_path / "timer.fifo")
+    server = FileTimerServer(fifo, "first", 0.1, signal_self=False)
+    servers.append(server)
+    server.start()
+    worker = Worker(fifo, tmp_path, children)
+    worker.ask("pairs 5", "done")
+    assert worker.rings() == 1, "the server took no ring"
+    other = str(tmp_path / "other.fifo")
+    os.mkfifo(other, 0o666)
+    os.chmod(other, 0o1666)
+    reader = os.open(other, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.rename(other, fifo)
+        # A round is two requests and a round trip to the worker (well over 25 us: 2,000
+        # rounds take more than the client's 50 ms between looks at the path). A worker that
+        # kept the ring (the server renews its lease while requests come) would leave it only
+        # when a push had to wake the server and found no FIFO: here after some 30,000 rounds.
+        rounds = 0
+        while not drain(reader)[0]:
+            assert rounds < 2000, "the worker never left the ring"
+            worker.ask("pairs 1", "done")
+            rounds += 1
+    finally:
+        os.close(reader)
+    assert wait_for(lambda: worker.rings() == 0)
+
+
 @pytest.mark.parametrize("link", ["sidecar", "signal file"])
 def test_a_sidecar_leading_to_a_secret_is_refused_and_the_secret_never_shown(
     tmp_path: Path, children: list[Any], servers: list[Any], secret: Path, link: str
