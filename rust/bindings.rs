@@ -1,12 +1,15 @@
 //! The Python bindings: the only module that knows Python. It translates, nothing more;
 //! the classes users see are written in Python on top of these.
 
+use std::os::fd::IntoRawFd;
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use pyo3::exceptions::{PyBrokenPipeError, PyRuntimeError, PyTimeoutError, PyValueError};
+use pyo3::exceptions::{
+    PyBrokenPipeError, PyFileNotFoundError, PyRuntimeError, PyTimeoutError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -17,7 +20,7 @@ use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
 use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
-use crate::{reaper, ring};
+use crate::{reaper, ring, untrusted};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
@@ -618,8 +621,9 @@ impl PyFifoClient {
     }
 
     /// Sends one request as torch's FileTimerClient does, but waiting (bounded) for a server
-    /// that is starting and for room in a full pipe. Returns the stacks directory the server
-    /// named if this request opened a new connection to a server taking stacks, else None.
+    /// that is starting and for room in a full pipe. If this request opened a new connection
+    /// to a server taking stacks, returns the stacks directory it named (or why its sidecar
+    /// was refused, a str); else None.
     fn send(
         &self,
         py: Python<'_>,
@@ -627,7 +631,7 @@ impl PyFifoClient {
         scope_id: &str,
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
-    ) -> PyResult<Option<PathBuf>> {
+    ) -> PyResult<Option<fifo::Announced>> {
         self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
     }
 
@@ -638,7 +642,7 @@ impl PyFifoClient {
         scope_id: &str,
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
-    ) -> PyResult<Option<PathBuf>> {
+    ) -> PyResult<Option<fifo::Announced>> {
         let pid = i64::from(ring::this_process().0);
         self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
     }
@@ -652,8 +656,9 @@ impl PyFifoClient {
         scope_id: &str,
         expiration: Number,
         signal: i64,
-    ) -> PyResult<Option<PathBuf>> {
+    ) -> PyResult<Option<fifo::Announced>> {
         let client = &self.0;
+        client.check_path();
         if send_by_ring(py, &client.ring, client, pid, scope_id, expiration, signal) {
             return Ok(None);
         }
@@ -666,7 +671,21 @@ impl PyFifoClient {
         if client.ring.due() {
             py.detach(|| client.ring.offer(client));
         }
-        Ok(client.take_stacks_dir())
+        Ok(client.take_announced())
+    }
+}
+
+/// The stacks directory as a `Path`, a refused sidecar as the `str` that says why.
+impl<'py> IntoPyObject<'py> for fifo::Announced {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
+        match self {
+            Self::StacksDir(dir) => Ok(dir.into_pyobject(py)?.into_any()),
+            Self::Refused(why) => Ok(why.into_pyobject(py)?.into_any()),
+        }
     }
 }
 
@@ -811,6 +830,49 @@ fn encode_json_line<'py>(
     Ok(PyBytes::new(py, &line))
 }
 
+pyo3::create_exception!(
+    _native,
+    UnsafeFile,
+    pyo3::exceptions::PyOSError,
+    "A file refused because someone else may have put it there: a link, not a regular file, \
+     another user's, writable by others; the message says which, never what the file holds."
+);
+
+impl From<untrusted::Refused> for PyErr {
+    fn from(err: untrusted::Refused) -> Self {
+        match err {
+            untrusted::Refused::Io(io) => io.into(),
+            refused => UnsafeFile::new_err(refused.to_string()),
+        }
+    }
+}
+
+/// The content of a file this process acts on (a state file, a signal number), up to
+/// `limit + 1` bytes (more than `limit`: it is larger), if it is private to this process's
+/// user or root (`untrusted::read_private`). UnsafeFile says why not.
+#[pyfunction]
+fn read_private_file<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    limit: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    match py.detach(|| untrusted::read_private(&path, limit))? {
+        Some(bytes) => Ok(PyBytes::new(py, &bytes)),
+        None => {
+            let args = (libc::ENOENT, "No such file or directory", path.into_os_string());
+            Err(PyFileNotFoundError::new_err(args))
+        }
+    }
+}
+
+/// A descriptor open for appending to `path`, created (mode 0600) if missing, if it is a
+/// regular file of this process's user (`untrusted::open_append`). UnsafeFile says why not.
+#[pyfunction]
+fn open_append(py: Python<'_>, path: PathBuf) -> PyResult<i32> {
+    let file = py.detach(|| untrusted::open_append(&path))?;
+    Ok(file.into_raw_fd())
+}
+
 /// Decodes one FIFO line the way the server does; ValueError says why it is refused.
 #[pyfunction]
 fn decode_json_line(line: &[u8]) -> PyResult<RequestTuple> {
@@ -850,6 +912,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
+    m.add_function(wrap_pyfunction!(read_private_file, m)?)?;
+    m.add_function(wrap_pyfunction!(open_append, m)?)?;
+    m.add("UnsafeFile", m.py().get_type::<UnsafeFile>())?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
     // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
     let fields: Vec<(&str, &str, &str)> = Stats::FIELDS

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::fs::{self, inotify, FileType, Mode, OFlags, CWD};
 use rustix::io::Errno;
+use rustix::time::{clock_gettime, ClockId};
 
 use crate::{fork, ring, untrusted};
 
@@ -88,11 +90,31 @@ fn replaced(path: &Path, what: &str) -> io::Error {
     )
 }
 
-/// Whether `fd` is a FIFO (Some), created by our server (true) or another one (false).
-fn fifo_kind(fd: &OwnedFd) -> io::Result<Option<bool>> {
-    let mode = fs::fstat(fd)?.st_mode;
-    Ok((FileType::from_raw_mode(mode) == FileType::Fifo)
-        .then_some(Mode::from_raw_mode(mode).contains(Mode::SVTX)))
+/// What a client found when it opened a FIFO's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// Not a FIFO: no server.
+    NotAFifo,
+    /// torch's server's FIFO, or one of another user's: opened and closed for each request,
+    /// as torch's client does. Another user may have made it while our server restarted: a
+    /// client keeping it open would go on writing to it once our server is back.
+    PerRequest,
+    /// One our server made (its mark), of this process's user or root: kept open.
+    Trusted(Identity),
+}
+
+/// What the FIFO `fd` is, to a client (see [`Found`]).
+fn found(fd: &OwnedFd) -> io::Result<Found> {
+    let stat = fs::fstat(fd)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Fifo {
+        return Ok(Found::NotAFifo);
+    }
+    let marked = Mode::from_raw_mode(stat.st_mode).contains(Mode::SVTX);
+    Ok(if marked && untrusted::us_or_root().contains(&stat.st_uid) {
+        Found::Trusted(Identity::of(&stat))
+    } else {
+        Found::PerRequest
+    })
 }
 
 /// Where our server names its stacks directory for its clients, when it takes stacks: the
@@ -104,21 +126,48 @@ pub fn stacks_sidecar(fifo: &Path) -> PathBuf {
     path.into()
 }
 
-/// The stacks directory named beside the FIFO `fifo`, opened at `path`. It must be in a
-/// regular file of the FIFO's owner (no other user can send the workers elsewhere), and an
-/// absolute path of at most `PATH_MAX` bytes. None if there is none, or it is not fit.
-fn announced_stacks_dir(path: &Path, fifo: &OwnedFd) -> Option<PathBuf> {
-    let owner = fs::fstat(fifo).ok()?.st_uid;
-    let file = untrusted::open(&stacks_sidecar(path), &[owner]).ok()??;
-    let mut read = untrusted::read_bounded(&file, 0, libc::PATH_MAX as usize).ok()?;
-    if read.cut {
-        return None;
-    }
+/// What a client learned from the stacks sidecar of the server it connected to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Announced {
+    /// The stacks directory the server named.
+    StacksDir(PathBuf),
+    /// A sidecar that is not fit to use, and why (never its content: the file may be
+    /// anything, a secret included).
+    Refused(String),
+}
+
+/// The stacks directory named beside the FIFO `fifo` (a trusted one, see [`Found`]), opened at
+/// `path`. None if there is no sidecar.
+fn announced_stacks_dir(path: &Path, fifo: &OwnedFd) -> Option<Announced> {
+    let sidecar = stacks_sidecar(path);
+    let refused = |reason: &dyn std::fmt::Display| {
+        let path = sidecar.display();
+        Some(Announced::Refused(format!("the stacks sidecar {path} is refused: {reason}")))
+    };
+    let mut read = match read_sidecar(&sidecar, fifo) {
+        Ok(Some(read)) => read,
+        Ok(None) => return None,
+        Err(err) => return refused(&err),
+    };
     if read.bytes.last() == Some(&b'\n') {
         read.bytes.pop();
     }
     let dir = PathBuf::from(OsString::from_vec(read.bytes));
-    dir.is_absolute().then_some(dir)
+    if read.cut || !dir.is_absolute() {
+        return refused(&"it does not hold an absolute path of at most PATH_MAX bytes");
+    }
+    Some(Announced::StacksDir(dir))
+}
+
+/// The sidecar's first `PATH_MAX` bytes, if it is a regular file of the FIFO's owner (no other
+/// user can send the workers elsewhere): not a link, not a FIFO, no other hard link.
+fn read_sidecar(
+    sidecar: &Path,
+    fifo: &OwnedFd,
+) -> Result<Option<untrusted::Bounded>, untrusted::Refused> {
+    let owner = fs::fstat(fifo).map_err(io::Error::from)?.st_uid;
+    let Some(file) = untrusted::open(sidecar, &[owner])? else { return Ok(None) };
+    Ok(Some(untrusted::read_bounded(&file, 0, libc::PATH_MAX as usize)?))
 }
 
 /// Removes the FIFO at `path` if it is still there.
@@ -522,26 +571,43 @@ pub fn send_line(path: &Path, line: &[u8], options: SendOptions) -> Result<(), S
 /// With torch's server each request opens the FIFO, writes one line and closes it, as torch's
 /// client does: torch's server reads with a blocking `readline` that only returns at end of
 /// file, so a client that kept the FIFO open would stall its watchdog loop. A FIFO our server
-/// created carries a mark (see `create`): then the FIFO is kept open between requests, and
-/// opened again when the server has gone. On each connection to a marked FIFO (the first
-/// request, and after a restart; not per request), the client reads the stacks directory the
-/// server names beside it (`stacks_sidecar`), for `take_stacks_dir`.
+/// created carries a mark (see `create`): then, if it belongs to this process's user or root
+/// (see [`Found`]), the FIFO is kept open between requests, and opened again when the server
+/// has gone or its path leads to another FIFO (looked at every [`PATH_CHECK`]). On each
+/// connection to such a FIFO (the first request, and after a restart; not per request), the
+/// client reads the stacks directory the server names beside it (`stacks_sidecar`), for
+/// `take_announced`.
 ///
-/// To our server, after the third request of a connection, the client offers a shared-memory
-/// ring (`crate::ring`): once the server has taken it, requests of this process go there,
-/// with no system call, and by FIFO again once the ring is full, too long for a scope,
-/// closed by the server, or inherited through a fork.
+/// To such a server, after the third request of a connection, the client offers a
+/// shared-memory ring (`crate::ring`): once the server has taken it, requests of this process
+/// go there, with no system call, and by FIFO again once the ring is full, too long for a
+/// scope, closed by the server, inherited through a fork, or the FIFO's path leads elsewhere.
 #[derive(Debug)]
 pub struct Client {
     path: PathBuf,
     options: SendOptions,
-    /// The open FIFO, while it is one of our servers'.
-    kept: Mutex<Option<OwnedFd>>,
-    /// The stacks directory our server named at the last connection, until taken.
-    stacks_dir: Mutex<Option<PathBuf>>,
+    /// The open FIFO, while it is a trusted one of our servers'.
+    kept: Mutex<Option<Kept>>,
+    /// When (`coarse_now_ns`) to look again whether the kept FIFO's path leads to it.
+    next_path_check: AtomicU64,
+    /// What the server named beside its FIFO at the last connection, until taken.
+    announced: Mutex<Option<Announced>>,
     /// The ring offered to our server, and taken (`ring::Channel` is this client's FIFO).
     pub ring: ring::Sender,
 }
+
+/// A FIFO a client keeps open.
+#[derive(Debug)]
+struct Kept {
+    fd: OwnedFd,
+    identity: Identity,
+}
+
+/// How often a client keeping a FIFO open looks whether the FIFO's path still leads to it
+/// (the server restarted while another process held the old FIFO open, or someone replaced
+/// it). A `stat` of the path costs 1.3-2 us, as much as a request (1.3 us here); once per
+/// interval it costs nothing.
+pub const PATH_CHECK: Duration = Duration::from_millis(50);
 
 impl Client {
     pub fn new(path: PathBuf, options: SendOptions) -> Self {
@@ -549,27 +615,57 @@ impl Client {
             path,
             options,
             kept: Mutex::new(None),
-            stacks_dir: Mutex::new(None),
+            next_path_check: AtomicU64::new(0),
+            announced: Mutex::new(None),
             ring: ring::Sender::default(),
         }
     }
 
-    fn kept(&self) -> MutexGuard<'_, Option<OwnedFd>> {
+    fn kept(&self) -> MutexGuard<'_, Option<Kept>> {
         self.kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The stacks directory a server taking stacks named when this client connected to it
-    /// (once per connection: None until the next one).
-    pub fn take_stacks_dir(&self) -> Option<PathBuf> {
-        self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    /// What the server named beside its FIFO when this client connected to it (once per
+    /// connection: None until the next one).
+    pub fn take_announced(&self) -> Option<Announced> {
+        self.announced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 
-    /// A request went through a new connection to `fifo`, one of our servers'.
-    fn connected(&self, fifo: &OwnedFd) {
-        self.ring.arm();
-        if let Some(dir) = announced_stacks_dir(&self.path, fifo) {
-            *self.stacks_dir.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(dir);
+    /// Lets go of the kept FIFO, and of the ring it carries, if the FIFO's path now leads
+    /// elsewhere (looked at every [`PATH_CHECK`]): the next request connects to what is there.
+    pub fn check_path(&self) {
+        // Most requests stop here: a read of the coarse clock (7 ns; the precise one, 50 ns,
+        // would add 2% to a request), no lock.
+        let now = coarse_now_ns();
+        if now < self.next_path_check.load(Ordering::Relaxed) {
+            return;
         }
+        let moved = {
+            let mut kept = self.kept();
+            let Some(open) = kept.as_ref() else { return };
+            self.next_path_check.store(now + PATH_CHECK.as_nanos() as u64, Ordering::Relaxed);
+            let moved = path_state(&self.path, open.identity) != PathState::Ours;
+            if moved {
+                *kept = None;
+            }
+            moved
+        };
+        // The ring's lock is never taken under the FIFO's.
+        if moved {
+            self.ring.leave();
+        }
+    }
+
+    /// A request went through a new connection to `fifo`, a trusted one of our servers'.
+    fn connected(&self, fd: OwnedFd, identity: Identity) -> Kept {
+        self.ring.arm();
+        if let Some(announced) = announced_stacks_dir(&self.path, &fd) {
+            *self.announced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                Some(announced);
+        }
+        let next_check = coarse_now_ns() + PATH_CHECK.as_nanos() as u64;
+        self.next_path_check.store(next_check, Ordering::Relaxed);
+        Kept { fd, identity }
     }
 
     /// Sends the line if that needs no waiting (a server reading, room in the pipe). Returns
@@ -579,33 +675,32 @@ impl Client {
         if line.len() > libc::PIPE_BUF {
             return Ok(false);
         }
+        self.check_path();
         let mut kept = self.kept();
-        let (fd, ours, new) = match kept.take() {
-            Some(fd) => (fd, true, false),
+        let (fd, found) = match kept.take() {
+            Some(open) => {
+                let written = rustix::io::write(&open.fd, line);
+                if written.is_ok() {
+                    *kept = Some(open);
+                }
+                return sent(written);
+            }
             None => {
                 let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
                 let Ok(fd) = fs::open(&self.path, flags, Mode::empty()) else {
                     return Ok(false);
                 };
-                match fifo_kind(&fd)? {
-                    Some(ours) => (fd, ours, true),
-                    None => return Ok(false),
+                match found(&fd)? {
+                    Found::NotAFifo => return Ok(false),
+                    found => (fd, found),
                 }
             }
         };
-        match rustix::io::write(&fd, line) {
-            Ok(_) => {
-                if ours {
-                    if new {
-                        self.connected(&fd);
-                    }
-                    *kept = Some(fd);
-                }
-                Ok(true)
-            }
-            Err(Errno::AGAIN | Errno::PIPE | Errno::INTR) => Ok(false),
-            Err(err) => Err(SendError::Io(err.into())),
+        let written = rustix::io::write(&fd, line);
+        if let (Ok(_), Found::Trusted(identity)) = (&written, found) {
+            *kept = Some(self.connected(fd, identity));
         }
+        sent(written)
     }
 
     /// Sends one request line (which must end with a newline), waiting as the options allow.
@@ -613,38 +708,49 @@ impl Client {
         if line.len() > MAX_LINE + 1 {
             return Err(SendError::TooLong(line.len() - 1));
         }
+        self.check_path();
         let mut kept = self.kept();
-        let mut reconnected = false;
-        loop {
-            let (fd, ours, new) = match kept.take() {
-                Some(fd) => (fd, true, false),
-                None => {
-                    reconnected = true;
-                    let (fd, ours) = connect(&self.path, self.options.connect_timeout)?;
-                    (fd, ours, true)
-                }
-            };
-            match write_all(&fd, line, self.options.send_timeout) {
+        if let Some(open) = kept.take() {
+            match write_all(&open.fd, line, self.options.send_timeout) {
                 Ok(()) => {
-                    if ours {
-                        if new {
-                            self.connected(&fd);
-                        }
-                        *kept = Some(fd);
-                    }
+                    *kept = Some(open);
                     return Ok(());
                 }
                 // Nobody reads this FIFO any more (the server stopped or restarted). A write
                 // of at most PIPE_BUF bytes is all or nothing, so sending again is safe.
-                Err(SendError::Io(source)) if source.kind() == io::ErrorKind::BrokenPipe => {
-                    if reconnected {
-                        let path = self.path.display().to_string();
-                        return Err(SendError::NoServer { path, source });
-                    }
-                }
+                Err(SendError::Io(source)) if source.kind() == io::ErrorKind::BrokenPipe => {}
                 Err(err) => return Err(err),
             }
         }
+        let (fd, found) = connect(&self.path, self.options.connect_timeout)?;
+        match write_all(&fd, line, self.options.send_timeout) {
+            Ok(()) => {
+                if let Found::Trusted(identity) = found {
+                    *kept = Some(self.connected(fd, identity));
+                }
+                Ok(())
+            }
+            Err(SendError::Io(source)) if source.kind() == io::ErrorKind::BrokenPipe => {
+                Err(SendError::NoServer { path: self.path.display().to_string(), source })
+            }
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: a few milliseconds behind, and cheap to read.
+fn coarse_now_ns() -> u64 {
+    let now = clock_gettime(ClockId::MonotonicCoarse);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// What a non-blocking write of a whole line came to: sent (true), or to be sent again by
+/// `send` (false).
+fn sent(written: rustix::io::Result<usize>) -> Result<bool, SendError> {
+    match written {
+        Ok(_) => Ok(true),
+        Err(Errno::AGAIN | Errno::PIPE | Errno::INTR) => Ok(false),
+        Err(err) => Err(SendError::Io(err.into())),
     }
 }
 
@@ -652,7 +758,7 @@ impl ring::Channel for Client {
     fn announce(&self, pid: i32, fd: i32) -> bool {
         let line = ring::announcement(pid, fd);
         match self.kept().as_ref() {
-            Some(kept) => matches!(rustix::io::write(kept, &line), Ok(n) if n == line.len()),
+            Some(kept) => matches!(rustix::io::write(&kept.fd, &line), Ok(n) if n == line.len()),
             None => false,
         }
     }
@@ -660,13 +766,13 @@ impl ring::Channel for Client {
     /// An empty line; false if the FIFO has no reader.
     fn wake(&self) -> bool {
         let kept = self.kept();
-        let Some(fd) = kept.as_ref() else { return false };
+        let Some(open) = kept.as_ref() else { return false };
         // A full pipe wakes the server anyway.
-        !matches!(rustix::io::write(fd, b"\n"), Err(Errno::PIPE))
+        !matches!(rustix::io::write(&open.fd, b"\n"), Err(Errno::PIPE))
     }
 }
 
-fn connect(path: &Path, timeout: Duration) -> Result<(OwnedFd, bool), SendError> {
+fn connect(path: &Path, timeout: Duration) -> Result<(OwnedFd, Found), SendError> {
     let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let deadline = Instant::now() + timeout;
     let no_server =
@@ -674,11 +780,13 @@ fn connect(path: &Path, timeout: Duration) -> Result<(OwnedFd, bool), SendError>
     loop {
         match fs::open(path, flags, Mode::empty()) {
             Ok(fd) => {
-                let Some(ours) = fifo_kind(&fd)? else {
-                    let not_a_fifo = io::Error::new(io::ErrorKind::InvalidInput, "not a FIFO");
-                    return Err(no_server(not_a_fifo));
+                return match found(&fd)? {
+                    Found::NotAFifo => {
+                        let not_a_fifo = io::Error::new(io::ErrorKind::InvalidInput, "not a FIFO");
+                        Err(no_server(not_a_fifo))
+                    }
+                    found => Ok((fd, found)),
                 };
-                return Ok((fd, ours));
             }
             // No FIFO yet, or nobody reading it: the server may be starting.
             Err(err @ (Errno::NOENT | Errno::NXIO)) => {
@@ -943,9 +1051,9 @@ mod tests {
         let mut reader = Reader::open(&path).expect("open");
         let client = Client::new(path.clone(), OPTIONS);
         assert!(client.try_send(b"first\n").expect("try"));
-        assert_eq!(client.take_stacks_dir(), Some(PathBuf::from("/run/job/stacks")));
+        assert_eq!(client.take_announced(), Some(stacks_dir("/run/job/stacks")));
         client.send(b"second\n").expect("send");
-        assert_eq!(client.take_stacks_dir(), None, "read once per connection, not per request");
+        assert_eq!(client.take_announced(), None, "read once per connection, not per request");
         assert_eq!(collect(&mut reader), ["first", "second"]);
         // A restart: the next connection reads it again.
         drop(reader);
@@ -953,34 +1061,51 @@ mod tests {
         std::fs::write(&sidecar, "/run/job/stacks-2").expect("write");
         reader = Reader::open(&path).expect("reopen");
         client.send(b"third\n").expect("send after the restart");
-        assert_eq!(client.take_stacks_dir(), Some(PathBuf::from("/run/job/stacks-2")));
+        assert_eq!(client.take_announced(), Some(stacks_dir("/run/job/stacks-2")));
         assert_eq!(collect(&mut reader), ["third"]);
         drop(reader);
         remove(&path).expect("rm");
         std::fs::remove_file(&sidecar).expect("rm");
     }
 
+    fn stacks_dir(path: &str) -> Announced {
+        Announced::StacksDir(path.into())
+    }
+
     #[test]
-    fn a_stacks_sidecar_that_is_not_the_servers_is_ignored() {
+    fn a_stacks_sidecar_that_is_not_the_servers_is_refused_without_its_content() {
         let path = temp_fifo("bad-sidecar");
         let sidecar = stacks_sidecar(&path);
         let target = std::env::temp_dir().join(format!("et-fifo-{}-target", std::process::id()));
-        std::fs::write(&target, "/elsewhere\n").expect("write");
+        std::fs::write(&target, "/secret\n").expect("write");
         let fifo = fs::open(&path, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).expect("open");
+        let refusal = |reason: &str| {
+            let sidecar = sidecar.display();
+            Some(Announced::Refused(format!("the stacks sidecar {sidecar} is refused: {reason}")))
+        };
         let announced = || announced_stacks_dir(&path, &fifo);
+        assert_eq!(announced(), None, "no sidecar: a server not taking stacks");
         std::os::unix::fs::symlink(&target, &sidecar).expect("symlink");
-        assert_eq!(announced(), None, "a symbolic link");
+        assert_eq!(announced(), refusal("it is a symbolic link"));
         std::fs::remove_file(&sidecar).expect("rm");
+        std::fs::hard_link(&target, &sidecar).expect("link");
+        assert_eq!(announced(), refusal("it has 2 hard links (a link to another file)"));
+        std::fs::remove_file(&sidecar).expect("rm");
+        fs::mkfifoat(CWD, &sidecar, Mode::from_raw_mode(0o600)).expect("mkfifo");
+        assert_eq!(announced(), refusal("it is not a regular file"));
+        std::fs::remove_file(&sidecar).expect("rm");
+        let not_a_path = "it does not hold an absolute path of at most PATH_MAX bytes";
         std::fs::write(&sidecar, "relative/dir\n").expect("write");
-        assert_eq!(announced(), None, "not an absolute path");
+        assert_eq!(announced(), refusal(not_a_path));
         std::fs::write(&sidecar, format!("/{}", "x".repeat(libc::PATH_MAX as usize)))
             .expect("write");
-        assert_eq!(announced(), None, "longer than PATH_MAX");
+        assert_eq!(announced(), refusal(not_a_path));
         std::fs::write(&sidecar, "/run/job/stacks\n").expect("write");
-        assert_eq!(announced(), Some(PathBuf::from("/run/job/stacks")));
+        assert_eq!(announced(), Some(stacks_dir("/run/job/stacks")));
         // Another user's file (chown needs root, as the suite runs).
         std::os::unix::fs::chown(&sidecar, Some(54321), None).expect("chown (needs root)");
-        assert_eq!(announced(), None, "not the FIFO owner's");
+        let me = rustix::process::geteuid().as_raw();
+        assert_eq!(announced(), refusal(&format!("it belongs to uid 54321, not to uid {me}")));
         std::fs::remove_file(&sidecar).expect("rm");
         std::fs::remove_file(&target).expect("rm");
         // torch's server leaves a plain FIFO: a sidecar beside it is never read.
@@ -990,7 +1115,7 @@ mod tests {
         let mut reader = Reader::open(&path).expect("open");
         let client = Client::new(path.clone(), OPTIONS);
         client.send(b"x\n").expect("send");
-        assert_eq!(client.take_stacks_dir(), None);
+        assert_eq!(client.take_announced(), None);
         assert_eq!(collect(&mut reader), ["x"]);
         remove(&path).expect("rm");
         std::fs::remove_file(&sidecar).expect("rm");
@@ -1095,5 +1220,63 @@ mod tests {
         endpoint.close(|_| {});
         endpoint.unlink();
         std::fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_marked_fifo_of_another_user_is_used_per_request_without_sidecar_or_ring() {
+        // Another user made a FIFO with our mark, and a sidecar, while our server was away.
+        let path = temp_fifo("theirs");
+        let sidecar = stacks_sidecar(&path);
+        std::fs::write(&sidecar, "/their/stacks\n").expect("write");
+        for file in [&path, &sidecar] {
+            std::os::unix::fs::chown(file, Some(65534), Some(65534)).expect("chown (needs root)");
+        }
+        let mut reader = Reader::open(&path).expect("open");
+        let client = Client::new(path.clone(), OPTIONS);
+        for i in 0..5 {
+            if i % 2 == 0 {
+                assert!(client.try_send(b"line\n").expect("try"));
+            } else {
+                client.send(b"line\n").expect("send");
+            }
+            assert!(client.kept().is_none(), "not kept open");
+            assert!(client.take_announced().is_none(), "its sidecar is not read");
+            assert!(!client.ring.is_armed(), "no ring is offered to it");
+        }
+        assert_eq!(collect(&mut reader), ["line"; 5]);
+        // Our server comes back: it replaces the FIFO, and the next request reaches it.
+        create(&path, None).expect("mkfifo");
+        std::fs::remove_file(&sidecar).expect("rm");
+        let mut ours = Reader::open(&path).expect("open");
+        client.send(b"to ours\n").expect("send");
+        assert!(client.kept().is_some(), "ours is kept open");
+        assert!(client.ring.is_armed(), "and may get a ring");
+        assert_eq!(collect(&mut ours), ["to ours"]);
+        assert!(collect(&mut reader).is_empty());
+        remove(&path).expect("rm");
+    }
+
+    #[test]
+    fn a_kept_fifo_is_left_once_its_path_leads_to_another_one() {
+        let path = temp_fifo("replaced");
+        let mut old = Reader::open(&path).expect("open");
+        let client = Client::new(path.clone(), OPTIONS);
+        client.send(b"first\n").expect("send");
+        assert_eq!(collect(&mut old), ["first"]);
+        // Another server took the path while the old one still reads its FIFO.
+        create(&path, None).expect("mkfifo");
+        let mut new = Reader::open(&path).expect("open");
+        let started = Instant::now();
+        loop {
+            client.send(b"next\n").expect("send");
+            if collect(&mut new) == ["next"] {
+                break;
+            }
+            assert_eq!(collect(&mut old), ["next"], "until it looks at the path");
+            assert!(started.elapsed() < Duration::from_secs(10), "never reconnected");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(collect(&mut old).is_empty());
+        remove(&path).expect("rm");
     }
 }

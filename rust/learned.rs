@@ -42,13 +42,15 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fs::File;
 use std::hash::Hash;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::mem;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+use crate::untrusted;
 
 /// Scopes longer than this are not learned (a `with` line's scope is `file:line`).
 pub const MAX_SCOPE_BYTES: usize = 1024;
@@ -466,7 +468,7 @@ pub enum StateError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot read the state file {}: {source}", path.display())]
-    Read { path: PathBuf, source: io::Error },
+    Read { path: PathBuf, source: untrusted::Refused },
     #[error("cannot load the state file {}: {problem}", path.display())]
     Invalid { path: PathBuf, problem: Problem },
     #[error("cannot save the state file {}: {source}", path.display())]
@@ -532,12 +534,14 @@ impl<K: Copy + Eq + Hash> Learner<K> {
     pub fn load(config: LearnConfig, path: &Path) -> Result<Self, StateError> {
         let mut learner = Self::new(config)?;
         let invalid = |problem| StateError::Invalid { path: path.to_owned(), problem };
-        let bytes = match read_bounded(path) {
+        let bytes = match read_state(path) {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return Err(invalid(Problem::TooLarge)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(learner),
+            Ok(None) => return Ok(learner),
             Err(source) => return Err(StateError::Read { path: path.to_owned(), source }),
         };
+        if bytes.len() as u64 > MAX_STATE_BYTES {
+            return Err(invalid(Problem::TooLarge));
+        }
         let state = parse(&bytes).map_err(invalid)?;
         for record in state.scopes.into_iter().take(learner.config.max_scopes) {
             learner.restore(record).map_err(invalid)?;
@@ -629,11 +633,12 @@ pub fn write_state(path: &Path, content: &[u8]) -> Result<(), StateError> {
     write().map_err(|source| StateError::Write { path: path.to_owned(), source })
 }
 
-/// The file's bytes; None when it is larger than [`MAX_STATE_BYTES`].
-fn read_bounded(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    let mut bytes = Vec::new();
-    File::open(path)?.take(MAX_STATE_BYTES + 1).read_to_end(&mut bytes)?;
-    Ok((bytes.len() as u64 <= MAX_STATE_BYTES).then_some(bytes))
+/// The bytes of the state file at `path`, up to one past [`MAX_STATE_BYTES`]; None if
+/// there is none. Whoever can write it chooses the timeouts the server enforces, so it is
+/// read only if it is private to this process's user or root (see
+/// [`untrusted::read_private`]); `elastic-timer timeouts` reads it with the same rule.
+fn read_state(path: &Path) -> Result<Option<Vec<u8>>, untrusted::Refused> {
+    untrusted::read_private(path, MAX_STATE_BYTES as usize)
 }
 
 fn parse(bytes: &[u8]) -> Result<StateFile<'static>, Problem> {
@@ -1091,6 +1096,55 @@ mod tests {
     fn an_unreadable_path_is_a_read_error() {
         let dir = scratch();
         assert!(matches!(load(dir.path()), Err(StateError::Read { .. })));
+    }
+
+    #[test]
+    fn a_file_someone_else_could_have_written_is_refused_unread() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch();
+        let path = dir.path().join("state.json");
+        learner(config()).save(&path).expect("saved");
+        load(&path).expect("a private file of ours loads");
+        let refusal = |path: &Path| match load(path) {
+            Err(StateError::Read { source, .. }) => source.to_string(),
+            other => panic!("loaded: {other:?}"),
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        assert_eq!(refusal(&path), "group or others may write it (mode 0666)");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        assert_eq!(refusal(&link), "it is a symbolic link");
+        // A FIFO would block a plain open until someone opened it to write.
+        let fifo = dir.path().join("fifo.json");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600))
+            .expect("mkfifo");
+        assert_eq!(refusal(&fifo), "it is not a regular file");
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, Some(65534), None).expect("chown");
+            assert_eq!(refusal(&path), "it belongs to uid 65534, not to uid 0");
+        }
+    }
+
+    #[test]
+    fn saving_replaces_what_someone_put_at_the_path_and_writes_nothing_else() {
+        let dir = scratch();
+        let target = dir.path().join("shell-startup");
+        std::fs::write(&target, "kept\n").expect("written");
+        for name in ["symlink.json", "hardlink.json"] {
+            let path = dir.path().join(name);
+            if name == "symlink.json" {
+                std::os::unix::fs::symlink(&target, &path).expect("symlink");
+            } else {
+                std::fs::hard_link(&target, &path).expect("link");
+            }
+            learner(config()).save(&path).expect("saved");
+            // The name now holds a new file of ours; the file it led to is as it was.
+            let saved = std::fs::symlink_metadata(&path).expect("stat");
+            assert!(saved.file_type().is_file(), "{name}");
+            load(&path).expect("ours, private: it loads");
+            assert_eq!(std::fs::read_to_string(&target).expect("read"), "kept\n", "{name}");
+        }
     }
 
     #[test]

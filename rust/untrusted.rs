@@ -1,21 +1,23 @@
-//! Reading files that someone else may have put there.
+//! Files that someone else may have put there.
 //!
 //! A stacks directory that other users can write, or the directory of a FIFO (often `/tmp`),
 //! may hold, under the name the reader expects, a symbolic link to a file it should not show,
 //! a FIFO that would block it, a hard link to someone else's file, or a file of another user.
 //! A server running as root would follow all of them. Here a path is opened without
 //! following a link and without blocking, checked on the open file (so it cannot be swapped
-//! between the check and the read), and read up to a bound.
+//! between the check and the read), and read up to a bound. The same checks guard the files
+//! the server appends to (`open_append`).
 
 use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rustix::fs::{self, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
-/// Why a file was not read.
+/// Why a file was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     #[error("it is a symbolic link")]
@@ -26,29 +28,84 @@ pub enum Refused {
     Owner { owner: u32, expected: String },
     #[error("it has {0} hard links (a link to another file)")]
     HardLinked(u64),
+    #[error("group or others may write it (mode {0:04o})")]
+    Writable(u32),
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
+/// The owners a file this process trusts may have: this process's effective uid, and root.
+pub fn us_or_root() -> [u32; 2] {
+    [rustix::process::geteuid().as_raw(), 0]
+}
+
+const NEVER_BLOCK: OFlags =
+    OFlags::NOFOLLOW.union(OFlags::NONBLOCK).union(OFlags::NOCTTY).union(OFlags::CLOEXEC);
+
 /// Opens `path` for reading if it is a regular file of one of the uids `owners`, is not a
 /// symbolic link, and has no other hard link. None if nothing is there.
 pub fn open(path: &Path, owners: &[u32]) -> Result<Option<File>, Refused> {
-    let flags =
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
-    let fd = match fs::open(path, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(Errno::NOENT) => return Ok(None),
-        Err(Errno::LOOP) => return Err(Refused::Symlink),
-        Err(err) => return Err(Refused::Io(err.into())),
+    open_checked(path, owners, false)
+}
+
+/// [`open`], refusing also a file that group or others may write (whoever could write it
+/// could choose what this process reads).
+pub fn open_private(path: &Path, owners: &[u32]) -> Result<Option<File>, Refused> {
+    open_checked(path, owners, true)
+}
+
+fn open_checked(path: &Path, owners: &[u32], private: bool) -> Result<Option<File>, Refused> {
+    match fs::open(path, OFlags::RDONLY | NEVER_BLOCK, Mode::empty()) {
+        Ok(fd) => checked(fd, owners, private).map(Some),
+        Err(Errno::NOENT) => Ok(None),
+        Err(err) => Err(refusal(err)),
+    }
+}
+
+/// The content of `path`, up to `limit + 1` bytes (more than `limit`: the file is larger),
+/// if it is a regular file of this process's user or root that group and others cannot
+/// write, not a link, with no other hard link ([`open_private`]). None if nothing is there.
+/// For files whose content this process acts on (a state file, a signal number).
+pub fn read_private(path: &Path, limit: usize) -> Result<Option<Vec<u8>>, Refused> {
+    let Some(file) = open_private(path, &us_or_root())? else {
+        return Ok(None);
     };
+    Ok(Some(read_bounded(&file, 0, limit + 1)?.bytes))
+}
+
+/// Opens `path` for appending, creating it (mode 0600) if nothing is there, if it is a
+/// regular file of this process's effective uid that is not a symbolic link and has no
+/// other hard link. Never waits: a FIFO there is refused at once, with or without a reader.
+pub fn open_append(path: &Path) -> Result<File, Refused> {
+    let flags = OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | NEVER_BLOCK;
+    let fd = fs::open(path, flags, Mode::from_raw_mode(0o600)).map_err(refusal)?;
+    checked(fd, &[rustix::process::geteuid().as_raw()], false)
+}
+
+fn refusal(err: Errno) -> Refused {
+    match err {
+        Errno::LOOP => Refused::Symlink,
+        // A FIFO (or socket) without a reader, opened to write without blocking.
+        Errno::NXIO => Refused::NotRegular,
+        err => Refused::Io(err.into()),
+    }
+}
+
+/// The open file `fd`, if it is what the caller expects (checked on the fd itself, so the
+/// path cannot be swapped meanwhile).
+fn checked(fd: OwnedFd, owners: &[u32], private: bool) -> Result<File, Refused> {
     let stat = fs::fstat(&fd).map_err(io::Error::from)?;
     if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
         return Err(Refused::NotRegular);
     }
     if !owners.contains(&stat.st_uid) {
-        let expected = match owners {
+        let mut uids = owners.to_vec();
+        uids.sort_unstable();
+        uids.dedup();
+        let expected = match uids.as_slice() {
             [uid] => format!("uid {uid}"),
-            _ => format!("any of uids {owners:?}"),
+            [0, uid] => format!("uid {uid} or root"),
+            uids => format!("any of uids {uids:?}"),
         };
         return Err(Refused::Owner { owner: stat.st_uid, expected });
     }
@@ -57,7 +114,12 @@ pub fn open(path: &Path, owners: &[u32]) -> Result<Option<File>, Refused> {
     if links != 1 {
         return Err(Refused::HardLinked(links));
     }
-    Ok(Some(File::from(fd)))
+    #[allow(clippy::unnecessary_cast)]
+    let mode = stat.st_mode as u32 & 0o7777;
+    if private && mode & 0o022 != 0 {
+        return Err(Refused::Writable(mode));
+    }
+    Ok(File::from(fd))
 }
 
 /// What [`read_bounded`] read.
@@ -70,10 +132,14 @@ pub struct Bounded {
 
 /// Up to `limit` bytes of `file` from `offset`.
 pub fn read_bounded(file: &File, offset: u64, limit: usize) -> io::Result<Bounded> {
-    // One byte past the bound tells whether there was more.
-    let mut bytes = vec![0; limit + 1];
+    // One byte past the bound tells whether there was more. The buffer grows as the file
+    // turns out to be long (a bound of 64 MiB is no reason to allocate it for a small file).
+    let mut bytes = Vec::new();
     let mut len = 0;
-    while len < bytes.len() {
+    while len <= limit {
+        if len == bytes.len() {
+            bytes.resize((len * 2).max(4096).min(limit + 1), 0);
+        }
         match file.read_at(&mut bytes[len..], offset + len as u64) {
             Ok(0) => break,
             Ok(n) => len += n,
@@ -147,8 +213,69 @@ mod tests {
             fs::chown(&secret, Some(rustix::fs::Uid::from_raw(4242)), None).expect("chown");
             assert_eq!(
                 refusal(&secret, &[0, 1000]),
-                "it belongs to uid 4242, not to any of uids [0, 1000]"
+                "it belongs to uid 4242, not to uid 1000 or root"
             );
+        }
+        std::fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn a_private_file_is_one_that_group_and_others_cannot_write() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("private");
+        let path = dir.join("state");
+        std::fs::write(&path, b"{}").expect("write");
+        for (mode, refused) in [(0o600, false), (0o644, false), (0o620, true), (0o606, true)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            match open_private(&path, &us_or_root()) {
+                Ok(Some(_)) => assert!(!refused, "{mode:o} read"),
+                Err(err) => {
+                    assert!(refused, "{mode:o}: {err}");
+                    assert_eq!(
+                        err.to_string(),
+                        format!("group or others may write it (mode {mode:04o})")
+                    );
+                }
+                Ok(None) => panic!("there"),
+            }
+        }
+        std::fs::remove_dir_all(&dir).expect("rm");
+    }
+
+    #[test]
+    fn appending_creates_a_private_file_and_refuses_what_it_must_not_write() {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir("append");
+        let path = dir.join("events");
+        open_append(&path).expect("created").write_all(b"one\n").expect("write");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        open_append(&path).expect("opened").write_all(b"two\n").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"one\ntwo\n");
+
+        let target = dir.join("target");
+        let symlink = dir.join("symlink");
+        std::os::unix::fs::symlink(&target, &symlink).expect("symlink");
+        assert_eq!(open_append(&symlink).expect_err("link").to_string(), "it is a symbolic link");
+        assert!(!target.exists(), "a dangling link's target is not created");
+        let hard = dir.join("hard");
+        std::fs::hard_link(&path, &hard).expect("link");
+        assert!(matches!(open_append(&hard), Err(Refused::HardLinked(2))));
+        // A FIFO is refused at once, whether or not something reads it.
+        let fifo = dir.join("fifo");
+        fs::mkfifoat(fs::CWD, &fifo, Mode::from_raw_mode(0o600)).expect("mkfifo");
+        assert!(matches!(open_append(&fifo), Err(Refused::NotRegular)));
+        let reader =
+            fs::open(&fifo, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty()).expect("open");
+        assert!(matches!(open_append(&fifo), Err(Refused::NotRegular)));
+        drop(reader);
+        if me() == 0 {
+            let theirs = dir.join("theirs");
+            std::fs::write(&theirs, b"kept").expect("write");
+            fs::chown(&theirs, Some(rustix::fs::Uid::from_raw(4242)), None).expect("chown");
+            assert!(matches!(open_append(&theirs), Err(Refused::Owner { owner: 4242, .. })));
+            assert_eq!(std::fs::read(&theirs).expect("read"), b"kept");
         }
         std::fs::remove_dir_all(&dir).expect("rm");
     }

@@ -24,11 +24,14 @@ __all__ = [
     "Server",
     "Stacks",
     "Unreapable",
+    "UnsafeFile",
     "WorkerExited",
     "__version__",
     "decode_json_line",
     "decode_pickle",
     "encode_json_line",
+    "open_append",
+    "read_private_file",
 ]
 
 PIPE_BUF: int
@@ -205,8 +208,12 @@ class Server:
 @final
 class FifoClient:
     def __new__(cls, path: str, connect_timeout: float, send_timeout: float) -> FifoClient: ...
-    def send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> Path | None: ...
-    def send_own(self, scope_id: str, expiration_time: float, signal: int) -> Path | None: ...
+    # A Path: the stacks directory a server named when this request connected to it; a str:
+    # why its stacks sidecar was refused.
+    def send(
+        self, pid: int, scope_id: str, expiration_time: float, signal: int
+    ) -> Path | str | None: ...
+    def send_own(self, scope_id: str, expiration_time: float, signal: int) -> Path | str | None: ...
 
 @final
 class QueueWriter:
@@ -218,3 +225,7 @@ class QueueWriter:
 def encode_json_line(pid: int, scope_id: str, expiration_time: float, signal: int) -> bytes: ...
 def decode_json_line(line: bytes) -> _RequestTuple: ...
 def decode_pickle(payload: bytes) -> _RequestTuple: ...
+def read_private_file(path: str, limit: int) -> bytes: ...
+def open_append(path: str) -> int: ...
+
+class UnsafeFile(OSError): ...

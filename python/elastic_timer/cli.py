@@ -21,8 +21,10 @@ from typing import Any
 from .diagnostics import (
     DEFAULT_MAX_TIMERS,
     DEFAULT_MAX_WORKER_TIMERS,
+    EVENT_LOG_ENV,
     STACKS_DIR_ENV,
     STACKS_SIDECAR_SUFFIX,
+    open_event_log,
     parse_count,
     parse_stack_signal,
 )
@@ -60,8 +62,9 @@ torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_ST
 ELASTIC_TIMER_ESCALATE_AFTER, ELASTIC_TIMER_DRY_RUN, ELASTIC_TIMER_EVENT_LOG,
 ELASTIC_TIMER_MAX_TIMERS and ELASTIC_TIMER_MAX_WORKER_TIMERS.
 
-exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments; 1 when the FIFO or the metrics
-address cannot be set up (for example permission denied, or the port is taken).
+exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments (an event log that is a link, a
+FIFO, a hard link or another user's file among them); 1 when the FIFO or the metrics address
+cannot be set up (for example permission denied, or the port is taken).
 
 example:
   elastic-timer serve --fifo /run/job-42/timer.fifo --escalate-after 30 \\
@@ -337,6 +340,14 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         directory = os.path.dirname(os.path.abspath(args.event_log))
         if not os.path.isdir(directory):
             parser.error(f"--event-log: directory {directory} does not exist")
+    # Refused now, rather than as the server starts (a warning, and no event log).
+    event_log = args.event_log or os.environ.get(EVENT_LOG_ENV)
+    if event_log:
+        option = "--event-log" if args.event_log else EVENT_LOG_ENV
+        try:
+            open_event_log(event_log).close()
+        except OSError as e:
+            parser.error(f"{option}: cannot append to {event_log}: {e.strerror or e}")
     if args.state_file is not None:
         directory = os.path.dirname(os.path.abspath(args.state_file))
         if not os.path.isdir(directory):

@@ -54,6 +54,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, TypedDict
 
+from . import _native
+
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
@@ -87,6 +89,7 @@ DEFAULT_MAX_TIMERS = 100_000
 DEFAULT_STACK_SIGNAL = _signal.SIGUSR2
 # In the stacks directory: the signal number workers arm faulthandler on.
 _SIGNAL_FILE = "signal"
+_MAX_SIGNAL_BYTES = 16
 # Beside a File server's FIFO: the path of its stacks directory (read by FileTimerClient).
 STACKS_SIDECAR_SUFFIX = ".stacks"
 
@@ -429,6 +432,14 @@ class Diagnostics:
             shutil.rmtree(self.stacks_dir, ignore_errors=True)
 
 
+def open_event_log(path: str) -> IO[str]:
+    """The event log at ``path``, opened to append, created (mode 0600) if missing. The server
+    may be root, in a directory others can write: the file must be a regular file of this
+    process's user, reached without a link, with no other hard link, and a FIFO there is
+    refused at once. ``UnsafeFile`` (an ``OSError``) says which it is not."""
+    return os.fdopen(_native.open_append(path), "a", encoding="utf-8", buffering=1)
+
+
 class EventSink:
     """Writes each event as one JSON line to a file and/or hands it to a callback. Neither
     ever stops the server: a failing write or callback is logged (a write failure once)."""
@@ -436,7 +447,10 @@ class EventSink:
     def __init__(self, path: str | None, callback: EventCallback | None) -> None:
         self._file: IO[str] | None = None
         if path is not None:
-            self._file = open(path, "a", encoding="utf-8", buffering=1)
+            try:
+                self._file = open_event_log(path)
+            except _native.UnsafeFile as e:
+                logger.warning("The event log %s is refused, so there is none: %s", path, e)
         self._callback = callback
         self._lock = threading.Lock()
         self._write_failed = False
@@ -505,8 +519,7 @@ def arm_stack_dump(directory: str | None = None) -> bool:
     if _failed == (pid, directory):
         return False
     try:
-        with open(os.path.join(directory, _SIGNAL_FILE)) as f:
-            signum = parse_signal(f.read().strip())
+        signum = _read_stack_signal(directory)
         path = os.path.join(directory, f"{pid}-{_start_time()}.stacks")
         file = os.fdopen(_create_new(path, 0o666), "w", encoding="utf-8")
         # faulthandler keeps the file open.
@@ -527,6 +540,21 @@ def arm_stack_dump(directory: str | None = None) -> bool:
             faulthandler.unregister(previous[2])
         previous[3].close()
     return True
+
+
+def _read_stack_signal(directory: str) -> int:
+    """The signal a server named in its stacks directory. The directory may be writable by
+    others: the file must be private to this process's user or root, and what it holds is
+    never shown (it could be a link to a secret)."""
+    path = os.path.join(directory, _SIGNAL_FILE)
+    try:
+        data = _native.read_private_file(path, _MAX_SIGNAL_BYTES)
+    except _native.UnsafeFile as e:
+        raise OSError(f"{path} is refused: {e}") from None
+    try:
+        return parse_signal(data.decode("ascii"))
+    except ValueError:  # UnicodeDecodeError is one
+        raise ValueError(f"{path} does not hold a signal number") from None
 
 
 def _rearm_in_child() -> None:

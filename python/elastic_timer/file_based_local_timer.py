@@ -121,10 +121,13 @@ class FileTimerClient(TimerClient):
         return fifo
 
     @staticmethod
-    def _sent(stacks_dir: object) -> None:
-        # Not None only when the request connected to a server taking stacks.
-        if stacks_dir is not None:
-            arm_stack_dump(str(stacks_dir))
+    def _sent(announced: object) -> None:
+        # Not None only when the request opened a connection to a server naming its stacks
+        # directory beside its FIFO.
+        if isinstance(announced, str):
+            logger.warning("%s", announced)  # why its stacks sidecar was refused
+        elif announced is not None:
+            arm_stack_dump(str(announced))
 
     def _send(self, pid: int, scope_id: str, expiration_time: float, signal: int) -> None:
         self._sent((self._fifo or self._connect()).send(pid, scope_id, expiration_time, signal))

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from . import _native
+
 __all__ = [
     "MAX_STATE_BYTES",
     "STATE_FORMAT",
@@ -50,8 +52,8 @@ DURATIONS = ("p50", "p99", "max", "after", "suggested")
 def read_state(path: str) -> list[ScopeFigures]:
     """The scopes of the state file at ``path``, in the file's order."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_STATE_BYTES + 1)
+        # The server's own rule (rust/learned.rs): a file private to this user or root.
+        data = _native.read_private_file(path, MAX_STATE_BYTES)
     except OSError as e:
         raise StateFileError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) > MAX_STATE_BYTES:

@@ -133,12 +133,17 @@ impl Sender {
                     thread::sleep(Duration::from_micros(200));
                 }
                 Pushed::Full => {
-                    if let Some(writer) = self.lock().take() {
-                        writer.abandon();
-                    }
+                    self.leave();
                     return false;
                 }
             }
+        }
+    }
+
+    /// Gives up the ring, if there is one: requests go by the channel from now on.
+    pub fn leave(&self) {
+        if let Some(writer) = self.lock().take() {
+            writer.abandon();
         }
     }
 
