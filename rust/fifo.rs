@@ -1228,10 +1228,11 @@ mod tests {
         let path = temp_fifo("theirs");
         let sidecar = stacks_sidecar(&path);
         std::fs::write(&sidecar, "/their/stacks\n").expect("write");
+        // Their server's read end (opened before the chown: a server opens only its own FIFO).
+        let mut reader = Reader::open(&path).expect("open");
         for file in [&path, &sidecar] {
             std::os::unix::fs::chown(file, Some(65534), Some(65534)).expect("chown (needs root)");
         }
-        let mut reader = Reader::open(&path).expect("open");
         let client = Client::new(path.clone(), OPTIONS);
         for i in 0..5 {
             if i % 2 == 0 {
