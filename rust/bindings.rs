@@ -60,7 +60,6 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
 struct Options {
     max_interval: f64,
     signal_self: bool,
-    delegate_reaps: bool,
     descendants_only: bool,
     dry_run: bool,
     escalate_after: Option<f64>,
@@ -105,7 +104,8 @@ impl Options {
             adaptive,
             max_interval: seconds(self.max_interval, "max_interval")?,
             signal_self: self.signal_self,
-            delegate_reaps: self.delegate_reaps,
+            // Decided at each start (`PyServer::start`).
+            delegate_reaps: false,
             max_pidfds: reaper::pidfd_budget(),
             descendants_only: self.descendants_only,
             dry_run: self.dry_run,
@@ -441,9 +441,15 @@ impl PyServer {
         self.owner.pid()
     }
 
-    fn start(&self, py: Python<'_>) -> PyResult<()> {
+    /// Starts the loop; `delegate_reaps`: hand expiries to the caller (a `_reap_worker`
+    /// override) instead of signalling them.
+    fn start(&self, py: Python<'_>, delegate_reaps: bool) -> PyResult<()> {
         self.owned()?;
-        let receiver = py.detach(|| lock(&self.server).start())?;
+        let receiver = py.detach(|| {
+            let mut server = lock(&self.server);
+            server.delegate_reaps(delegate_reaps)?;
+            server.start()
+        })?;
         *lock(&self.events) = Some(receiver);
         Ok(())
     }
@@ -490,6 +496,12 @@ impl PyServer {
 
     fn timers(&self, py: Python<'_>) -> Vec<RequestTuple> {
         py.detach(|| lock(&self.server).timers()).into_iter().map(to_tuple).collect()
+    }
+
+    /// The events reported while no loop runs (see `Server::take_undelivered`).
+    fn take_undelivered(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let events = py.detach(|| lock(&self.server).take_undelivered());
+        events.into_iter().map(|event| event_object(py, event)).collect()
     }
 
     /// Counts and reports a request that Python could not make sense of.

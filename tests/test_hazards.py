@@ -292,3 +292,32 @@ def test_a_reused_pid_is_never_signalled_for_a_dead_worker() -> None:
     assert result["many"]["pid_reused"] is True
     assert result["many"]["innocent_status"] is None, "an innocent process was SIGKILLed"
     assert result["many"]["timer_dropped"] is True
+
+
+EARLY_REFUSAL_SCENARIO = """
+path = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+file_server = FileTimerServer(path, "early", max_interval=0.1, signal_self=False)
+local_server = LocalTimerServer(mp.get_context("fork").Queue(), max_interval=0.1)
+past = time.time() - 1
+file_server.register_timers([FileTimerRequest(-7, "early", past, signal.SIGKILL)])
+local_server.register_timers([TimerRequest(0, "early", past)])
+result = {"before_start": [r for r in records if "Refusing" in r["message"]]}
+for server in (file_server, local_server):
+    server.start()
+    server.stop()  # after the reporter has said all it had to
+result["after_stop"] = [r for r in records if "Refusing" in r["message"]]
+result["refused"] = [file_server.stats()["refused"], local_server.stats()["refused"]]
+report(result)
+"""
+
+
+def test_a_refusal_before_start_is_logged_at_once_and_only_once() -> None:
+    """A request refused by ``register_timers`` before ``start()`` is counted and logged then
+    (not left for a loop that may never run), and not logged again when the loop starts."""
+    result = run_in_new_pid_namespace(EARLY_REFUSAL_SCENARIO)
+    assert result["refused"] == [1, 1]
+    before = result["before_start"]
+    assert [r["level"] for r in before] == ["ERROR", "ERROR"]
+    assert "pid -7 does not name a single worker process" in before[0]["message"]
+    assert "pid 0 does not name a single worker process" in before[1]["message"]
+    assert result["after_stop"] == before

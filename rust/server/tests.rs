@@ -125,6 +125,23 @@ fn refused_and_malformed_requests_are_reported_and_nothing_is_lost() {
 }
 
 #[test]
+fn a_refusal_before_start_is_handed_to_the_caller_and_not_reported_again() {
+    let (mut server, _path) = fifo_server("early", config());
+    // Not expired: refused for its pid alone.
+    server.register([Request { pid: -1, ..request(1, "early", 60.0, libc::SIGKILL) }]);
+    let undelivered = server.take_undelivered();
+    assert!(
+        matches!(undelivered[..], [Event::Refused { reason: Refusal::ReservedPid(-1), .. }]),
+        "{undelivered:?}"
+    );
+    assert!(server.take_undelivered().is_empty());
+    let events = server.start().expect("start");
+    server.stop();
+    assert_eq!(events.try_iter().count(), 0, "reported twice");
+    assert_eq!(server.stats().refused, 1);
+}
+
+#[test]
 fn the_timers_of_an_exited_worker_are_dropped_when_it_exits() {
     // With a pidfd (its readiness), and without one (past a budget of 0: the sweep).
     for max_pidfds in [64, 0] {
@@ -321,8 +338,11 @@ fn a_deleted_fifo_is_created_again_and_another_servers_is_left_alone() {
 
 #[test]
 fn a_delegated_reap_waits_for_its_answer_and_a_failed_one_is_retried() {
-    let (mut server, _path) = fifo_server("delegate", Config { delegate_reaps: true, ..config() });
+    let (mut server, _path) = fifo_server("delegate", config());
+    // Decided at each start (a Python override may be patched in after the server is built).
+    server.delegate_reaps(true).expect("stopped");
     let events = server.start().expect("start");
+    assert!(server.delegate_reaps(false).is_err(), "changed under a running loop");
     let mut worker = sleeper();
     server.register([request(worker.id(), "d", 0.0, libc::SIGTERM)]);
     let Event::Expired { expiries, .. } =
