@@ -181,28 +181,12 @@ mod tests {
         assert!(!target.exists());
     }
 
-    /// A process with `value` in its environment, once it has exec'd (before, /proc shows
-    /// the parent's environment).
-    fn process_with(value: &str) -> std::process::Child {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "echo ready; exec sleep 30"])
-            .env(VARIABLE, value)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line, "ready\n");
-        child
-    }
-
     #[test]
     fn the_path_comes_from_the_environment_of_the_process() {
         for (value, expected) in
             [("/tmp/somewhere/error.json", Some("/tmp/somewhere/error.json")), ("", None)]
         {
-            let mut child = process_with(value);
+            let mut child = crate::test_support::shell_with_env(VARIABLE, value);
             let pid = i32::try_from(child.id()).unwrap();
             assert_eq!(path_of(pid), expected.map(PathBuf::from));
             child.kill().unwrap();

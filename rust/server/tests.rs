@@ -5,7 +5,7 @@ use super::*;
 use crate::codec;
 use crate::deadlines::DeadlineMap;
 use crate::reaper::Refusal;
-use crate::test_support::{pid_of, shell_once_it_says, sleeper};
+use crate::test_support::{pid_of, shell_once_it_says, shell_with_env, sleeper};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::time::Instant;
@@ -574,14 +574,9 @@ fn a_dry_run_reports_what_the_learned_bound_would_kill_and_kills_nothing() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// A worker whose environment names a torchrun error file, once it has exec'd.
+/// A worker whose environment names a torchrun error file.
 fn torchrun_worker(error_file: &std::path::Path) -> Child {
-    let variable = crate::error_file::VARIABLE;
-    let script =
-        format!("exec env {variable}='{}' sh -c 'echo ready; exec sleep 30'", error_file.display());
-    let (child, line) = shell_once_it_says(&script);
-    assert_eq!(line, "ready\n");
-    child
+    shell_with_env(crate::error_file::VARIABLE, &error_file.to_string_lossy())
 }
 
 #[test]
