@@ -186,6 +186,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         "--stacks-dir",
         "--escalate-after",
         "--dry-run",
+        "--descendants-only",
         "--event-log",
         "--metrics",
         "--log-level",
