@@ -16,7 +16,7 @@ use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
 use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
-use crate::{reaper, ring};
+use crate::{environ, reaper, ring};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
@@ -821,6 +821,13 @@ fn decode_pickle(payload: &[u8]) -> PyResult<RequestTuple> {
     Ok(to_tuple(codec::decode_pickle(payload)?))
 }
 
+/// The value of `name` in the environment process `pid` started with (`/proc/<pid>/environ`),
+/// if set there and readable.
+#[pyfunction]
+fn environ_value(py: Python<'_>, pid: i32, name: &str) -> Option<std::ffi::OsString> {
+    py.detach(|| environ::value(pid, name))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     macro_rules! add_classes {
@@ -848,6 +855,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
     m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
+    m.add_function(wrap_pyfunction!(environ_value, m)?)?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
     // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
     let fields: Vec<(&str, &str, &str)> = Stats::FIELDS

@@ -44,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from . import _native
+
 __all__ = [
     "COLLECTIVES",
     "CollectivesMissing",
@@ -375,8 +377,6 @@ SOCKET_ENV = "TORCH_WORKER_SERVER_SOCKET"
 SUN_PATH = 108
 # Bytes of a Flight Recorder trace read at most.
 _MAX_TRACE = 16 << 20
-# Bytes of a worker's environment read at most (Linux allows a few MiB).
-_MAX_ENVIRON = 4 << 20
 # /proc/net/unix: the flag of a listening socket.
 _SO_ACCEPTCON = 0x10000
 
@@ -406,21 +406,6 @@ def listening_sockets(pid: int) -> list[str]:
         if len(fields) >= 8 and fields[6] in inodes and int(fields[3], 16) & _SO_ACCEPTCON:
             paths.append(fields[7])
     return [path for path in paths if path.startswith("/")]
-
-
-def socket_setting(pid: int) -> str | None:
-    """The ``TORCH_WORKER_SERVER_SOCKET`` of process ``pid``'s environment, if set (and
-    readable: a process of the same user)."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            entries = environ.read(_MAX_ENVIRON).split(b"\0")
-    except OSError:
-        return None
-    prefix = SOCKET_ENV.encode() + b"="
-    for entry in entries:
-        if entry.startswith(prefix):
-            return os.fsdecode(entry[len(prefix) :])
-    return None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -501,7 +486,7 @@ def rank_collectives(pid: int, timeout: float = CONTROL_PLANE_TIMEOUT) -> dict[s
             why.append(str(err))
     if why:
         raise CollectivesMissing("; ".join(why))
-    setting = socket_setting(pid)
+    setting = _native.environ_value(pid, SOCKET_ENV)
     if setting is None:
         return None
     length = len(os.fsencode(setting))
