@@ -20,7 +20,7 @@ use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
 use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
-use crate::{reaper, ring, untrusted};
+use crate::{environ, reaper, ring, untrusted};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
 type RequestTuple = (i64, String, f64, i32);
@@ -64,7 +64,6 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
 struct Options {
     max_interval: f64,
     signal_self: bool,
-    delegate_reaps: bool,
     descendants_only: bool,
     dry_run: bool,
     escalate_after: Option<f64>,
@@ -112,7 +111,8 @@ impl Options {
             adaptive,
             max_interval: seconds(self.max_interval, "max_interval")?,
             signal_self: self.signal_self,
-            delegate_reaps: self.delegate_reaps,
+            // Decided at each start (`PyServer::start`).
+            delegate_reaps: false,
             max_pidfds: reaper::pidfd_budget(),
             descendants_only: self.descendants_only,
             dry_run: self.dry_run,
@@ -458,9 +458,15 @@ impl PyServer {
         self.owner.pid()
     }
 
-    fn start(&self, py: Python<'_>) -> PyResult<()> {
+    /// Starts the loop; `delegate_reaps`: hand expiries to the caller (a `_reap_worker`
+    /// override) instead of signalling them.
+    fn start(&self, py: Python<'_>, delegate_reaps: bool) -> PyResult<()> {
         self.owned()?;
-        let receiver = py.detach(|| lock(&self.server).start())?;
+        let receiver = py.detach(|| {
+            let mut server = lock(&self.server);
+            server.delegate_reaps(delegate_reaps)?;
+            server.start()
+        })?;
         *lock(&self.events) = Some(receiver);
         Ok(())
     }
@@ -507,6 +513,12 @@ impl PyServer {
 
     fn timers(&self, py: Python<'_>) -> Vec<RequestTuple> {
         py.detach(|| lock(&self.server).timers()).into_iter().map(to_tuple).collect()
+    }
+
+    /// The events reported while no loop runs (see `Server::take_undelivered`).
+    fn take_undelivered(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
+        let events = py.detach(|| lock(&self.server).take_undelivered());
+        events.into_iter().map(|event| event_object(py, event)).collect()
     }
 
     /// Counts and reports a request that Python could not make sense of.
@@ -885,6 +897,13 @@ fn decode_pickle(payload: &[u8]) -> PyResult<RequestTuple> {
     Ok(to_tuple(codec::decode_pickle(payload)?))
 }
 
+/// The value of `name` in the environment process `pid` started with (`/proc/<pid>/environ`),
+/// if set there and readable.
+#[pyfunction]
+fn environ_value(py: Python<'_>, pid: i32, name: &str) -> Option<std::ffi::OsString> {
+    py.detach(|| environ::value(pid, name))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     macro_rules! add_classes {
@@ -915,6 +934,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_private_file, m)?)?;
     m.add_function(wrap_pyfunction!(open_append, m)?)?;
     m.add("UnsafeFile", m.py().get_type::<UnsafeFile>())?;
+    m.add_function(wrap_pyfunction!(environ_value, m)?)?;
     m.add("PIPE_BUF", fifo::MAX_LINE)?;
     // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
     let fields: Vec<(&str, &str, &str)> = Stats::FIELDS

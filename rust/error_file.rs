@@ -9,20 +9,19 @@
 //! before the signal, the summary says which timer fired and where the worker was stuck,
 //! with every torch release (they all read this format).
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
+use crate::environ;
 use crate::learned::Learned;
 use crate::stacks::Stacks;
 
 /// The variable torchrun's agent sets in each worker's environment.
 pub const VARIABLE: &str = "TORCHELASTIC_ERROR_FILE";
-/// How much of a worker's environment is read looking for it (Linux allows a few MiB).
-const MAX_ENVIRON: u64 = 4 << 20;
 
 /// One expired timer, as the failure summary names it.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,22 +34,12 @@ pub struct Fired<'a> {
     pub learned: Option<Learned>,
 }
 
-/// The error file named in the initial environment of process `pid` (`/proc/<pid>/environ`;
-/// readable for a process of the same user), if it names one. A relative path is taken from
-/// this process's working directory, as the agent (the server's process) reads it.
+/// The error file named in the initial environment of process `pid` (readable for a process
+/// of the same user), if it names one. A relative path is taken from this process's working
+/// directory, as the agent (the server's process) reads it.
 pub fn path_of(pid: i32) -> Option<PathBuf> {
-    let mut environ = Vec::new();
-    File::open(format!("/proc/{pid}/environ"))
-        .ok()?
-        .take(MAX_ENVIRON)
-        .read_to_end(&mut environ)
-        .ok()?;
-    let prefix = format!("{VARIABLE}=");
-    let value =
-        environ.split(|&b| b == 0).find_map(|entry| entry.strip_prefix(prefix.as_bytes()))?;
     // Empty when the agent logs nowhere (its log directory is /dev/null).
-    let path = std::str::from_utf8(value).ok().filter(|path| !path.is_empty())?;
-    Some(PathBuf::from(path))
+    Some(PathBuf::from(environ::value(pid, VARIABLE).filter(|path| !path.is_empty())?))
 }
 
 /// The failure message: which timers fired and the signal, then the stacks when taken.
@@ -181,28 +170,12 @@ mod tests {
         assert!(!target.exists());
     }
 
-    /// A process with `value` in its environment, once it has exec'd (before, /proc shows
-    /// the parent's environment).
-    fn process_with(value: &str) -> std::process::Child {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "echo ready; exec sleep 30"])
-            .env(VARIABLE, value)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line, "ready\n");
-        child
-    }
-
     #[test]
     fn the_path_comes_from_the_environment_of_the_process() {
         for (value, expected) in
             [("/tmp/somewhere/error.json", Some("/tmp/somewhere/error.json")), ("", None)]
         {
-            let mut child = process_with(value);
+            let mut child = crate::test_support::shell_with_env(VARIABLE, value);
             let pid = i32::try_from(child.id()).unwrap();
             assert_eq!(path_of(pid), expected.map(PathBuf::from));
             child.kill().unwrap();

@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod deadlines;
+pub mod environ;
 pub mod error_file;
 pub mod fifo;
 pub mod fork;

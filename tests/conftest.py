@@ -16,9 +16,11 @@ import functools
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Generator, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -169,3 +171,14 @@ def children() -> Iterator[list[BaseProcess | subprocess.Popen[bytes]]]:
 def fifo(tmp_path: Path) -> str:
     """Where the test's File server puts its FIFO."""
     return str(tmp_path / "timer.fifo")
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A private directory for Unix sockets, with a short path whatever TMPDIR is: a socket's
+    path has at most 108 bytes, and ``tmp_path`` under a long TMPDIR (a CI job's) passes that."""
+    directory = Path(tempfile.mkdtemp(prefix="et-", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -7,6 +7,7 @@ server running in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from helpers import wait_for
@@ -983,6 +985,68 @@ def test_a_failing_log_event_does_not_cancel_an_overridden_reap(
         assert server.calls == [(worker.pid, signal.SIGKILL)]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("when", ["before construction", "after construction"])
+def test_reap_worker_patched_on_the_class_gets_the_reaps(
+    when: str, fifo: str, procs: Callable[..., BaseProcess], servers: list[FileTimerServer]
+) -> None:
+    """torch's tests patch ``FileTimerServer._reap_worker`` on the class (``mock.patch``),
+    before or after building the server and before ``start()``: the patch gets the reap with
+    the worker's pid and signal, and the stuck worker, which the patch does not kill, lives on."""
+    with contextlib.ExitStack() as patches:
+        patch = mock.patch.object(FileTimerServer, "_reap_worker", return_value=True)
+        reap = patches.enter_context(patch) if when == "before construction" else None
+        server = FileTimerServer(fifo, "patched", max_interval=0.05, signal_self=False)
+        servers.append(server)
+        if reap is None:
+            reap = patches.enter_context(patch)
+        server.start()
+        may_go = CTX.Event()
+        worker = procs(gated_stuck_worker, fifo, signal.SIGTERM, CTX.Value("d", 0.0), may_go)
+        may_go.set()
+        assert wait_for(lambda: reap.call_count == 1)
+        reap.assert_called_once_with(worker.pid, signal.SIGTERM)
+        assert wait_for(lambda: server._timers == {})  # reaped, as the patch answered
+        assert worker.is_alive()
+
+
+def test_a_second_start_is_harmless(
+    fifo: str, procs: Callable[..., BaseProcess], make_server: Callable[..., FileTimerServer]
+) -> None:
+    """torch's tests call ``start()`` on a started server: no error, one loop, one reap, and
+    the FIFO goes on ``stop()``."""
+    server = make_server()
+    server.start()
+    server.start()
+    worker = procs(stuck_worker, fifo, signal.SIGKILL, CTX.Value("d", 0.0))
+    worker.join(10)
+    assert worker.exitcode == -signal.SIGKILL
+    assert server.stats()["reaped"] == 1
+    server.stop()
+    assert not os.path.exists(fifo)
+
+
+def test_expiries_go_through_log_debug_info_for_expired_timers_of_this_module(
+    fifo: str, procs: Callable[..., BaseProcess], make_server: Callable[..., FileTimerServer]
+) -> None:
+    """As torch's server, each pass's expired timers go to
+    ``file_based_local_timer.log_debug_info_for_expired_timers(run_id, {pid: [json]})``,
+    looked up at the call: torch's tests patch it by that path."""
+    path = "elastic_timer.file_based_local_timer.log_debug_info_for_expired_timers"
+    with mock.patch(path) as debug_info:
+        server = make_server(max_interval=0.1)
+        server.start()
+        acquired_at = CTX.Value("d", 0.0)
+        worker = procs(stuck_worker, fifo, signal.SIGKILL, acquired_at)
+        worker.join(10)
+        assert worker.exitcode == -signal.SIGKILL
+        assert wait_for(lambda: debug_info.call_count == 1)
+    [(run_id, expired)] = [c.args for c in debug_info.call_args_list]
+    assert run_id == "test-run"
+    [line] = expired[worker.pid]
+    assert json.loads(line)["pid"] == worker.pid
+    assert json.loads(line)["signal"] == signal.SIGKILL
 
 
 class BlockingHandler(logging.Handler):

@@ -22,6 +22,7 @@ from torch._C._distributed_c10d import PrefixStore, TCPStore
 from elastic_timer import FileTimerServer, hang_report
 from elastic_timer.hang_report import (
     GENERATION,
+    CollectivesMissing,
     HangReporter,
     Keys,
     RankStacks,
@@ -220,8 +221,7 @@ def reporter(
             grace=0.5,
             patience=1.0,
             poll=0.05,
-            collectives=lambda pid: None,
-            **kwargs,
+            **{"collectives": lambda pid, timeout: None, **kwargs},
         ),
         reports,
     )
@@ -452,11 +452,72 @@ with worker_main():
 
 
 def test_a_workers_last_collectives_come_from_its_control_plane_socket(
-    tmp_path: Path, children: list[Any]
+    socket_dir: Path, children: list[Any]
 ) -> None:
-    socket_path = str(tmp_path / "rank0.sock")
+    # 108 bytes: torch binds it (without the NUL), connect() refuses it by that path.
+    for socket_path in (str(socket_dir / "rank0.sock"), long_path(socket_dir, 108)):
+        worker = subprocess.Popen(
+            [sys.executable, "-c", SERVES_THE_CONTROL_PLANE, socket_path, str(free_port())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        children.append(worker)
+        assert worker.stdout is not None
+        assert worker.stdout.readline() == "ready\n"
+        assert hang_report.listening_sockets(worker.pid) == [socket_path]
+        collectives = hang_report.rank_collectives(worker.pid)
+        assert collectives is not None
+        assert collectives["pg_status"]["0"]["enqueued"] == 2
+        assert [(e["op"], e["seq"]) for e in collectives["last"]] == [
+            ("gloo:all_reduce", 1),
+            ("gloo:all_reduce", 2),
+        ]
+    assert hang_report.rank_collectives(os.getpid()) is None  # serves none, names none
+    with pytest.raises(CollectivesMissing, match=r"no answer from .*nothing\.sock: .*No such file"):
+        hang_report.fetch_trace(str(socket_dir / "nothing.sock"))
+
+
+def long_path(directory: Path, length: int) -> str:
+    """A path of ``length`` bytes for a socket in a new subdirectory of ``directory``."""
+    padding = length - len(f"{directory}/") - len("/rank.sock")
+    (directory / ("d" * padding)).mkdir()
+    path = f"{directory}/{'d' * padding}/rank.sock"
+    assert len(path) == length
+    return path
+
+
+# A worker that listens on the Unix socket argv[1] and never answers, once it says "ready".
+LISTENS_AND_NEVER_ANSWERS = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+# A worker that does not listen at all.
+LISTENS_NOWHERE = """
+import sys
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("case", ["too long", "not listening", "not answering"])
+def test_a_rank_that_gives_no_collectives_says_why_in_the_report(
+    case: str, socket_dir: Path, children: list[Any]
+) -> None:
+    """A rank that names a control-plane socket in its environment (TORCH_WORKER_SERVER_SOCKET)
+    but gives no collectives: the report says why, with the path. A path past the 108 bytes of
+    a Unix socket's (as under a long TMPDIR: torch's worker_main() cannot listen there);
+    nothing listening there; a socket that does not answer in time."""
+    path = long_path(socket_dir, 109) if case == "too long" else str(socket_dir / "rank3.sock")
+    script = LISTENS_AND_NEVER_ANSWERS if case == "not answering" else LISTENS_NOWHERE
     worker = subprocess.Popen(
-        [sys.executable, "-c", SERVES_THE_CONTROL_PLANE, socket_path, str(free_port())],
+        [sys.executable, "-c", script, path],
+        env={**os.environ, "TORCH_WORKER_SERVER_SOCKET": path},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -464,13 +525,43 @@ def test_a_workers_last_collectives_come_from_its_control_plane_socket(
     children.append(worker)
     assert worker.stdout is not None
     assert worker.stdout.readline() == "ready\n"
-    assert hang_report.listening_sockets(worker.pid) == [socket_path]
-    collectives = hang_report.rank_collectives(worker.pid)
-    assert collectives is not None
-    assert collectives["pg_status"]["0"]["enqueued"] == 2
-    assert [(e["op"], e["seq"]) for e in collectives["last"]] == [
-        ("gloo:all_reduce", 1),
-        ("gloo:all_reduce", 2),
-    ]
-    assert hang_report.rank_collectives(os.getpid()) is None  # serves none
-    assert hang_report.fetch_trace(str(tmp_path / "nothing.sock")) is None
+    expected = {
+        "too long": "its TORCH_WORKER_SERVER_SOCKET is 109 bytes long, past the 108 of a Unix "
+        f"socket path, so worker_main() cannot listen there: {path}",
+        "not listening": f"no socket found listening at its TORCH_WORKER_SERVER_SOCKET, {path}",
+        "not answering": f"no answer from {path} within 0.3 s",
+    }[case]
+    with pytest.raises(CollectivesMissing) as missing:
+        hang_report.rank_collectives(worker.pid, timeout=0.3)
+    assert str(missing.value) == expected
+    # In the report, under the rank's group.
+    ranks = [RankStacks(3, worker.pid, (), faulthandler_dump(LOADING), None, str(missing.value))]
+    report = build_report([contribution("h", 0, ranks, trigger=True)], expected_hosts=1)
+    assert report["groups"][0]["collectives_missing"] == {"3": expected}
+    assert f"    rank 3 collectives: none, {expected}" in format_report(report).splitlines()
+
+
+def test_the_hang_report_gives_the_control_plane_the_stack_grace() -> None:
+    """A rank's control plane is asked with the stack grace as its timeout (a busy host
+    answers late, and the rank lives that long), and a rank that gives none says why."""
+    asked: list[float] = []
+
+    def collectives(pid: int, timeout: float) -> dict[str, Any] | None:
+        asked.append(timeout)
+        raise CollectivesMissing(f"no answer from /x/{pid}.sock within {timeout:.1f} s")
+
+    server = tcp_store()
+    one, reports = reporter(
+        tcp_store(server.port),
+        {100: 0},
+        {100: faulthandler_dump(LOADING)},
+        group_rank=0,
+        group_world_size=1,
+        collectives=collectives,
+    )
+    one.start()
+    one.expiring(100, ("s",))
+    one.close()  # once its part is done
+    assert asked == [0.5]
+    [group] = reports[0]["groups"]
+    assert group["collectives_missing"] == {"0": "no answer from /x/100.sock within 0.5 s"}

@@ -356,3 +356,100 @@ def test_a_server_whose_fd_table_is_full_still_reaps_and_never_drops_a_running_w
     assert any("cannot open a pidfd" in m and "Too many open files" in m for m in messages)
     assert not [m for m in messages if "exited; dropped" in m]
     assert any("Successfully reaped worker=" in m for m in messages), messages
+
+
+EARLY_REFUSAL_SCENARIO = """
+path = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+file_server = FileTimerServer(path, "early", max_interval=0.1, signal_self=False)
+local_server = LocalTimerServer(mp.get_context("fork").Queue(), max_interval=0.1)
+past = time.time() - 1
+file_server.register_timers([FileTimerRequest(-7, "early", past, signal.SIGKILL)])
+local_server.register_timers([TimerRequest(0, "early", past)])
+result = {"before_start": [r for r in records if "Refusing" in r["message"]]}
+for server in (file_server, local_server):
+    server.start()
+    server.stop()  # after the reporter has said all it had to
+result["after_stop"] = [r for r in records if "Refusing" in r["message"]]
+result["refused"] = [file_server.stats()["refused"], local_server.stats()["refused"]]
+report(result)
+"""
+
+
+def test_a_refusal_before_start_is_logged_at_once_and_only_once() -> None:
+    """A request refused by ``register_timers`` before ``start()`` is counted and logged then
+    (not left for a loop that may never run), and not logged again when the loop starts."""
+    result = run_in_new_pid_namespace(EARLY_REFUSAL_SCENARIO)
+    assert result["refused"] == [1, 1]
+    before = result["before_start"]
+    assert [r["level"] for r in before] == ["ERROR", "ERROR"]
+    assert "pid -7 does not name a single worker process" in before[0]["message"]
+    assert "pid 0 does not name a single worker process" in before[1]["message"]
+    assert result["after_stop"] == before
+
+
+DESCENDANTS_ONLY_SCENARIO = """
+path = os.path.join(tempfile.mkdtemp(), "timer.fifo")
+log_path = path + ".log"
+# A worker: once the FIFO is there, a 0.3 s timer, then it hangs.
+worker = '''
+import os, sys, time
+from elastic_timer import FileTimerClient, expires
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+with expires(after=0.3, client=FileTimerClient(sys.argv[1], connect_timeout=10)):
+    time.sleep(30)
+'''
+# The descendant: started by the shell that then becomes the server (exec), as a job script
+# would do it. The other worker, started here, is not the server's descendant.
+serve = f'"{sys.executable}" -m elastic_timer.cli serve --descendants-only --fifo "$1"'
+with open(log_path, "w") as log:
+    server = subprocess.Popen(
+        ["sh", "-c", f'"{sys.executable}" -c "$0" "$1" & exec {serve}', worker, path],
+        stderr=log,
+    )
+def log_text():
+    with open(log_path) as log:
+        return log.read()
+wait_for(lambda: "listening on FIFO" in log_text(), timeout=20)
+def children_of(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+    return found
+[descendant] = children_of(server.pid)
+outsider = subprocess.Popen([sys.executable, "-c", worker, path])
+reaped = wait_for(lambda: not alive(descendant), timeout=20)
+# Refused at intake: never registered, so never due.
+refused = wait_for(lambda: "is not a descendant" in log_text(), timeout=20)
+result = {
+    "descendant": descendant,
+    "outsider": outsider.pid,
+    "descendant_reaped": reaped,
+    "refused_logged": refused,
+    "outsider_alive": alive(outsider.pid),
+}
+outsider.kill()
+outsider.wait()
+server.send_signal(signal.SIGTERM)
+result["server_status"] = server.wait(10)
+result["log"] = log_text()
+report(result)
+"""
+
+
+def test_serve_descendants_only_reaps_its_descendant_and_refuses_another_process() -> None:
+    """``elastic-timer serve --descendants-only``, in a PID namespace: a stuck worker that
+    descends from the server (started by the script that exec'd it) is reaped; a stuck worker
+    the test started beside it is refused, logged, and lives on."""
+    result = run_in_new_pid_namespace(DESCENDANTS_ONLY_SCENARIO, timeout=90)
+    log = result["log"]
+    assert result["descendant_reaped"], log
+    assert f"Successfully reaped worker=[{result['descendant']}] with signal=9" in log
+    assert result["refused_logged"], log
+    assert f"pid {result['outsider']} is not a descendant of the timer server's process" in log
+    assert result["outsider_alive"], log
+    assert f"Reaping worker_pid=[{result['outsider']}]" not in log
+    assert result["server_status"] == 0

@@ -6,6 +6,7 @@ pid, the test process, or anything else), and every child is reaped or killed at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
+from unittest import mock
 
 import pytest
 from helpers import wait_for
@@ -656,6 +658,42 @@ def test_a_raising_override_counts_as_reaped(
     assert worker.is_alive()
     (record,) = _messages(caplog, "Uncaught exception thrown from _reap_worker()")
     assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+@pytest.mark.parametrize("when", ["before construction", "after construction"])
+def test_reap_worker_patched_on_the_class_gets_the_reaps(
+    when: str, servers: Servers, children: Children
+) -> None:
+    """torch's tests patch ``LocalTimerServer._reap_worker`` on the class (``mock.patch``),
+    before or after building the server and before ``start()``: the patch gets the reap, and
+    the stuck worker, which the patch does not kill, lives on."""
+    mp_queue = FORK.Queue()
+    with contextlib.ExitStack() as patches:
+        patch = mock.patch.object(LocalTimerServer, "_reap_worker", return_value=True)
+        reap = patches.enter_context(patch) if when == "before construction" else None
+        server = LocalTimerServer(mp_queue, max_interval=0.05)
+        servers.append(server)
+        if reap is None:
+            reap = patches.enter_context(patch)
+        server.start()
+        worker = _start(children, _hang, mp_queue, 0.2)
+        assert wait_for(lambda: reap.call_count == 1)
+        reap.assert_called_once_with(worker.pid)
+        assert wait_for(lambda: not server._timers)  # reaped, as the patch answered
+        assert worker.is_alive()
+
+
+def test_a_second_start_is_harmless(servers: Servers, children: Children) -> None:
+    """torch's tests call ``start()`` on a started server: it changes nothing, and the one
+    loop still reaps once."""
+    mp_queue = FORK.Queue()
+    server = _start_server(servers, mp_queue)
+    server.start()
+    worker = _start(children, _hang, mp_queue, 0.2)
+    assert _join(worker) == -signal.SIGKILL
+    assert server.stats()["reaped"] == 1
+    server.stop()
+    assert not server._core.running
 
 
 # -- the reap path does not need Python ------------------------------------------------------

@@ -190,6 +190,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
         "--dry-run",
         "--max-worker-timers",
         "--max-timers",
+        "--descendants-only",
         "--event-log",
         "--metrics",
         "--log-level",

@@ -380,14 +380,14 @@ def test_one_hang_report_names_the_rank_that_is_not_in_the_collective(tmp_path: 
 
 @pytest.mark.torchrun
 def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers(
-    tmp_path: Path,
+    tmp_path: Path, socket_dir: Path
 ) -> None:
     """The same hang, with each rank serving torch's worker control plane (worker_main) and
     Flight Recorder on: every rank's last collectives are in the report, and rank 3 is the
-    suspect because it never enqueued the all_reduce the others are in."""
+    suspect because it never enqueued the all_reduce the others are in. The ranks' sockets
+    are in a directory of a short path, whatever TMPDIR is."""
     env = hang_job_env(tmp_path, hang_rank=3)
-    (tmp_path / "control-plane").mkdir()
-    env.update(CONTROL_PLANE_DIR=str(tmp_path / "control-plane"), TORCH_FR_BUFFER_SIZE="100")
+    env.update(CONTROL_PLANE_DIR=str(socket_dir), TORCH_FR_BUFFER_SIZE="100")
     outcomes = two_agents(env, "flight-recorder")
     assert [code for code, _ in outcomes] == [1, 1], outcomes[0][1][-3000:]
     (report,) = [r for r in read_events(tmp_path / "events.jsonl") if r["event"] == "hang report"]
@@ -398,6 +398,7 @@ def test_with_flight_recorder_the_suspect_is_the_rank_behind_in_sequence_numbers
         for rank, summary in group["collectives"].items()
     }
     assert enqueued == {0: 3, 1: 3, 2: 3, 3: 2}  # steps 0 and 1 done, step 2 in all_reduce
+    assert [group["collectives_missing"] for group in report["groups"]] == [{}, {}]
     assert any("(behind the others in Flight Recorder's" in err for _, err in outcomes)
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _native
@@ -99,12 +99,13 @@ class NativeServer(Generic[R]):
     # How long an expired worker is held at least for its stacks (within the stack grace):
     # the hang report's time to ask every worker for its stacks and collectives.
     _stack_hold: float = 0.0
+    # Each transport's torch hook: what reaps an expired worker when overridden or patched.
+    _reap_worker: Callable[..., bool]
 
     def _native_options(
         self,
         max_interval: float,
         *,
-        delegate_reaps: bool,
         descendants_only: bool,
         signal_self: bool = False,
         error_files: bool = False,
@@ -117,7 +118,6 @@ class NativeServer(Generic[R]):
         return {
             "max_interval": max_interval,
             "signal_self": signal_self,
-            "delegate_reaps": delegate_reaps,
             "descendants_only": descendants_only,
             "error_files": error_files,
             "fifo_mode": fifo_mode,
@@ -130,6 +130,7 @@ class NativeServer(Generic[R]):
         self._daemon = daemon
         self._reporter = None
         self._events = EventSink(None, None)
+        self._delegating = False
 
     def _is_forked_copy(self, method: str) -> bool:
         """True (and logged) when called in a process forked from the server's (the native
@@ -210,15 +211,22 @@ class NativeServer(Generic[R]):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def _start_native(self, **fields: Any) -> None:
-        """Starts the loop and its reporter; ``fields`` go in the "watchdog started" event."""
+    def _start_native(self, own_reap_worker: Callable[..., bool], **fields: Any) -> bool:
+        """Starts the loop and its reporter; ``fields`` go in the "watchdog started" event.
+        False, and nothing done, if it runs already (torch's ``start`` may be called twice).
+
+        Reaps go to ``_reap_worker`` when it is not ``own_reap_worker``, the transport's own:
+        a subclass's, or a patch on the class or the instance, whenever it was put there."""
         if self._core.running:
             # Before the diagnostics are opened again: they belong to the running loop.
-            raise FileExistsError("server already started")
+            logger.info("%s already started; start() does nothing", type(self).__name__)
+            return False
+        method = self._reap_worker
+        self._delegating = getattr(method, "__func__", method) is not own_reap_worker
         # A File server names its stacks directory beside its FIFO (the "fifo" field).
         self._events = self._diagnostics.open(fields.get("fifo"))
         try:
-            self._core.start()
+            self._core.start(self._delegating)
         except BaseException:
             # Nothing started: leave no event log open and no stacks directory announced.
             self._diagnostics.close(self._events)
@@ -230,6 +238,7 @@ class NativeServer(Generic[R]):
         )
         self._reporter.start()
         _RUNNING.add(self)
+        return True
 
     def _stop_native(self, *, run_once: bool = False) -> bool:
         """Stops the loop (after one last pass if ``run_once``); False if it was not running.
@@ -353,14 +362,18 @@ class NativeServer(Generic[R]):
             try:
                 requests.append(self._tuple_from_request(item))
             except (AttributeError, TypeError) as err:
-                self._reject(f"{item!r:.200} is not a timer request: {err}")
+                self._core.reject(f"{item!r:.200} is not a timer request: {err}")
         self._core.register(requests)
+        self._report_undelivered()
 
-    def _reject(self, reason: str) -> None:
-        """Counts a malformed request; the reporter logs it, or this thread if none runs."""
-        self._core.reject(reason)
-        if self._reporter is None:
-            logger.warning("Skipping malformed timer request: %s", reason)
+    def _report_undelivered(self) -> None:
+        """Reports, on this thread, what the server said while no loop ran (a refusal or a
+        malformed request before ``start``); a running loop's reporter has the rest."""
+        for event in self._core.take_undelivered():
+            try:
+                self._report(event)
+            except Exception:
+                logger.exception("Error reporting timer server event %r", event)
 
     def clear_timers(self, worker_ids: Iterable[int]) -> None:
         self._core.clear(list(worker_ids))
@@ -478,8 +491,3 @@ def kill_worker(pid: int, sig: int) -> bool:
     except Exception:
         logger.exception("Error terminating pid=%s", pid)
     return False
-
-
-def overrides(instance: object, base: type, name: str) -> bool:
-    """Whether ``instance``'s class replaces ``base``'s method ``name``."""
-    return getattr(type(instance), name) is not getattr(base, name)

@@ -246,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
         "survives SIGKILL too is reported once as unreapable. Default: off.",
     )
     serve.add_argument(
+        "--descendants-only",
+        action="store_true",
+        help="Refuse (log once per pid, and count) the timers of processes that do not "
+        "descend from the server's process, so that whoever can write the FIFO cannot have "
+        "other processes signalled. For a server exec'd by the script that started the job "
+        "(`job & exec elastic-timer serve ...`: the job's processes are then its "
+        "descendants); a sidecar has none. Default: off, and then any process above pid 1 "
+        "in the server's PID namespace can be named.",
+    )
+    serve.add_argument(
         "--dry-run",
         action="store_true",
         help="Log and report every expired timer, but signal nothing.",
@@ -365,7 +375,8 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def _server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The diagnostics keywords the user gave (the others come from the environment)."""
+    """The server's keywords the user gave (the diagnostics not given come from the
+    environment)."""
     options: dict[str, Any] = {}
     if args.stack_dump is not None:
         options["stack_dump"] = args.stack_dump
@@ -378,6 +389,8 @@ def _server_options(args: argparse.Namespace) -> dict[str, Any]:
         options["escalate_after"] = args.escalate_after
     if args.dry_run:
         options["dry_run"] = True
+    if args.descendants_only:
+        options["descendants_only"] = True
     if args.event_log is not None:
         options["event_log"] = args.event_log
     if args.adaptive:

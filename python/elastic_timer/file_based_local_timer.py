@@ -12,17 +12,17 @@ import signal as _signal
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from . import _native, debug_info_logging
+from . import _native
 from ._server import (
     NativeServer,
     Outcome,
     RequestTuple,
     kill_worker,
-    overrides,
     request_tuple,
 )
 from ._torch_versions import torch_signals_self
 from .api import TimerClient, TimerRequest
+from .debug_info_logging import log_debug_info_for_expired_timers
 from .diagnostics import DiagnosticsOptions, arm_stack_dump
 
 if TYPE_CHECKING:
@@ -200,7 +200,6 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
         )
         options = self._native_options(
             max_interval,
-            delegate_reaps=overrides(self, FileTimerServer, "_reap_worker"),
             descendants_only=descendants_only,
             signal_self=self._signal_self,
             error_files=error_files,
@@ -228,7 +227,8 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             self._daemon,
             self._file_path,
         )
-        self._start_native(fifo=self._file_path, run_id=self._run_id)
+        if not self._start_native(_OWN_REAP_WORKER, fifo=self._file_path, run_id=self._run_id):
+            return
         if self._hang_reporter is not None:
             self._hang_reporter.start()
         self._emit("watchdog started", None)
@@ -274,7 +274,8 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             logger.exception("log_event(%r) raised", name)
 
     def _report_expired(self, expiries: list[_native.Expiry], signals_self: bool) -> list[Outcome]:
-        debug_info_logging.log_debug_info_for_expired_timers(
+        # Looked up here at each call, as torch's server does (tests patch it by this path).
+        log_debug_info_for_expired_timers(
             self._run_id,
             {e.pid: [self._request_from_tuple(t).to_json() for t in e.timers] for e in expiries},
         )
@@ -285,7 +286,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             logger.info(
                 "Terminating the server process=[%s] because of expired timers", os.getpid()
             )
-        elif signals and self._signal_self and overrides(self, FileTimerServer, "_reap_worker"):
+        elif signals and self._signal_self and self._delegating:
             # The loop handed these reaps to the override and cannot know which succeeded:
             # torch's rule (the signal of the pass's last reap) applies to the override's answers.
             logger.info(
@@ -310,3 +311,7 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
 
     def _reap_worker(self, worker_pid: int, signal: int) -> bool:
         return kill_worker(worker_pid, signal)
+
+
+# The class's own, kept before anything patches it: any other gets the reaps (see start()).
+_OWN_REAP_WORKER = FileTimerServer._reap_worker

@@ -16,7 +16,9 @@ reported as such.
 
 A rank that serves torch's worker control plane (``worker_main()``) with Flight Recorder on
 also gives its last collectives; then the ranks behind the others in sequence numbers are the
-suspects.
+suspects. A rank that means to serve it (``TORCH_WORKER_SERVER_SOCKET`` in its environment)
+but gives none has the reason in the report: no socket there, a path too long for a Unix
+socket, no answer in time.
 
 Store keys, under ``elastic-timer/hang/<generation>/`` of the worker group's store (one set
 per rendezvous round, and per report within it: ``elastic-timer/hang/generation`` counts the
@@ -42,8 +44,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from . import _native
+
 __all__ = [
     "COLLECTIVES",
+    "CollectivesMissing",
     "HangReporter",
     "Keys",
     "RankStacks",
@@ -191,6 +196,8 @@ class RankStacks:
     stacks: str | None
     # Its Flight Recorder summary (``summarize_trace``), when it serves torch's control plane.
     collectives: dict[str, Any] | None = None
+    # Why it gave none although it means to serve the control plane.
+    collectives_missing: str | None = None
 
 
 def contribution(
@@ -213,10 +220,13 @@ def contribution(
                 "scopes": [],
                 "stack": entry.stacks,
                 "collectives": {},
+                "collectives_missing": {},
             },
         )
         if entry.collectives is not None:
             group["collectives"][str(entry.rank)] = entry.collectives
+        if entry.collectives_missing is not None:
+            group["collectives_missing"][str(entry.rank)] = entry.collectives_missing
         group["ranks"].append(entry.rank)
         group["pids"].append(entry.pid)
         group["scopes"].extend(s for s in entry.scopes if s not in group["scopes"])
@@ -270,9 +280,11 @@ def build_report(
                     "where": where(group["stack"]),
                     "stack": group["stack"],
                     "collectives": {},
+                    "collectives_missing": {},
                 },
             )
             into["collectives"].update(group.get("collectives", {}))
+            into["collectives_missing"].update(group.get("collectives_missing", {}))
             into["ranks"].extend(group["ranks"])
             if share["host"] not in into["hosts"]:
                 into["hosts"].append(share["host"])
@@ -326,6 +338,9 @@ def format_report(report: dict[str, Any]) -> str:
         )
         for rank, summary in sorted(group["collectives"].items(), key=lambda i: int(i[0])):
             lines.append(f"    rank {rank} collectives: {_describe_collectives(summary)}")
+        missing = group.get("collectives_missing", {})
+        for rank, why in sorted(missing.items(), key=lambda i: int(i[0])):
+            lines.append(f"    rank {rank} collectives: none, {why}")
         lines.extend(f"    {line}" for line in group["stack"].rstrip().splitlines())
     return "\n".join(lines)
 
@@ -352,12 +367,22 @@ def _ranges(ranks: Sequence[int]) -> str:
 
 # -- Flight Recorder, through torch's worker control plane ------------------------------------
 
-# How long one rank's worker server gets to answer.
+# How long one rank's worker server gets to answer, unless told (the hang report gives it the
+# stack grace: a busy host answers late, and the rank lives until then).
 CONTROL_PLANE_TIMEOUT = 1.0
+# Where torch's worker_main() serves the control plane (a rank's own environment).
+SOCKET_ENV = "TORCH_WORKER_SERVER_SOCKET"
+# The bytes of a Unix socket's path (sun_path). torch binds a path that fills it (without a
+# NUL); Python connects by a path only if it is shorter.
+SUN_PATH = 108
 # Bytes of a Flight Recorder trace read at most.
 _MAX_TRACE = 16 << 20
 # /proc/net/unix: the flag of a listening socket.
 _SO_ACCEPTCON = 0x10000
+
+
+class CollectivesMissing(Exception):
+    """Why a rank that means to serve torch's control plane gave no collectives."""
 
 
 def listening_sockets(pid: int) -> list[str]:
@@ -391,24 +416,40 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
+        if len(os.fsencode(self._path)) < SUN_PATH:
+            self.sock.connect(self._path)
+            return
+        # A path that fills sun_path, which torch binds and Python's connect() refuses: the
+        # same socket by a short path, through its directory's fd.
+        directory = os.open(os.path.dirname(self._path), os.O_PATH | os.O_DIRECTORY)
+        try:
+            self.sock.connect(f"/proc/self/fd/{directory}/{os.path.basename(self._path)}")
+        finally:
+            os.close(directory)
 
 
-def fetch_trace(path: str, timeout: float = CONTROL_PLANE_TIMEOUT) -> dict[str, Any] | None:
-    """The Flight Recorder trace (``fr_trace_json``) of the worker server at ``path``."""
+def fetch_trace(path: str, timeout: float = CONTROL_PLANE_TIMEOUT) -> dict[str, Any]:
+    """The Flight Recorder trace (``fr_trace_json``) of the worker server at ``path``;
+    ``CollectivesMissing`` says why there is none."""
     connection = _UnixConnection(path, timeout)
     try:
         connection.request("POST", "/handler/fr_trace_json")
         response = connection.getresponse()
         body = response.read(_MAX_TRACE)
         if response.status != 200:
-            return None
+            raise CollectivesMissing(f"{path} answered HTTP {response.status}")
         trace = json.loads(body)
-    except (OSError, http.client.HTTPException, ValueError):
-        return None
+    except socket.timeout:  # TimeoutError from Python 3.10 on
+        raise CollectivesMissing(f"no answer from {path} within {timeout:.1f} s") from None
+    except (OSError, http.client.HTTPException) as err:
+        raise CollectivesMissing(f"no answer from {path}: {err}") from None
+    except ValueError:
+        raise CollectivesMissing(f"{path} answered no JSON trace") from None
     finally:
         connection.close()
-    return trace if isinstance(trace, dict) else None
+    if not isinstance(trace, dict):
+        raise CollectivesMissing(f"{path} answered no JSON trace")
+    return trace
 
 
 def summarize_trace(trace: dict[str, Any], last: int = 3) -> dict[str, Any]:
@@ -433,13 +474,28 @@ def summarize_trace(trace: dict[str, Any], last: int = 3) -> dict[str, Any]:
     return {"pg_status": status, "last": entries}
 
 
-def rank_collectives(pid: int) -> dict[str, Any] | None:
-    """Worker ``pid``'s last collectives, if it serves torch's worker control plane."""
+def rank_collectives(pid: int, timeout: float = CONTROL_PLANE_TIMEOUT) -> dict[str, Any] | None:
+    """Worker ``pid``'s last collectives, from the control-plane socket it listens on; None
+    if it neither listens on one nor names one in ``TORCH_WORKER_SERVER_SOCKET``.
+    ``CollectivesMissing`` says why a worker that does gave none."""
+    why = []
     for path in listening_sockets(pid):
-        trace = fetch_trace(path)
-        if trace is not None:
-            return summarize_trace(trace)
-    return None
+        try:
+            return summarize_trace(fetch_trace(path, timeout))
+        except CollectivesMissing as err:
+            why.append(str(err))
+    if why:
+        raise CollectivesMissing("; ".join(why))
+    setting = _native.environ_value(pid, SOCKET_ENV)
+    if setting is None:
+        return None
+    length = len(os.fsencode(setting))
+    if length > SUN_PATH:
+        raise CollectivesMissing(
+            f"its {SOCKET_ENV} is {length} bytes long, past the {SUN_PATH} of a Unix socket "
+            f"path, so worker_main() cannot listen there: {setting}"
+        )
+    raise CollectivesMissing(f"no socket found listening at its {SOCKET_ENV}, {setting}")
 
 
 def behind(collectives: dict[int, dict[str, Any]]) -> list[int]:
@@ -493,9 +549,10 @@ class HangReporter:
         peek: takes the stacks of these pids now (the native server's ``peek_stacks``).
         emit: writes the report to the event log.
         grace: the stack grace (how long a peek may take); the report waits that and
-            ``patience`` more for the other hosts.
+            ``patience`` more for the other hosts. A rank's control plane may take as long.
         poll: how often to look for another host's claim.
-        collectives: a worker's last collectives by pid (``rank_collectives``), if any.
+        collectives: a worker's last collectives, by pid and with a timeout
+            (``rank_collectives``), if any; ``CollectivesMissing`` says why none.
     """
 
     def __init__(
@@ -510,7 +567,7 @@ class HangReporter:
         grace: float,
         patience: float = 2.0,
         poll: float = 0.25,
-        collectives: Callable[[int], dict[str, Any] | None] = rank_collectives,
+        collectives: Callable[[int, float], dict[str, Any] | None] = rank_collectives,
     ) -> None:
         self._store = store
         self._group_rank = group_rank
@@ -518,6 +575,7 @@ class HangReporter:
         self._workers = workers
         self._peek = peek
         self._emit = emit
+        self._grace = grace
         self._timeout = grace + patience
         self._poll = poll
         self._collectives = collectives
@@ -598,16 +656,23 @@ class HangReporter:
         workers = self._workers()
         with ThreadPoolExecutor(max(1, len(workers))) as pool:
             # The collectives while the stacks are taken: both before the kill.
-            asked = {pid: pool.submit(self._collectives, pid) for pid in workers}
+            asked = {pid: pool.submit(self._ask_collectives, pid) for pid in workers}
             taken = dict(self._peek(sorted(workers)))
             collectives = {pid: future.result() for pid, future in asked.items()}
         with self._lock:
             expiring = dict(self._expiring)
         ranks = [
-            RankStacks(rank, pid, expiring.get(pid, ()), taken.get(pid), collectives[pid])
+            RankStacks(rank, pid, expiring.get(pid, ()), taken.get(pid), *collectives[pid])
             for pid, rank in workers.items()
         ]
         return contribution(self.host, self._group_rank, ranks, trigger=trigger)
+
+    def _ask_collectives(self, pid: int) -> tuple[dict[str, Any] | None, str | None]:
+        """A worker's collectives, or why it gave none (None, None: it serves none)."""
+        try:
+            return self._collectives(pid, self._grace), None
+        except CollectivesMissing as err:
+            return None, str(err)
 
     def _write(self, report: dict[str, Any]) -> None:
         logger.warning("%s", format_report(report))

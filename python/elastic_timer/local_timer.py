@@ -20,7 +20,6 @@ from ._server import (
     NativeServer,
     RequestTuple,
     kill_worker,
-    overrides,
     request_tuple,
     worker_pid,
 )
@@ -147,7 +146,6 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
         TimerServer.__init__(self, MultiprocessingRequestQueue(mp_queue), max_interval, daemon)
         options = self._native_options(
             max_interval,
-            delegate_reaps=overrides(self, LocalTimerServer, "_reap_worker"),
             descendants_only=descendants_only,
             **diagnostics,
         )
@@ -173,7 +171,8 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
             self._daemon,
         )
         self._stop_signaled = False
-        self._start_native()
+        if not self._start_native(_OWN_REAP_WORKER):
+            return
         if self._needs_pump:
             self._pump_stop.clear()
             self._pump = threading.Thread(target=self._pump_requests, daemon=self._daemon)
@@ -213,3 +212,7 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
 
     def _reap_worker(self, worker_id: int) -> bool:
         return kill_worker(worker_pid(worker_id), signal.SIGKILL)
+
+
+# The class's own, kept before anything patches it: any other gets the reaps (see start()).
+_OWN_REAP_WORKER = LocalTimerServer._reap_worker

@@ -194,7 +194,7 @@ impl Server {
                 }
                 Err(err) => {
                     // A bad state file costs what it held, not the server.
-                    state.deferred.push(format!("{err}; learning from scratch"));
+                    state.emit(Event::Warning(format!("{err}; learning from scratch")));
                     Learner::new(adaptive.learn.clone())
                         .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?
                 }
@@ -247,9 +247,11 @@ impl Server {
         let (sender, receiver) = mpsc::sync_channel(EVENT_CAPACITY);
         {
             let mut state = self.shared.lock();
-            state.deferred.extend(warning);
             state.events = Some(sender);
-            for warning in std::mem::take(&mut state.deferred) {
+            for event in std::mem::take(&mut state.undelivered) {
+                state.emit(event);
+            }
+            if let Some(warning) = warning {
                 state.emit(Event::Warning(warning));
             }
         }
@@ -263,6 +265,23 @@ impl Server {
         })?;
         self.thread = Some(thread);
         Ok(receiver)
+    }
+
+    /// Whether expiries go to the caller (a Python `_reap_worker` override) instead of being
+    /// signalled here. Set before each `start`: an override can be put in place (patched)
+    /// after the server was built.
+    pub fn delegate_reaps(&mut self, delegate: bool) -> io::Result<()> {
+        // Only the loop thread shares `shared`: a stopped server holds it alone.
+        let shared = Arc::get_mut(&mut self.shared)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::AlreadyExists, "server running"))?;
+        shared.config.delegate_reaps = delegate;
+        Ok(())
+    }
+
+    /// Takes the events reported while no loop runs (a refusal by `register` before
+    /// `start`), for the caller to report now.
+    pub fn take_undelivered(&self) -> Vec<Event> {
+        std::mem::take(&mut self.shared.lock().undelivered)
     }
 
     /// Stops the loop and waits for it (it exits at once), and removes the FIFO if it is

@@ -152,8 +152,9 @@ pub(super) struct State {
     /// Whether the learner changed since it was last saved, and when to save it next.
     pub learned_dirty: bool,
     pub next_save: Instant,
-    /// Warnings from before the loop started (a bad state file), emitted when it starts.
-    pub deferred: Vec<String>,
+    /// Events while no loop runs (a bad state file, a refusal before `start`): the caller
+    /// takes them to report at once (`Server::take_undelivered`), or the loop, when it starts.
+    pub undelivered: Vec<Event>,
     pub workers: Workers,
     /// The workers past an expiry, and what is left to do about each.
     pub phases: HashMap<Pid, Phase>,
@@ -180,7 +181,7 @@ impl State {
             learner: None,
             learned_dirty: false,
             next_save: Instant::now(),
-            deferred: Vec::new(),
+            undelivered: Vec::new(),
             workers: Workers::new(max_pidfds)?,
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
@@ -193,9 +194,17 @@ impl State {
         })
     }
 
-    /// Queues an event for the reporter; false (and counted) if it had to be dropped.
+    /// Queues an event for the reporter (kept for later if no loop runs); false (and
+    /// counted) if it had to be dropped.
     pub fn emit(&mut self, event: Event) -> bool {
-        let Some(events) = &self.events else { return false };
+        let Some(events) = &self.events else {
+            if self.undelivered.len() < super::EVENT_CAPACITY {
+                self.undelivered.push(event);
+                return true;
+            }
+            self.stats.events_dropped += 1;
+            return false;
+        };
         match events.try_send(event) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {

@@ -5,7 +5,9 @@ use super::*;
 use crate::codec;
 use crate::deadlines::DeadlineMap;
 use crate::reaper::Refusal;
-use crate::test_support::{fill_fd_table, in_own_process, pid_of, shell_once_it_says, sleeper};
+use crate::test_support::{
+    fill_fd_table, in_own_process, pid_of, shell_once_it_says, shell_with_env, sleeper,
+};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::time::Instant;
@@ -124,6 +126,23 @@ fn refused_and_malformed_requests_are_reported_and_nothing_is_lost() {
     let mut worker = worker;
     worker.kill().expect("kill");
     worker.wait().expect("wait");
+}
+
+#[test]
+fn a_refusal_before_start_is_handed_to_the_caller_and_not_reported_again() {
+    let (mut server, _path) = fifo_server("early", config());
+    // Not expired: refused for its pid alone.
+    server.register([Request { pid: -1, ..request(1, "early", 60.0, libc::SIGKILL) }]);
+    let undelivered = server.take_undelivered();
+    assert!(
+        matches!(undelivered[..], [Event::Refused { reason: Refusal::ReservedPid(-1), .. }]),
+        "{undelivered:?}"
+    );
+    assert!(server.take_undelivered().is_empty());
+    let events = server.start().expect("start");
+    server.stop();
+    assert_eq!(events.try_iter().count(), 0, "reported twice");
+    assert_eq!(server.stats().refused, 1);
 }
 
 #[test]
@@ -347,8 +366,11 @@ fn a_deleted_fifo_is_created_again_and_another_servers_is_left_alone() {
 
 #[test]
 fn a_delegated_reap_waits_for_its_answer_and_a_failed_one_is_retried() {
-    let (mut server, _path) = fifo_server("delegate", Config { delegate_reaps: true, ..config() });
+    let (mut server, _path) = fifo_server("delegate", config());
+    // Decided at each start (a Python override may be patched in after the server is built).
+    server.delegate_reaps(true).expect("stopped");
     let events = server.start().expect("start");
+    assert!(server.delegate_reaps(false).is_err(), "changed under a running loop");
     let mut worker = sleeper();
     server.register([request(worker.id(), "d", 0.0, libc::SIGTERM)]);
     let Event::Expired { expiries, .. } =
@@ -580,14 +602,9 @@ fn a_dry_run_reports_what_the_learned_bound_would_kill_and_kills_nothing() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// A worker whose environment names a torchrun error file, once it has exec'd.
+/// A worker whose environment names a torchrun error file.
 fn torchrun_worker(error_file: &std::path::Path) -> Child {
-    let variable = crate::error_file::VARIABLE;
-    let script =
-        format!("exec env {variable}='{}' sh -c 'echo ready; exec sleep 30'", error_file.display());
-    let (child, line) = shell_once_it_says(&script);
-    assert_eq!(line, "ready\n");
-    child
+    shell_with_env(crate::error_file::VARIABLE, &error_file.to_string_lossy())
 }
 
 #[test]
