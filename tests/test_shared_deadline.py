@@ -9,6 +9,11 @@ certain: the server runs under libfaketime, and its wall clock is moved by a fra
 millisecond before each stuck worker's acquire. A server that converted each expiration with
 a reading of its own would put the four deadlines up to 0.6 ms apart, reap the first worker
 alone and end its process.
+
+The third case takes each stuck worker's stacks before the kill (``stack_dump``), and one of
+them blocks the stack signal, so that its stacks never come and its reap waits out the whole
+grace: the others' reaps come passes earlier, and the server must not signal itself until the
+last one is reaped.
 """
 
 from __future__ import annotations
@@ -39,12 +44,19 @@ REAPED_WITHIN = 5.0  # generous on two loaded cores; an unreaped worker runs STU
 # server takes for reading error, not for a step.
 READING_ERRORS = [0.0, 0.0002, 0.0004, 0.0006]
 
+# How long the server waits for a stuck worker's stacks, in the case that takes them.
+STACK_GRACE = 2.0
+# The stuck worker that never answers for its stacks (it blocks the stack signal).
+SILENT_RANK = 6
+
 # The server: answers each line on stdin with the pids that hold timers, as JSON.
 SERVER = """\
 import json, sys
 import elastic_timer
 
-server = elastic_timer.FileTimerServer(sys.argv[1], "together", signal_self=True)
+server = elastic_timer.FileTimerServer(
+    sys.argv[1], "together", signal_self=True, stack_dump=float(sys.argv[2]) or None
+)
 server.start()
 print("ready", flush=True)
 for _ in sys.stdin:  # until its own signal ends it, or the test closes stdin
@@ -54,7 +66,9 @@ server.stop()
 
 
 class Server:
-    def __init__(self, tmp_path: Path, children: list[Any], reading_error: bool) -> None:
+    def __init__(
+        self, tmp_path: Path, children: list[Any], reading_error: bool, stack_grace: float
+    ) -> None:
         self.fifo = str(tmp_path / "timer.fifo")
         self.offset_file = tmp_path / "faketime"
         env = dict(os.environ)
@@ -67,7 +81,7 @@ class Server:
                 FAKETIME_DONT_FAKE_MONOTONIC="1",
             )
         self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER, self.fifo],
+            [sys.executable, "-c", SERVER, self.fifo, str(stack_grace)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -94,6 +108,8 @@ class Server:
 
 
 def worker(rank: int, fifo: str, started: Any, go: Any, deadline: Any, acquired: Any) -> None:
+    if rank == SILENT_RANK:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})  # the stack signal
     client = FileTimerClient(fifo)
     started.put(rank)
     go.wait(60)
@@ -106,11 +122,15 @@ def worker(rank: int, fifo: str, started: Any, go: Any, deadline: Any, acquired:
     client.release("step")
 
 
-@pytest.mark.parametrize("reading_error", [False, True], ids=["together", "reading-error"])
+@pytest.mark.parametrize(
+    ("reading_error", "stack_grace"),
+    [(False, 0.0), (True, 0.0), (False, STACK_GRACE)],
+    ids=["together", "reading-error", "stacks-taken"],
+)
 def test_every_worker_due_at_a_shared_deadline_is_reaped_before_the_server_signals_itself(
-    tmp_path: Path, children: list[Any], reading_error: bool
+    tmp_path: Path, children: list[Any], reading_error: bool, stack_grace: float
 ) -> None:
-    server = Server(tmp_path, children, reading_error)
+    server = Server(tmp_path, children, reading_error, stack_grace)
     started, acquired = SPAWN.Queue(), SPAWN.Queue()
     go = [SPAWN.Event() for _ in range(WORKERS)]
     deadline = SPAWN.Value("d", 0.0)
@@ -146,7 +166,7 @@ def test_every_worker_due_at_a_shared_deadline_is_reaped_before_the_server_signa
     assert time.monotonic() < due, "too slow: a worker acquired after the deadline"
 
     for rank, process in enumerate(workers):
-        process.join(max(due + REAPED_WITHIN - time.monotonic(), 0.1))
+        process.join(max(due + stack_grace + REAPED_WITHIN - time.monotonic(), 0.1))
         expected = -signal.SIGKILL if rank % 2 == 0 else 0
         assert process.exitcode == expected, (rank, process.exitcode)
     assert server.process.wait(REAPED_WITHIN) == -signal.SIGKILL, "it did not signal itself"

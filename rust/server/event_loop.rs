@@ -373,18 +373,24 @@ fn pass(shared: &Shared, decoded: &mut Vec<Result<Request, String>>, exited: Vec
     }
     shared.sweep_exited(&mut state, clock.mono);
     let (expiries, self_signals) = shared.expire(&mut state, clock.mono);
-    if expiries.is_empty() {
-        return;
-    }
     if !self_signals.is_empty() {
-        let (ack, acked) = mpsc::sync_channel(1);
-        state.emit(Event::Expired { expiries, ack: Some(ack) });
+        // (A held `signal_self` may come with no reap of its own: its dumping worker exited.)
+        let acked = (!expiries.is_empty()).then(|| {
+            let (ack, acked) = mpsc::sync_channel(1);
+            state.emit(Event::Expired { expiries, ack: Some(ack) });
+            acked
+        });
         drop(state);
-        // Let the reporter log the reap first (bounded: Python may be wedged).
-        let _ = acked.recv_timeout(REPORT_GRACE);
+        if let Some(acked) = acked {
+            // Let the reporter log the reap first (bounded: Python may be wedged).
+            let _ = acked.recv_timeout(REPORT_GRACE);
+        }
         for signal in self_signals {
             let _ = reaper::signal_self(signal);
         }
+        return;
+    }
+    if expiries.is_empty() {
         return;
     }
     let delegated: Vec<Pid> = expiries

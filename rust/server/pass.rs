@@ -171,6 +171,8 @@ pub(super) struct State {
     /// warning is given once per such stretch, not once per sweep).
     pub sweep_blind: bool,
     pub events: Option<SyncSender<Event>>,
+    /// `signal_self`'s signal, held until no worker that fell due is having its stacks taken.
+    pub held_self_signal: Option<Signal>,
 }
 
 impl State {
@@ -191,6 +193,7 @@ impl State {
             next_sweep: Instant::now(),
             sweep_blind: false,
             events: None,
+            held_self_signal: None,
         })
     }
 
@@ -509,14 +512,16 @@ impl Shared {
             }
             expiries.push(self.reap(state, pid, expired, None, dumped, now));
         }
-        let self_signals = self.self_signals(&expiries);
+        let self_signals = self.self_signals(state, &expiries);
         (expiries, self_signals)
     }
 
     /// The signals this process gets after the pass is reported: those its own timers asked
     /// for (a process may time itself), then, for torch's File server (`signal_self`), the
-    /// signal of the pass's last reap (once, if that reap was this process's own).
-    fn self_signals(&self, expiries: &[Expiry]) -> Vec<Signal> {
+    /// signal of the last reap (once, if that reap was this process's own). That one waits
+    /// while a worker that fell due is still having its stacks taken: ending the process
+    /// first would leave that worker unreaped.
+    fn self_signals(&self, state: &mut State, expiries: &[Expiry]) -> Vec<Signal> {
         let signalled = || {
             expiries
                 .iter()
@@ -526,7 +531,10 @@ impl Shared {
         let mut signals: Vec<Signal> =
             signalled().filter(|&(pid, _)| pid == self.own_pid).map(|(_, s)| s).collect();
         if self.config.signal_self {
-            if let Some((_, last)) = signalled().next_back() {
+            let last = signalled().next_back().map(|(_, s)| s).or(state.held_self_signal);
+            let dumping = state.phases.values().any(|p| matches!(p, Phase::Dumping { .. }));
+            state.held_self_signal = if dumping { last } else { None };
+            if let Some(last) = last.filter(|_| !dumping) {
                 if signals.last() != Some(&last) {
                     signals.push(last);
                 }
