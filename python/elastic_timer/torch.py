@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from . import watch as watching
 from .diagnostics import STATE_FILE_ENV
 from .file_based_local_timer import FileTimerServer
 from .hang_report import HangReporter
@@ -204,7 +205,9 @@ def _importable(copy: _TimerCopy) -> bool:
     return True
 
 
-def install(*, signal_self: bool | None = None, descendants_only: bool = False) -> None:
+def install(
+    *, signal_self: bool | None = None, descendants_only: bool = False, watch: bool | None = None
+) -> None:
     """
     Points torch's ``FileTimerServer`` at elastic-timer's (idempotent; ``uninstall`` undoes it),
     and ft_launcher's copy of it when nvidia-resiliency-ext is importable.
@@ -218,7 +221,12 @@ def install(*, signal_self: bool | None = None, descendants_only: bool = False) 
     torchrun ends a failed one (its failure summary, exit code 1).
     ``descendants_only=True`` refuses timers of processes that the agent did not start
     (torchrun's and ft_launcher's workers are its children).
+    ``watch=True`` (None: ``ELASTIC_TIMER_WATCH=1`` in the environment) watches the workers'
+    progress with no change to their script (see ``elastic_timer.watch``): call it before
+    the agent starts them.
     """
+    if watch or (watch is None and watching.requested()):
+        watching.prepare_agent()
     for copy in _TIMER_COPIES:
         if not _importable(copy):
             continue
