@@ -496,6 +496,7 @@ class HangReporter:
             ``patience`` more for the other hosts.
         poll: how often to look for another host's claim.
         collectives: a worker's last collectives by pid (``rank_collectives``), if any.
+        on_report: called with the job's report once this host has it (written or read).
     """
 
     def __init__(
@@ -511,6 +512,7 @@ class HangReporter:
         patience: float = 2.0,
         poll: float = 0.25,
         collectives: Callable[[int], dict[str, Any] | None] = rank_collectives,
+        on_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._store = store
         self._group_rank = group_rank
@@ -521,6 +523,7 @@ class HangReporter:
         self._timeout = grace + patience
         self._poll = poll
         self._collectives = collectives
+        self._on_report = on_report
         self.host = f"{socket.gethostname()}[{group_rank}]"
         self._expiring: dict[int, tuple[str, ...]] = {}
         self._lock = threading.Lock()
@@ -612,6 +615,14 @@ class HangReporter:
     def _write(self, report: dict[str, Any]) -> None:
         logger.warning("%s", format_report(report))
         self._emit(report)
+        self._reached(report)
+
+    def _reached(self, report: dict[str, Any]) -> None:
+        if self._on_report is not None:
+            try:
+                self._on_report(report)
+            except Exception:
+                logger.exception("hang report: on_report raised")
 
     def _log_theirs(self, keys: Keys) -> None:
         """Logs the report another host wrote, once it is there (bounded)."""
@@ -622,4 +633,6 @@ class HangReporter:
                 return
             time.sleep(0.05)
         with contextlib.suppress(ValueError):
-            logger.warning("%s", format_report(json.loads(self._store.get(keys.report))))
+            report = json.loads(self._store.get(keys.report))
+            logger.warning("%s", format_report(report))
+            self._reached(report)

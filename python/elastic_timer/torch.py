@@ -76,6 +76,9 @@ _agent_originals: dict[type, Any] = {}
 # How long an agent's server holds an expired worker at least (within its stack grace), so that
 # the job's hang report reaches every worker, on every host, before any is killed.
 HANG_REPORT_HOLD = 1.0
+# Under --watch, how long at least: the report's verdict (who is a suspect) comes back to every
+# agent before it kills anything, since a rank waiting for a stuck one passes its bound too.
+VERDICT_HOLD = 3.0
 # The worker group whose workers an agent is starting (and so whose server it is building).
 _starting = threading.local()
 
@@ -111,9 +114,11 @@ def _agent_server(
                 # file per run keeps what the last one learned (used only when adaptive).
                 kwargs["state_file"] = run_state_file(kwargs.get("run_id", ""))
             group = getattr(_starting, "group", None)
+            watching_group = group is not None and watching.requested()
             if group is not None:
-                # With stacks on, the hang report's time to reach every worker before the kill.
-                self._stack_hold = HANG_REPORT_HOLD
+                # With stacks on, the hang report's time to reach every worker before the kill
+                # (watched: and to come back with its verdict, which spares who only waits).
+                self._stack_hold = VERDICT_HOLD if watching_group else HANG_REPORT_HOLD
             super().__init__(
                 signal_self=signal_self,
                 descendants_only=descendants_only,
@@ -121,7 +126,19 @@ def _agent_server(
                 **kwargs,
             )
             if group is not None and self._diagnostics.stack_dump is not None:
-                self._hang_reporter = _hang_reporter(self, group, self._diagnostics.stack_dump)
+                self._hang_reporter = _hang_reporter(
+                    self, group, self._diagnostics.stack_dump, spare=watching_group
+                )
+
+        def start(self) -> None:
+            super().start()
+            if watching.requested() and self._diagnostics.adaptive:
+                learned = [t["scope"] for t in self.timeouts() if t["suggested"] is not None]
+                logger.info(
+                    "Watching the workers' progress; %d place(s) learned already%s",
+                    len(learned),
+                    f" (from {self._diagnostics.state_file})" if learned else "",
+                )
 
     AgentFileTimerServer.__qualname__ = AgentFileTimerServer.__name__ = "FileTimerServer"
     AgentFileTimerServer.__module__ = FileTimerServer.__module__
@@ -138,8 +155,11 @@ def run_state_file(run_id: str) -> str | None:
     return os.path.join(tempfile.gettempdir(), f"elastic-timer-learned-{os.getuid()}-{safe}.json")
 
 
-def _hang_reporter(server: FileTimerServer, group: Any, grace: float) -> HangReporter | None:
-    """The agent's part in the job's hang report, over its worker group's store."""
+def _hang_reporter(
+    server: FileTimerServer, group: Any, grace: float, *, spare: bool = False
+) -> HangReporter | None:
+    """The agent's part in the job's hang report, over its worker group's store. ``spare``:
+    once the report names suspects, the local workers that are not among them are spared."""
     if group.store is None:
         return None
 
@@ -157,7 +177,28 @@ def _hang_reporter(server: FileTimerServer, group: Any, grace: float) -> HangRep
         peek=peek,
         emit=lambda report: server._events.emit("hang report", **report),
         grace=grace,
+        on_report=(lambda report: _spare_the_waiting(server, workers(), report)) if spare else None,
     )
+
+
+def _spare_the_waiting(server: FileTimerServer, workers: dict[int, int], report: Any) -> None:
+    """Spares the next reap of each local worker the job's report does not suspect, when it
+    suspects some: such a worker waits for a stuck one (in a collective, or in a backward
+    pass whose all-reduce the stuck one never joins), and the stuck one's kill ends the wait.
+    Without suspects nobody is spared: every expired worker is killed."""
+    suspects = set(report.get("suspects") or ())
+    if not suspects:
+        return
+    for pid, rank in sorted(workers.items(), key=lambda item: item[1]):
+        if rank not in suspects:
+            server._core.spare(pid)
+            logger.warning(
+                "Sparing rank %s (pid %s) if its timer expires: the job's hang report suspects "
+                "rank(s) %s, and it waits for them",
+                rank,
+                pid,
+                ", ".join(map(str, sorted(suspects))),
+            )
 
 
 def _recording_group(start_workers: Any) -> Any:

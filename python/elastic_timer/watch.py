@@ -35,7 +35,16 @@ from typing import Any
 from .api import TIMER_FILE_ENV, TimerClient
 from .diagnostics import ADAPTIVE_ENV, STACK_DUMP_ENV
 
-__all__ = ["BOOT_DIR", "PREFIX", "Watch", "bootstrap", "install", "prepare_agent", "requested", "watched"]
+__all__ = [
+    "BOOT_DIR",
+    "PREFIX",
+    "Watch",
+    "bootstrap",
+    "install",
+    "prepare_agent",
+    "requested",
+    "watched",
+]
 
 logger = logging.getLogger(__name__)
 

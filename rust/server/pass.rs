@@ -120,6 +120,8 @@ pub(super) struct State {
     pub phases: HashMap<Pid, Phase>,
     /// Pids already reported as refused: a misbehaving client is logged once, not flooded.
     pub refused_pids: HashSet<i64>,
+    /// Workers whose next reap is spared (see `Server::spare`).
+    pub spared: HashSet<Pid>,
     pub stats: Stats,
     /// When the running pass started; None while the loop waits (it is then making progress).
     pub busy_since: Option<f64>,
@@ -139,6 +141,7 @@ impl State {
             workers: Workers::new(max_pidfds),
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
+            spared: HashSet::new(),
             stats: Stats::default(),
             busy_since: None,
             next_sweep: Instant::now(),
@@ -511,6 +514,7 @@ impl Shared {
         let mut error_file = None;
         let outcome = match signal {
             None => ReapOutcome::NotSignalled,
+            Some(_) if state.spared.remove(&pid) => ReapOutcome::Spared,
             Some(_) if self.config.dry_run => ReapOutcome::DryRun,
             Some(_) if self.config.delegate_reaps => ReapOutcome::Delegated,
             // This process is signalled once the pass is reported (see `self_signals`):
@@ -532,7 +536,7 @@ impl Shared {
             error_file = None;
         }
         match (&outcome, signal) {
-            (ReapOutcome::NotSignalled | ReapOutcome::DryRun, _) => {
+            (ReapOutcome::NotSignalled | ReapOutcome::DryRun | ReapOutcome::Spared, _) => {
                 // Only the expired timers go: a later timer with a signal stays armed.
                 for timer in &expired.timers {
                     let release = Request { expiration: -1.0, ..timer.clone() };
@@ -605,11 +609,11 @@ impl Shared {
             .map(|request| {
                 let note = state.timers.get(pid, &request.scope).map(|t| t.note);
                 let learned = note.and_then(|note| note.learned);
-                let after = note
-                    .and_then(|note| note.acquired)
-                    .map(|at| request.expiration - at)
-                    .filter(|after| after.is_finite());
-                Fired { scope: &request.scope, after, learned }
+                let acquired = note.and_then(|note| note.acquired);
+                let after =
+                    acquired.map(|at| request.expiration - at).filter(|after| after.is_finite());
+                let held = acquired.map(|at| wall_now() - at).filter(|held| held.is_finite());
+                Fired { scope: &request.scope, after, learned, held }
             })
             .collect();
         let message = error_file::message(number, &fired, signal.as_raw(), stacks);
@@ -651,6 +655,7 @@ impl Shared {
             learner.worker_gone(pid);
         }
         state.timers.remove_worker(pid);
+        state.spared.remove(&pid);
         state.phases.remove(&pid)
     }
 

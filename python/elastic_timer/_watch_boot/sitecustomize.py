@@ -25,7 +25,9 @@ def _watch() -> None:
         from elastic_timer.watch import bootstrap
     except ImportError:
         # elastic_timer itself is not importable here: look beside this directory.
-        sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        sys.path.append(
+            os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        )
         from elastic_timer.watch import bootstrap
     bootstrap()
 

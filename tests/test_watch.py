@@ -1,0 +1,173 @@
+"""``elastic-timer-run --watch``: an unmodified DDP script (tests/jobs/watched_ddp.py) under two
+agents (2 ranks each, gloo, c10d rendezvous on localhost), watched through torch's hooks only.
+
+The job has the rhythm of a real one: a 6 s first step, 40-80 ms batches, an ~8 s evaluation
+every 25 steps and a checkpoint every 50 (rank 0 saves, then works 8 s more while the others
+wait in ``dist.barrier()``). None of that may be killed; a rank stuck in its Dataset must be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_torchrun import LAUNCHER, free_port, read_events
+
+pytestmark = pytest.mark.torch
+
+JOB = str(Path(__file__).parent / "jobs" / "watched_ddp.py")
+# The clean job takes about 80 s on 2 idle cores.
+TIMEOUT = 400
+
+
+def watch_env(tmp_path: Path, **job: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        JOB_LOG=str(tmp_path / "job.log"),
+        OMP_NUM_THREADS="1",
+        LOGLEVEL="INFO",
+        ELASTIC_TIMER_EVENT_LOG=str(tmp_path / "events.jsonl"),
+        ELASTIC_TIMER_STATE_FILE=str(tmp_path / "learned.json"),
+        **job,
+    )
+    for name in (
+        "TORCHELASTIC_ENABLE_FILE_TIMER",
+        "TORCHELASTIC_TIMER_FILE",
+        "ELASTIC_TIMER_WATCH",
+    ):
+        env.pop(name, None)
+    return env
+
+
+def two_watched_agents(
+    env: dict[str, str], run_id: str, *launcher_args: str
+) -> list[tuple[int, str]]:
+    """The job under two ``elastic-timer-run --watch`` agents; each one's exit code and stderr."""
+    cmd = [
+        LAUNCHER,
+        "--watch",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        run_id,
+        "--monitor-interval",
+        "0.1",
+        *launcher_args,
+        JOB,
+    ]
+    agents = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        outputs = [agent.communicate(timeout=TIMEOUT)[1] for agent in agents]
+        for number, output in enumerate(outputs):  # for a look after the test
+            Path(env["JOB_LOG"]).with_name(f"agent-{number}.err").write_text(output)
+        return [(agent.returncode, output) for agent, output in zip(agents, outputs)]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+
+
+def job_log(tmp_path: Path) -> list[str]:
+    log = tmp_path / "job.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def both(outcomes: list[tuple[int, str]]) -> str:
+    return "\n".join(err[-4000:] for _, err in outcomes)
+
+
+@pytest.mark.torchrun
+def test_a_watched_clean_job_ends_0_and_nothing_fires(tmp_path: Path) -> None:
+    outcomes = two_watched_agents(watch_env(tmp_path), "watch-clean")
+    assert [code for code, _ in outcomes] == [0, 0], both(outcomes)
+    assert sorted(job_log(tmp_path)) == [f"rank {r} attempt 0 done 130" for r in range(4)]
+    events = read_events(tmp_path / "events.jsonl")
+    assert [e for e in events if e["event"] in ("timer expired", "hang report")] == []
+    # What was watched, and learned from this run alone.
+    learned = {s["scope"]: s for s in json.loads((tmp_path / "learned.json").read_text())["scopes"]}
+    for place in (
+        "inside DataLoader next",
+        "after optimizer.step of SGD",
+        "inside forward (no_grad) of DistributedDataParallel",
+    ):
+        assert learned[f"watch: {place}"]["suggested"] is not None, place
+    # Seen too rarely to learn: they keep the generous bound.
+    for place in (
+        "inside forward of DistributedDataParallel (first step)",
+        "after torch.save",
+        "inside barrier",
+        "inside init_process_group (first step)",
+    ):
+        assert learned[f"watch: {place}"]["suggested"] is None, place
+
+
+def stopped_at(tmp_path: Path, attempt: int = 0) -> float:
+    (line,) = [x for x in job_log(tmp_path) if x.startswith(f"rank 3 attempt {attempt} stopped")]
+    return float(line.split()[-1])
+
+
+def check_hang(tmp_path: Path, outcomes: list[tuple[int, str]]) -> dict[str, Any]:
+    """Rank 3 alone was killed, soon after it stopped, and the report and summary say so."""
+    events = read_events(tmp_path / "events.jsonl")
+    killed = [e for e in events if e["event"] == "timer expired" and e["outcome"] == "signalled"]
+    assert len(killed) == 1, [(e["pid"], e["scopes"], e["outcome"]) for e in killed]
+    (kill,) = killed
+    assert kill["scopes"] == ["watch: inside DataLoader next"]
+    assert kill["time"] - stopped_at(tmp_path) < 20
+    (report,) = [e for e in events if e["event"] == "hang report"]
+    assert report["suspects"] == [3], report
+    (rank_3_agent,) = [err for _, err in outcomes if "rank      : 3 (local_rank: 1)" in err]
+    summary = rank_3_agent[rank_3_agent.index("ChildFailedError") :]
+    failure = summary[summary.index("rank      : 3 (local_rank: 1)") :]
+    assert "no progress for" in failure and "inside DataLoader next" in failure, failure
+    assert re.search(r'watched_ddp.py", line \d+ in __getitem__', failure), failure
+    return kill
+
+
+@pytest.mark.torchrun
+def test_a_rank_stuck_in_its_dataset_is_killed_alone_and_named(tmp_path: Path) -> None:
+    env = watch_env(tmp_path, HANG_RANK="3", HANG_ATTEMPTS="0")
+    outcomes = two_watched_agents(env, "watch-hang")
+    assert [code for code, _ in outcomes] == [1, 1], both(outcomes)
+    check_hang(tmp_path, outcomes)
+    assert not any("done" in line for line in job_log(tmp_path))
+
+
+@pytest.mark.torchrun
+def test_a_restart_keeps_what_was_learned_and_ends_0(tmp_path: Path) -> None:
+    env = watch_env(tmp_path, HANG_RANK="3", HANG_ATTEMPTS="0")
+    outcomes = two_watched_agents(env, "watch-restart", "--max-restarts", "1")
+    assert [code for code, _ in outcomes] == [0, 0], both(outcomes)
+    check_hang(tmp_path, outcomes)
+    assert sorted(x for x in job_log(tmp_path) if "done" in x) == [
+        f"rank {r} attempt 1 done 130" for r in range(4)
+    ]
+    # The restarted group's servers loaded the state file: their first acquires of a learned
+    # place already had a learned bound.
+    events = read_events(tmp_path / "events.jsonl")
+    started = [e for e in events if e["event"] == "watchdog started"]
+    assert len(started) == 4  # two agents, two attempts
+    assert any(
+        re.search(r"Watching the workers. progress; [1-9]\d* place\(s\) learned already", err)
+        for _, err in outcomes
+    ), both(outcomes)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
