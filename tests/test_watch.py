@@ -33,7 +33,6 @@ def watch_env(tmp_path: Path, **job: str) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         LOGLEVEL="INFO",
         ELASTIC_TIMER_EVENT_LOG=str(tmp_path / "events.jsonl"),
-        ELASTIC_TIMER_STATE_FILE=str(tmp_path / "learned.json"),
         **job,
     )
     for name in (
@@ -67,9 +66,21 @@ def two_watched_agents(
         *launcher_args,
         JOB,
     ]
+    # Each agent keeps what it learned in a file of its own, as on two hosts.
     agents = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen(
+            cmd,
+            env={
+                **env,
+                "ELASTIC_TIMER_STATE_FILE": str(
+                    Path(env["JOB_LOG"]).with_name(f"learned-{n}.json")
+                ),
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(2)
     ]
     try:
         outputs = [agent.communicate(timeout=TIMEOUT)[1] for agent in agents]
@@ -100,7 +111,7 @@ def test_a_watched_clean_job_ends_0_and_nothing_fires(tmp_path: Path) -> None:
     events = read_events(tmp_path / "events.jsonl")
     assert [e for e in events if e["event"] in ("timer expired", "hang report")] == []
     # What was watched, and learned from this run alone.
-    learned = {s["scope"]: s for s in json.loads((tmp_path / "learned.json").read_text())["scopes"]}
+    learned = learned_by_either(tmp_path)
     for place in (
         "inside DataLoader next",
         "after optimizer.step of SGD",
@@ -115,6 +126,16 @@ def test_a_watched_clean_job_ends_0_and_nothing_fires(tmp_path: Path) -> None:
         "inside init_process_group (first step)",
     ):
         assert learned[f"watch: {place}"]["suggested"] is None, place
+
+
+def learned_by_either(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Each scope's figures in the agents' state files (a learned one over one that is not)."""
+    learned: dict[str, dict[str, Any]] = {}
+    for n in range(2):
+        for scope in json.loads((tmp_path / f"learned-{n}.json").read_text())["scopes"]:
+            if scope["scope"] not in learned or scope["suggested"] is not None:
+                learned[scope["scope"]] = scope
+    return learned
 
 
 def stopped_at(tmp_path: Path, attempt: int = 0) -> float:
@@ -171,3 +192,111 @@ def test_a_restart_keeps_what_was_learned_and_ends_0(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+# -- the worker's side, without torchrun ------------------------------------------------------
+
+WORKER = """
+import os, sys, torch
+from torch import nn
+from torch.utils.data import DataLoader
+assert "elastic_timer.watch" in sys.modules, "watched once torch is imported"
+model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+for x in DataLoader(torch.zeros(4, 2), batch_size=2):
+    model(x).sum().backward()
+    optimizer.step()
+with torch.no_grad():
+    model(torch.zeros(1, 2))
+torch.save({}, os.devnull)
+pid = os.fork()
+if pid == 0:  # a fork (a DataLoader worker, say) reports nothing
+    model(torch.zeros(1, 2))
+    torch.save({}, os.devnull)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("done")
+"""
+
+
+def watched_python(tmp_path: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    from elastic_timer.watch import BOOT_DIR
+
+    full = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([BOOT_DIR, os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_watched_worker_reports_each_place_once_torch_is_imported(tmp_path: Path) -> None:
+    from elastic_timer import FileTimerServer
+
+    fifo = str(tmp_path / "fifo")
+    server = FileTimerServer(fifo, adaptive=True)
+    server.start()
+    try:
+        result = watched_python(
+            tmp_path, WORKER, ELASTIC_TIMER_WATCH="1", TORCHELASTIC_TIMER_FILE=fifo
+        )
+        assert result.returncode == 0 and result.stdout == "done\n", result.stderr[-3000:]
+        scopes = {t["scope"] for t in server.timeouts()}
+    finally:
+        server.stop()
+    assert scopes == {
+        "watch: inside DataLoader next (first step)",
+        "watch: after DataLoader next (first step)",
+        "watch: inside forward of Sequential (first step)",
+        "watch: after forward of Sequential (first step)",
+        "watch: inside optimizer.step of SGD (first step)",
+        "watch: after optimizer.step of SGD",
+        "watch: inside DataLoader next",
+        "watch: after DataLoader next",
+        "watch: inside forward of Sequential",
+        "watch: after forward of Sequential",
+        "watch: inside optimizer.step of SGD",
+        "watch: inside forward (no_grad) of Sequential",
+        "watch: after forward (no_grad) of Sequential",
+        "watch: inside torch.save",
+        "watch: after torch.save",
+    }
+
+
+def test_the_bootstrap_runs_the_next_sitecustomize_and_is_inert_elsewhere(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import builtins\nbuiltins.OTHER_RAN = True\n")
+    probe = (
+        "import builtins, sys\n"
+        "print(getattr(builtins, 'OTHER_RAN', False), 'elastic_timer' in sys.modules)"
+    )
+    from elastic_timer.watch import BOOT_DIR
+
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ELASTIC_TIMER", "TORCHELASTIC"))
+    }
+    path = os.pathsep.join([BOOT_DIR, str(other)])
+    cases = [
+        ({}, "True False"),  # not a watched job: nothing imported
+        ({"ELASTIC_TIMER_WATCH": "1"}, "True False"),  # the agent: no timer FIFO
+        # A worker: armed, but nothing watched until torch is imported.
+        ({"ELASTIC_TIMER_WATCH": "1", "TORCHELASTIC_TIMER_FILE": "/nonexistent"}, "True True"),
+    ]
+    for extra, expected in cases:
+        env = {**base, "PYTHONPATH": path, **extra}
+        result = subprocess.run(
+            [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.stdout.strip() == expected, (extra, result.stdout, result.stderr)
+
+
+def test_a_process_started_by_a_watched_worker_is_not_watched(tmp_path: Path) -> None:
+    code = "import torch\nfrom elastic_timer import watch\nprint(watch.watched() is not None)"
+    env = {"ELASTIC_TIMER_WATCH": "1", "TORCHELASTIC_TIMER_FILE": str(tmp_path / "fifo")}
+    started_by_worker = watched_python(tmp_path, code, ELASTIC_TIMER_WATCHED_PID="1", **env)
+    assert started_by_worker.stdout.strip() == "False", started_by_worker.stderr
+    started_by_agent = watched_python(tmp_path, code, **env)
+    assert started_by_agent.stdout.strip() == "True", started_by_agent.stderr

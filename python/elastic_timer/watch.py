@@ -43,6 +43,7 @@ __all__ = [
     "install",
     "prepare_agent",
     "requested",
+    "uninstall",
     "watched",
 ]
 
@@ -107,10 +108,9 @@ class Watch:
         self._depth = 0  # forward passes under way (only the outermost reports)
         self._handles: list[Any] = []
         self._restore: list[tuple[Any, str, Any]] = []
-        os.register_at_fork(after_in_child=self._forked)
 
-    def _forked(self) -> None:
-        # A DataLoader worker or any fork: not the training loop, and not this worker's pid.
+    def forked(self) -> None:
+        """In a forked child (a DataLoader worker): not the training loop, nor its pid."""
         self._thread = -1
 
     @property
@@ -262,16 +262,33 @@ def install(client: TimerClient | None = None, bound: float | None = None) -> Wa
     watch.wrap(torch, "load", "torch.load")
     if dist.is_available():
         watch.hook_collectives(dist)
-    after_import("torch.distributed.checkpoint", lambda dcp: _hook_checkpoint(watch, dcp))
+    after_import("torch.distributed.checkpoint", _hook_checkpoint)
     _watch = watch
     os.environ[WATCHED_PID_ENV] = str(os.getpid())
     logger.debug("elastic-timer watch: watching pid %s", os.getpid())
     return watch
 
 
-def _hook_checkpoint(watch: Watch, dcp: ModuleType) -> None:
-    for name in ("save", "load", "async_save", "save_state_dict", "load_state_dict"):
-        watch.wrap(dcp, name, f"torch.distributed.checkpoint.{name}")
+def uninstall() -> None:
+    """Stops watching this process (its last timer released, every hook removed)."""
+    global _watch
+    if _watch is not None:
+        _watch.stop()
+        _watch = None
+
+
+def _forked_child() -> None:
+    if _watch is not None:
+        _watch.forked()
+
+
+os.register_at_fork(after_in_child=_forked_child)
+
+
+def _hook_checkpoint(dcp: ModuleType) -> None:
+    if _watch is not None:
+        for name in ("save", "load", "async_save", "save_state_dict", "load_state_dict"):
+            _watch.wrap(dcp, name, f"torch.distributed.checkpoint.{name}")
 
 
 def _bound_from_env() -> float:
