@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,14 +72,19 @@ _TIMER_COPIES = (
     ),
 )
 _originals: dict[str, Any] = {}
-# The agents' own _start_workers, by agent class.
-_agent_originals: dict[type, Any] = {}
+# The agents' own _start_workers and _monitor_workers, by agent class.
+_agent_originals: dict[type, tuple[Any, Any]] = {}
 # How long an agent's server holds an expired worker at least (within its stack grace), so that
 # the job's hang report reaches every worker, on every host, before any is killed.
 HANG_REPORT_HOLD = 1.0
 # Under --watch, how long at least: the report's verdict (who is a suspect) comes back to every
 # agent before it kills anything, since a rank waiting for a stuck one passes its bound too.
 VERDICT_HOLD = 3.0
+# How long an agent whose workers were spared waits for them to end once another agent has
+# restarted: they fail (the stuck rank they waited for was killed), and torchrun must count
+# that as a failure, not as a membership change (which keeps the restart count, so the two
+# agents' workers would meet under different store prefixes).
+SPARED_EXIT_WAIT = 15.0
 # The worker group whose workers an agent is starting (and so whose server it is building).
 _starting = threading.local()
 
@@ -125,6 +131,8 @@ def _agent_server(
                 error_files=error_files,
                 **kwargs,
             )
+            # The workers spared by the hang report's verdict (pids).
+            self.spared: set[int] = set()
             if group is not None and self._diagnostics.stack_dump is not None:
                 self._hang_reporter = _hang_reporter(
                     self, group, self._diagnostics.stack_dump, spare=watching_group
@@ -192,6 +200,8 @@ def _spare_the_waiting(server: FileTimerServer, workers: dict[int, int], report:
     for pid, rank in sorted(workers.items(), key=lambda item: item[1]):
         if rank not in suspects:
             server._core.spare(pid)
+            spared: set[int] = getattr(server, "spared", set())
+            spared.add(pid)
             logger.warning(
                 "Sparing rank %s (pid %s) if its timer expires: the job's hang report suspects "
                 "rank(s) %s, and it waits for them",
@@ -215,6 +225,29 @@ def _recording_group(start_workers: Any) -> Any:
     return wrapper
 
 
+def _waiting_for_the_spared(monitor_workers: Any) -> Any:
+    """The agent's ``_monitor_workers``: while workers this agent's server spared are still
+    running and another agent waits in a new rendezvous round, waits (bounded) for them to
+    end, so that the agent sees its group fail rather than a membership change."""
+
+    @functools.wraps(monitor_workers)
+    def wrapper(agent: Any, worker_group: Any, *args: Any, **kwargs: Any) -> Any:
+        result = monitor_workers(agent, worker_group, *args, **kwargs)
+        if not getattr(getattr(agent, "_worker_watchdog", None), "spared", None):
+            return result
+        deadline = time.monotonic() + SPARED_EXIT_WAIT
+        while (
+            result.state.name == "HEALTHY"
+            and time.monotonic() < deadline
+            and agent._rdzv_handler.num_nodes_waiting() > 0
+        ):
+            time.sleep(0.1)
+            result = monitor_workers(agent, worker_group, *args, **kwargs)
+        return result
+
+    return wrapper
+
+
 def _patch_agent(copy: _TimerCopy) -> None:
     module = sys.modules.get(copy.agent)
     if module is None and copy.required:
@@ -222,8 +255,9 @@ def _patch_agent(copy: _TimerCopy) -> None:
     agent = getattr(module, "LocalElasticAgent", None)
     if agent is None or agent in _agent_originals:
         return
-    _agent_originals[agent] = agent._start_workers
+    _agent_originals[agent] = (agent._start_workers, agent._monitor_workers)
     setattr(agent, "_start_workers", _recording_group(agent._start_workers))  # noqa: B010
+    setattr(agent, "_monitor_workers", _waiting_for_the_spared(agent._monitor_workers))  # noqa: B010
 
 
 def _importable(copy: _TimerCopy) -> bool:
@@ -286,8 +320,9 @@ def uninstall() -> None:
     for name, original in _originals.items():
         setattr(importlib.import_module(name), "FileTimerServer", original)  # noqa: B010
     _originals.clear()
-    for agent, start_workers in _agent_originals.items():
+    for agent, (start_workers, monitor_workers) in _agent_originals.items():
         setattr(agent, "_start_workers", start_workers)  # noqa: B010
+        setattr(agent, "_monitor_workers", monitor_workers)  # noqa: B010
     _agent_originals.clear()
 
 
