@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_for
 from test_torchrun import LAUNCHER, free_port, read_events
 
 pytestmark = pytest.mark.torch
@@ -153,12 +154,16 @@ def check_hang(tmp_path: Path, outcomes: list[tuple[int, str]]) -> dict[str, Any
     assert kill["time"] - stopped_at(tmp_path) < 20
     (report,) = [e for e in events if e["event"] == "hang report"]
     assert report["suspects"] == [3], report
+    return kill
+
+
+def check_summary(outcomes: list[tuple[int, str]]) -> None:
+    """The failure summary of rank 3's agent says where it stopped, and shows it."""
     (rank_3_agent,) = [err for _, err in outcomes if "rank      : 3 (local_rank: 1)" in err]
     summary = rank_3_agent[rank_3_agent.index("ChildFailedError") :]
     failure = summary[summary.index("rank      : 3 (local_rank: 1)") :]
     assert "no progress for" in failure and "inside DataLoader next" in failure, failure
     assert re.search(r'watched_ddp.py", line \d+ in __getitem__', failure), failure
-    return kill
 
 
 @pytest.mark.torchrun
@@ -167,6 +172,7 @@ def test_a_rank_stuck_in_its_dataset_is_killed_alone_and_named(tmp_path: Path) -
     outcomes = two_watched_agents(env, "watch-hang")
     assert [code for code, _ in outcomes] == [1, 1], both(outcomes)
     check_hang(tmp_path, outcomes)
+    check_summary(outcomes)
     assert not any("done" in line for line in job_log(tmp_path))
 
 
@@ -300,3 +306,52 @@ def test_a_process_started_by_a_watched_worker_is_not_watched(tmp_path: Path) ->
     assert started_by_worker.stdout.strip() == "False", started_by_worker.stderr
     started_by_agent = watched_python(tmp_path, code, **env)
     assert started_by_agent.stdout.strip() == "True", started_by_agent.stderr
+
+
+@pytest.mark.torch  # the launcher's help is torchrun's, with ours in front
+def test_the_launchers_help_explains_watch() -> None:
+    result = subprocess.run([LAUNCHER, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "--watch" in result.stdout and "ELASTIC_TIMER_WATCH=1" in result.stdout
+    assert "learned timeouts" in result.stdout and "ELASTIC_TIMER_WATCH_BOUND" in result.stdout
+
+
+@pytest.mark.torchrun
+def test_a_dry_run_reports_the_hang_and_kills_nothing(tmp_path: Path) -> None:
+    """One agent, 2 ranks, a short job; rank 1 sleeps in its Dataset at step 30 for good."""
+    env = watch_env(
+        tmp_path,
+        HANG_RANK="1",
+        HANG_ATTEMPTS="0",
+        STEPS="40",
+        HANG_STEP="30",
+        FIRST_STEP_SECONDS="1",
+        EVAL_EVERY="1000",
+        CKPT_EVERY="1000",
+        ELASTIC_TIMER_DRY_RUN="1",
+    )
+    cmd = [LAUNCHER, "--watch", "--standalone", "--nproc-per-node", "2", JOB]
+    agent = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    events = tmp_path / "events.jsonl"
+
+    def dry_runs() -> list[dict[str, Any]]:
+        if not events.exists():
+            return []
+        return [
+            e
+            for e in read_events(events)
+            if e["event"] == "timer expired" and e["outcome"] == "dry_run"
+        ]
+
+    try:
+        stuck = ["watch: inside DataLoader next"]
+        assert wait_for(lambda: any(e["scopes"] == stuck for e in dry_runs()), timeout=120)
+        assert agent.poll() is None  # nothing was killed: the job still runs (rank 1 hangs)
+        hung = [x for x in job_log(tmp_path) if "stopped" in x]
+        assert len(hung) == 1 and "done" not in " ".join(job_log(tmp_path))
+    finally:
+        agent.terminate()
+        stderr = agent.communicate(timeout=60)[1]
+    assert "Dry run: worker pid=" in stderr

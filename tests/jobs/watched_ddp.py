@@ -91,8 +91,20 @@ def checkpoint(model: nn.Module, step: int) -> None:
     dist.barrier()
 
 
+def init_process_group() -> None:
+    """gloo, over the agent's store with a prefix per attempt. torch 2.15 gives the workers of
+    every attempt the agent's one store without a prefix, so a restarted worker reads the
+    addresses of the last attempt's and gloo fails to connect (with plain torchrun too)."""
+    rank, world_size = RANK, int(os.environ["WORLD_SIZE"])
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    store = dist.PrefixStore(f"attempt_{ATTEMPT}", agent_store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+
+
 def main() -> None:
-    dist.init_process_group("gloo")
+    init_process_group()
     model = DistributedDataParallel(Model())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = nn.MSELoss()
