@@ -104,19 +104,13 @@ class Watch:
         self._scope: str | None = None
         self._first_step = True
         self._thread = threading.get_ident()
-        self._pid = os.getpid()
         self._depth = 0  # forward passes under way (only the outermost reports)
         self._handles: list[Any] = []
         self._restore: list[tuple[Any, str, Any]] = []
 
     def forked(self) -> None:
-        """In a forked child (a DataLoader worker): not the training loop, nor its pid."""
+        """In a forked child (a DataLoader worker): not the training loop."""
         self._thread = -1
-
-    @property
-    def scope(self) -> str | None:
-        """The place of the last progress event."""
-        return self._scope
 
     def progress(self, place: str, bound: float | None = None) -> None:
         """The worker reached ``place``: it has ``bound`` seconds (the generous one by
