@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import PrefixStore, TCPStore  # type: ignore[attr-defined]
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
@@ -96,10 +97,10 @@ def init_process_group() -> None:
     every attempt the agent's one store without a prefix, so a restarted worker reads the
     addresses of the last attempt's and gloo fails to connect (with plain torchrun too)."""
     rank, world_size = RANK, int(os.environ["WORLD_SIZE"])
-    agent_store = dist.TCPStore(
+    agent_store = TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
     )
-    store = dist.PrefixStore(f"attempt_{ATTEMPT}", agent_store)
+    store = PrefixStore(f"attempt_{ATTEMPT}", agent_store)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
 
 
