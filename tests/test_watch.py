@@ -355,3 +355,31 @@ def test_a_dry_run_reports_the_hang_and_kills_nothing(tmp_path: Path) -> None:
         agent.terminate()
         stderr = agent.communicate(timeout=60)[1]
     assert "Dry run: worker pid=" in stderr
+
+
+@pytest.mark.torchrun
+def test_an_unmodified_lightning_job_is_watched_through_the_same_hooks(tmp_path: Path) -> None:
+    """Lightning (DDP over gloo, 2 ranks under one agent): rank 1 stops in its Dataset after
+    some 30 steps; it alone is killed, its peer (in backward) is spared."""
+    env = watch_env(tmp_path, HANG_RANK="1")
+    job = str(Path(__file__).parent / "jobs" / "watched_lightning.py")
+    # This interpreter's launcher: Lightning is installed where the tests run.
+    cmd = [sys.executable, "-m", "elastic_timer.run", "--watch", "--standalone"]
+    result = subprocess.run(
+        [*cmd, "--nproc-per-node", "2", "--monitor-interval", "0.1", job],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 1, result.stderr[-4000:]
+    events = read_events(tmp_path / "events.jsonl")
+    outcomes = [(e["scopes"], e["outcome"]) for e in events if e["event"] == "timer expired"]
+    assert (["watch: inside DataLoader next"], "signalled") in outcomes, outcomes
+    assert [o for o in outcomes if o[1] == "signalled"] == [
+        (["watch: inside DataLoader next"], "signalled")
+    ]
+    (report,) = [e for e in events if e["event"] == "hang report"]
+    assert report["suspects"] == [1]
+    summary = result.stderr[result.stderr.index("Root Cause") :]
+    assert "rank      : 1 (local_rank: 1)" in summary and "no progress for" in summary

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "BACKWARD",
     "COLLECTIVES",
     "HangReporter",
     "Keys",
@@ -160,12 +161,21 @@ def fingerprint(stacks: str) -> str:
     return hashlib.sha1("\n".join(normalised).encode()).hexdigest()[:16]
 
 
+# Where a backward pass runs: a rank of a DistributedDataParallel model that is there when the
+# others hang waits for their gradients' all-reduce, which DDP runs inside it.
+BACKWARD = "backward"
+
+
 def collective(stacks: str) -> str | None:
-    """The torch.distributed call a dump waits in (the innermost), if any."""
+    """The torch.distributed call a dump waits in (the innermost), if any; else ``backward``
+    when a thread is in autograd's backward pass."""
     for frames in threads(stacks):
         for path, _, func in frames:
             if func in COLLECTIVES and "torch/distributed/" in path:
                 return func
+    for frames in threads(stacks):
+        if any(f == "_engine_run_backward" and "torch/autograd/" in p for p, _, f in frames):
+            return BACKWARD
     return None
 
 
