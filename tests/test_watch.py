@@ -383,3 +383,24 @@ def test_an_unmodified_lightning_job_is_watched_through_the_same_hooks(tmp_path:
     assert report["suspects"] == [1]
     summary = result.stderr[result.stderr.index("Root Cause") :]
     assert "rank      : 1 (local_rank: 1)" in summary and "no progress for" in summary
+
+
+def test_install_with_watch_prepares_the_workers_environment_not_the_agent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from elastic_timer import torch as integration
+    from elastic_timer.watch import BOOT_DIR, watched
+
+    for name in ("ELASTIC_TIMER_ADAPTIVE", "ELASTIC_TIMER_STACK_DUMP", "ELASTIC_TIMER_WATCH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ELASTIC_TIMER_STACK_DUMP", "2")  # the user's setting is kept
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/a", BOOT_DIR, "/b"]))
+    monkeypatch.setenv("ELASTIC_TIMER_WATCH", "1")  # what a custom launcher sets
+    integration.install()
+    try:
+        assert os.environ["PYTHONPATH"].split(os.pathsep) == [BOOT_DIR, "/a", "/b"]
+        assert os.environ["ELASTIC_TIMER_ADAPTIVE"] == "1"
+        assert os.environ["ELASTIC_TIMER_STACK_DUMP"] == "2"
+        assert watched() is None  # the agent itself is not watched
+    finally:
+        integration.uninstall()
