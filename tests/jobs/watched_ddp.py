@@ -93,9 +93,13 @@ def checkpoint(model: nn.Module, step: int) -> None:
 
 
 def init_process_group() -> None:
-    """gloo, over the agent's store with a prefix per attempt. torch 2.15 gives the workers of
-    every attempt the agent's one store without a prefix, so a restarted worker reads the
-    addresses of the last attempt's and gloo fails to connect (with plain torchrun too)."""
+    """gloo; over torchrun's agent store, with a prefix per attempt. torch 2.15 gives the
+    workers of every attempt the agent's one store without a prefix, so a restarted worker
+    reads the addresses of the last attempt's and gloo fails to connect (with plain torchrun
+    too)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # ft_launcher
+        dist.init_process_group("gloo")
+        return
     rank, world_size = RANK, int(os.environ["WORLD_SIZE"])
     agent_store = TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
