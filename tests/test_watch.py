@@ -319,17 +319,7 @@ def test_the_launchers_help_explains_watch() -> None:
 @pytest.mark.torchrun
 def test_a_dry_run_reports_the_hang_and_kills_nothing(tmp_path: Path) -> None:
     """One agent, 2 ranks, a short job; rank 1 sleeps in its Dataset at step 30 for good."""
-    env = watch_env(
-        tmp_path,
-        HANG_RANK="1",
-        HANG_ATTEMPTS="0",
-        STEPS="40",
-        HANG_STEP="30",
-        FIRST_STEP_SECONDS="1",
-        EVAL_EVERY="1000",
-        CKPT_EVERY="1000",
-        ELASTIC_TIMER_DRY_RUN="1",
-    )
+    env = short_job(tmp_path, "1", ELASTIC_TIMER_DRY_RUN="1")
     cmd = [LAUNCHER, "--watch", "--standalone", "--nproc-per-node", "2", JOB]
     agent = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -404,3 +394,41 @@ def test_install_with_watch_prepares_the_workers_environment_not_the_agent(
         assert watched() is None  # the agent itself is not watched
     finally:
         integration.uninstall()
+
+
+def short_job(tmp_path: Path, hang_rank: str, **extra: str) -> dict[str, str]:
+    """The watched DDP job in 40 steps, without evaluations or checkpoints; ``hang_rank`` stops
+    in its Dataset at step 30."""
+    return watch_env(
+        tmp_path,
+        HANG_RANK=hang_rank,
+        HANG_ATTEMPTS="0",
+        STEPS="40",
+        HANG_STEP="30",
+        FIRST_STEP_SECONDS="1",
+        EVAL_EVERY="1000",
+        CKPT_EVERY="1000",
+        **extra,
+    )
+
+
+@pytest.mark.torchrun
+@pytest.mark.ft_launcher
+def test_ft_launcher_with_watch_kills_the_stuck_rank_alone(tmp_path: Path) -> None:
+    cmd = [LAUNCHER, "--launcher", "ft_launcher", "--watch", "--standalone"]
+    result = subprocess.run(
+        [*cmd, "--nproc-per-node", "2", "--monitor-interval", "0.1", JOB],
+        env=short_job(tmp_path, "1"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert result.returncode == 1, result.stderr[-4000:]
+    events = read_events(tmp_path / "events.jsonl")
+    outcomes = [(e["scopes"], e["outcome"]) for e in events if e["event"] == "timer expired"]
+    assert [o for o in outcomes if o[1] == "signalled"] == [
+        (["watch: inside DataLoader next"], "signalled")
+    ], outcomes
+    (report,) = [e for e in events if e["event"] == "hang report"]
+    assert report["suspects"] == [1]
+    assert "no progress for" in result.stderr
