@@ -23,7 +23,7 @@ from test_torchrun import LAUNCHER, free_port, read_events
 pytestmark = pytest.mark.torch
 
 JOB = str(Path(__file__).parent / "jobs" / "watched_ddp.py")
-# The clean job takes about 80 s on 2 idle cores.
+# The clean job takes about 90 s on 2 idle cores, its restart twice that.
 TIMEOUT = 400
 
 
@@ -105,6 +105,7 @@ def both(outcomes: list[tuple[int, str]]) -> str:
 
 
 @pytest.mark.torchrun
+@pytest.mark.timeout(2 * TIMEOUT)  # a 130-step job (two with a restart)
 def test_a_watched_clean_job_ends_0_and_nothing_fires(tmp_path: Path) -> None:
     outcomes = two_watched_agents(watch_env(tmp_path), "watch-clean")
     assert [code for code, _ in outcomes] == [0, 0], both(outcomes)
@@ -167,6 +168,7 @@ def check_summary(outcomes: list[tuple[int, str]]) -> None:
 
 
 @pytest.mark.torchrun
+@pytest.mark.timeout(2 * TIMEOUT)  # a 130-step job (two with a restart)
 def test_a_rank_stuck_in_its_dataset_is_killed_alone_and_named(tmp_path: Path) -> None:
     env = watch_env(tmp_path, HANG_RANK="3", HANG_ATTEMPTS="0")
     outcomes = two_watched_agents(env, "watch-hang")
@@ -177,6 +179,7 @@ def test_a_rank_stuck_in_its_dataset_is_killed_alone_and_named(tmp_path: Path) -
 
 
 @pytest.mark.torchrun
+@pytest.mark.timeout(2 * TIMEOUT)  # a 130-step job (two with a restart)
 def test_a_restart_keeps_what_was_learned_and_ends_0(tmp_path: Path) -> None:
     env = watch_env(tmp_path, HANG_RANK="3", HANG_ATTEMPTS="0")
     outcomes = two_watched_agents(env, "watch-restart", "--max-restarts", "1")
