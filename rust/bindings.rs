@@ -157,6 +157,7 @@ enum Outcome {
     Failed,
     Delegated,
     DryRun,
+    Spared,
 }
 
 impl Outcome {
@@ -168,6 +169,7 @@ impl Outcome {
             ReapOutcome::Failed(_) => Self::Failed,
             ReapOutcome::Delegated => Self::Delegated,
             ReapOutcome::DryRun => Self::DryRun,
+            ReapOutcome::Spared => Self::Spared,
         }
     }
 }
@@ -524,6 +526,16 @@ impl PyServer {
     /// Counts and reports a request that Python could not make sense of.
     fn reject(&self, py: Python<'_>, reason: String) {
         py.detach(|| lock(&self.server).reject(reason));
+    }
+
+    /// Spares `pid`'s next reap (see `server::Server::spare`); a pid that is not a running
+    /// worker of this server is ignored.
+    fn spare(&self, py: Python<'_>, pid: i64) -> PyResult<()> {
+        self.owned()?;
+        let pid =
+            reaper::validate_pid(pid).map_err(|err| PyValueError::new_err(err.to_string()))?;
+        py.detach(|| lock(&self.server).spare(pid));
+        Ok(())
     }
 
     /// The answer to a delegated reap of `pid` (an `Expiry`'s, so a valid pid).

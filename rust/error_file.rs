@@ -32,7 +32,12 @@ pub struct Fired<'a> {
     pub after: Option<f64>,
     /// The learned bound that set its deadline instead, if one did.
     pub learned: Option<Learned>,
+    /// Seconds since its acquire arrived, when the server saw it arrive.
+    pub held: Option<f64>,
 }
+
+/// The scopes of `elastic_timer.watch`: one per place of an unmodified script's progress.
+const WATCH_PREFIX: &str = "watch: ";
 
 /// The error file named in the initial environment of process `pid` (readable for a process
 /// of the same user), if it names one. A relative path is taken from this process's working
@@ -44,9 +49,19 @@ pub fn path_of(pid: i32) -> Option<PathBuf> {
 
 /// The failure message: which timers fired and the signal, then the stacks when taken.
 pub fn message(pid: i32, fired: &[Fired<'_>], signal: i32, stacks: Option<&Stacks>) -> String {
-    let mut text = format!(
-        "elastic-timer: a timer of worker pid {pid} expired; the worker was sent signal {signal}"
-    );
+    let watched =
+        fired.iter().find_map(|timer| Some((timer.scope.strip_prefix(WATCH_PREFIX)?, timer.held?)));
+    let mut text = match watched {
+        // A watched worker (its script unchanged) has one timer: the time since its progress.
+        Some((place, held)) => format!(
+            "elastic-timer: worker pid {pid} made no progress for {held:.1} s after its last \
+             progress event ({place}); the worker was sent signal {signal}"
+        ),
+        None => format!(
+            "elastic-timer: a timer of worker pid {pid} expired; the worker was sent signal \
+             {signal}"
+        ),
+    };
     for timer in fired {
         text.push_str(&format!("\n  scope {:?}", timer.scope));
         match (timer.learned, timer.after) {
@@ -127,9 +142,9 @@ mod tests {
             after: Duration::from_secs(300),
         };
         let fired = [
-            Fired { scope: "train.py#31", after: Some(3.0), learned: None },
-            Fired { scope: "x", after: None, learned: None },
-            Fired { scope: "y", after: Some(300.0), learned: Some(learned) },
+            Fired { scope: "train.py#31", after: Some(3.0), learned: None, held: Some(3.5) },
+            Fired { scope: "x", after: None, learned: None, held: None },
+            Fired { scope: "y", after: Some(300.0), learned: Some(learned), held: Some(7.0) },
         ];
         let stacks = Stacks {
             source: Source::Faulthandler,
@@ -146,6 +161,29 @@ mod tests {
                  took 1.00 s; its client asked for 300.00 s)";
         assert!(text.contains(y), "{text}");
         assert!(text.ends_with("(from faulthandler):\n  File \"t.py\", line 3 in hang"), "{text}");
+    }
+
+    #[test]
+    fn a_watched_workers_message_says_how_long_it_made_no_progress_and_after_what() {
+        let learned = Learned {
+            bound: Duration::from_secs(5),
+            samples: 56,
+            max: Duration::from_millis(80),
+            after: Duration::from_secs(1800),
+        };
+        let scope = "watch: inside DataLoader next";
+        let fired =
+            [Fired { scope, after: Some(1800.0), learned: Some(learned), held: Some(8.04) }];
+        let text = message(42, &fired, 9, None);
+        assert!(
+            text.starts_with(
+                "elastic-timer: worker pid 42 made no progress for 8.0 s after its last progress \
+             event (inside DataLoader next); the worker was sent signal 9\n  scope \"watch: \
+             inside DataLoader next\": its learned bound of 5.00 s ran out (the longest of 56 \
+             blocks took 0.08 s"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -54,6 +54,11 @@ IN_ALL_REDUCE = [(C10D, 4181, "all_reduce"), ("/job/train.py", 37, "main")]
 IN_BARRIER = [(C10D, 4900, "barrier"), ("/job/train.py", 39, "main")]
 LOADING = [("/job/train.py", 24, "load_batch"), ("/job/train.py", 36, "main")]
 LOADER_THREAD = [("/usr/lib/python3.11/threading.py", 320, "wait")]
+IN_BACKWARD = [
+    ("/site-packages/torch/autograd/graph.py", 1113, "_engine_run_backward"),
+    ("/site-packages/torch/autograd/__init__.py", 395, "backward"),
+    ("/job/train.py", 41, "main"),
+]
 
 
 # -- fingerprints and groups ----------------------------------------------------------------
@@ -120,6 +125,10 @@ def test_the_suspects_are_the_ranks_not_in_the_collective_the_majority_waits_in(
     assert choose_suspects([group([0, 1], LOADING), group([2], LOADER_THREAD)]) == [2]
     assert choose_suspects([group([0], LOADING), group([1], LOADER_THREAD)]) == []
     assert choose_suspects([group([0, 1], IN_ALL_REDUCE)]) == []
+    # A backward pass waits too (a DDP model's all-reduce runs in it), even one to one.
+    assert hang_report.collective(faulthandler_dump(IN_BACKWARD)) == "backward"
+    assert choose_suspects([group([0], IN_BACKWARD), group([1], LOADING)]) == [1]
+    assert choose_suspects([group([0, 1, 2], IN_BACKWARD), group([3], LOADING)]) == [3]
 
 
 def test_the_report_merges_hosts_and_names_those_that_did_not_answer() -> None:

@@ -178,6 +178,13 @@ class NativeServer(Generic[R]):
         scopes = [r.scope_id for r in requests]
         if outcome == Outcome.DRY_RUN:
             log_dry_run(pid, scopes, signal)
+        elif outcome == Outcome.SPARED:
+            logger.warning(
+                "Sparing worker pid=%s: its timers expired (%s), and the job's hang report "
+                "found it waits for another rank",
+                pid,
+                scopes,
+            )
         else:
             logger.info("Reaping %s=[%s]. Expired timers: %s", self._worker_label, pid, scopes)
         deciding = None

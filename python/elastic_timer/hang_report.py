@@ -47,6 +47,7 @@ from typing import Any
 from . import _native
 
 __all__ = [
+    "BACKWARD",
     "COLLECTIVES",
     "CollectivesMissing",
     "HangReporter",
@@ -165,12 +166,21 @@ def fingerprint(stacks: str) -> str:
     return hashlib.sha1("\n".join(normalised).encode()).hexdigest()[:16]
 
 
+# Where a backward pass runs: a rank of a DistributedDataParallel model that is there when the
+# others hang waits for their gradients' all-reduce, which DDP runs inside it.
+BACKWARD = "backward"
+
+
 def collective(stacks: str) -> str | None:
-    """The torch.distributed call a dump waits in (the innermost), if any."""
+    """The torch.distributed call a dump waits in (the innermost), if any; else ``backward``
+    when a thread is in autograd's backward pass."""
     for frames in threads(stacks):
         for path, _, func in frames:
             if func in COLLECTIVES and "torch/distributed/" in path:
                 return func
+    for frames in threads(stacks):
+        if any(f == "_engine_run_backward" and "torch/autograd/" in p for p, _, f in frames):
+            return BACKWARD
     return None
 
 
@@ -553,6 +563,7 @@ class HangReporter:
         poll: how often to look for another host's claim.
         collectives: a worker's last collectives, by pid and with a timeout
             (``rank_collectives``), if any; ``CollectivesMissing`` says why none.
+        on_report: called with the job's report once this host has it (written or read).
     """
 
     def __init__(
@@ -568,6 +579,7 @@ class HangReporter:
         patience: float = 2.0,
         poll: float = 0.25,
         collectives: Callable[[int, float], dict[str, Any] | None] = rank_collectives,
+        on_report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._store = store
         self._group_rank = group_rank
@@ -579,6 +591,7 @@ class HangReporter:
         self._timeout = grace + patience
         self._poll = poll
         self._collectives = collectives
+        self._on_report = on_report
         self.host = f"{socket.gethostname()}[{group_rank}]"
         self._expiring: dict[int, tuple[str, ...]] = {}
         self._lock = threading.Lock()
@@ -677,6 +690,14 @@ class HangReporter:
     def _write(self, report: dict[str, Any]) -> None:
         logger.warning("%s", format_report(report))
         self._emit(report)
+        self._reached(report)
+
+    def _reached(self, report: dict[str, Any]) -> None:
+        if self._on_report is not None:
+            try:
+                self._on_report(report)
+            except Exception:
+                logger.exception("hang report: on_report raised")
 
     def _log_theirs(self, keys: Keys) -> None:
         """Logs the report another host wrote, once it is there (bounded)."""
@@ -687,4 +708,6 @@ class HangReporter:
                 return
             time.sleep(0.05)
         with contextlib.suppress(ValueError):
-            logger.warning("%s", format_report(json.loads(self._store.get(keys.report))))
+            report = json.loads(self._store.get(keys.report))
+            logger.warning("%s", format_report(report))
+            self._reached(report)

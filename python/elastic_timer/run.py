@@ -6,7 +6,7 @@ Every argument of the launcher works unchanged. It enables the watchdog
 (``TORCHELASTIC_ENABLE_FILE_TIMER=1`` unless already set) and makes the agent use
 elastic-timer's ``FileTimerServer``. Workers call ``elastic_timer.configure()`` (no
 argument: the FIFO comes from ``TORCHELASTIC_TIMER_FILE``) and wrap risky code in
-``elastic_timer.expires(after=...)``.
+``elastic_timer.expires(after=...)``; with ``--watch`` they need not (``elastic_timer.watch``).
 """
 
 from __future__ import annotations
@@ -20,19 +20,30 @@ from typing import Any, NoReturn
 
 from . import torch as torch_integration
 from .diagnostics import ADAPTIVE_ENV
+from .watch import WATCH_ENV
 
 HELP_PREAMBLE = """\
 elastic-timer-run: torchrun, or ft_launcher, with elastic-timer's native watchdog.
 
-usage: elastic-timer-run [--launcher {torchrun,ft_launcher}] [--adaptive] [launcher's arguments]
-                         script.py ...
+usage: elastic-timer-run [--launcher {torchrun,ft_launcher}] [--adaptive] [--watch]
+                         [launcher's arguments] script.py ...
 
   --launcher torchrun     torch's torchrun (the default, also without --launcher)
   --launcher ft_launcher  nvidia-resiliency-ext's ft_launcher (pip install nvidia-resiliency-ext)
   --adaptive              learn each scope's durations and fire at the learned bound (the same
                           as ELASTIC_TIMER_ADAPTIVE=1, below)
+  --watch                 watch an unmodified script (ELASTIC_TIMER_WATCH=1 does the same): no
+                          call to elastic_timer needed. Each worker's progress (optimizer
+                          steps, outermost forward passes, DataLoader batches, torch.save and
+                          torch.load, torch.distributed.checkpoint, collectives) is timed; a
+                          worker that makes no progress for longer than this job has shown
+                          normal at that place is a hang. Turns on learned timeouts, stack
+                          dumps (ELASTIC_TIMER_STACK_DUMP=5 unless set) and the job's hang
+                          report; a rank that only waits for a stuck one is not killed.
+                          ELASTIC_TIMER_WATCH_BOUND=SECONDS: the bound of a place not learned
+                          yet (default 1800; in a collective, the process group's timeout)
 
---launcher and --adaptive, when given, come first. Every argument of the launcher works
+--launcher, --adaptive and --watch, when given, come first. Every argument of the launcher works
 unchanged: they are listed below (`elastic-timer-run --launcher ft_launcher --help` lists
 ft_launcher's). On top of the launcher:
   * TORCHELASTIC_ENABLE_FILE_TIMER=1 is set unless you set it yourself, so the agent runs a
@@ -89,9 +100,9 @@ LAUNCHERS = {
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     name, argv = _split_launcher(argv)
-    if argv[:1] == ["--adaptive"]:
-        # The agent's server reads it, as any ELASTIC_TIMER_* variable.
-        os.environ[ADAPTIVE_ENV] = "1"
+    while argv[:1] in (["--adaptive"], ["--watch"]):
+        # The agent's server reads them, as any ELASTIC_TIMER_* variable.
+        os.environ[ADAPTIVE_ENV if argv[0] == "--adaptive" else WATCH_ENV] = "1"
         argv = argv[1:]
     launcher = _import_launcher(name)
     if "-h" in argv or "--help" in argv:

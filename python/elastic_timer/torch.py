@@ -21,9 +21,11 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import watch as watching
 from .diagnostics import STATE_FILE_ENV
 from .file_based_local_timer import FileTimerServer
 from .hang_report import HangReporter
@@ -70,11 +72,19 @@ _TIMER_COPIES = (
     ),
 )
 _originals: dict[str, Any] = {}
-# The agents' own _start_workers, by agent class.
-_agent_originals: dict[type, Any] = {}
+# The agents' own _start_workers and _monitor_workers, by agent class.
+_agent_originals: dict[type, tuple[Any, Any]] = {}
 # How long an agent's server holds an expired worker at least (within its stack grace), so that
 # the job's hang report reaches every worker, on every host, before any is killed.
 HANG_REPORT_HOLD = 1.0
+# Under --watch, how long at least: the report's verdict (who is a suspect) comes back to every
+# agent before it kills anything, since a rank waiting for a stuck one passes its bound too.
+VERDICT_HOLD = 3.0
+# How long an agent whose workers were spared waits for them to end once another agent has
+# restarted: they fail (the stuck rank they waited for was killed), and torchrun must count
+# that as a failure, not as a membership change (which keeps the restart count, so the two
+# agents' workers would meet under different store prefixes).
+SPARED_EXIT_WAIT = 15.0
 # The worker group whose workers an agent is starting (and so whose server it is building).
 _starting = threading.local()
 
@@ -110,17 +120,33 @@ def _agent_server(
                 # file per run keeps what the last one learned (used only when adaptive).
                 kwargs["state_file"] = run_state_file(kwargs.get("run_id", ""))
             group = getattr(_starting, "group", None)
+            watching_group = group is not None and watching.requested()
             if group is not None:
-                # With stacks on, the hang report's time to reach every worker before the kill.
-                self._stack_hold = HANG_REPORT_HOLD
+                # With stacks on, the hang report's time to reach every worker before the kill
+                # (watched: and to come back with its verdict, which spares who only waits).
+                self._stack_hold = VERDICT_HOLD if watching_group else HANG_REPORT_HOLD
             super().__init__(
                 signal_self=signal_self,
                 descendants_only=descendants_only,
                 error_files=error_files,
                 **kwargs,
             )
+            # The workers spared by the hang report's verdict (pids).
+            self.spared: set[int] = set()
             if group is not None and self._diagnostics.stack_dump is not None:
-                self._hang_reporter = _hang_reporter(self, group, self._diagnostics.stack_dump)
+                self._hang_reporter = _hang_reporter(
+                    self, group, self._diagnostics.stack_dump, spare=watching_group
+                )
+
+        def start(self) -> None:
+            super().start()
+            if watching.requested() and self._diagnostics.adaptive:
+                learned = [t["scope"] for t in self.timeouts() if t["suggested"] is not None]
+                logger.info(
+                    "Watching the workers' progress; %d place(s) learned already%s",
+                    len(learned),
+                    f" (from {self._diagnostics.state_file})" if learned else "",
+                )
 
     AgentFileTimerServer.__qualname__ = AgentFileTimerServer.__name__ = "FileTimerServer"
     AgentFileTimerServer.__module__ = FileTimerServer.__module__
@@ -137,8 +163,11 @@ def run_state_file(run_id: str) -> str | None:
     return os.path.join(tempfile.gettempdir(), f"elastic-timer-learned-{os.getuid()}-{safe}.json")
 
 
-def _hang_reporter(server: FileTimerServer, group: Any, grace: float) -> HangReporter | None:
-    """The agent's part in the job's hang report, over its worker group's store."""
+def _hang_reporter(
+    server: FileTimerServer, group: Any, grace: float, *, spare: bool = False
+) -> HangReporter | None:
+    """The agent's part in the job's hang report, over its worker group's store. ``spare``:
+    once the report names suspects, the local workers that are not among them are spared."""
     if group.store is None:
         return None
 
@@ -156,7 +185,30 @@ def _hang_reporter(server: FileTimerServer, group: Any, grace: float) -> HangRep
         peek=peek,
         emit=lambda report: server._events.emit("hang report", **report),
         grace=grace,
+        on_report=(lambda report: _spare_the_waiting(server, workers(), report)) if spare else None,
     )
+
+
+def _spare_the_waiting(server: FileTimerServer, workers: dict[int, int], report: Any) -> None:
+    """Spares the next reap of each local worker the job's report does not suspect, when it
+    suspects some: such a worker waits for a stuck one (in a collective, or in a backward
+    pass whose all-reduce the stuck one never joins), and the stuck one's kill ends the wait.
+    Without suspects nobody is spared: every expired worker is killed."""
+    suspects = set(report.get("suspects") or ())
+    if not suspects:
+        return
+    for pid, rank in sorted(workers.items(), key=lambda item: item[1]):
+        if rank not in suspects:
+            server._core.spare(pid)
+            spared: set[int] = getattr(server, "spared", set())
+            spared.add(pid)
+            logger.warning(
+                "Sparing rank %s (pid %s) if its timer expires: the job's hang report suspects "
+                "rank(s) %s, and it waits for them",
+                rank,
+                pid,
+                ", ".join(map(str, sorted(suspects))),
+            )
 
 
 def _recording_group(start_workers: Any) -> Any:
@@ -173,6 +225,29 @@ def _recording_group(start_workers: Any) -> Any:
     return wrapper
 
 
+def _waiting_for_the_spared(monitor_workers: Any) -> Any:
+    """The agent's ``_monitor_workers``: while workers this agent's server spared are still
+    running and another agent waits in a new rendezvous round, waits (bounded) for them to
+    end, so that the agent sees its group fail rather than a membership change."""
+
+    @functools.wraps(monitor_workers)
+    def wrapper(agent: Any, worker_group: Any, *args: Any, **kwargs: Any) -> Any:
+        result = monitor_workers(agent, worker_group, *args, **kwargs)
+        if not getattr(getattr(agent, "_worker_watchdog", None), "spared", None):
+            return result
+        deadline = time.monotonic() + SPARED_EXIT_WAIT
+        while (
+            result.state.name == "HEALTHY"
+            and time.monotonic() < deadline
+            and agent._rdzv_handler.num_nodes_waiting() > 0
+        ):
+            time.sleep(0.1)
+            result = monitor_workers(agent, worker_group, *args, **kwargs)
+        return result
+
+    return wrapper
+
+
 def _patch_agent(copy: _TimerCopy) -> None:
     module = sys.modules.get(copy.agent)
     if module is None and copy.required:
@@ -180,8 +255,9 @@ def _patch_agent(copy: _TimerCopy) -> None:
     agent = getattr(module, "LocalElasticAgent", None)
     if agent is None or agent in _agent_originals:
         return
-    _agent_originals[agent] = agent._start_workers
+    _agent_originals[agent] = (agent._start_workers, agent._monitor_workers)
     setattr(agent, "_start_workers", _recording_group(agent._start_workers))  # noqa: B010
+    setattr(agent, "_monitor_workers", _waiting_for_the_spared(agent._monitor_workers))  # noqa: B010
 
 
 def _importable(copy: _TimerCopy) -> bool:
@@ -204,7 +280,9 @@ def _importable(copy: _TimerCopy) -> bool:
     return True
 
 
-def install(*, signal_self: bool | None = None, descendants_only: bool = False) -> None:
+def install(
+    *, signal_self: bool | None = None, descendants_only: bool = False, watch: bool | None = None
+) -> None:
     """
     Points torch's ``FileTimerServer`` at elastic-timer's (idempotent; ``uninstall`` undoes it),
     and ft_launcher's copy of it when nvidia-resiliency-ext is importable.
@@ -218,7 +296,12 @@ def install(*, signal_self: bool | None = None, descendants_only: bool = False) 
     torchrun ends a failed one (its failure summary, exit code 1).
     ``descendants_only=True`` refuses timers of processes that the agent did not start
     (torchrun's and ft_launcher's workers are its children).
+    ``watch=True`` (None: ``ELASTIC_TIMER_WATCH=1`` in the environment) watches the workers'
+    progress with no change to their script (see ``elastic_timer.watch``): call it before
+    the agent starts them.
     """
+    if watch or (watch is None and watching.requested()):
+        watching.prepare_agent()
     for copy in _TIMER_COPIES:
         if not _importable(copy):
             continue
@@ -237,8 +320,9 @@ def uninstall() -> None:
     for name, original in _originals.items():
         setattr(importlib.import_module(name), "FileTimerServer", original)  # noqa: B010
     _originals.clear()
-    for agent, start_workers in _agent_originals.items():
+    for agent, (start_workers, monitor_workers) in _agent_originals.items():
         setattr(agent, "_start_workers", start_workers)  # noqa: B010
+        setattr(agent, "_monitor_workers", monitor_workers)  # noqa: B010
     _agent_originals.clear()
 
 

@@ -358,6 +358,17 @@ impl Server {
         state.emit(Event::Malformed(reason));
     }
 
+    /// Spares worker `pid`'s next reap, if it comes before the worker is forgotten: its
+    /// expired timers are cleared, no signal is sent and no error file written
+    /// ([`ReapOutcome::Spared`]). For a caller that found, at the job level, that the worker
+    /// only waits for another one (whose own expiry kills it).
+    pub fn spare(&self, pid: Pid) {
+        let mut state = self.shared.lock();
+        if matches!(state.workers.liveness(pid), reaper::Liveness::Running) {
+            state.spared.insert(pid);
+        }
+    }
+
     /// The answer to a [`ReapOutcome::Delegated`] reap of worker `pid` (an [`Expiry`]'s).
     pub fn complete_reap(&self, pid: Pid, reaped: bool) {
         self.shared.complete_reap(&mut self.shared.lock(), pid, reaped);

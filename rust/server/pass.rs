@@ -162,6 +162,8 @@ pub(super) struct State {
     pub refused_pids: HashSet<i64>,
     /// Workers already warned that a cap refused their timers (each once).
     pub over_cap_pids: HashSet<Pid>,
+    /// Workers whose next reap is spared (see `Server::spare`).
+    pub spared: HashSet<Pid>,
     pub stats: Stats,
     /// When the running pass started; None while the loop waits (it is then making progress).
     pub busy_since: Option<f64>,
@@ -188,6 +190,7 @@ impl State {
             phases: HashMap::new(),
             refused_pids: HashSet::new(),
             over_cap_pids: HashSet::new(),
+            spared: HashSet::new(),
             stats: Stats::default(),
             busy_since: None,
             next_sweep: Instant::now(),
@@ -650,6 +653,7 @@ impl Shared {
         let mut error_file = None;
         let outcome = match signal {
             None => ReapOutcome::NotSignalled,
+            Some(_) if state.spared.remove(&pid) => ReapOutcome::Spared,
             Some(_) if self.config.dry_run => ReapOutcome::DryRun,
             Some(_) if self.config.delegate_reaps => ReapOutcome::Delegated,
             // This process is signalled once the pass is reported (see `self_signals`):
@@ -671,7 +675,7 @@ impl Shared {
             error_file = None;
         }
         match (&outcome, signal) {
-            (ReapOutcome::NotSignalled | ReapOutcome::DryRun, _) => {
+            (ReapOutcome::NotSignalled | ReapOutcome::DryRun | ReapOutcome::Spared, _) => {
                 // Only the expired timers go: a later timer with a signal stays armed.
                 for timer in &expired.timers {
                     let release = Request { expiration: -1.0, ..timer.clone() };
@@ -744,11 +748,11 @@ impl Shared {
             .map(|request| {
                 let note = state.timers.get(pid, &request.scope).map(|t| t.note);
                 let learned = note.and_then(|note| note.learned);
-                let after = note
-                    .and_then(|note| note.acquired)
-                    .map(|at| request.expiration - at)
-                    .filter(|after| after.is_finite());
-                Fired { scope: &request.scope, after, learned }
+                let acquired = note.and_then(|note| note.acquired);
+                let after =
+                    acquired.map(|at| request.expiration - at).filter(|after| after.is_finite());
+                let held = acquired.map(|at| wall_now() - at).filter(|held| held.is_finite());
+                Fired { scope: &request.scope, after, learned, held }
             })
             .collect();
         let message = error_file::message(number, &fired, signal.as_raw(), stacks);
@@ -792,6 +796,7 @@ impl Shared {
         state.timers.remove_worker(pid);
         // A later process with its pid is warned anew.
         state.over_cap_pids.remove(&pid);
+        state.spared.remove(&pid);
         state.phases.remove(&pid)
     }
 

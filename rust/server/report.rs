@@ -68,12 +68,15 @@ pub enum ReapOutcome {
     Delegated,
     /// A dry run: would have been signalled; its expired timers are cleared.
     DryRun,
+    /// Spared ([`super::Server::spare`]): the job found it waits for another, stuck worker.
+    /// Its expired timers are cleared.
+    Spared,
 }
 
 impl ReapOutcome {
     /// Every outcome's name, as Python sees it (`elastic_timer._native.OUTCOMES`).
-    pub const NAMES: [&'static str; 6] =
-        ["not_signalled", "signalled", "gone", "failed", "delegated", "dry_run"];
+    pub const NAMES: [&'static str; 7] =
+        ["not_signalled", "signalled", "gone", "failed", "delegated", "dry_run", "spared"];
 
     pub fn name(&self) -> &'static str {
         let index = match self {
@@ -83,6 +86,7 @@ impl ReapOutcome {
             Self::Failed(_) => 3,
             Self::Delegated => 4,
             Self::DryRun => 5,
+            Self::Spared => 6,
         };
         Self::NAMES[index]
     }

@@ -711,3 +711,23 @@ fn a_worker_whose_state_cannot_be_read_keeps_its_timer_and_is_reaped_once_it_can
     drop(held);
     server.stop();
 }
+
+#[test]
+fn a_spared_worker_is_reported_not_signalled_and_its_next_expiry_kills_it() {
+    let (mut server, _path) = fifo_server("spare", config());
+    let events = server.start().expect("start");
+    let mut worker = sleeper();
+    let pid = Pid::from_raw(worker.id() as i32).expect("pid");
+    server.register([request(worker.id(), "watch: after forward", 1.0, libc::SIGKILL)]);
+    assert!(wait_until(|| server.stats().live_timers == 1));
+    server.spare(pid);
+    let spared = expiry(&events);
+    assert!(matches!(spared.outcome, ReapOutcome::Spared), "{:?}", spared.outcome);
+    assert!(worker.try_wait().expect("try_wait").is_none(), "a spared worker lives");
+    assert_eq!(server.stats().live_timers, 0);
+    // Spared once: its next expiry is a reap.
+    server.register([request(worker.id(), "watch: after forward", 0.0, libc::SIGKILL)]);
+    assert!(matches!(expiry(&events).outcome, ReapOutcome::Signalled));
+    worker.wait().expect("wait");
+    server.stop();
+}
