@@ -534,14 +534,6 @@ def _log_started(
     options: dict[str, Any],
     metrics: MetricsServer | None,
 ) -> None:
-    logger.info(
-        "elastic-timer serve: listening on FIFO %s (run_id=%s); workers use "
-        "FileTimerClient(%r), or TORCHELASTIC_TIMER_FILE=%s and elastic_timer.configure()",
-        fifo,
-        args.run_id,
-        fifo,
-        fifo,
-    )
     if "stack_dump" in options:
         # The server makes a temporary directory when none was given, and names it in this
         # process's environment.
@@ -571,6 +563,15 @@ def _log_started(
         host, port = metrics.address
         shown = f"[{host}]" if ":" in host else host
         logger.info("metrics on http://%s:%s/metrics", shown, port)
+    # Last: the line that says the daemon is ready comes after all it has to say first.
+    logger.info(
+        "elastic-timer serve: listening on FIFO %s (run_id=%s); workers use "
+        "FileTimerClient(%r), or TORCHELASTIC_TIMER_FILE=%s and elastic_timer.configure()",
+        fifo,
+        args.run_id,
+        fifo,
+        fifo,
+    )
 
 
 def _signal_name(number: int) -> str:
