@@ -32,6 +32,7 @@ from datetime import timedelta
 from types import ModuleType
 from typing import Any
 
+from . import hang_report
 from .api import TIMER_FILE_ENV, TimerClient
 from .diagnostics import ADAPTIVE_ENV, STACK_DUMP_ENV
 
@@ -65,31 +66,12 @@ STACK_DUMP = 5
 # Beyond the process group's own timeout, so that torch's error comes first.
 COLLECTIVE_MARGIN = 60.0
 
-# torch.distributed's blocking calls that return to Python (hang_report.COLLECTIVES' less the
-# asynchronous point-to-point ones, which return at once).
-COLLECTIVES = (
-    "all_reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "all_to_all",
-    "all_to_all_single",
-    "barrier",
-    "monitored_barrier",
-    "broadcast",
-    "broadcast_object_list",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "gather",
-    "gather_object",
-    "scatter",
-    "scatter_object_list",
-    "send",
-    "recv",
-    "init_process_group",
-    "new_group",
-    "destroy_process_group",
+# torch.distributed's calls a worker is timed inside: the blocking collectives the hang report
+# knows (less the asynchronous point-to-point ones, which return at once), and the process
+# group's set-up and tear-down.
+COLLECTIVES = sorted(
+    (hang_report.COLLECTIVES - {"isend", "irecv", "batch_isend_irecv"})
+    | {"init_process_group", "new_group", "destroy_process_group"}
 )
 
 
