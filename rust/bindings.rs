@@ -630,7 +630,7 @@ trait Client: Sync {
     fn ring(&self) -> &ring::Sender;
     /// The request as the channel carries it.
     fn encode(pid: i64, scope_id: &str, expiration: Number, signal: i64, out: &mut Vec<u8>);
-    /// Sends `bytes` if that needs no waiting; false, having sent nothing, if it would.
+    /// Sends `bytes` at once if it can; false, having sent nothing, if not (`send` then).
     fn try_send(&self, bytes: &[u8]) -> Result<bool, Self::Error>;
     /// Sends `bytes`, waiting (bounded) for the server or for room.
     fn send(&self, bytes: &[u8]) -> Result<(), Self::Error>;
