@@ -18,7 +18,7 @@ use crate::deadlines::Caps;
 use crate::fifo::{self, SendError, SendOptions};
 use crate::learned::LearnConfig;
 use crate::queue::{self, Semaphore};
-use crate::server::{Adaptive, Config, Event, Kind, Owner, ReapOutcome, Server, Stats, Transport};
+use crate::server::{Adaptive, Config, Event, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
 use crate::{environ, reaper, ring, untrusted};
 
@@ -191,6 +191,12 @@ struct Stacks {
     complete: bool,
 }
 
+impl From<stacks::Stacks> for Stacks {
+    fn from(stacks: stacks::Stacks) -> Self {
+        Self { source: stacks.source.name(), text: stacks.text, complete: stacks.complete }
+    }
+}
+
 /// One worker with expired timers, and what was done about it.
 #[pyclass(module = "elastic_timer._native", frozen, get_all)]
 struct Expiry {
@@ -301,13 +307,8 @@ fn expired_object(
     let expiries = expiries
         .into_iter()
         .map(|expiry| {
-            let stacks = expiry
-                .stacks
-                .map(|stacks| {
-                    let (source, text) = (stacks.source.name(), stacks.text);
-                    Py::new(py, Stacks { source, text, complete: stacks.complete })
-                })
-                .transpose()?;
+            let stacks =
+                expiry.stacks.map(|stacks| Py::new(py, Stacks::from(stacks))).transpose()?;
             let learned = expiry
                 .learned
                 .map(|l| {
@@ -336,32 +337,6 @@ fn expired_object(
     Ok(Py::new(py, Expired { expiries, signals_self })?.into_any())
 }
 
-/// An event as the Python object of its class.
-fn event_object(py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
-    let object = match event {
-        Event::Malformed(reason) => Py::new(py, Malformed { reason })?.into_any(),
-        Event::Refused { request, reason } => {
-            Py::new(py, Refused { request: to_tuple(request), reason: reason.to_string() })?
-                .into_any()
-        }
-        Event::WorkerExited { pid, dropped } => {
-            Py::new(py, WorkerExited { pid: raw(pid), dropped })?.into_any()
-        }
-        Event::Warning(message) => Py::new(py, Notice { message })?.into_any(),
-        Event::Escalated { pid, signal, after } => {
-            Py::new(py, Escalated { pid: raw(pid), signal, after: after.as_secs_f64() })?.into_any()
-        }
-        Event::Dumping { pid, scopes } => {
-            Py::new(py, Dumping { pid: raw(pid), scopes })?.into_any()
-        }
-        Event::Unreapable { pid, after, state } => {
-            Py::new(py, Unreapable { pid: raw(pid), after: after.as_secs_f64(), state })?.into_any()
-        }
-        Event::Expired { expiries, ack } => expired_object(py, expiries, ack.is_some())?,
-    };
-    Ok(object)
-}
-
 /// A native timer server (see `elastic_timer._server` for how the Python classes use it).
 #[pyclass(module = "elastic_timer._native", name = "Server")]
 struct PyServer {
@@ -385,6 +360,39 @@ impl PyServer {
             ack: Mutex::new(None),
             _keepalive: keepalive,
         })
+    }
+
+    /// An event as the Python object of its class. An `Expired`'s acknowledgement is kept
+    /// for `ack_expired`.
+    fn event_object(&self, py: Python<'_>, event: Event) -> PyResult<Py<PyAny>> {
+        let object = match event {
+            Event::Malformed(reason) => Py::new(py, Malformed { reason })?.into_any(),
+            Event::Refused { request, reason } => {
+                Py::new(py, Refused { request: to_tuple(request), reason: reason.to_string() })?
+                    .into_any()
+            }
+            Event::WorkerExited { pid, dropped } => {
+                Py::new(py, WorkerExited { pid: raw(pid), dropped })?.into_any()
+            }
+            Event::Warning(message) => Py::new(py, Notice { message })?.into_any(),
+            Event::Escalated { pid, signal, after } => {
+                let after = after.as_secs_f64();
+                Py::new(py, Escalated { pid: raw(pid), signal, after })?.into_any()
+            }
+            Event::Dumping { pid, scopes } => {
+                Py::new(py, Dumping { pid: raw(pid), scopes })?.into_any()
+            }
+            Event::Unreapable { pid, after, state } => {
+                let after = after.as_secs_f64();
+                Py::new(py, Unreapable { pid: raw(pid), after, state })?.into_any()
+            }
+            Event::Expired { expiries, ack } => {
+                let signals_self = ack.is_some();
+                *lock(&self.ack) = ack;
+                expired_object(py, expiries, signals_self)?
+            }
+        };
+        Ok(object)
     }
 
     /// Refuses calls that would change the original's server from a forked child.
@@ -520,7 +528,7 @@ impl PyServer {
     /// The events reported while no loop runs (see `Server::take_undelivered`).
     fn take_undelivered(&self, py: Python<'_>) -> PyResult<Vec<Py<PyAny>>> {
         let events = py.detach(|| lock(&self.server).take_undelivered());
-        events.into_iter().map(|event| event_object(py, event)).collect()
+        events.into_iter().map(|event| self.event_object(py, event)).collect()
     }
 
     /// Counts and reports a request that Python could not make sense of.
@@ -553,17 +561,7 @@ impl PyServer {
         self.owned()?;
         let peek = py.detach(|| lock(&self.server).peek_stacks(&pids));
         let stacks = py.detach(|| peek.wait());
-        Ok(stacks
-            .into_iter()
-            .map(|(pid, stacks)| {
-                let stacks = stacks.map(|stacks| Stacks {
-                    source: stacks.source.name(),
-                    text: stacks.text,
-                    complete: stacks.complete,
-                });
-                (pid, stacks)
-            })
-            .collect())
+        Ok(stacks.into_iter().map(|(pid, stacks)| (pid, stacks.map(Stacks::from))).collect())
     }
 
     /// Every counter of `server::Stats`, by name.
@@ -610,12 +608,7 @@ impl PyServer {
             None => Err(RecvTimeoutError::Disconnected),
         });
         match received {
-            Ok(Event::Expired { expiries, ack }) => {
-                let signals_self = ack.is_some();
-                *lock(&self.ack) = ack;
-                Ok(Some(expired_object(py, expiries, signals_self)?))
-            }
-            Ok(event) => Ok(Some(event_object(py, event)?)),
+            Ok(event) => Ok(Some(self.event_object(py, event)?)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Ok(Some(Py::new(py, Closed)?.into_any())),
         }
@@ -626,6 +619,74 @@ impl PyServer {
         if let Some(ack) = lock(&self.ack).take() {
             let _ = ack.try_send(());
         }
+    }
+}
+
+/// A client's channel to its server (the FIFO, the queue's pipe), as `send_request` uses it.
+trait Client: Sync {
+    type Channel: ring::Channel + Sync;
+    type Error: Send;
+    fn channel(&self) -> &Self::Channel;
+    fn ring(&self) -> &ring::Sender;
+    /// The request as the channel carries it.
+    fn encode(pid: i64, scope_id: &str, expiration: Number, signal: i64, out: &mut Vec<u8>);
+    /// Sends `bytes` at once if it can; false, having sent nothing, if not (`send` then).
+    fn try_send(&self, bytes: &[u8]) -> Result<bool, Self::Error>;
+    /// Sends `bytes`, waiting (bounded) for the server or for room.
+    fn send(&self, bytes: &[u8]) -> Result<(), Self::Error>;
+    /// After a request sent by the channel: whether to offer a ring now.
+    fn ring_due(&self) -> bool;
+}
+
+/// Sends one request: in the ring our server took, if the client holds one, else by the
+/// channel; then offers a ring when it is time. True if it went by the ring.
+fn send_request<C: Client>(
+    py: Python<'_>,
+    client: &C,
+    pid: i64,
+    scope_id: &str,
+    expiration: Number,
+    signal: i64,
+) -> Result<bool, C::Error> {
+    if send_by_ring(py, client.ring(), client.channel(), pid, scope_id, expiration, signal) {
+        return Ok(true);
+    }
+    let mut bytes = Vec::with_capacity(160 + scope_id.len());
+    C::encode(pid, scope_id, expiration, signal, &mut bytes);
+    // Keep the GIL for a write that cannot wait; let go of it for one that may.
+    if !client.try_send(&bytes)? {
+        py.detach(|| client.send(&bytes))?;
+    }
+    if client.ring_due() {
+        py.detach(|| client.ring().offer(client.channel()));
+    }
+    Ok(false)
+}
+
+/// Puts the request in the client's ring, if it holds one our server took: no system call,
+/// and no waiting but for a full ring. False if it must go by the channel.
+fn send_by_ring(
+    py: Python<'_>,
+    sender: &ring::Sender,
+    channel: &(impl ring::Channel + Sync),
+    pid: i64,
+    scope_id: &str,
+    expiration: Number,
+    signal: i64,
+) -> bool {
+    // An entry holds an f64 and an i32: other numbers go by the channel, exactly.
+    let exact = match expiration {
+        Number::Float(x) => Some(x),
+        Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
+        Number::Int(_) => None,
+    };
+    let (Some(exact), Ok(signal)) = (exact, i32::try_from(signal)) else { return false };
+    match sender.push(channel, pid, scope_id, exact, signal) {
+        ring::Pushed::Sent => true,
+        ring::Pushed::Full => {
+            py.detach(|| sender.push_when_room(channel, pid, scope_id, exact, signal))
+        }
+        ring::Pushed::Channel => false,
     }
 }
 
@@ -656,7 +717,13 @@ impl PyFifoClient {
         expiration_time: &Bound<'_, PyAny>,
         signal: i64,
     ) -> PyResult<Option<fifo::Announced>> {
-        self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
+        let expiration = number(expiration_time)?;
+        // Before the ring too: a FIFO path that now leads elsewhere lets go of the ring.
+        self.0.check_path();
+        if send_request(py, self, pid, scope_id, expiration, signal)? {
+            return Ok(None);
+        }
+        Ok(self.0.take_announced())
     }
 
     /// `send` for a request of this process (its pid known without a system call).
@@ -668,34 +735,36 @@ impl PyFifoClient {
         signal: i64,
     ) -> PyResult<Option<fifo::Announced>> {
         let pid = i64::from(ring::this_process().0);
-        self.send_request(py, pid, scope_id, number(expiration_time)?, signal)
+        self.send(py, pid, scope_id, expiration_time, signal)
     }
 }
 
-impl PyFifoClient {
-    fn send_request(
-        &self,
-        py: Python<'_>,
-        pid: i64,
-        scope_id: &str,
-        expiration: Number,
-        signal: i64,
-    ) -> PyResult<Option<fifo::Announced>> {
-        let client = &self.0;
-        client.check_path();
-        if send_by_ring(py, &client.ring, client, pid, scope_id, expiration, signal) {
-            return Ok(None);
-        }
-        let mut line = Vec::with_capacity(128 + scope_id.len());
-        codec::encode_json_line(pid, scope_id, expiration, signal, &mut line);
-        // Keep the GIL for a write that cannot wait; let go of it for one that may.
-        if !client.try_send(&line)? {
-            py.detach(|| client.send(&line))?;
-        }
-        if client.ring.due() {
-            py.detach(|| client.ring.offer(client));
-        }
-        Ok(client.take_announced())
+impl Client for PyFifoClient {
+    type Channel = fifo::Client;
+    type Error = SendError;
+
+    fn channel(&self) -> &fifo::Client {
+        &self.0
+    }
+
+    fn ring(&self) -> &ring::Sender {
+        &self.0.ring
+    }
+
+    fn encode(pid: i64, scope_id: &str, expiration: Number, signal: i64, out: &mut Vec<u8>) {
+        codec::encode_json_line(pid, scope_id, expiration, signal, out);
+    }
+
+    fn try_send(&self, line: &[u8]) -> Result<bool, SendError> {
+        self.0.try_send(line)
+    }
+
+    fn send(&self, line: &[u8]) -> Result<(), SendError> {
+        self.0.send(line)
+    }
+
+    fn ring_due(&self) -> bool {
+        self.0.ring.due()
     }
 }
 
@@ -710,33 +779,6 @@ impl<'py> IntoPyObject<'py> for fifo::Announced {
             Self::StacksDir(dir) => Ok(dir.into_pyobject(py)?.into_any()),
             Self::Refused(why) => Ok(why.into_pyobject(py)?.into_any()),
         }
-    }
-}
-
-/// Puts the request in the client's ring, if it holds one our server took: no system call,
-/// and no waiting but for a full ring. False if it must go by the channel.
-fn send_by_ring(
-    py: Python<'_>,
-    sender: &ring::Sender,
-    channel: &(impl ring::Channel + Sync),
-    pid: i64,
-    scope_id: &str,
-    expiration: Number,
-    signal: i64,
-) -> bool {
-    // An entry holds an f64 and an i32: other numbers go by the channel, exactly.
-    let exact = match expiration {
-        Number::Float(x) => Some(x),
-        Number::Int(i) if i.unsigned_abs() < 1 << 53 => Some(i as f64),
-        Number::Int(_) => None,
-    };
-    let (Some(exact), Ok(signal)) = (exact, i32::try_from(signal)) else { return false };
-    match sender.push(channel, pid, scope_id, exact, signal) {
-        ring::Pushed::Sent => true,
-        ring::Pushed::Full => {
-            py.detach(|| sender.push_when_room(channel, pid, scope_id, exact, signal))
-        }
-        ring::Pushed::Channel => false,
     }
 }
 
@@ -794,40 +836,42 @@ impl PyQueueWriter {
         expiration_time: &Bound<'_, PyAny>,
     ) -> PyResult<bool> {
         let pid = i64::from(ring::this_process().0);
-        self.send_request(py, pid, scope_id, number(expiration_time)?)
+        let expiration = number(expiration_time)?;
+        match send_request(py, self, pid, scope_id, expiration, i64::from(codec::SIGKILL)) {
+            Ok(_) => Ok(true),
+            Err(queue::SendError::TooLarge(_)) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 }
 
-impl PyQueueWriter {
-    fn send_request(
-        &self,
-        py: Python<'_>,
-        pid: i64,
-        scope_id: &str,
-        expiration: Number,
-    ) -> PyResult<bool> {
-        let writer = &self.writer;
-        let signal = i64::from(codec::SIGKILL);
-        if send_by_ring(py, &writer.ring, writer, pid, scope_id, expiration, signal) {
-            return Ok(true);
-        }
-        let mut frame = Vec::with_capacity(160 + scope_id.len());
-        codec::encode_pickle_frame(pid, scope_id, expiration, &mut frame);
-        // Keep the GIL for a write that cannot wait; let go of it for one that may.
-        let sent = match writer.try_send(&frame) {
-            Ok(true) => Ok(()),
-            Ok(false) => py.detach(|| writer.send(&frame, self.timeout)),
-            Err(err) => Err(err),
-        };
-        match sent {
-            Ok(()) => {}
-            Err(queue::SendError::TooLarge(_)) => return Ok(false),
-            Err(err) => return Err(err.into()),
-        }
-        if writer.ring_due() {
-            py.detach(|| writer.ring.offer(writer));
-        }
-        Ok(true)
+impl Client for PyQueueWriter {
+    type Channel = queue::Writer;
+    type Error = queue::SendError;
+
+    fn channel(&self) -> &queue::Writer {
+        &self.writer
+    }
+
+    fn ring(&self) -> &ring::Sender {
+        &self.writer.ring
+    }
+
+    /// A `TimerRequest` has no signal: its server kills (the ring's entry says SIGKILL).
+    fn encode(pid: i64, scope_id: &str, expiration: Number, _signal: i64, out: &mut Vec<u8>) {
+        codec::encode_pickle_frame(pid, scope_id, expiration, out);
+    }
+
+    fn try_send(&self, frame: &[u8]) -> Result<bool, queue::SendError> {
+        self.writer.try_send(frame)
+    }
+
+    fn send(&self, frame: &[u8]) -> Result<(), queue::SendError> {
+        self.writer.send(frame, self.timeout)
+    }
+
+    fn ring_due(&self) -> bool {
+        self.writer.ring_due()
     }
 }
 
@@ -917,50 +961,40 @@ fn environ_value(py: Python<'_>, pid: i32, name: &str) -> Option<std::ffi::OsStr
 }
 
 #[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    macro_rules! add_classes {
-        ($($class:ty),* $(,)?) => { $(m.add_class::<$class>()?;)* };
+mod _native {
+    use pyo3::prelude::*;
+
+    use crate::server::{Kind, Stats};
+
+    #[pymodule_export]
+    use super::{
+        decode_json_line, decode_pickle, encode_json_line, environ_value, open_append,
+        read_private_file, Closed, Dumping, Escalated, Expired, Expiry, LearnedBound, Malformed,
+        Notice, Outcome, PyFifoClient, PyQueueWriter, PyServer, Refused, ScopeTimeout, Stacks,
+        Unreapable, UnsafeFile, WorkerExited,
+    };
+
+    #[pymodule_export]
+    const PIPE_BUF: usize = crate::fifo::MAX_LINE;
+
+    /// Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
+    #[pymodule_export]
+    #[expect(non_upper_case_globals)]
+    const __version__: &str = env!("CARGO_PKG_VERSION");
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
+        let fields: Vec<(&str, &str, &str)> = Stats::FIELDS
+            .iter()
+            .map(|field| {
+                let kind = match field.kind {
+                    Kind::Counter => "counter",
+                    Kind::Gauge => "gauge",
+                };
+                (field.name, kind, field.help)
+            })
+            .collect();
+        m.add("STATS", fields)
     }
-    add_classes!(
-        PyServer,
-        PyFifoClient,
-        PyQueueWriter,
-        Outcome,
-        Stacks,
-        Expiry,
-        Expired,
-        Malformed,
-        Refused,
-        WorkerExited,
-        Notice,
-        Dumping,
-        Escalated,
-        Unreapable,
-        Closed,
-        LearnedBound,
-        ScopeTimeout,
-    );
-    m.add_function(wrap_pyfunction!(encode_json_line, m)?)?;
-    m.add_function(wrap_pyfunction!(decode_json_line, m)?)?;
-    m.add_function(wrap_pyfunction!(decode_pickle, m)?)?;
-    m.add_function(wrap_pyfunction!(read_private_file, m)?)?;
-    m.add_function(wrap_pyfunction!(open_append, m)?)?;
-    m.add("UnsafeFile", m.py().get_type::<UnsafeFile>())?;
-    m.add_function(wrap_pyfunction!(environ_value, m)?)?;
-    m.add("PIPE_BUF", fifo::MAX_LINE)?;
-    // (name, "counter" | "gauge", help) of each `stats()` key, in order: what metrics expose.
-    let fields: Vec<(&str, &str, &str)> = Stats::FIELDS
-        .iter()
-        .map(|field| {
-            let kind = match field.kind {
-                Kind::Counter => "counter",
-                Kind::Gauge => "gauge",
-            };
-            (field.name, kind, field.help)
-        })
-        .collect();
-    m.add("STATS", fields)?;
-    // Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    Ok(())
 }

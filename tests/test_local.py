@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import select
 import signal
 import struct
 import subprocess
@@ -75,6 +76,13 @@ def _outer_still_armed(mp_queue: Any) -> None:
         with expires(after=10):
             time.sleep(0.05)
         time.sleep(10)
+
+
+def _hang_in_a_long_scope(mp_queue: Any) -> None:
+    """A worker stuck in a block whose request is too large for one atomic pipe write."""
+    configure(LocalTimerClient(mp_queue))
+    with expires(after=0.2, scope="x" * (2 * select.PIPE_BUF)):
+        time.sleep(30)
 
 
 def _put_many(mp_queue: Any, n: int) -> None:
@@ -425,6 +433,19 @@ def test_deadlines_follow_acquires_and_releases(
     assert _messages(caplog, f"Reaping worker_id=[{released.pid}]. Expired timers: ['second']")
     assert _messages(caplog, f"Reaping worker_id=[{expired.pid}]. Expired timers: ['zero']")
     assert server._timers == {}
+
+
+def test_a_request_too_large_for_one_write_goes_by_put(
+    servers: Servers, children: Children
+) -> None:
+    """The client's native writer sends only what one atomic write holds; a larger request
+    goes by the queue's own ``put``, and its worker is reaped as any other."""
+    mp_queue = FORK.Queue()
+    server = _start_server(servers, mp_queue)
+    worker = _start(children, _hang_in_a_long_scope, mp_queue)
+    worker.join(10)
+    assert worker.exitcode == -signal.SIGKILL
+    assert wait_for(lambda: server.stats()["reaped"] == 1)
 
 
 # -- the queue stays a queue ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _native
-from .api import TimerRequest
+from ._request import TimerRequest
 from .diagnostics import Diagnostics, DiagnosticsOptions, EventSink
 from .hang_report import HangReporter
 

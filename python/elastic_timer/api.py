@@ -17,7 +17,9 @@ import time
 from contextlib import ContextDecorator
 from typing import Any
 
+from ._request import TimerClient, TimerRequest
 from .diagnostics import arm_stack_dump
+from .file_based_local_timer import FileTimerClient
 
 __all__ = [
     "RequestQueue",
@@ -29,51 +31,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class TimerRequest:
-    """
-    A countdown timer acquisition or release, sent from a ``TimerClient`` to a ``TimerServer``.
-    A negative ``expiration_time`` is a release.
-
-    The type of ``worker_id`` is up to the client and server; the ones in this package use
-    the worker's pid.
-    """
-
-    # torch's order, so pickles name the fields in the same order.
-    __slots__ = ["worker_id", "scope_id", "expiration_time"]  # noqa: RUF023
-
-    def __init__(self, worker_id: Any, scope_id: str, expiration_time: float) -> None:
-        self.worker_id = worker_id
-        self.scope_id = scope_id
-        self.expiration_time = expiration_time
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, TimerRequest):
-            return (
-                self.worker_id == other.worker_id
-                and self.scope_id == other.scope_id
-                and self.expiration_time == other.expiration_time
-            )
-        return False
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(worker_id={self.worker_id!r}, scope_id={self.scope_id!r}, "
-            f"expiration_time={self.expiration_time!r})"
-        )
-
-
-class TimerClient(abc.ABC):
-    """Acquires and releases countdown timers by talking to a ``TimerServer``."""
-
-    @abc.abstractmethod
-    def acquire(self, scope_id: str, expiration_time: float) -> None:
-        """Acquires a timer for this worker and ``scope_id`` that expires at ``expiration_time``."""
-
-    @abc.abstractmethod
-    def release(self, scope_id: str) -> None:
-        """Releases this worker's timer for ``scope_id``; it is no longer in effect."""
 
 
 class RequestQueue(abc.ABC):
@@ -227,8 +184,6 @@ def configure(timer_client: TimerClient | _FromEnvironment | None = _FROM_ENVIRO
                 "server's FIFO (torchrun sets it when TORCHELASTIC_ENABLE_FILE_TIMER=1; "
                 "elastic-timer-run enables it)"
             )
-        from .file_based_local_timer import FileTimerClient
-
         timer_client = FileTimerClient(path)
     if timer_client is not None:
         # A server taking stacks can then get them from this worker (torch's clients too).

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from . import _native
+from ._request import TimerClient, TimerRequest
 from ._server import (
     NativeServer,
     Outcome,
@@ -21,7 +22,6 @@ from ._server import (
     request_tuple,
 )
 from ._torch_versions import torch_signals_self
-from .api import TimerClient, TimerRequest
 from .debug_info_logging import log_debug_info_for_expired_timers
 from .diagnostics import DiagnosticsOptions, arm_stack_dump
 

@@ -16,6 +16,7 @@ from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from . import _native
+from ._request import TimerClient, TimerRequest
 from ._server import (
     NativeServer,
     RequestTuple,
@@ -23,7 +24,7 @@ from ._server import (
     request_tuple,
     worker_pid,
 )
-from .api import RequestQueue, TimerClient, TimerRequest, TimerServer
+from .api import RequestQueue, TimerServer
 from .diagnostics import DiagnosticsOptions, arm_stack_dump
 
 if TYPE_CHECKING:

@@ -33,8 +33,10 @@ from types import ModuleType
 from typing import Any
 
 from . import hang_report
-from .api import TIMER_FILE_ENV, TimerClient
+from ._request import TimerClient
+from .api import TIMER_FILE_ENV
 from .diagnostics import ADAPTIVE_ENV, STACK_DUMP_ENV
+from .file_based_local_timer import FileTimerClient
 
 __all__ = [
     "BOOT_DIR",
@@ -227,8 +229,6 @@ def install(client: TimerClient | None = None, bound: float | None = None) -> Wa
     from torch.utils.data import dataloader
 
     if client is None:
-        from .file_based_local_timer import FileTimerClient
-
         client = FileTimerClient(os.environ[TIMER_FILE_ENV])
     watch = Watch(client, bound if bound is not None else _bound_from_env())
     watch.hook_optimizer(optimizer_module)
