@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,12 +306,20 @@ COLLECTIVE_JOB = str(Path(__file__).parent / "jobs" / "collective.py")
 
 
 def two_agents(
-    env: dict[str, str], run_id: str, script: str = "", *launcher_args: str
+    env: dict[str, str],
+    run_id: str,
+    script: str = "",
+    *launcher_args: str,
+    flags: Sequence[str] = (),
+    agent_env: Callable[[int], dict[str, str]] = lambda number: {},
+    timeout: float = 120,
 ) -> list[tuple[int, str]]:
     """Runs ``script`` (tests/jobs/collective.py by default) under two agents (2 ranks each,
-    c10d rendezvous on 127.0.0.1); returns each agent's exit code and stderr."""
+    c10d rendezvous on 127.0.0.1); returns each agent's exit code and stderr. ``flags`` are
+    elastic-timer-run's own (``--watch``), ``agent_env(n)`` what agent n's environment adds."""
     cmd = [
         LAUNCHER,
+        *flags,
         "--nnodes",
         "2",
         "--nproc-per-node",
@@ -327,12 +336,18 @@ def two_agents(
         script or COLLECTIVE_JOB,
     ]
     agents = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen(
+            cmd,
+            env={**env, **agent_env(number)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for number in range(2)
     ]
     try:
         # communicate, not wait: an agent's stderr must be read as it comes, or it blocks.
-        outputs = [agent.communicate(timeout=120)[1] for agent in agents]
+        outputs = [agent.communicate(timeout=timeout)[1] for agent in agents]
         return [(agent.returncode, output) for agent, output in zip(agents, outputs)]
     finally:
         for agent in agents:

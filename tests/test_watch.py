@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import wait_for
-from test_torchrun import LAUNCHER, free_port, read_events
+from test_torchrun import LAUNCHER, read_events, two_agents
 
 pytestmark = pytest.mark.torch
 
@@ -49,50 +49,20 @@ def two_watched_agents(
     env: dict[str, str], run_id: str, *launcher_args: str
 ) -> list[tuple[int, str]]:
     """The job under two ``elastic-timer-run --watch`` agents; each one's exit code and stderr."""
-    cmd = [
-        LAUNCHER,
-        "--watch",
-        "--nnodes",
-        "2",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "--rdzv-id",
+    log = Path(env["JOB_LOG"])
+    outcomes = two_agents(
+        env,
         run_id,
-        "--monitor-interval",
-        "0.1",
-        *launcher_args,
         JOB,
-    ]
-    # Each agent keeps what it learned in a file of its own, as on two hosts.
-    agents = [
-        subprocess.Popen(
-            cmd,
-            env={
-                **env,
-                "ELASTIC_TIMER_STATE_FILE": str(
-                    Path(env["JOB_LOG"]).with_name(f"learned-{n}.json")
-                ),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for n in range(2)
-    ]
-    try:
-        outputs = [agent.communicate(timeout=TIMEOUT)[1] for agent in agents]
-        for number, output in enumerate(outputs):  # for a look after the test
-            Path(env["JOB_LOG"]).with_name(f"agent-{number}.err").write_text(output)
-        return [(agent.returncode, output) for agent, output in zip(agents, outputs)]
-    finally:
-        for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+        *launcher_args,
+        flags=("--watch",),
+        # Each agent keeps what it learned in a file of its own, as on two hosts.
+        agent_env=lambda n: {"ELASTIC_TIMER_STATE_FILE": str(log.with_name(f"learned-{n}.json"))},
+        timeout=TIMEOUT,
+    )
+    for number, (_, output) in enumerate(outcomes):  # for a look after the test
+        log.with_name(f"agent-{number}.err").write_text(output)
+    return outcomes
 
 
 def job_log(tmp_path: Path) -> list[str]:
