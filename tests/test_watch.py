@@ -244,6 +244,25 @@ def test_a_watched_worker_reports_each_place_once_torch_is_imported(tmp_path: Pa
     }
 
 
+def test_install_without_a_timer_server_is_a_clear_error(tmp_path: Path) -> None:
+    code = """if True:
+        import os
+        os.environ.pop("TORCHELASTIC_TIMER_FILE", None)
+        from elastic_timer import watch
+        try:
+            watch.install()
+        except RuntimeError as error:
+            print(error)
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(
+        "elastic_timer.watch.install() needs a timer client, or TORCHELASTIC_TIMER_FILE"
+    ), result.stdout
+
+
 def test_the_bootstrap_runs_the_next_sitecustomize_and_is_inert_elsewhere(tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()

@@ -167,6 +167,19 @@ class _FromEnvironment:
 _FROM_ENVIRONMENT = _FromEnvironment()
 
 
+def client_from_environment(caller: str) -> FileTimerClient:
+    """A ``FileTimerClient`` on the FIFO ``TORCHELASTIC_TIMER_FILE`` names; ``RuntimeError``
+    (naming ``caller``) when it names none."""
+    path = os.environ.get(TIMER_FILE_ENV)
+    if not path:
+        raise RuntimeError(
+            f"{caller} needs a timer client, or {TIMER_FILE_ENV} naming the timer "
+            "server's FIFO (torchrun sets it when TORCHELASTIC_ENABLE_FILE_TIMER=1; "
+            "elastic-timer-run enables it)"
+        )
+    return FileTimerClient(path)
+
+
 def configure(timer_client: TimerClient | _FromEnvironment | None = _FROM_ENVIRONMENT) -> None:
     """
     Configures the timer client ``expires`` uses by default. Call it before ``expires``.
@@ -177,14 +190,7 @@ def configure(timer_client: TimerClient | _FromEnvironment | None = _FROM_ENVIRO
     """
     global _timer_client
     if isinstance(timer_client, _FromEnvironment):
-        path = os.environ.get(TIMER_FILE_ENV)
-        if not path:
-            raise RuntimeError(
-                f"configure() needs a timer client, or {TIMER_FILE_ENV} naming the timer "
-                "server's FIFO (torchrun sets it when TORCHELASTIC_ENABLE_FILE_TIMER=1; "
-                "elastic-timer-run enables it)"
-            )
-        timer_client = FileTimerClient(path)
+        timer_client = client_from_environment("configure()")
     if timer_client is not None:
         # A server taking stacks can then get them from this worker (torch's clients too).
         arm_stack_dump()

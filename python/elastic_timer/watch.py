@@ -34,9 +34,8 @@ from typing import Any
 
 from . import hang_report
 from ._request import TimerClient
-from .api import TIMER_FILE_ENV
+from .api import TIMER_FILE_ENV, client_from_environment
 from .diagnostics import ADAPTIVE_ENV, STACK_DUMP_ENV
-from .file_based_local_timer import FileTimerClient
 
 __all__ = [
     "BOOT_DIR",
@@ -229,7 +228,7 @@ def install(client: TimerClient | None = None, bound: float | None = None) -> Wa
     from torch.utils.data import dataloader
 
     if client is None:
-        client = FileTimerClient(os.environ[TIMER_FILE_ENV])
+        client = client_from_environment("elastic_timer.watch.install()")
     watch = Watch(client, bound if bound is not None else _bound_from_env())
     watch.hook_optimizer(optimizer_module)
     watch.hook_forward(module_module, torch.is_grad_enabled)
