@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from torch._C._distributed_c10d import PrefixStore, TCPStore
@@ -22,10 +23,14 @@ from torch._C._distributed_c10d import PrefixStore, TCPStore
 from elastic_timer import FileTimerServer, hang_report
 from elastic_timer.hang_report import (
     GENERATION,
+    Collectives,
     CollectivesMissing,
+    Contribution,
+    Group,
     HangReporter,
     Keys,
     RankStacks,
+    Report,
     build_report,
     choose_suspects,
     claim,
@@ -111,8 +116,11 @@ def test_a_host_contributes_one_stack_per_group_and_names_ranks_without_stacks()
     assert share["groups"][0]["scopes"] == ["s"]
 
 
-def group(ranks: list[int], frames: list[tuple[str, int, str]]) -> dict[str, Any]:
-    return {"ranks": ranks, "collective": hang_report.collective(faulthandler_dump(frames))}
+def group(ranks: list[int], frames: list[tuple[str, int, str]]) -> Group:
+    """The two keys of a group the suspects are chosen by."""
+    return cast(
+        Group, {"ranks": ranks, "collective": hang_report.collective(faulthandler_dump(frames))}
+    )
 
 
 def test_the_suspects_are_the_ranks_not_in_the_collective_the_majority_waits_in() -> None:
@@ -199,11 +207,15 @@ def test_the_first_host_to_claim_writes_the_report() -> None:
     assert not claim(store, "a-again")
 
 
+def empty_share(host: int) -> Contribution:
+    return contribution(str(host), host, [], trigger=False)
+
+
 def test_gathering_waits_for_every_host_but_no_longer_than_its_timeout() -> None:
     server = tcp_store()
     store = tcp_store(server.port)
     for host in range(2):
-        publish(store, {"host": str(host), "group_rank": host, "groups": []})
+        publish(store, empty_share(host))
     started = time.monotonic()
     assert len(gather(store, 2, timeout=30)) == 2
     assert time.monotonic() - started < 1.0  # all there: no waiting
@@ -211,7 +223,7 @@ def test_gathering_waits_for_every_host_but_no_longer_than_its_timeout() -> None
     shares = gather(store, 3, timeout=0.5)
     assert 0.5 <= time.monotonic() - started < 3.0
     assert [s["host"] for s in shares] == ["0", "1"]
-    late = threading.Timer(0.3, publish, (tcp_store(server.port), {"host": "2", "groups": []}))
+    late = threading.Timer(0.3, publish, (tcp_store(server.port), empty_share(2)))
     late.start()
     assert len(gather(store, 3, timeout=30)) == 3  # woken by the count, not the timeout
     late.join()
@@ -219,8 +231,8 @@ def test_gathering_waits_for_every_host_but_no_longer_than_its_timeout() -> None
 
 def reporter(
     store: Any, ranks: dict[int, int], stacks: dict[int, str], **kwargs: Any
-) -> tuple[HangReporter, list[dict[str, Any]]]:
-    reports: list[dict[str, Any]] = []
+) -> tuple[HangReporter, list[Report]]:
+    reports: list[Report] = []
     return (
         HangReporter(
             store=store,
@@ -419,10 +431,10 @@ def test_peek_stacks_takes_a_running_workers_stacks_without_reaping_it(
 # -- Flight Recorder, through torch's worker control plane ----------------------------------
 
 
-def summary(enqueued: int, completed: int) -> dict[str, Any]:
+def summary(enqueued: int, completed: int) -> Collectives:
     status = {"enqueued": enqueued, "started": -1, "completed": completed}
     last = [{"pg": 0, "seq": enqueued, "op": "gloo:all_reduce", "state": "scheduled"}]
-    return {"pg_status": {"0": status}, "last": last}
+    return cast(Collectives, {"pg_status": {"0": status}, "last": last})
 
 
 def test_the_ranks_behind_in_sequence_numbers_are_the_suspects() -> None:
@@ -444,6 +456,39 @@ def test_the_ranks_behind_in_sequence_numbers_are_the_suspects() -> None:
     plain = [RankStacks(r.rank, r.pid, r.scopes, r.stacks) for r in ranks]
     report = build_report([contribution("h", 0, plain, trigger=True)], expected_hosts=1)
     assert (report["suspects"], report["suspects_from"]) == ([], "stacks")
+
+
+class EveryOtherRank(hang_report.Source):
+    """A made-up source: the odd ranks."""
+
+    name = "odd ranks"
+    why = " (odd)"
+
+    def suspects(self, groups: Sequence[Group]) -> list[int]:
+        return sorted(r for g in groups for r in g["ranks"] if r % 2)
+
+    def lines(self, group: Group) -> list[str]:
+        return [f"odd ranks here: {[r for r in group['ranks'] if r % 2]}"]
+
+
+def test_a_new_source_of_suspects_is_one_entry_in_the_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sources are tried in the table's order, the first that names suspects names them,
+    and each adds its lines under every group of the text."""
+    ranks = [RankStacks(r, r + 10, (), faulthandler_dump(IN_ALL_REDUCE, ids=r)) for r in range(3)]
+    shares = [contribution("h", 0, ranks, trigger=True)]
+    assert build_report(shares, expected_hosts=1)["suspects"] == []
+    monkeypatch.setattr(
+        hang_report.report,
+        "SOURCES",
+        (*hang_report.SOURCES[:1], EveryOtherRank(), hang_report.SOURCES[1]),
+    )
+    report = build_report(shares, expected_hosts=1)
+    assert (report["suspects"], report["suspects_from"]) == ([1], "odd ranks")
+    text = format_report(report)
+    assert "suspects: rank 1 (odd)" in text
+    assert "    odd ranks here: [1]" in text.splitlines()
 
 
 SERVES_THE_CONTROL_PLANE = """
@@ -555,7 +600,7 @@ def test_the_hang_report_gives_the_control_plane_the_stack_grace() -> None:
     answers late, and the rank lives that long), and a rank that gives none says why."""
     asked: list[float] = []
 
-    def collectives(pid: int, timeout: float) -> dict[str, Any] | None:
+    def collectives(pid: int, timeout: float) -> Collectives | None:
         asked.append(timeout)
         raise CollectivesMissing(f"no answer from /x/{pid}.sock within {timeout:.1f} s")
 

@@ -1,0 +1,187 @@
+"""An agent's part in the job's hang report, on a thread of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from .flight_recorder import Collectives, CollectivesMissing, rank_collectives
+from .report import RankStacks, build_report, contribution, format_report
+from .schema import Contribution, Report
+from .store import GENERATION, Keys, Store, claim, gather, publish
+
+__all__ = ["HangReporter"]
+
+# The package's name: what the agents' logs have always shown.
+logger = logging.getLogger(__package__)
+
+
+class HangReporter:
+    """An agent's part in the job's hang report; its work runs on a thread of its own, so it
+    never delays a reap.
+
+    Args:
+        store: the worker group's store (torch's rendezvous store).
+        group_rank, group_world_size: this host's place among the job's hosts.
+        workers: the local workers now, as ``{pid: global rank}``.
+        peek: takes the stacks of these pids now (the native server's ``peek_stacks``).
+        emit: writes the report to the event log.
+        grace: the stack grace (how long a peek may take); the report waits that and
+            ``patience`` more for the other hosts. A rank's control plane may take as long.
+        poll: how often to look for another host's claim.
+        collectives: a worker's last collectives, by pid and with a timeout
+            (``rank_collectives``), if any; ``CollectivesMissing`` says why none.
+        on_report: called with the job's report once this host has it (written or read).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        group_rank: int,
+        group_world_size: int,
+        workers: Callable[[], dict[int, int]],
+        peek: Callable[[list[int]], list[tuple[int, str | None]]],
+        emit: Callable[[Report], None],
+        grace: float,
+        patience: float = 2.0,
+        poll: float = 0.25,
+        collectives: Callable[[int, float], Collectives | None] = rank_collectives,
+        on_report: Callable[[Report], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._group_rank = group_rank
+        self._hosts = group_world_size
+        self._workers = workers
+        self._peek = peek
+        self._emit = emit
+        self._grace = grace
+        self._timeout = grace + patience
+        self._poll = poll
+        self._collectives = collectives
+        self._on_report = on_report
+        self.host = f"{socket.gethostname()}[{group_rank}]"
+        self._expiring: dict[int, tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="elastic-timer-hang", daemon=True)
+        self._thread.start()
+
+    def expiring(self, pid: int, scopes: Iterable[str]) -> None:
+        """A local worker's timers expired (its stacks are being taken): report the hang."""
+        with self._lock:
+            self._expiring[pid] = tuple(scopes)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stops watching. If a hang was reported, first lets this host finish its part
+        (bounded): the agent's workers, and the store it may host, live until then."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(self._timeout + 5.0)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            # The generation now, before this worker group can hang: a trigger left by the
+            # last one (under another generation) is not this hang's.
+            keys: Keys | None = Keys(int(self._store.add(GENERATION, 0)))
+        except (RuntimeError, OSError) as err:  # a store that is gone, a broken connection
+            logger.debug("hang report: the store cannot be read: %s", err)
+            keys = None
+        while True:
+            self._wake.wait(self._poll)
+            self._wake.clear()
+            with self._lock:
+                local = bool(self._expiring)
+            try:
+                remote = not local and keys is not None and self._store.check([keys.trigger])
+            except (RuntimeError, OSError) as err:
+                logger.debug("hang report: the store cannot be read: %s", err)
+                remote = False
+            if local or remote:
+                self._take_part(keys, trigger=local)
+                return
+            if self._closing:
+                return
+
+    def _take_part(self, keys: Keys | None, *, trigger: bool) -> None:
+        share = None
+        try:
+            if keys is None:
+                raise ConnectionError("it could not be read when this worker group started")
+            # First, so that the other hosts take their stacks while their ranks still run.
+            first = trigger and claim(self._store, self.host, keys)
+            share = self._share(trigger)
+            publish(self._store, share, keys)
+            if first:
+                contributions = gather(self._store, self._hosts, self._timeout, keys)
+                report = build_report(contributions, expected_hosts=self._hosts)
+                self._store.set(keys.report, json.dumps(report))
+                self._store.add(GENERATION, 1)
+                self._write(report)
+            else:
+                self._log_theirs(keys)
+        except (RuntimeError, OSError) as err:  # torch's DistError: the store's host is gone
+            logger.warning("hang report: the job's store is gone (%s); reporting this host", err)
+            share = share or self._share(trigger)
+            self._write(build_report([share], expected_hosts=self._hosts, store_gone=True))
+
+    def _share(self, trigger: bool) -> Contribution:
+        """This host's contribution: the stacks of all its ranks, taken now."""
+        workers = self._workers()
+        with ThreadPoolExecutor(max(1, len(workers))) as pool:
+            # The collectives while the stacks are taken: both before the kill.
+            asked = {pid: pool.submit(self._ask_collectives, pid) for pid in workers}
+            taken = dict(self._peek(sorted(workers)))
+            collectives = {pid: future.result() for pid, future in asked.items()}
+        with self._lock:
+            expiring = dict(self._expiring)
+        ranks = [
+            RankStacks(rank, pid, expiring.get(pid, ()), taken.get(pid), *collectives[pid])
+            for pid, rank in workers.items()
+        ]
+        return contribution(self.host, self._group_rank, ranks, trigger=trigger)
+
+    def _ask_collectives(self, pid: int) -> tuple[Collectives | None, str | None]:
+        """A worker's collectives, or why it gave none (None, None: it serves none)."""
+        try:
+            return self._collectives(pid, self._grace), None
+        except CollectivesMissing as err:
+            return None, str(err)
+
+    def _write(self, report: Report) -> None:
+        logger.warning("%s", format_report(report))
+        self._emit(report)
+        self._reached(report)
+
+    def _reached(self, report: Report) -> None:
+        if self._on_report is not None:
+            try:
+                self._on_report(report)
+            except Exception:
+                logger.exception("hang report: on_report raised")
+
+    def _log_theirs(self, keys: Keys) -> None:
+        """Logs the report another host wrote, once it is there (bounded)."""
+        deadline = time.monotonic() + self._timeout
+        while not self._store.check([keys.report]):
+            if time.monotonic() >= deadline:
+                logger.warning("hang report: none was written within %.1f s", self._timeout)
+                return
+            time.sleep(0.05)
+        with contextlib.suppress(ValueError):
+            report = json.loads(self._store.get(keys.report))
+            logger.warning("%s", format_report(report))
+            self._reached(report)
