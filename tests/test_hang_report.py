@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from helpers import wait_for
 from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from elastic_timer import FileTimerServer, hang_report
@@ -230,14 +231,25 @@ def test_gathering_waits_for_every_host_but_no_longer_than_its_timeout() -> None
 
 
 def reporter(
-    store: Any, ranks: dict[int, int], stacks: dict[int, str], **kwargs: Any
+    store: Any,
+    ranks: dict[int, int],
+    stacks: dict[int, str],
+    peeked: list[float] | None = None,
+    **kwargs: Any,
 ) -> tuple[HangReporter, list[Report]]:
+    """A host's reporter; ``peeked`` gets the times its ranks' stacks are taken."""
     reports: list[Report] = []
+
+    def peek(pids: list[int]) -> list[tuple[int, str | None]]:
+        if peeked is not None:
+            peeked.append(time.monotonic())
+        return [(pid, stacks.get(pid)) for pid in pids]
+
     return (
         HangReporter(
             store=store,
             workers=lambda: ranks,
-            peek=lambda pids: [(pid, stacks.get(pid)) for pid in pids],
+            peek=peek,
             emit=reports.append,
             grace=0.5,
             patience=1.0,
@@ -329,6 +341,110 @@ def test_a_host_whose_store_is_gone_reports_its_own_ranks() -> None:
     assert report["hosts"] == 1
     assert report["groups"][0]["ranks"] == [0]
     assert "the job's store is gone" in format_report(report)
+
+
+class CountingStore:
+    """A store client that counts the requests made through it and its clones (by name)."""
+
+    def __init__(self, store: Any, requests: list[str]) -> None:
+        self._store = store
+        self.requests = requests
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.requests.append(name)
+            result = method(*args, **kwargs)
+            return CountingStore(result, self.requests) if name == "clone" else result
+
+        return counted
+
+
+def listening(requests: list[str], times: int = 1) -> bool:
+    return wait_for(lambda: requests.count("wait") >= times)
+
+
+def test_a_claim_reaches_every_host_within_half_a_second() -> None:
+    """Four hosts wait on their wake keys, each over its own connection; one host's rank
+    expires: every host takes its ranks' stacks within 0.5 s of it."""
+    server = tcp_store()
+    hosts: list[HangReporter] = []
+    peeked: list[list[float]] = []
+    requests: list[list[str]] = []
+    for number in range(4):
+        requests.append([])
+        peeked.append([])
+        host, _ = reporter(
+            CountingStore(tcp_store(server.port), requests[-1]),
+            {100 + number: number},
+            {100 + number: faulthandler_dump(IN_ALL_REDUCE)},
+            peeked[-1],
+            group_rank=number,
+            group_world_size=4,
+        )
+        host.start()
+        hosts.append(host)
+    assert all(listening(r) for r in requests)
+    expired = time.monotonic()
+    hosts[2].expiring(102, ["train.py#37"])
+    assert wait_for(lambda: all(peeked))
+    latest = max(p[0] for p in peeked) - expired
+    assert latest < 0.5, latest
+    for host in hosts:
+        host.close()
+
+
+def test_a_healthy_host_asks_the_store_nothing_and_stops_at_once() -> None:
+    """Once its one waiting request is made, an idle reporter makes none for seconds; it
+    stops within a second (its own wake key ends its wait); a short re-arm still hears a
+    claim."""
+    server = tcp_store()
+    requests: list[str] = []
+    idle, reports = reporter(
+        CountingStore(tcp_store(server.port), requests),
+        {5: 0},
+        {5: "x"},
+        group_rank=0,
+        group_world_size=2,
+    )
+    idle.start()
+    assert listening(requests)
+    before = list(requests)
+    window = time.monotonic() + 3.0
+    while time.monotonic() < window:  # a window to count in: nothing is to happen in it
+        time.sleep(0.1)
+    assert requests == before == ["add", "clone", "wait"]
+    started = time.monotonic()
+    idle.close()
+    assert time.monotonic() - started < 1.0
+    assert reports == []
+    # Its own stop is gone from the store: the next reporter of this generation listens.
+    rearmed: list[str] = []
+    peeked: list[float] = []
+    again, _ = reporter(
+        CountingStore(tcp_store(server.port), rearmed),
+        {6: 0},
+        {6: faulthandler_dump(IN_ALL_REDUCE)},
+        peeked,
+        group_rank=0,
+        group_world_size=2,
+        listen=0.2,
+    )
+    again.start()
+    assert listening(rearmed, times=3)  # re-armed after each timeout
+    other, _ = reporter(
+        tcp_store(server.port),
+        {7: 1},
+        {7: faulthandler_dump(LOADING)},
+        group_rank=1,
+        group_world_size=2,
+    )
+    other.start()
+    other.expiring(7, ["s"])
+    assert wait_for(lambda: peeked)
+    other.close()
+    again.close()
 
 
 HOSTS, RANKS_PER_HOST = 256, 8

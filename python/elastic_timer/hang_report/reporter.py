@@ -1,4 +1,11 @@
-"""An agent's part in the job's hang report, on a thread of its own."""
+"""An agent's part in the job's hang report, on a thread of its own.
+
+While the job is healthy an agent costs the store nothing but one waiting request: a
+listener thread waits on its own wake key over a connection of its own (a waiting request
+holds its connection, which the agent's rendezvous must keep using), re-armed every
+``LISTEN`` seconds. A claiming host sets every host's wake key in one request, and the store
+answers each waiting request at once. To stop, an agent sets its own wake key itself.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +21,28 @@ from concurrent.futures import ThreadPoolExecutor
 from .flight_recorder import Collectives, CollectivesMissing, rank_collectives
 from .report import RankStacks, build_report, contribution, format_report
 from .schema import Contribution, Report
-from .store import GENERATION, Keys, Store, claim, gather, publish
+from .store import (
+    GENERATION,
+    STOP,
+    Keys,
+    Store,
+    await_wake,
+    claim,
+    gather,
+    publish,
+    wake_all,
+)
 
 __all__ = ["HangReporter"]
 
 # The package's name: what the agents' logs have always shown.
 logger = logging.getLogger(__package__)
+
+# How long one waiting request lasts before it is re-armed: the store's whole cost of a
+# healthy job, per host (torch's client logs a warning for each one that times out).
+LISTEN = 3600.0
+# How long a stopping reporter waits for its listener to see its own wake key.
+_LISTENER_STOPS = 1.0
 
 
 class HangReporter:
@@ -34,7 +57,9 @@ class HangReporter:
         emit: writes the report to the event log.
         grace: the stack grace (how long a peek may take); the report waits that and
             ``patience`` more for the other hosts. A rank's control plane may take as long.
-        poll: how often to look for another host's claim.
+        listen: how long one waiting request for another host's claim lasts (re-armed).
+        poll: how often to look for a claim instead, over a store that gives no connection
+            of its own (``clone()``) to wait on.
         collectives: a worker's last collectives, by pid and with a timeout
             (``rank_collectives``), if any; ``CollectivesMissing`` says why none.
         on_report: called with the job's report once this host has it (written or read).
@@ -51,6 +76,7 @@ class HangReporter:
         emit: Callable[[Report], None],
         grace: float,
         patience: float = 2.0,
+        listen: float = LISTEN,
         poll: float = 0.25,
         collectives: Callable[[int, float], Collectives | None] = rank_collectives,
         on_report: Callable[[Report], None] | None = None,
@@ -63,6 +89,7 @@ class HangReporter:
         self._emit = emit
         self._grace = grace
         self._timeout = grace + patience
+        self._listen_for = listen
         self._poll = poll
         self._collectives = collectives
         self._on_report = on_report
@@ -70,6 +97,8 @@ class HangReporter:
         self._expiring: dict[int, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        # Another host claimed the hang (seen by the listener).
+        self._claimed = threading.Event()
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -100,21 +129,61 @@ class HangReporter:
         except (RuntimeError, OSError) as err:  # a store that is gone, a broken connection
             logger.debug("hang report: the store cannot be read: %s", err)
             keys = None
-        while True:
-            self._wake.wait(self._poll)
-            self._wake.clear()
-            with self._lock:
-                local = bool(self._expiring)
-            try:
-                remote = not local and keys is not None and self._store.check([keys.trigger])
-            except (RuntimeError, OSError) as err:
-                logger.debug("hang report: the store cannot be read: %s", err)
-                remote = False
-            if local or remote:
-                self._take_part(keys, trigger=local)
-                return
-            if self._closing:
-                return
+        listener = None
+        if keys is not None:
+            listener = threading.Thread(
+                target=self._listen, args=(keys,), name="elastic-timer-hang-listen", daemon=True
+            )
+            listener.start()
+        self._wake.wait()  # a local expiry, another host's claim, or close()
+        with self._lock:
+            local = bool(self._expiring)
+        remote = self._claimed.is_set()
+        if not (local or remote) and keys is not None:
+            remote = self._stop_listening(keys)
+        if local or remote:
+            self._take_part(keys, trigger=local)
+        if listener is not None:
+            listener.join(_LISTENER_STOPS)
+
+    def _listen(self, keys: Keys) -> None:
+        """Waits for another host's claim on this host's wake key; ends on a claim, on this
+        host's own stop, or when the store fails."""
+        key = keys.wake(self._group_rank)
+        try:
+            store: Store = self._store.clone()
+            waits = True
+        except (RuntimeError, AttributeError) as err:  # a store that cannot lend a connection
+            logger.debug("hang report: polling the store, which gives no connection: %s", err)
+            store, waits = self._store, False
+        try:
+            while True:
+                if waits:
+                    arrived = await_wake(store, key, self._listen_for)
+                else:
+                    time.sleep(self._poll)
+                    arrived = bool(store.check([key]))
+                if not arrived:
+                    continue
+                if bytes(store.get(key)).decode() != STOP:
+                    self._claimed.set()
+                    self._wake.set()
+                    return
+                # This host's own stop, or one a reporter before it left in this generation.
+                store.delete_key(key)
+                if self._closing:
+                    return
+        except (RuntimeError, OSError) as err:  # the store is gone: nobody can claim
+            logger.debug("hang report: the store cannot be read: %s", err)
+
+    def _stop_listening(self, keys: Keys) -> bool:
+        """Wakes this host's listener to stop, unless a claim came first (then True)."""
+        try:
+            value = self._store.compare_set(keys.wake(self._group_rank), "", STOP)
+        except (RuntimeError, OSError) as err:
+            logger.debug("hang report: the store cannot be read: %s", err)
+            return False
+        return bytes(value).decode() != STOP
 
     def _take_part(self, keys: Keys | None, *, trigger: bool) -> None:
         share = None
@@ -123,6 +192,8 @@ class HangReporter:
                 raise ConnectionError("it could not be read when this worker group started")
             # First, so that the other hosts take their stacks while their ranks still run.
             first = trigger and claim(self._store, self.host, keys)
+            if first:
+                wake_all(self._store, self._hosts, self.host, keys)
             share = self._share(trigger)
             publish(self._store, share, keys)
             if first:

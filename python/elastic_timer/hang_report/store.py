@@ -6,16 +6,32 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from .schema import Contribution
 
-__all__ = ["GENERATION", "PREFIX", "Keys", "Store", "claim", "gather", "publish"]
+__all__ = [
+    "GENERATION",
+    "PREFIX",
+    "STOP",
+    "Keys",
+    "Store",
+    "await_wake",
+    "claim",
+    "gather",
+    "publish",
+    "wake_all",
+]
 
 PREFIX = "elastic-timer/hang/"
 # Reports written in this store so far: a store that outlives a restart of the worker group
 # (static rendezvous) gets a new set of keys for the next hang.
 GENERATION = PREFIX + "generation"
+
+# What a host's own wake key holds when it stops listening; any other value is a claim (the
+# claiming host's name).
+STOP = "stop"
 
 # A torch.distributed Store (TCPStore, PrefixStore): add, append, check, compare_set, get and
 # set are what the report uses. torch's stubs lack some of them, hence Any.
@@ -47,6 +63,11 @@ class Keys:
     def report(self) -> str:
         return self._key("report")
 
+    def wake(self, group_rank: int) -> str:
+        """What host ``group_rank`` waits on while the job is healthy: set by a claim, or by
+        the host itself when it stops."""
+        return self._key(f"wake/{group_rank}")
+
 
 def publish(store: Store, share: Contribution, keys: Keys = Keys()) -> int:
     """Adds a host's contribution (one append, one add); returns the hosts counted so far."""
@@ -69,3 +90,23 @@ def gather(
 def claim(store: Store, me: str, keys: Keys = Keys()) -> bool:
     """Whether this host is the first to report a hang (and so writes the report)."""
     return bytes(store.compare_set(keys.trigger, "", me)).decode() == me
+
+
+def wake_all(store: Store, hosts: int, me: str, keys: Keys = Keys()) -> None:
+    """Tells every host of this host's claim: one request that sets every wake key, and the
+    store answers each host's waiting request at once."""
+    names = [keys.wake(rank) for rank in range(hosts)]
+    store.multi_set(names, [me] * hosts)
+
+
+def await_wake(store: Store, key: str, timeout: float) -> bool:
+    """Whether ``key`` is set within ``timeout``: one request, which the store answers when it
+    is set. A store that fails sooner than ``timeout`` (gone, broken) raises."""
+    began = time.monotonic()
+    try:
+        store.wait([key], timedelta(seconds=timeout))
+    except RuntimeError:  # torch's DistStoreError on the timeout, DistNetworkError if gone
+        if time.monotonic() - began < timeout:
+            raise
+        return False
+    return True
