@@ -46,3 +46,31 @@ def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:
     assert png.read_bytes().startswith(b"\x89PNG")
     # The table is printed too.
     assert "speedup" in completed.stdout
+
+
+def test_store_requests_of_a_healthy_two_agent_job(tmp_path: Path) -> None:
+    """benches/store_requests.py at a tiny size: two real agents per side; while the ranks run,
+    the hang report makes no store request (its listener's one waiting request was made
+    before), and it did run (its requests before and after the window are counted)."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benches" / "store_requests.py"),
+            "--seconds",
+            "8",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    ours, theirs = results["elastic-timer"], results["torch"]
+    assert all(host["hang_report_in_window"] == 0 for host in ours["hosts"])
+    assert all(host["hang_report"] >= 3 for host in ours["hosts"])  # add, clone, wait at least
+    assert all(host["hang_report"] == 0 for host in theirs["hosts"])
+    assert theirs["per_host_per_minute"] > 0  # torch's rendezvous keep-alive is counted
+    assert "store requests per host per minute" in completed.stdout
