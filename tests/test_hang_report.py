@@ -24,6 +24,10 @@ from torch._C._distributed_c10d import PrefixStore, TCPStore
 from elastic_timer import FileTimerServer, hang_report
 from elastic_timer.hang_report import (
     GENERATION,
+    MAX_DETAILS,
+    MAX_GROUPS,
+    MAX_PLACES,
+    MAX_STACK,
     Collectives,
     CollectivesMissing,
     Contribution,
@@ -178,6 +182,73 @@ def test_the_report_merges_hosts_and_names_those_that_did_not_answer() -> None:
     assert "group 2: rank(s) 3 on b, in load_batch (train.py:24)  <- suspect" in text
     assert 'File "/job/train.py", line 24 in load_batch' in text
     json.dumps(report)  # what the event log gets
+
+
+def test_the_report_stays_bounded_whatever_the_job_does() -> None:
+    """1,000 ranks each in a different place beside 1,048 waiting in all_reduce, each with its
+    Flight Recorder summary: the report lists MAX_GROUPS groups (the largest, then suspects),
+    counts the others with their places, keeps MAX_DETAILS ranks' collectives a group, and
+    names every rank and suspect somewhere."""
+    elsewhere = range(0, 2000, 2)
+    ranks = [
+        RankStacks(
+            rank,
+            10_000 + rank,
+            (),
+            faulthandler_dump(
+                [("/job/train.py", 1000 + rank, "step"), ("/job/train.py", 9, "main")]
+            )
+            if rank in elsewhere
+            else faulthandler_dump(IN_ALL_REDUCE, ids=rank),
+            summary(5, 4),
+        )
+        for rank in range(2048)
+    ]
+    shares = [
+        contribution(f"host{h}", h, ranks[h * 8 : h * 8 + 8], trigger=h == 0) for h in range(256)
+    ]
+    report = build_report(shares, expected_hosts=256)
+    assert report["suspects_from"] == "stacks"  # every rank enqueued #5: no one behind
+    assert report["suspects"] == list(elsewhere)
+    listed, summarised = report["groups"], report["summarised"]
+    assert len(listed) == MAX_GROUPS
+    assert listed[0]["ranks"] == sorted(set(range(2048)) - set(elsewhere))
+    assert not listed[0]["suspect"] and all(g["suspect"] for g in listed[1:])
+    assert summarised["groups"] == 1001 - MAX_GROUPS
+    assert summarised["suspects"] == len(summarised["ranks"]) == 1000 - (MAX_GROUPS - 1)
+    every = sorted([r for g in listed for r in g["ranks"]] + summarised["ranks"])
+    assert every == list(range(2048))
+    assert len(summarised["places"]) == MAX_PLACES
+    assert all((p["groups"], p["ranks"]) == (1, 1) for p in summarised["places"])
+    assert len(listed[0]["collectives"]) == MAX_DETAILS
+    assert listed[0]["details_omitted"] == 1048 - MAX_DETAILS
+    # The bound: the listed groups' stacks and details, and one integer per rank.
+    size = len(json.dumps(report))
+    assert size < MAX_GROUPS * 2_000 + MAX_DETAILS * 300 + 2048 * 8 + 256 * 12, size
+    text = format_report(report)
+    assert text.startswith(
+        "Hang report: 2048 rank(s) from 256 of 256 host(s), in 1001 group(s); suspects: rank 0,"
+    )
+    assert f"and {1000 - 32} more\n" in text
+    assert f"  and {1001 - MAX_GROUPS} more group(s) of {1000 - (MAX_GROUPS - 1)} rank(s)" in text
+    assert f"    (collectives of {1048 - MAX_DETAILS} more rank(s) left out)" in text
+
+
+def test_a_stack_past_the_bound_is_cut_but_grouped_by_all_of_it() -> None:
+    """A process with 400 threads: its stack is cut at MAX_STACK bytes (saying so), and it
+    still groups with its peers by the whole stack."""
+    deep = faulthandler_dump(IN_ALL_REDUCE, *([LOADER_THREAD] * 400))
+    assert len(deep) > 2 * MAX_STACK
+    share = contribution(
+        "h", 0, [RankStacks(0, 1, (), deep), RankStacks(1, 2, (), deep)], trigger=True
+    )
+    [group] = share["groups"]
+    assert group["ranks"] == [0, 1]
+    assert len(group["stack"]) <= MAX_STACK + 60
+    kept, note = group["stack"].rsplit("... ", 1)
+    assert deep.startswith(kept)
+    assert note == f"{len(deep) - len(kept)} more bytes of stacks cut\n"
+    assert build_report([share], expected_hosts=1)["groups"][0]["where"] == "in all_reduce"
 
 
 # -- over a real TCPStore -------------------------------------------------------------------

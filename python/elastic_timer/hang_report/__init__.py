@@ -42,9 +42,18 @@ from .flight_recorder import (
     rank_collectives,
     summarize_trace,
 )
-from .report import RankStacks, build_report, contribution, format_report
+from .report import (
+    MAX_DETAILS,
+    MAX_GROUPS,
+    MAX_PLACES,
+    MAX_STACK,
+    RankStacks,
+    build_report,
+    contribution,
+    format_report,
+)
 from .reporter import HangReporter
-from .schema import Contribution, Group, LocalGroup, Report
+from .schema import Contribution, Group, LocalGroup, Place, Report, Summarised
 from .sources import SOURCES, Source, choose_suspects
 from .stacks import BACKWARD, COLLECTIVES, collective, fingerprint, threads, where
 from .store import GENERATION, Keys, Store, claim, gather, publish
@@ -53,6 +62,10 @@ __all__ = [
     "BACKWARD",
     "COLLECTIVES",
     "GENERATION",
+    "MAX_DETAILS",
+    "MAX_GROUPS",
+    "MAX_PLACES",
+    "MAX_STACK",
     "SOURCES",
     "Collectives",
     "CollectivesMissing",
@@ -61,10 +74,12 @@ __all__ = [
     "HangReporter",
     "Keys",
     "LocalGroup",
+    "Place",
     "RankStacks",
     "Report",
     "Source",
     "Store",
+    "Summarised",
     "behind",
     "build_report",
     "choose_suspects",

@@ -1,6 +1,12 @@
 """The report assembled: a host's contribution (its local groups, one stack each), the job's
 report merged from every host's, the suspects from the first source that names them, and
-the text the agents log."""
+the text the agents log.
+
+The report stays bounded whatever the job does: at most ``MAX_GROUPS`` groups listed in full
+(the largest, then those with suspects), the rest counted by place; a stack cut at
+``MAX_STACK`` bytes; at most ``MAX_DETAILS`` ranks' collectives per group. What grows with
+the job is one integer per rank (the groups' ranks) and one name per host.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,32 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from .flight_recorder import Collectives
-from .schema import Contribution, Group, LocalGroup, Report
+from .schema import Contribution, Group, LocalGroup, Place, Report, Summarised
 from .sources import SOURCES
 from .stacks import collective, fingerprint, threads, where
 
-__all__ = ["RankStacks", "build_report", "contribution", "format_report"]
+__all__ = [
+    "MAX_DETAILS",
+    "MAX_GROUPS",
+    "MAX_PLACES",
+    "MAX_STACK",
+    "RankStacks",
+    "build_report",
+    "contribution",
+    "format_report",
+]
+
+# Groups listed in full; the others are summarised.
+MAX_GROUPS = 32
+# Bytes of one group's stack kept (faulthandler writes at most 100 frames a thread, but a
+# process may have hundreds of threads).
+MAX_STACK = 16 << 10
+# Ranks of a group whose collectives (or why none) are kept, suspects first.
+MAX_DETAILS = 16
+# Places of the summarised groups named.
+MAX_PLACES = 10
+# Suspects named in the text's first line.
+_NAMED_SUSPECTS = 32
 
 
 @dataclass(frozen=True)
@@ -47,7 +74,7 @@ def contribution(
                 ranks=[],
                 pids=[],
                 scopes=[],
-                stack=entry.stacks,
+                stack=_cut(entry.stacks),
                 collectives={},
                 collectives_missing={},
             ),
@@ -90,6 +117,7 @@ def build_report(
                     stack=local["stack"],
                     collectives={},
                     collectives_missing={},
+                    details_omitted=0,
                     suspect=False,
                 )
             into["collectives"].update(local.get("collectives", {}))
@@ -108,11 +136,14 @@ def build_report(
     marked = set(suspects)
     for group in groups:
         group["suspect"] = not marked.isdisjoint(group["ranks"])
+        _trim_details(group, marked)
+    listed, rest = _listed(groups)
     answered = {share["group_rank"] for share in contributions}
     return Report(
         suspects=suspects,
         suspects_from=source.name,
-        groups=groups,
+        groups=listed,
+        summarised=_summarise(rest, marked),
         unanswered=sorted(r for share in contributions for r in share["unanswered"]),
         hosts=len(answered),
         expected_hosts=expected_hosts,
@@ -122,14 +153,68 @@ def build_report(
     )
 
 
+def _cut(stack: str) -> str:
+    """A stack of at most ``MAX_STACK`` bytes (whole lines), saying what was cut."""
+    if len(stack) <= MAX_STACK:
+        return stack
+    kept = stack[: stack.rfind("\n", 0, MAX_STACK) + 1]
+    return f"{kept}... {len(stack) - len(kept)} more bytes of stacks cut\n"
+
+
+def _trim_details(group: Group, suspects: set[int]) -> None:
+    """Keeps the collectives (or why none) of at most ``MAX_DETAILS`` ranks, suspects first."""
+    ranks = sorted(
+        {int(r) for r in group["collectives"]} | {int(r) for r in group["collectives_missing"]},
+        key=lambda rank: (rank not in suspects, rank),
+    )
+    kept = {str(rank) for rank in ranks[:MAX_DETAILS]}
+    group["collectives"] = {r: c for r, c in group["collectives"].items() if r in kept}
+    missing = group["collectives_missing"]
+    group["collectives_missing"] = {r: why for r, why in missing.items() if r in kept}
+    group["details_omitted"] = len(ranks) - len(kept)
+
+
+def _listed(groups: list[Group]) -> tuple[list[Group], list[Group]]:
+    """The groups listed in full (the largest, then those with suspects, then by size, at most
+    ``MAX_GROUPS``, in their order) and the others."""
+    first = sorted(range(len(groups)), key=lambda i: (i > 0, not groups[i]["suspect"], i))
+    listed = set(first[:MAX_GROUPS])
+    return (
+        [g for i, g in enumerate(groups) if i in listed],
+        [g for i, g in enumerate(groups) if i not in listed],
+    )
+
+
+def _summarise(groups: list[Group], suspects: set[int]) -> Summarised:
+    """Groups past the bound, counted: their ranks, and their places, most ranks first."""
+    places: dict[str, Place] = {}
+    for group in groups:
+        place = places.setdefault(group["where"], Place(where=group["where"], groups=0, ranks=0))
+        place["groups"] += 1
+        place["ranks"] += len(group["ranks"])
+    ranks = sorted(r for g in groups for r in g["ranks"])
+    return Summarised(
+        groups=len(groups),
+        ranks=ranks,
+        suspects=sum(r in suspects for r in ranks),
+        places=sorted(places.values(), key=lambda p: (-p["ranks"], p["where"]))[:MAX_PLACES],
+    )
+
+
 def format_report(report: Report) -> str:
     """The report as the agents log it."""
+    # A report from an agent of an earlier version has none.
+    summarised: Summarised | None = report.get("summarised")
+    more = summarised["groups"] if summarised else 0
     ranks = sum(len(g["ranks"]) for g in report["groups"])
+    ranks += len(summarised["ranks"]) if summarised else 0
     suspects = report["suspects"]
+    named = ", ".join(f"rank {r}" for r in suspects[:_NAMED_SUSPECTS])
+    if len(suspects) > _NAMED_SUSPECTS:
+        named += f" and {len(suspects) - _NAMED_SUSPECTS} more"
     lines = [
         f"Hang report: {ranks} rank(s) from {report['hosts']} of {report['expected_hosts']} "
-        f"host(s), in {len(report['groups'])} group(s); suspects: "
-        + (", ".join(f"rank {r}" for r in suspects) if suspects else "none found")
+        f"host(s), in {len(report['groups']) + more} group(s); suspects: " + (named or "none found")
     ]
     if suspects:
         lines[0] += next((s.why for s in SOURCES if s.name == report["suspects_from"]), "")
@@ -148,6 +233,17 @@ def format_report(report: Report) -> str:
         )
         for source in SOURCES:
             lines.extend(f"    {line}" for line in source.lines(group))
+        if group.get("details_omitted"):
+            lines.append(f"    (collectives of {group['details_omitted']} more rank(s) left out)")
+    if summarised and more:
+        places = "; ".join(
+            f"{p['ranks']} rank(s) in {p['groups']} group(s) {p['where']}"
+            for p in summarised["places"]
+        )
+        lines.append(
+            f"  and {more} more group(s) of {len(summarised['ranks'])} rank(s) "
+            f"({summarised['suspects']} suspect(s)), summarised: {places}"
+        )
     return "\n".join(lines)
 
 

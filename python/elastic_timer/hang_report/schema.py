@@ -8,7 +8,7 @@ from typing import TypedDict
 
 from .flight_recorder import Collectives
 
-__all__ = ["Contribution", "Group", "LocalGroup", "Report"]
+__all__ = ["Contribution", "Group", "LocalGroup", "Place", "Report", "Summarised"]
 
 
 class LocalGroup(TypedDict):
@@ -46,7 +46,27 @@ class Group(TypedDict):
     stack: str
     collectives: dict[str, Collectives]
     collectives_missing: dict[str, str]
+    # Ranks whose collectives (or why none) were left out of the two above (a bound).
+    details_omitted: int
     suspect: bool
+
+
+class Place(TypedDict):
+    """Where some of the summarised groups are."""
+
+    where: str
+    groups: int
+    ranks: int
+
+
+class Summarised(TypedDict):
+    """The groups past the report's bound, counted instead of listed."""
+
+    groups: int
+    ranks: list[int]
+    suspects: int
+    # Their places, most ranks first, a bounded few.
+    places: list[Place]
 
 
 class Report(TypedDict):
@@ -56,6 +76,7 @@ class Report(TypedDict):
     # The name of the source that named them (``sources.SOURCES``).
     suspects_from: str
     groups: list[Group]
+    summarised: Summarised
     unanswered: list[int]
     hosts: int
     expected_hosts: int
