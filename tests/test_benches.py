@@ -74,3 +74,32 @@ def test_store_requests_of_a_healthy_two_agent_job(tmp_path: Path) -> None:
     assert all(host["hang_report"] == 0 for host in theirs["hosts"])
     assert theirs["per_host_per_minute"] > 0  # torch's rendezvous keep-alive is counted
     assert "store requests per host per minute" in completed.stdout
+
+
+def test_hang_scale_names_the_suspects_and_bounds_the_report(tmp_path: Path) -> None:
+    """benches/hang_scale.py at a tiny size (64 hosts of 8 ranks over a real TCPStore): the
+    one culprit and the 100 scattered ranks are the suspects, no host is missing, and the
+    scattered job's report lists MAX_GROUPS groups of its 101."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benches" / "hang_scale.py"),
+            *("--hosts", "64", "--connections", "4", "--scattered", "100"),
+            *("--out", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    one, scattered = results["one culprit"], results["scattered"]
+    assert (one["suspects"], one["groups"], one["ranks"]) == (1, 2, 512)
+    assert (scattered["suspects"], scattered["groups"], scattered["groups_listed"]) == (
+        100,
+        101,
+        32,
+    )
+    assert all(r["suspects_right"] and r["missing_hosts"] == 0 for r in (one, scattered))
+    assert scattered["bytes_report"] < scattered["bytes_contributions"]

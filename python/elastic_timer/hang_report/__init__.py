@@ -56,7 +56,7 @@ from .reporter import HangReporter
 from .schema import Contribution, Group, LocalGroup, Place, Report, Summarised
 from .sources import SOURCES, Source, choose_suspects
 from .stacks import BACKWARD, COLLECTIVES, collective, fingerprint, threads, where
-from .store import GENERATION, Keys, Store, claim, gather, publish
+from .store import GENERATION, Keys, Store, claim, gather, publish, wake_all
 
 __all__ = [
     "BACKWARD",
@@ -95,5 +95,6 @@ __all__ = [
     "rank_collectives",
     "summarize_trace",
     "threads",
+    "wake_all",
     "where",
 ]
