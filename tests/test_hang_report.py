@@ -464,6 +464,13 @@ def test_a_claim_reaches_every_host_within_half_a_second() -> None:
     assert latest < 0.5, latest
     for host in hosts:
         host.close()
+    # The others wait for the report as they waited for the claim: one request, no polling.
+    for number in (0, 1, 3):
+        assert requests[number] == [
+            *("add", "clone", "wait", "get"),  # the claim heard
+            *("append", "add"),  # its share published
+            *("wait", "get"),  # the report, once written
+        ], requests[number]
 
 
 def test_a_healthy_host_asks_the_store_nothing_and_stops_at_once() -> None:

@@ -23,8 +23,9 @@ socket, no answer in time.
 Store keys, under ``elastic-timer/hang/<generation>/`` of the worker group's store (one set
 per rendezvous round, and per report within it: ``elastic-timer/hang/generation`` counts the
 reports written): ``trigger`` (the first host to see an expiry, by ``compare_set``),
-``reports`` (one JSON line per host), ``count`` (hosts that contributed) and ``report`` (the
-report, for the other agents to log).
+``reports`` (one JSON line per host), ``count`` (hosts that contributed), ``report`` (the
+report, for the other agents to log) and ``wake/<group rank>`` (what each host waits on while
+the job is healthy: set for every host by the claiming one, in one request).
 
 One module per idea: ``stacks`` (reading dumps), ``flight_recorder`` (torch's control
 plane), ``schema`` (the report's shape), ``sources`` (where suspects come from, one table),

@@ -99,6 +99,9 @@ class HangReporter:
         self._wake = threading.Event()
         # Another host claimed the hang (seen by the listener).
         self._claimed = threading.Event()
+        self._listener: threading.Thread | None = None
+        # The listener's connection of its own, once it has one.
+        self._own: Store | None = None
         self._closing = False
         self._thread: threading.Thread | None = None
 
@@ -129,12 +132,11 @@ class HangReporter:
         except (RuntimeError, OSError) as err:  # a store that is gone, a broken connection
             logger.debug("hang report: the store cannot be read: %s", err)
             keys = None
-        listener = None
         if keys is not None:
-            listener = threading.Thread(
+            self._listener = threading.Thread(
                 target=self._listen, args=(keys,), name="elastic-timer-hang-listen", daemon=True
             )
-            listener.start()
+            self._listener.start()
         self._wake.wait()  # a local expiry, another host's claim, or close()
         with self._lock:
             local = bool(self._expiring)
@@ -143,8 +145,8 @@ class HangReporter:
             remote = self._stop_listening(keys)
         if local or remote:
             self._take_part(keys, trigger=local)
-        if listener is not None:
-            listener.join(_LISTENER_STOPS)
+        if self._listener is not None:
+            self._listener.join(_LISTENER_STOPS)
 
     def _listen(self, keys: Keys) -> None:
         """Waits for another host's claim on this host's wake key; ends on a claim, on this
@@ -153,6 +155,7 @@ class HangReporter:
         try:
             store: Store = self._store.clone()
             waits = True
+            self._own = store
         except (RuntimeError, AttributeError) as err:  # a store that cannot lend a connection
             logger.debug("hang report: polling the store, which gives no connection: %s", err)
             store, waits = self._store, False
@@ -245,14 +248,24 @@ class HangReporter:
                 logger.exception("hang report: on_report raised")
 
     def _log_theirs(self, keys: Keys) -> None:
-        """Logs the report another host wrote, once it is there (bounded)."""
+        """Logs the report another host wrote, once it is there (bounded): one waiting request
+        over the listener's connection, once the listener is done with it (every host asking
+        again and again would be thousands of requests a second on a large job)."""
         deadline = time.monotonic() + self._timeout
-        while not self._store.check([keys.report]):
-            if time.monotonic() >= deadline:
-                logger.warning("hang report: none was written within %.1f s", self._timeout)
-                return
-            time.sleep(0.05)
+        if self._listener is not None:
+            self._listener.join(self._timeout)
+        own = self._own if self._listener is None or not self._listener.is_alive() else None
+        if own is not None:
+            there = await_wake(own, keys.report, max(deadline - time.monotonic(), 0.1))
+        else:
+            while not (there := bool(self._store.check([keys.report]))):
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        if not there:
+            logger.warning("hang report: none was written within %.1f s", self._timeout)
+            return
         with contextlib.suppress(ValueError):
-            report = json.loads(self._store.get(keys.report))
+            report = json.loads((own or self._store).get(keys.report))
             logger.warning("%s", format_report(report))
             self._reached(report)
