@@ -21,7 +21,40 @@ server reaps the worker (signals it), and the agent restarts the worker group::
             ...  # do some work
 
 Replace ``import torch.distributed.elastic.timer as timer`` by ``import elastic_timer as
-timer`` and nothing else changes; the README lists the intended differences.
+timer`` and nothing else changes; the documentation lists the intended differences.
+
+The modules (each one's own docstring says more; this list is the one the documentation site
+shows). These four mirror torch's:
+
+- ``api``: the abstract classes (``TimerRequest``, ``TimerClient``, ``RequestQueue``,
+  ``TimerServer``, with torch's Python watchdog loop for custom subclasses), ``configure``
+  and ``expires``.
+- ``local_timer``: timers over a ``multiprocessing.Queue`` (``LocalTimerClient``,
+  ``LocalTimerServer``).
+- ``file_based_local_timer``: timers over a named FIFO (``FileTimerClient``,
+  ``FileTimerServer``).
+- ``debug_info_logging``: logs which timers expired, as torch's does.
+
+The rest:
+
+- ``_native``: the Rust core (the deadlines, the transports, the reaping), compiled.
+- ``_request``: the timer request and the abstract client, below ``api``.
+- ``_server``: what the two servers share: the native server and the thread that reports its
+  events (logging, ``log_event``, an overridden ``_reap_worker``).
+- ``diagnostics``: the opt-in server options (stacks, escalation, dry run, the event log, the
+  caps, learned timeouts), from keywords or ``ELASTIC_TIMER_*`` variables, and a worker's side
+  of the stack dumps.
+- ``hang_report``: one hang report for a whole torchrun job, gathered through its rendezvous
+  store.
+- ``learned``: reads the state file of learned timeouts (for ``elastic-timer timeouts``).
+- ``metrics``: the servers' counters in Prometheus text, and served over HTTP.
+- ``torch``: ``install()``, which makes torch's elastic agent (and ft_launcher's) use our
+  ``FileTimerServer``.
+- ``watch``: watching an unmodified training script's progress through hooks torch offers.
+- ``_watch_boot``: the ``sitecustomize`` that ``--watch`` puts on the workers' path.
+- ``run``: ``elastic-timer-run``, torchrun (or ft_launcher) with our server.
+- ``cli``: ``elastic-timer serve`` (a standalone server) and ``elastic-timer timeouts``.
+- ``_torch_versions``: what the installed torch does where its releases differ.
 """
 
 from ._native import __version__
