@@ -14,53 +14,27 @@
 //! [`MAX_SCOPE_BYTES`] each, and at most `max_worker_scopes` (worker, scope) pairs followed.
 //! Beyond a limit nothing more is learned, and [`Acquired::limit_reached`] says so once.
 //!
-//! # State file, version 1
-//!
-//! One JSON object, replaced atomically by [`Learner::save`]:
-//!
-//! ```json
-//! {"format": "elastic-timer learned timeouts", "version": 1, "scopes": [
-//!   {"scope": "train.py:42", "samples": 12, "max": 1.25, "after": 1800.0,
-//!    "p50": 1.048576, "p99": 1.25, "suggested": 6.25, "histogram": [[143, 9], [145, 3]]}]}
-//! ```
-//!
-//! Durations are seconds, with microsecond precision, and `null` where there is none. Per scope:
-//! - `samples`: the completed blocks counted (warm-up excluded); `max`: the longest of them
-//!   (`null` when there are none);
-//! - `after`: the largest `after` its clients asked for (`null`: no acquire seen);
-//! - `histogram`: `[bucket, count]` for the non-empty buckets of the durations, a count of at
-//!   most `samples` in all. A duration of `d` microseconds is in bucket `d` when `d < 8`, else,
-//!   with `m = floor(log2 d)`, in `8 (m - 2) + ((d >> (m - 3)) & 7)`: 8 per power of two, and
-//!   `d >= 2^42` (51 days) in the last, 319;
-//! - `p50`, `p99`, `suggested`: derived when saved, for readers such as `elastic-timer
-//!   timeouts`. A quantile is the upper edge of its bucket, at most `max`; `suggested` is the
-//!   bound under the saving server's settings, at most `after` (`null`: not learned yet).
-//!   [`Learner::load`] ignores them and derives them again under its own settings.
+//! The statistics outlive the server in a state file ([`state`], which defines its format):
+//! [`Learner::load`] and [`Learner::save`].
 
-use std::borrow::Cow;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
-use std::fs::File;
 use std::hash::Hash;
-use std::io::{self, Write};
 use std::mem;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+mod histogram;
+pub mod state;
 
-use crate::untrusted;
+use histogram::{bucket, Histogram};
+pub use state::{read_state, write_state, SavedScope, StateError};
 
 /// Scopes longer than this are not learned (a `with` line's scope is `file:line`).
 pub const MAX_SCOPE_BYTES: usize = 1024;
 /// The most `min_samples` may ask for.
 pub const MAX_MIN_SAMPLES: u32 = 20;
-pub const STATE_FORMAT: &str = "elastic-timer learned timeouts";
-pub const STATE_VERSION: u64 = 1;
-/// A state file is input: anything larger is refused unread. A full table takes about
-/// `max_scopes` x 10 KiB at most (a long scope name, escaped, and every bucket).
-pub const MAX_STATE_BYTES: u64 = 64 << 20;
 
 type ScopeId = u32;
 
@@ -182,83 +156,6 @@ pub struct ScopeSummary {
     pub after: Option<Duration>,
     /// The bound an acquire asking for `after` would get (at most `after`); None until learned.
     pub suggested: Option<Duration>,
-}
-
-/// Durations in microseconds, `1 << SUB_BITS` buckets per power of two, so a bucket is at most
-/// 1/8 as wide as its lower edge. Durations of `1 << TOP_BIT` us (51 days) and over share the
-/// last bucket.
-const SUB_BITS: u32 = 3;
-const SUB: u64 = 1 << SUB_BITS;
-const TOP_BIT: u32 = 42;
-const BUCKETS: usize = ((TOP_BIT - SUB_BITS + 1) << SUB_BITS) as usize;
-
-/// The bucket of a duration of `us` microseconds: below `SUB` one per microsecond, then
-/// `SUB` per power of two.
-fn bucket(us: u64) -> usize {
-    let us = us.min((1 << TOP_BIT) - 1);
-    if us < SUB {
-        return us as usize;
-    }
-    let shift = 63 - us.leading_zeros() - SUB_BITS;
-    ((u64::from(shift + 1) << SUB_BITS) + ((us >> shift) & (SUB - 1))) as usize
-}
-
-/// The first duration (us) past bucket `index`.
-fn bucket_end(index: usize) -> u64 {
-    let index = index as u64;
-    if index < SUB {
-        return index + 1;
-    }
-    let shift = (index >> SUB_BITS) - 1;
-    ((SUB + (index & (SUB - 1))) << shift) + (1 << shift)
-}
-
-/// A fixed-size log-bucketed histogram.
-#[derive(Debug, Clone, PartialEq)]
-struct Histogram(Box<[u32; BUCKETS]>);
-
-impl Histogram {
-    fn new() -> Self {
-        Self(Box::new([0; BUCKETS]))
-    }
-
-    fn add(&mut self, index: usize, count: u32) {
-        if self.0[index].checked_add(count).is_none() {
-            // Halving every bucket keeps the shape, and so the quantiles.
-            self.0.iter_mut().for_each(|c| *c /= 2);
-        }
-        self.0[index] = self.0[index].saturating_add(count);
-    }
-
-    /// `(bucket, count)` of the non-empty buckets.
-    fn non_empty(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
-        self.0
-            .iter()
-            .enumerate()
-            .filter(|&(_, &count)| count > 0)
-            .map(|(index, &count)| (index, count))
-    }
-
-    fn total(&self) -> u64 {
-        self.0.iter().map(|&c| u64::from(c)).sum()
-    }
-
-    /// The end (us) of the bucket that holds the `q` quantile; None when empty.
-    fn quantile_end(&self, q: f64) -> Option<u64> {
-        let total = self.total();
-        if total == 0 {
-            return None;
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        self.0
-            .iter()
-            .position(|&c| {
-                seen += u64::from(c);
-                seen >= rank
-            })
-            .map(bucket_end)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -461,70 +358,15 @@ impl<K: Copy + Eq + Hash> Learner<K> {
     }
 }
 
-// -- the state file -----------------------------------------------------------------------------
-
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("cannot read the state file {}: {source}", path.display())]
-    Read { path: PathBuf, source: untrusted::Refused },
-    #[error("cannot load the state file {}: {problem}", path.display())]
-    Invalid { path: PathBuf, problem: Problem },
-    #[error("cannot save the state file {}: {source}", path.display())]
-    Write { path: PathBuf, source: io::Error },
-}
-
-/// What is wrong with a state file's content.
-#[derive(Debug, thiserror::Error)]
-pub enum Problem {
-    #[error("it is larger than {MAX_STATE_BYTES} bytes")]
-    TooLarge,
-    #[error("it is not valid JSON ({0})")]
-    NotJson(serde_json::Error),
-    #[error("it is not an elastic-timer state file ({0})")]
-    Foreign(String),
-    #[error("it has format version {0}, and this elastic-timer reads version {STATE_VERSION}")]
-    Version(serde_json::Value),
-    #[error("it is corrupt: {0}")]
-    Corrupt(String),
-}
-
-/// Read first, so that another file (or another version) is named as such.
-#[derive(Deserialize)]
-struct Header {
-    format: Option<serde_json::Value>,
-    version: Option<serde_json::Value>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StateFile<'a> {
-    format: Cow<'a, str>,
-    version: u64,
-    scopes: Vec<ScopeRecord<'a>>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct ScopeRecord<'a> {
-    scope: Cow<'a, str>,
-    samples: u64,
-    max: Option<f64>,
-    after: Option<f64>,
-    p50: Option<f64>,
-    p99: Option<f64>,
-    suggested: Option<f64>,
-    histogram: Vec<(usize, u32)>,
-}
-
-fn seconds(duration: Duration) -> f64 {
-    micros(duration) as f64 / 1e6
-}
-
-fn micros_of_seconds(seconds: f64) -> Result<u64, String> {
-    if seconds.is_finite() && seconds >= 0.0 {
-        Ok((seconds * 1e6).round() as u64)
-    } else {
-        Err(format!("{seconds} is not a duration in seconds"))
+impl From<SavedScope> for Scope {
+    fn from(SavedScope { summary, histogram }: SavedScope) -> Self {
+        Self {
+            name: summary.scope.into(),
+            samples: summary.samples,
+            max_us: summary.max.map_or(0, micros),
+            after_us: summary.after.map(micros),
+            histogram,
+        }
     }
 }
 
@@ -533,53 +375,15 @@ impl<K: Copy + Eq + Hash> Learner<K> {
     /// no file. Scopes past `max_scopes` are dropped.
     pub fn load(config: LearnConfig, path: &Path) -> Result<Self, StateError> {
         let mut learner = Self::new(config)?;
-        let invalid = |problem| StateError::Invalid { path: path.to_owned(), problem };
-        let bytes = match read_state(path) {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => return Ok(learner),
-            Err(source) => return Err(StateError::Read { path: path.to_owned(), source }),
+        let scopes = match read_state(path) {
+            Ok(scopes) => scopes,
+            Err(StateError::Missing { .. }) => return Ok(learner),
+            Err(err) => return Err(err),
         };
-        if bytes.len() as u64 > MAX_STATE_BYTES {
-            return Err(invalid(Problem::TooLarge));
-        }
-        let state = parse(&bytes).map_err(invalid)?;
-        for record in state.scopes.into_iter().take(learner.config.max_scopes) {
-            learner.restore(record).map_err(invalid)?;
+        for saved in scopes.into_iter().take(learner.config.max_scopes) {
+            learner.insert(saved.into());
         }
         Ok(learner)
-    }
-
-    fn restore(&mut self, record: ScopeRecord<'_>) -> Result<(), Problem> {
-        let corrupt = |what: String| Problem::Corrupt(format!("scope {:?}: {what}", record.scope));
-        if record.scope.len() > MAX_SCOPE_BYTES {
-            return Err(corrupt(format!("longer than {MAX_SCOPE_BYTES} bytes")));
-        }
-        if self.ids.contains_key(&*record.scope) {
-            return Err(corrupt("listed twice".into()));
-        }
-        let max_us = record.max.map(micros_of_seconds).transpose().map_err(corrupt)?;
-        let after_us = record.after.map(micros_of_seconds).transpose().map_err(corrupt)?;
-        if (record.samples == 0) != max_us.is_none() {
-            return Err(corrupt("max must be null exactly when samples is 0".into()));
-        }
-        let mut histogram = Histogram::new();
-        for &(index, count) in &record.histogram {
-            if index >= BUCKETS {
-                return Err(corrupt(format!("no histogram bucket {index}")));
-            }
-            histogram.add(index, count);
-        }
-        if histogram.total() > record.samples {
-            return Err(corrupt("the histogram holds more than samples".into()));
-        }
-        self.insert(Scope {
-            name: record.scope.into(),
-            samples: record.samples,
-            max_us: max_us.unwrap_or(0),
-            after_us,
-            histogram,
-        });
-        Ok(())
     }
 
     /// Writes the statistics to `path` atomically (see [`write_state`]).
@@ -590,70 +394,8 @@ impl<K: Copy + Eq + Hash> Learner<K> {
     /// The state file's content: cheap enough to take under the server's lock, and written
     /// elsewhere by [`write_state`].
     pub fn state_bytes(&self) -> Vec<u8> {
-        // Plain data: serialising it cannot fail.
-        let mut json = serde_json::to_vec(&self.state()).unwrap_or_default();
-        json.push(b'\n');
-        json
+        state::encode(self.summaries().zip(self.scopes.iter().map(|scope| &scope.histogram)))
     }
-
-    fn state(&self) -> StateFile<'_> {
-        let scopes = self
-            .summaries()
-            .zip(&self.scopes)
-            .map(|(summary, scope)| ScopeRecord {
-                scope: Cow::Owned(summary.scope),
-                samples: summary.samples,
-                max: summary.max.map(seconds),
-                after: summary.after.map(seconds),
-                p50: summary.p50.map(seconds),
-                p99: summary.p99.map(seconds),
-                suggested: summary.suggested.map(seconds),
-                histogram: scope.histogram.non_empty().collect(),
-            })
-            .collect();
-        StateFile { format: STATE_FORMAT.into(), version: STATE_VERSION, scopes }
-    }
-}
-
-/// Writes a state file's `content` (from [`Learner::state_bytes`]) to `path` atomically: a
-/// temporary file in the same directory, flushed to disk, then renamed over `path`.
-pub fn write_state(path: &Path, content: &[u8]) -> Result<(), StateError> {
-    let write = || -> io::Result<()> {
-        let dir = match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        let mut file = tempfile::Builder::new().prefix(".elastic-timer-state.").tempfile_in(dir)?;
-        file.write_all(content)?;
-        file.as_file().sync_all()?;
-        file.persist(path).map_err(|e| e.error)?;
-        // The rename is durable once the directory is.
-        File::open(dir)?.sync_all()
-    };
-    write().map_err(|source| StateError::Write { path: path.to_owned(), source })
-}
-
-/// The bytes of the state file at `path`, up to one past [`MAX_STATE_BYTES`]; None if
-/// there is none. Whoever can write it chooses the timeouts the server enforces, so it is
-/// read only if it is private to this process's user or root (see
-/// [`untrusted::read_private`]); `elastic-timer timeouts` reads it with the same rule.
-fn read_state(path: &Path) -> Result<Option<Vec<u8>>, untrusted::Refused> {
-    untrusted::read_private(path, MAX_STATE_BYTES as usize)
-}
-
-fn parse(bytes: &[u8]) -> Result<StateFile<'static>, Problem> {
-    let header: Header = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => Problem::Foreign(e.to_string()),
-        _ => Problem::NotJson(e),
-    })?;
-    if header.format.as_ref().and_then(|f| f.as_str()) != Some(STATE_FORMAT) {
-        return Err(Problem::Foreign(format!("its \"format\" is not {STATE_FORMAT:?}")));
-    }
-    match header.version {
-        Some(version) if version.as_u64() == Some(STATE_VERSION) => {}
-        version => return Err(Problem::Version(version.unwrap_or(serde_json::Value::Null))),
-    }
-    serde_json::from_slice(bytes).map_err(|e| Problem::Corrupt(e.to_string()))
 }
 
 #[cfg(test)]

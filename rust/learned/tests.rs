@@ -1,3 +1,7 @@
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::state::{Problem, MAX_STATE_BYTES, STATE_FORMAT};
 use super::*;
 
 type Pid = i64;
@@ -48,12 +52,8 @@ fn the_bound_is_factor_times_the_longest_once_learned() {
         assert_eq!(got, Acquired::default(), "not learned before sample {i}");
     }
     let got = learner.acquired(7, "s", base, after);
-    let expected = Learned {
-        bound: Duration::from_secs(20),
-        samples: 3,
-        max: Duration::from_secs(4),
-        after,
-    };
+    let expected =
+        Learned { bound: Duration::from_secs(20), samples: 3, max: Duration::from_secs(4), after };
     assert_eq!(got, Acquired { learned: Some(expected), limit_reached: None });
     // A bound that would not undercut `after` is no bound.
     assert_eq!(learner.acquired(7, "s", base, Duration::from_secs(20)).learned, None);
@@ -222,30 +222,6 @@ fn the_suggestion_is_at_most_after() {
 }
 
 #[test]
-fn buckets_are_contiguous_and_at_most_an_eighth_wide() {
-    assert_eq!(bucket(0), 0);
-    assert_eq!(bucket_end(BUCKETS - 1), 1 << TOP_BIT);
-    assert_eq!(bucket(u64::MAX), BUCKETS - 1);
-    let mut start = 0;
-    for index in 0..BUCKETS {
-        let end = bucket_end(index);
-        assert_eq!(bucket(start), index);
-        assert_eq!(bucket(end - 1), index);
-        assert!(end - start == 1 || (end - start) * SUB <= start, "bucket {index}");
-        start = end;
-    }
-}
-
-#[test]
-fn a_full_bucket_halves_the_histogram() {
-    let mut histogram = Histogram::new();
-    histogram.add(3, u32::MAX);
-    histogram.add(5, 10);
-    histogram.add(3, 1);
-    assert_eq!((histogram.0[3], histogram.0[5]), (u32::MAX / 2 + 1, 5));
-}
-
-#[test]
 fn config_is_validated() {
     let bad = [
         LearnConfig { factor: 0.5, ..config() },
@@ -261,10 +237,7 @@ fn config_is_validated() {
     }
     assert_eq!(LearnConfig::default().validate(), Ok(()));
     let message = Learner::<Pid>::new(LearnConfig { factor: 0.5, ..config() }).unwrap_err();
-    assert_eq!(
-        message.to_string(),
-        "the factor must be a finite number of at least 1, not 0.5"
-    );
+    assert_eq!(message.to_string(), "the factor must be a finite number of at least 1, not 0.5");
 }
 
 // -- state file -----------------------------------------------------------------------------
@@ -305,8 +278,43 @@ fn problem(bytes: &[u8]) -> Problem {
 #[test]
 fn a_missing_file_is_a_fresh_start() {
     let dir = scratch();
-    let learner = load(&dir.path().join("none.json")).expect("fresh");
+    let path = dir.path().join("none.json");
+    let learner = load(&path).expect("fresh");
     assert_eq!(learner.summaries().count(), 0);
+    // To a reader that is not starting afresh, it is an error.
+    let error = read_state(&path).expect_err("nothing to read");
+    assert!(matches!(&error, StateError::Missing { path: p } if *p == path));
+    let expected = format!("cannot read the state file {}: there is no such file", path.display());
+    assert_eq!(error.to_string(), expected);
+}
+
+#[test]
+fn the_reader_gives_each_scopes_figures_as_saved() {
+    let scopes = read_state(&fixture()).expect("the fixture reads");
+    let ms = Duration::from_millis;
+    let first = ScopeSummary {
+        scope: "train.py:42".into(),
+        samples: 12,
+        p50: Some(Duration::from_micros(1_048_576)),
+        p99: Some(ms(1250)),
+        max: Some(ms(1250)),
+        after: Some(ms(1_800_000)),
+        suggested: Some(ms(6250)),
+    };
+    assert_eq!(scopes[0].summary, first);
+    let names: Vec<&str> = scopes.iter().map(|s| s.summary.scope.as_str()).collect();
+    assert_eq!(names, ["train.py:42", "train.py:57", "checkpoint.py:10"]);
+    // A suggestion under the saving server's settings (min_samples 2) is read as saved; a
+    // server loading the file derives its own (min_samples 3 here: none yet).
+    let dir = scratch();
+    let path = dir.path().join("state.json");
+    let record = serde_json::json!({"scope": "s", "samples": 2, "max": 1.0, "after": 60.0,
+        "p50": 1.0, "p99": 1.0, "suggested": 5.0, "histogram": [[143, 2]]});
+    let state = serde_json::json!({"format": STATE_FORMAT, "version": 1, "scopes": [record]});
+    std::fs::write(&path, state.to_string()).expect("written");
+    let saved = read_state(&path).expect("read");
+    assert_eq!(saved[0].summary.suggested, Some(5 * SECOND));
+    assert_eq!(summary(&load(&path).expect("loaded"), "s").suggested, None);
 }
 
 #[test]
@@ -404,6 +412,9 @@ fn corrupt_content_is_an_error() {
         r#"{"histogram": [[3, 2], [4, 1]]}"#,
         r#"{"histogram": {}}"#,
         r#"{"scope": 5}"#,
+        r#"{"p50": -0.5}"#,
+        r#"{"p99": "1s"}"#,
+        r#"{"suggested": -2}"#,
     ] {
         assert!(matches!(problem(record(bad).as_bytes()), Problem::Corrupt(_)), "{bad}");
     }
