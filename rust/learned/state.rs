@@ -155,6 +155,7 @@ fn parse(bytes: &[u8]) -> Result<Vec<SavedScope>, Problem> {
 }
 
 impl ScopeRecord {
+    /// The scope, if the record is one a server could have written.
     fn check(self) -> Result<SavedScope, Problem> {
         let corrupt = |what: String| Problem::Corrupt(format!("scope {:?}: {what}", self.scope));
         if self.scope.len() > MAX_SCOPE_BYTES {
@@ -171,8 +172,10 @@ impl ScopeRecord {
         if (self.samples == 0) != max.is_none() {
             return Err(corrupt("max must be null exactly when samples is 0".into()));
         }
-        let (after, p50) = (duration("after", self.after)?, duration("p50", self.p50)?);
-        let (p99, suggested) = (duration("p99", self.p99)?, duration("suggested", self.suggested)?);
+        let after = duration("after", self.after)?;
+        let p50 = duration("p50", self.p50)?;
+        let p99 = duration("p99", self.p99)?;
+        let suggested = duration("suggested", self.suggested)?;
         let mut histogram = Histogram::new();
         for &(index, count) in &self.histogram {
             if index >= BUCKETS {
