@@ -16,7 +16,7 @@ use pyo3::types::{PyBytes, PyDict};
 use crate::codec::{self, CodecError, Number, Request};
 use crate::deadlines::Caps;
 use crate::fifo::{self, SendError, SendOptions};
-use crate::learned::LearnConfig;
+use crate::learned::{self, LearnConfig, ScopeSummary, StateError};
 use crate::queue::{self, Semaphore};
 use crate::server::{Adaptive, Config, Event, Owner, ReapOutcome, Server, Stats, Transport};
 use crate::stacks;
@@ -235,6 +235,21 @@ struct ScopeTimeout {
     max: Option<f64>,
     after: Option<f64>,
     suggested: Option<f64>,
+}
+
+impl From<ScopeSummary> for ScopeTimeout {
+    fn from(summary: ScopeSummary) -> Self {
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        Self {
+            scope: summary.scope,
+            samples: summary.samples,
+            p50: secs(summary.p50),
+            p99: secs(summary.p99),
+            max: secs(summary.max),
+            after: secs(summary.after),
+            suggested: secs(summary.suggested),
+        }
+    }
 }
 
 /// One pass's expiries. With `signals_self` the loop signals its own process once the report
@@ -575,24 +590,9 @@ impl PyServer {
     }
 
     /// Every learned scope's figures (empty unless adaptive).
-    fn timeouts(&self, py: Python<'_>) -> PyResult<Vec<Py<ScopeTimeout>>> {
+    fn timeouts(&self, py: Python<'_>) -> Vec<ScopeTimeout> {
         let timeouts = py.detach(|| lock(&self.server).timeouts());
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-        timeouts
-            .into_iter()
-            .map(|t| {
-                let timeout = ScopeTimeout {
-                    scope: t.scope,
-                    samples: t.samples,
-                    p50: secs(t.p50),
-                    p99: secs(t.p99),
-                    max: secs(t.max),
-                    after: secs(t.after),
-                    suggested: secs(t.suggested),
-                };
-                Py::new(py, timeout)
-            })
-            .collect()
+        timeouts.into_iter().map(ScopeTimeout::from).collect()
     }
 
     fn last_progress(&self, py: Python<'_>) -> f64 {
@@ -941,6 +941,28 @@ fn open_append(py: Python<'_>, path: PathBuf) -> PyResult<i32> {
     Ok(file.into_raw_fd())
 }
 
+pyo3::create_exception!(
+    elastic_timer._native,
+    StateFileError,
+    pyo3::exceptions::PyException,
+    "A learned-timeouts state file that cannot be read, or is not one; the message is one line."
+);
+
+impl From<StateError> for PyErr {
+    fn from(err: StateError) -> Self {
+        StateFileError::new_err(err.to_string())
+    }
+}
+
+/// The scopes of the learned-timeouts state file at `path`, as saved, in the file's order:
+/// the server's own reader (`learned::read_state`), with its rules for a file someone else
+/// may have put there. StateFileError says why not.
+#[pyfunction]
+fn read_state_file(py: Python<'_>, path: PathBuf) -> PyResult<Vec<ScopeTimeout>> {
+    let scopes = py.detach(|| learned::read_state(&path))?;
+    Ok(scopes.into_iter().map(|saved| saved.summary.into()).collect())
+}
+
 /// Decodes one FIFO line the way the server does; ValueError says why it is refused.
 #[pyfunction]
 fn decode_json_line(line: &[u8]) -> PyResult<RequestTuple> {
@@ -973,6 +995,16 @@ mod _native {
         Notice, Outcome, PyFifoClient, PyQueueWriter, PyServer, Refused, ScopeTimeout, Stacks,
         Unreapable, UnsafeFile, WorkerExited,
     };
+
+    // The learned-timeouts state file: its reader, and its format (`learned::state`).
+    #[pymodule_export]
+    use super::{read_state_file, StateFileError};
+    #[pymodule_export]
+    const STATE_FORMAT: &str = crate::learned::state::STATE_FORMAT;
+    #[pymodule_export]
+    const STATE_VERSION: u64 = crate::learned::state::STATE_VERSION;
+    #[pymodule_export]
+    const MAX_STATE_BYTES: u64 = crate::learned::state::MAX_STATE_BYTES;
 
     #[pymodule_export]
     const PIPE_BUF: usize = crate::fifo::MAX_LINE;
