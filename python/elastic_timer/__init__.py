@@ -46,7 +46,8 @@ The rest:
   of the stack dumps.
 - ``hang_report``: one hang report for a whole torchrun job, gathered through its rendezvous
   store.
-- ``learned``: the learned-timeouts state file, read by the server's own reader (for ``elastic-timer timeouts``).
+- ``learned``: the learned-timeouts state file, read by the server's own reader (for
+  ``elastic-timer timeouts``).
 - ``metrics``: the servers' counters in Prometheus text, and served over HTTP.
 - ``torch``: ``install()``, which makes torch's elastic agent (and ft_launcher's) use our
   ``FileTimerServer``.
