@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, final
 
 __all__ = [
+    "DEFAULTS",
     "PIPE_BUF",
     "STATS",
     "Closed",
@@ -33,6 +34,8 @@ __all__ = [
     "environ_value",
     "open_append",
     "read_private_file",
+    "stacks_file",
+    "stacks_sidecar",
 ]
 
 PIPE_BUF: int
@@ -234,3 +237,10 @@ def open_append(path: str) -> int: ...
 def environ_value(pid: int, name: str) -> str | None: ...
 
 class UnsafeFile(OSError): ...
+
+# -- server options and the stacks protocol (see elastic_timer.options, .stack_dump) --------
+# The defaults of the server options the core owns, by keyword.
+DEFAULTS: dict[str, int | float]
+
+def stacks_file(dir: str) -> Path: ...
+def stacks_sidecar(fifo: str) -> Path: ...
