@@ -34,8 +34,8 @@ from elastic_timer.metrics import CONTENT_TYPE, MetricsServer, prometheus_text, 
 CLI_WITHOUT_PY_SPY = [
     sys.executable,
     "-c",
-    "import sys; from elastic_timer import cli, diagnostics; "
-    "diagnostics._find_py_spy = lambda: None; sys.exit(cli.main())",
+    "import sys; from elastic_timer import cli, options; "
+    "options._find_py_spy = lambda: None; sys.exit(cli.main())",
 ]
 
 Children = list["BaseProcess | subprocess.Popen[bytes]"]

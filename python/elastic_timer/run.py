@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import torch as torch_integration
-from .diagnostics import ADAPTIVE_ENV
+from .options import env
 from .watch import WATCH_ENV
 
 HELP_PREAMBLE = """\
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     name, argv = _split_launcher(argv)
     while argv[:1] in (["--adaptive"], ["--watch"]):
         # The agent's server reads them, as any ELASTIC_TIMER_* variable.
-        os.environ[ADAPTIVE_ENV if argv[0] == "--adaptive" else WATCH_ENV] = "1"
+        os.environ[env("adaptive") if argv[0] == "--adaptive" else WATCH_ENV] = "1"
         argv = argv[1:]
     launcher = _import_launcher(name)
     if "-h" in argv or "--help" in argv:
