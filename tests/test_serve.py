@@ -207,7 +207,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
     [
         (["--max-interval", "-1"], "--max-interval: must be a positive number of seconds"),
         (["--max-interval", "0"], "--max-interval: must be a positive number of seconds"),
-        (["--max-interval", "soon"], "--max-interval: not a number of seconds"),
+        (["--max-interval", "soon"], "--max-interval: must be a positive number of seconds"),
         (["--escalate-after", "nan"], "--escalate-after: must be a positive number"),
         (["--stack-dump", "1", "--stack-signal", "NOPE"], "--stack-signal: unknown signal"),
         (["--stack-dump", "1", "--stack-signal", "KILL"], "SIGKILL cannot be caught"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -24,7 +23,7 @@ from .events import open_event_log
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
 from .metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS, MetricsServer, serve_metrics
-from .options import OPTIONS, Diagnostics, Option, env
+from .options import OPTIONS, Diagnostics, env, seconds
 
 __all__ = ["main"]
 
@@ -88,28 +87,18 @@ TIMEOUT_COLUMNS = ("scope", "samples", "p50", "p99", "max", "after", "suggested"
 # -- argument types -----------------------------------------------------------------------------
 
 
-def positive_seconds(text: str) -> float:
-    """A positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+def argument_type(parse: Callable[[Any, str], Any]) -> Callable[[str], Any]:
+    """An option parser of ``elastic_timer.options`` as an argparse type (argparse names
+    the flag)."""
 
-
-def _argument_type(option: Option) -> Callable[[str], Any]:
-    """The option's parser as an argparse type (argparse names the flag)."""
-
-    def parse(text: str) -> Any:
+    def convert(text: str) -> Any:
         try:
-            return option.parse(text, "")
+            return parse(text, "")
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    parse.__name__ = option.name
-    return parse
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -189,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-interval",
-        type=positive_seconds,
+        type=argument_type(seconds),
         default=1.0,
         metavar="SECONDS",
         help="How soon a reap that failed is retried (timers fire at their deadline "
@@ -221,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
             serve.add_argument(
                 option.flag,
                 dest=option.name,
-                type=_argument_type(option),
+                type=argument_type(option.parse),
                 metavar=option.metavar,
                 help=help,
             )
