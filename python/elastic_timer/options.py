@@ -148,6 +148,8 @@ class Option:
     metavar: str | None = None
     # The default as the documentation says it, where the value alone does not.
     default_text: str | None = None
+    # Whether the native server takes it (``Options`` in bindings.rs); the rest are Python's.
+    native: bool = True
 
     def shown_default(self) -> str:
         if self.default_text is not None:
@@ -225,6 +227,7 @@ OPTIONS: tuple[Option, ...] = (
         "Append every event (a timer expired, a worker signalled...) to this file as one JSON "
         "object per line.",
         "PATH",
+        native=False,
     ),
     Option(
         "adaptive",
@@ -426,20 +429,9 @@ class Diagnostics:
 
     def native_options(self) -> dict[str, Any]:
         """The native server's share of its options."""
-        return {
-            "adaptive": self.adaptive,
-            "adaptive_factor": self.adaptive_factor,
-            "adaptive_floor": self.adaptive_floor,
-            "state_file": self.state_file,
-            "dry_run": self.dry_run,
-            "escalate_after": self.escalate_after,
-            "stack_dump": self.stack_dump,
-            "stack_signal": self.stack_signal,
-            "stacks_dir": self.stacks_dir,
-            "py_spy": _find_py_spy() if self.stack_dump is not None else None,
-            "max_timers": self.max_timers,
-            "max_worker_timers": self.max_worker_timers,
-        }
+        options = {option.name: getattr(self, option.name) for option in OPTIONS if option.native}
+        options["py_spy"] = _find_py_spy() if self.stack_dump is not None else None
+        return options
 
     def open(self, fifo: str | None = None) -> EventSink:
         """Opens the event log, and prepares the stacks directory and names it to workers
