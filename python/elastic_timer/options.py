@@ -28,7 +28,15 @@ from .events import EventCallback, EventSink
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["OPTIONS", "Diagnostics", "DiagnosticsOptions", "Option", "env", "markdown_table"]
+__all__ = [
+    "OPTIONS",
+    "Diagnostics",
+    "DiagnosticsOptions",
+    "Option",
+    "env",
+    "markdown_table",
+    "option",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -290,6 +298,11 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def option(name: str) -> Option:
+    """The option whose keyword is ``name``."""
+    return _BY_NAME[name]
 
 
 def env(name: str) -> str:

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import torch as torch_integration
-from .options import env
+from .options import env, option
 from .watch import WATCH_ENV
+
+_FACTOR = option("adaptive_factor").shown_default()
+_FLOOR = option("adaptive_floor").shown_default()
 
 HELP_PREAMBLE = """\
 elastic-timer-run: torchrun, or ft_launcher, with elastic-timer's native watchdog.
@@ -73,12 +76,15 @@ Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_ADAPTIVE=1           learn each scope's durations; fire at
                                      min(after, max(floor, factor x the longest block)),
                                      kept across restarts of the worker group
+""" + (
+    f"""\
   ELASTIC_TIMER_ADAPTIVE_FACTOR=N, ELASTIC_TIMER_ADAPTIVE_FLOOR=SECONDS
-                                     that factor (default 5) and floor (default 5 s)
+                                     that factor (default {_FACTOR}) and floor (default {_FLOOR})
   ELASTIC_TIMER_STATE_FILE=PATH      where the learned durations are kept (default: one file
                                      per run id in the temporary directory)
 
 """
+)
 
 
 @dataclass(frozen=True)
