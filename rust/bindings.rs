@@ -982,6 +982,34 @@ fn environ_value(py: Python<'_>, pid: i32, name: &str) -> Option<std::ffi::OsStr
     py.detach(|| environ::value(pid, name))
 }
 
+// -- server options and the stacks protocol: the core owns their defaults and names --------
+
+/// The defaults of the server options the core owns, by keyword (`elastic_timer.options`).
+fn option_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let learn = LearnConfig::default();
+    let defaults = PyDict::new(py);
+    defaults.set_item("stack_signal", stacks::DEFAULT_SIGNAL.as_raw())?;
+    defaults.set_item("adaptive_factor", learn.factor)?;
+    defaults.set_item("adaptive_floor", learn.floor.as_secs_f64())?;
+    defaults.set_item("max_timers", Caps::DEFAULT.total)?;
+    defaults.set_item("max_worker_timers", Caps::DEFAULT.per_worker)?;
+    Ok(defaults)
+}
+
+/// The file this process arms `faulthandler` to write its stacks to in the stacks directory
+/// `dir`: the one the server reads for it (`<pid>-<start time>.stacks`).
+#[pyfunction]
+fn stacks_file(dir: PathBuf) -> PyResult<PathBuf> {
+    Ok(stacks::own_armed_path(&dir)?)
+}
+
+/// The file beside the FIFO `fifo` where a server taking stacks names its stacks directory
+/// (`<fifo>.stacks`), which the FIFO client reads when it connects.
+#[pyfunction]
+fn stacks_sidecar(fifo: PathBuf) -> PathBuf {
+    fifo::stacks_sidecar(&fifo)
+}
+
 #[pymodule]
 mod _native {
     use pyo3::prelude::*;
@@ -991,9 +1019,9 @@ mod _native {
     #[pymodule_export]
     use super::{
         decode_json_line, decode_pickle, encode_json_line, environ_value, open_append,
-        read_private_file, Closed, Dumping, Escalated, Expired, Expiry, LearnedBound, Malformed,
-        Notice, Outcome, PyFifoClient, PyQueueWriter, PyServer, Refused, ScopeTimeout, Stacks,
-        Unreapable, UnsafeFile, WorkerExited,
+        read_private_file, stacks_file, stacks_sidecar, Closed, Dumping, Escalated, Expired,
+        Expiry, LearnedBound, Malformed, Notice, Outcome, PyFifoClient, PyQueueWriter, PyServer,
+        Refused, ScopeTimeout, Stacks, Unreapable, UnsafeFile, WorkerExited,
     };
 
     // The learned-timeouts state file: its reader, and its format (`learned::state`).
@@ -1027,6 +1055,7 @@ mod _native {
                 (field.name, kind, field.help)
             })
             .collect();
-        m.add("STATS", fields)
+        m.add("STATS", fields)?;
+        m.add("DEFAULTS", super::option_defaults(m.py())?)
     }
 }

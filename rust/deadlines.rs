@@ -47,6 +47,15 @@ pub struct Caps {
 
 impl Caps {
     pub const NONE: Caps = Caps { per_worker: usize::MAX, total: usize::MAX };
+
+    /// A server's caps unless told otherwise. A worker holds one timer per open `expires`
+    /// block (a handful): 10,000 is far beyond any honest use, and bounds a worker flooding
+    /// distinct scopes to about 40 MiB (4 KiB scopes, the most a FIFO line carries; a Local
+    /// queue's items may be up to 64 KiB). Together: 10 such workers, or 100 workers with
+    /// 1,000 timers each; the server then holds at most about 400 MiB (FIFO), 30 MiB with
+    /// scopes of ordinary length (measured: 435 and 30 MiB per 100,000 timers of 4,000- and
+    /// 40-byte scopes).
+    pub const DEFAULT: Caps = Caps { per_worker: 10_000, total: 100_000 };
 }
 
 /// Which of the [`Caps`] refused a timer.

@@ -20,6 +20,8 @@ use rustix::process::Signal;
 
 use crate::untrusted;
 
+/// The signal workers arm `faulthandler` on unless the server names another.
+pub const DEFAULT_SIGNAL: Signal = Signal::USR2;
 /// How often a dump in progress is looked at.
 const POLL: Duration = Duration::from_millis(10);
 /// The most of a dump kept (a process with thousands of threads writes megabytes).
@@ -71,6 +73,12 @@ pub struct Stacks {
 /// The file a worker armed for its stacks, named by its pid and start time.
 pub fn armed_path(dir: &Path, pid: i32, start_time: u64) -> PathBuf {
     dir.join(format!("{pid}-{start_time}.stacks"))
+}
+
+/// The file this process, as a worker, arms for its stacks in `dir` ([`armed_path`]).
+pub fn own_armed_path(dir: &Path) -> std::io::Result<PathBuf> {
+    let pid = rustix::process::getpid().as_raw_nonzero().get();
+    Ok(armed_path(dir, pid, crate::procfs::own_start_time()?))
 }
 
 /// A dump in progress.
@@ -313,6 +321,13 @@ mod tests {
     fn append(path: &Path, bytes: &[u8]) {
         let mut file = fs::OpenOptions::new().append(true).open(path).expect("open");
         std::io::Write::write_all(&mut file, bytes).expect("write");
+    }
+
+    #[test]
+    fn a_worker_arms_the_file_the_server_looks_for() {
+        let (pid, start_time) = worker();
+        let dir = Path::new("/run/stacks");
+        assert_eq!(own_armed_path(dir).expect("named"), armed_path(dir, pid, start_time));
     }
 
     #[test]

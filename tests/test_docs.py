@@ -14,7 +14,8 @@ import pytest
 
 from elastic_timer import FileTimerClient, FileTimerServer, LocalTimerClient, LocalTimerServer
 from elastic_timer.cli import build_parser
-from elastic_timer.diagnostics import DiagnosticsOptions
+from elastic_timer.options import OPTIONS
+from elastic_timer.run import HELP_PREAMBLE
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -39,7 +40,7 @@ def test_every_environment_variable_the_package_reads_is_documented() -> None:
 
 def test_every_server_and_client_keyword_is_documented() -> None:
     text = site_text()
-    keywords = set(DiagnosticsOptions.__annotations__)
+    keywords = {option.name for option in OPTIONS} | {"on_event"}
     for cls in (FileTimerServer, LocalTimerServer, FileTimerClient, LocalTimerClient):
         code = cls.__init__.__code__
         keywords.update(code.co_varnames[1 : code.co_argcount + code.co_kwonlyargcount])
@@ -70,16 +71,7 @@ def test_every_command_line_flag_is_in_the_command_line_page() -> None:
         assert f"`elastic-timer {name}`" in page
     flags = option_strings(commands.choices["serve"])
     # elastic-timer-run's own flags, from its help (the rest are the launcher's).
-    tree = ast.parse((PACKAGE / "run.py").read_text())
-    preamble = next(
-        node.value.value
-        for node in tree.body
-        if isinstance(node, ast.Assign)
-        and getattr(node.targets[0], "id", None) == "HELP_PREAMBLE"
-        and isinstance(node.value, ast.Constant)
-    )
-    assert isinstance(preamble, str)
-    run_flags = set(re.findall(r"^  (--[a-z-]+)", preamble, re.MULTILINE))
+    run_flags = set(re.findall(r"^  (--[a-z-]+)", HELP_PREAMBLE, re.MULTILINE))
     assert run_flags == {"--launcher", "--adaptive", "--watch"}
     assert {"--fifo", "--metrics", "--descendants-only"} <= flags
     missing = sorted(flag for flag in flags | run_flags if f"`{flag}" not in page)

@@ -41,9 +41,14 @@ The rest:
 - ``_request``: the timer request and the abstract client, below ``api``.
 - ``_server``: what the two servers share: the native server and the thread that reports its
   events (logging, ``log_event``, an overridden ``_reap_worker``).
-- ``diagnostics``: the opt-in server options (stacks, escalation, dry run, the event log, the
-  caps, learned timeouts), from keywords or ``ELASTIC_TIMER_*`` variables, and a worker's side
-  of the stack dumps.
+- ``options``: the one table of the servers' opt-in options (keyword, ``ELASTIC_TIMER_*``
+  variable, ``serve`` flag, parser, default, help) and their resolution; the docs' options
+  page is generated from it.
+- ``events``: the event sink (JSON lines to the event log, a callback).
+- ``_stacks_dir``: how a server names its stacks directory to its workers (the variable, the
+  FIFO's sidecar).
+- ``stack_dump``: a worker's side of the stack dumps (``faulthandler`` armed on the server's
+  signal, on the file the server reads).
 - ``hang_report``: one hang report for a whole torchrun job, gathered through its rendezvous
   store.
 - ``learned``: the learned-timeouts state file, read by the server's own reader (for

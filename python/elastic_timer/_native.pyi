@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, final
 
 __all__ = [
+    "DEFAULTS",
     "MAX_STATE_BYTES",
     "PIPE_BUF",
     "STATE_FORMAT",
@@ -38,6 +39,8 @@ __all__ = [
     "open_append",
     "read_private_file",
     "read_state_file",
+    "stacks_file",
+    "stacks_sidecar",
 ]
 
 PIPE_BUF: int
@@ -249,3 +252,10 @@ MAX_STATE_BYTES: int
 def read_state_file(path: str) -> list[ScopeTimeout]: ...
 
 class StateFileError(Exception): ...
+
+# -- server options and the stacks protocol (see elastic_timer.options, .stack_dump) --------
+# The defaults of the server options the core owns, by keyword.
+DEFAULTS: dict[str, int | float]
+
+def stacks_file(dir: str) -> Path: ...
+def stacks_sidecar(fifo: str) -> Path: ...
