@@ -506,7 +506,7 @@ fn stacks_are_taken_before_the_signal() {
     assert!(matches!(expiry.outcome, ReapOutcome::Signalled));
     assert_eq!(expiry.error_file, None); // error_files is off
     let stacks = expiry.stacks.expect("stacks");
-    assert_eq!(stacks.source, stacks::Source::PySpy);
+    assert_eq!(stacks.source, stacks::Dumper::PySpy);
     assert_eq!(stacks.text, format!("dump --pid {}\n", worker.id()));
     assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
     assert_eq!(server.stats().stack_dumps, 1);
