@@ -450,3 +450,27 @@ fn a_kept_fifo_is_left_once_its_path_leads_to_another_one() {
     assert!(collect(&mut old).is_empty());
     remove(&path).expect("rm");
 }
+
+#[test]
+fn a_line_is_a_request_a_ring_offer_or_malformed_and_a_request_after_garbage_is_kept() {
+    let mut request = Vec::new();
+    codec::encode_json_line(4321, "train", codec::Number::Float(12.5), 9, &mut request);
+    let request = request.trim_ascii_end();
+    let offer = ring::announcement(4321, 9);
+    let garbage_then_request = [&[b'x'; 2 * MAX_LINE][..], request].concat();
+    let mut out = Vec::new();
+    decode_line(Line::Complete(request), &mut out);
+    decode_line(Line::Complete(offer.trim_ascii_end()), &mut out);
+    decode_line(Line::Complete(b"{\"elastic_timer_ring\": 2, \"pid\": 1, \"fd\": 3}"), &mut out);
+    decode_line(Line::Complete(b"junk"), &mut out);
+    let tail = &garbage_then_request[garbage_then_request.len() - MAX_LINE..];
+    decode_line(Line::TooLong { len: garbage_then_request.len(), tail }, &mut out);
+    let is_request = |arrival: &Arrival| matches!(arrival, Arrival::Request(r) if r.pid == 4321 && r.scope == "train" && r.signal == 9);
+    assert!(is_request(&out[0]), "{out:?}");
+    assert!(matches!(out[1], Arrival::Ring(Ok((4321, 9)))), "{out:?}");
+    assert!(matches!(&out[2], Arrival::Ring(Err(why)) if why.contains("version 2")), "{out:?}");
+    assert!(matches!(out[3], Arrival::Malformed(_)), "{out:?}");
+    assert!(matches!(&out[4], Arrival::Malformed(why) if why.contains("was kept")), "{out:?}");
+    assert!(is_request(&out[5]), "{out:?}");
+    assert_eq!(out.len(), 6);
+}

@@ -246,3 +246,27 @@ fn a_writer_frames_what_a_reader_reads_and_keeps_the_count() {
         Err(SendError::TooLarge(_))
     ));
 }
+
+#[test]
+fn the_transport_reads_requests_and_ring_offers_but_no_wake_ups() {
+    let (read, write, mut lock, mut items) = setup();
+    let mut reader = Reader::new(read.as_fd(), lock.handle(), items.handle()).expect("reader");
+    let offer = String::from_utf8(ring::announcement(4321, 9)).expect("utf-8");
+    let mut bytes = Vec::new();
+    codec::encode_pickle_frame(4321, "train", Number::Float(12.5), &mut bytes);
+    codec::encode_pickle_frame(4321, offer.trim_end(), Number::Int(-1), &mut bytes);
+    codec::encode_pickle_frame(4321, RING_WAKE, Number::Int(-1), &mut bytes);
+    bytes.extend(frame(b"not a pickle"));
+    rustix::io::write(&write, &bytes).expect("write");
+    let mut arrivals = Vec::new();
+    assert_eq!(Transport::read(&mut reader, &mut arrivals).expect("read"), 4);
+    assert!(
+        matches!(&arrivals[..], [
+            Arrival::Request(request),
+            Arrival::Ring(Ok((4321, 9))),
+            Arrival::Malformed(_),
+        ] if request.pid == 4321 && request.scope == "train" && request.expiration == 12.5),
+        "{arrivals:?}"
+    );
+    assert_eq!(items.value(), 4, "the wake-up is taken off the queue too");
+}
