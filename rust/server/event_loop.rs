@@ -16,7 +16,7 @@ use super::pass::{Clock, Phase};
 use super::report::{Event, ReapOutcome};
 use super::rings::Rings;
 use super::{
-    Command, Shared, TAG_ALARM, TAG_RING, TAG_SOURCE, TAG_TRANSPORT_WATCH, TAG_WAKE, TAG_WORKER,
+    Command, Shared, TAG_ALARM, TAG_RING, TAG_TRANSPORT, TAG_TRANSPORT_WATCH, TAG_WAKE, TAG_WORKER,
 };
 use crate::codec::Request;
 use crate::transport::{Arrival, Transport};
@@ -46,7 +46,7 @@ fn repair(shared: &Shared, transport: &mut dyn Transport, arrivals: &mut Vec<Arr
 fn watch(shared: &Shared, transport: &dyn Transport) -> bool {
     if let Some(fd) = transport.fd() {
         if let Err(err) =
-            epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_SOURCE), EventFlags::IN)
+            epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_TRANSPORT), EventFlags::IN)
         {
             shared.lock().emit(Event::Warning(format!("cannot watch the transport: {err}")));
             return false;
@@ -133,7 +133,7 @@ pub(super) fn run(shared: &Shared, mut transport: Box<dyn Transport>) -> Box<dyn
                     let _ = rustix::io::read(&shared.wake, &mut counter);
                 }
                 TAG_ALARM => alarm.acknowledge(),
-                TAG_SOURCE => readable = true,
+                TAG_TRANSPORT => readable = true,
                 TAG_TRANSPORT_WATCH => transport_changed = true,
                 tag if tag >= TAG_RING => {
                     rings_exited.extend(Pid::from_raw((tag - TAG_RING) as i32))

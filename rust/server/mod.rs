@@ -48,7 +48,7 @@ pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats};
 const EVENT_CAPACITY: usize = 4096;
 
 const TAG_WAKE: u64 = 0;
-const TAG_SOURCE: u64 = 1;
+const TAG_TRANSPORT: u64 = 1;
 const TAG_TRANSPORT_WATCH: u64 = 2;
 const TAG_ALARM: u64 = 3;
 const TAG_WORKER: u64 = 1 << 32;
