@@ -15,11 +15,12 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::codec::{self, CodecError, Number, Request};
 use crate::deadlines::Caps;
-use crate::fifo::{self, SendError, SendOptions};
 use crate::learned::{self, LearnConfig, ScopeSummary, StateError};
-use crate::queue::{self, Semaphore};
-use crate::server::{Adaptive, Config, Event, Owner, ReapOutcome, Server, Stats, Transport};
+use crate::server::{Adaptive, Config, Event, Owner, ReapOutcome, Server, Stats};
 use crate::stacks;
+use crate::transport::fifo::{self, SendError, SendOptions};
+use crate::transport::queue::{self, Semaphore};
+use crate::transport::{direct::Direct, Transport};
 use crate::{environ, reaper, ring, untrusted};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
@@ -366,7 +367,11 @@ struct PyServer {
 }
 
 impl PyServer {
-    fn build(transport: Transport, config: Config, keepalive: Option<Py<PyAny>>) -> PyResult<Self> {
+    fn build(
+        transport: impl Transport + 'static,
+        config: Config,
+        keepalive: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
         let server = Server::new(transport, config)?;
         Ok(Self {
             owner: server.owner(),
@@ -438,7 +443,9 @@ impl PyServer {
     /// A server reading the FIFO at `path` (created now, replacing what is there).
     #[staticmethod]
     fn fifo(path: PathBuf, options: Options) -> PyResult<Self> {
-        Self::build(Transport::Fifo(path), options.config()?, None)
+        let config = options.config()?;
+        let endpoint = fifo::Endpoint::create(path, config.fifo_mode)?;
+        Self::build(endpoint, config, None)
     }
 
     /// A server reading a `multiprocessing.Queue` through its pipe `fd` and the addresses of
@@ -462,13 +469,13 @@ impl PyServer {
                 Semaphore::from_raw(items as *mut libc::sem_t),
             )?
         };
-        Self::build(Transport::Queue(reader), config, Some(queue))
+        Self::build(reader, config, Some(queue))
     }
 
     /// A server whose requests all come through `register` (a queue read from Python).
     #[staticmethod]
     fn direct(options: Options) -> PyResult<Self> {
-        Self::build(Transport::Direct, options.config()?, None)
+        Self::build(Direct, options.config()?, None)
     }
 
     /// Whether this process is a fork of the server's (the one fork guard; see `Owner`).
@@ -1035,7 +1042,7 @@ mod _native {
     const MAX_STATE_BYTES: u64 = crate::learned::state::MAX_STATE_BYTES;
 
     #[pymodule_export]
-    const PIPE_BUF: usize = crate::fifo::MAX_LINE;
+    const PIPE_BUF: usize = crate::transport::fifo::MAX_LINE;
 
     /// Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
     #[pymodule_export]

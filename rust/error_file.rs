@@ -131,7 +131,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::stacks::Source;
+    use crate::stacks::Dumper;
 
     #[test]
     fn the_message_names_each_scope_its_bound_and_the_stacks() {
@@ -147,7 +147,7 @@ mod tests {
             Fired { scope: "y", after: Some(300.0), learned: Some(learned), held: Some(7.0) },
         ];
         let stacks = Stacks {
-            source: Source::Faulthandler,
+            source: Dumper::Faulthandler,
             text: "  File \"t.py\", line 3 in hang\n".into(),
             complete: true,
         };

@@ -43,18 +43,18 @@ pub struct Config {
     pub hold: Duration,
 }
 
-/// Where a dump came from.
+/// Which tool wrote a dump (Python sees its name as `Stacks.source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub enum Dumper {
     Faulthandler,
     PySpy,
 }
 
-impl Source {
+impl Dumper {
     pub fn name(self) -> &'static str {
         match self {
-            Source::Faulthandler => "faulthandler",
-            Source::PySpy => "py-spy",
+            Dumper::Faulthandler => "faulthandler",
+            Dumper::PySpy => "py-spy",
         }
     }
 }
@@ -62,7 +62,7 @@ impl Source {
 /// A collected dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stacks {
-    pub source: Source,
+    pub source: Dumper,
     /// What the worker (or py-spy) wrote, up to [`MAX_TEXT`] bytes (then a line says it was
     /// cut); empty if nothing came within the grace period.
     pub text: String,
@@ -84,7 +84,7 @@ pub fn own_armed_path(dir: &Path) -> std::io::Result<PathBuf> {
 /// A dump in progress.
 #[derive(Debug)]
 pub struct Dump {
-    source: Source,
+    source: Dumper,
     /// The file the stacks go to, opened once: what is read is the file that was checked,
     /// whatever is at its path by then.
     file: File,
@@ -120,7 +120,7 @@ impl Dump {
                     return (None, None);
                 }
                 let dump = Self {
-                    source: Source::Faulthandler,
+                    source: Dumper::Faulthandler,
                     file,
                     offset,
                     last_len: offset,
@@ -153,7 +153,7 @@ impl Dump {
             .spawn()
             .ok()?;
         Some(Self {
-            source: Source::PySpy,
+            source: Dumper::PySpy,
             file,
             offset: 0,
             last_len: 0,
@@ -348,7 +348,7 @@ mod tests {
         assert!(!dump.poll(now), "grew: wait one more poll");
         assert!(dump.poll(now), "settled");
         let stacks = dump.finish();
-        assert_eq!(stacks.source, Source::Faulthandler);
+        assert_eq!(stacks.source, Dumper::Faulthandler);
         assert_eq!(stacks.text, "Thread 0x1 (most recent call first):\n");
         assert!(stacks.complete);
         assert!(path.exists(), "the worker's file stays (a dry run may dump it again)");
@@ -449,7 +449,7 @@ mod tests {
             Instant::now(),
         );
         assert!(refused.is_some());
-        assert_eq!(dump.expect("py-spy started").source, Source::PySpy);
+        assert_eq!(dump.expect("py-spy started").source, Dumper::PySpy);
         fs::remove_dir_all(&dir).expect("rm");
     }
 
@@ -472,7 +472,7 @@ mod tests {
             std::thread::sleep(POLL);
         }
         let stacks = dump.finish();
-        assert_eq!((stacks.source, stacks.text), (Source::PySpy, format!("dump --pid {pid}\n")));
+        assert_eq!((stacks.source, stacks.text), (Dumper::PySpy, format!("dump --pid {pid}\n")));
         assert!(stacks.complete);
         // A link left where py-spy's output goes is replaced, not followed.
         let victim = dir.join("victim");

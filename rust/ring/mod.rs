@@ -9,7 +9,7 @@
 //! `CLOCK_MONOTONIC` instant, in the header, until which it promises to look at the ring
 //! often (every 20 ms). A worker writing past the lease, or with a deadline
 //! nearer than that, or filling the ring past half, wakes the server (an empty FIFO line, a
-//! queue item of scope `queue::RING_WAKE`).
+//! queue item of scope `transport::queue::RING_WAKE`).
 //!
 //! Everything the worker wrote is untrusted: the server copies the pending bytes out first,
 //! then [`parse`] checks each entry (bounded lengths, UTF-8 scope), so a worker that
