@@ -48,7 +48,7 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any
 
-from elastic_timer.diagnostics import STACKS_DIR_ENV
+from elastic_timer.options import env
 
 from . import common
 
@@ -205,7 +205,7 @@ def _measure(side: common.Side, config: Config, sizes: common.Sizes, workdir: st
         # stacks directory in their environment, as workers of `elastic-timer serve` are.
         stacks_dir = os.path.join(workdir, f"stacks-{side.key}")
         extra = {"stack_dump": STACK_DUMP_GRACE, "stacks_dir": stacks_dir}
-        os.environ[STACKS_DIR_ENV] = stacks_dir
+        os.environ[env("stacks_dir")] = stacks_dir
     server = common.spawn(
         f"{side.key} server", _server, side.module, transport, config.max_interval, extra
     )
@@ -304,7 +304,7 @@ def _measure(side: common.Side, config: Config, sizes: common.Sizes, workdir: st
             child.finish()
         transport.close()
         if config.stack_dump:
-            os.environ.pop(STACKS_DIR_ENV, None)
+            os.environ.pop(env("stacks_dir"), None)
             dumped = _dumps_taken(extra["stacks_dir"])
             reaped = sum(1 for x in outcome.latencies_ms if x != float("inf"))
             if dumped < reaped:

@@ -15,11 +15,12 @@ use pyo3::types::{PyBytes, PyDict};
 
 use crate::codec::{self, CodecError, Number, Request};
 use crate::deadlines::Caps;
-use crate::fifo::{self, SendError, SendOptions};
-use crate::learned::LearnConfig;
-use crate::queue::{self, Semaphore};
-use crate::server::{Adaptive, Config, Event, Owner, ReapOutcome, Server, Stats, Transport};
+use crate::learned::{self, LearnConfig, ScopeSummary, StateError};
+use crate::server::{Adaptive, Config, Event, Owner, ReapOutcome, Server, Stats};
 use crate::stacks;
+use crate::transport::fifo::{self, SendError, SendOptions};
+use crate::transport::queue::{self, Semaphore};
+use crate::transport::{direct::Direct, Transport};
 use crate::{environ, reaper, ring, untrusted};
 
 /// `(pid, scope_id, expiration_time, signal)`, the shape requests cross the boundary in.
@@ -237,6 +238,21 @@ struct ScopeTimeout {
     suggested: Option<f64>,
 }
 
+impl From<ScopeSummary> for ScopeTimeout {
+    fn from(summary: ScopeSummary) -> Self {
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        Self {
+            scope: summary.scope,
+            samples: summary.samples,
+            p50: secs(summary.p50),
+            p99: secs(summary.p99),
+            max: secs(summary.max),
+            after: secs(summary.after),
+            suggested: secs(summary.suggested),
+        }
+    }
+}
+
 /// One pass's expiries. With `signals_self` the loop signals its own process once the report
 /// is acknowledged (`ack_expired`): the pass reaped this process's own timer, or (for torch's
 /// File server) `signal_self` is set and the pass signalled a worker.
@@ -351,7 +367,11 @@ struct PyServer {
 }
 
 impl PyServer {
-    fn build(transport: Transport, config: Config, keepalive: Option<Py<PyAny>>) -> PyResult<Self> {
+    fn build(
+        transport: impl Transport + 'static,
+        config: Config,
+        keepalive: Option<Py<PyAny>>,
+    ) -> PyResult<Self> {
         let server = Server::new(transport, config)?;
         Ok(Self {
             owner: server.owner(),
@@ -423,7 +443,9 @@ impl PyServer {
     /// A server reading the FIFO at `path` (created now, replacing what is there).
     #[staticmethod]
     fn fifo(path: PathBuf, options: Options) -> PyResult<Self> {
-        Self::build(Transport::Fifo(path), options.config()?, None)
+        let config = options.config()?;
+        let endpoint = fifo::Endpoint::create(path, config.fifo_mode)?;
+        Self::build(endpoint, config, None)
     }
 
     /// A server reading a `multiprocessing.Queue` through its pipe `fd` and the addresses of
@@ -447,13 +469,13 @@ impl PyServer {
                 Semaphore::from_raw(items as *mut libc::sem_t),
             )?
         };
-        Self::build(Transport::Queue(reader), config, Some(queue))
+        Self::build(reader, config, Some(queue))
     }
 
     /// A server whose requests all come through `register` (a queue read from Python).
     #[staticmethod]
     fn direct(options: Options) -> PyResult<Self> {
-        Self::build(Transport::Direct, options.config()?, None)
+        Self::build(Direct, options.config()?, None)
     }
 
     /// Whether this process is a fork of the server's (the one fork guard; see `Owner`).
@@ -575,24 +597,9 @@ impl PyServer {
     }
 
     /// Every learned scope's figures (empty unless adaptive).
-    fn timeouts(&self, py: Python<'_>) -> PyResult<Vec<Py<ScopeTimeout>>> {
+    fn timeouts(&self, py: Python<'_>) -> Vec<ScopeTimeout> {
         let timeouts = py.detach(|| lock(&self.server).timeouts());
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
-        timeouts
-            .into_iter()
-            .map(|t| {
-                let timeout = ScopeTimeout {
-                    scope: t.scope,
-                    samples: t.samples,
-                    p50: secs(t.p50),
-                    p99: secs(t.p99),
-                    max: secs(t.max),
-                    after: secs(t.after),
-                    suggested: secs(t.suggested),
-                };
-                Py::new(py, timeout)
-            })
-            .collect()
+        timeouts.into_iter().map(ScopeTimeout::from).collect()
     }
 
     fn last_progress(&self, py: Python<'_>) -> f64 {
@@ -941,6 +948,28 @@ fn open_append(py: Python<'_>, path: PathBuf) -> PyResult<i32> {
     Ok(file.into_raw_fd())
 }
 
+pyo3::create_exception!(
+    elastic_timer._native,
+    StateFileError,
+    pyo3::exceptions::PyException,
+    "A learned-timeouts state file that cannot be read, or is not one; the message is one line."
+);
+
+impl From<StateError> for PyErr {
+    fn from(err: StateError) -> Self {
+        StateFileError::new_err(err.to_string())
+    }
+}
+
+/// The scopes of the learned-timeouts state file at `path`, as saved, in the file's order:
+/// the server's own reader (`learned::read_state`), with its rules for a file someone else
+/// may have put there. StateFileError says why not.
+#[pyfunction]
+fn read_state_file(py: Python<'_>, path: PathBuf) -> PyResult<Vec<ScopeTimeout>> {
+    let scopes = py.detach(|| learned::read_state(&path))?;
+    Ok(scopes.into_iter().map(|saved| saved.summary.into()).collect())
+}
+
 /// Decodes one FIFO line the way the server does; ValueError says why it is refused.
 #[pyfunction]
 fn decode_json_line(line: &[u8]) -> PyResult<RequestTuple> {
@@ -960,6 +989,34 @@ fn environ_value(py: Python<'_>, pid: i32, name: &str) -> Option<std::ffi::OsStr
     py.detach(|| environ::value(pid, name))
 }
 
+// -- server options and the stacks protocol: the core owns their defaults and names --------
+
+/// The defaults of the server options the core owns, by keyword (`elastic_timer.options`).
+fn option_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let learn = LearnConfig::default();
+    let defaults = PyDict::new(py);
+    defaults.set_item("stack_signal", stacks::DEFAULT_SIGNAL.as_raw())?;
+    defaults.set_item("adaptive_factor", learn.factor)?;
+    defaults.set_item("adaptive_floor", learn.floor.as_secs_f64())?;
+    defaults.set_item("max_timers", Caps::DEFAULT.total)?;
+    defaults.set_item("max_worker_timers", Caps::DEFAULT.per_worker)?;
+    Ok(defaults)
+}
+
+/// The file this process arms `faulthandler` to write its stacks to in the stacks directory
+/// `dir`: the one the server reads for it (`<pid>-<start time>.stacks`).
+#[pyfunction]
+fn stacks_file(dir: PathBuf) -> PyResult<PathBuf> {
+    Ok(stacks::own_armed_path(&dir)?)
+}
+
+/// The file beside the FIFO `fifo` where a server taking stacks names its stacks directory
+/// (`<fifo>.stacks`), which the FIFO client reads when it connects.
+#[pyfunction]
+fn stacks_sidecar(fifo: PathBuf) -> PathBuf {
+    fifo::stacks_sidecar(&fifo)
+}
+
 #[pymodule]
 mod _native {
     use pyo3::prelude::*;
@@ -969,13 +1026,23 @@ mod _native {
     #[pymodule_export]
     use super::{
         decode_json_line, decode_pickle, encode_json_line, environ_value, open_append,
-        read_private_file, Closed, Dumping, Escalated, Expired, Expiry, LearnedBound, Malformed,
-        Notice, Outcome, PyFifoClient, PyQueueWriter, PyServer, Refused, ScopeTimeout, Stacks,
-        Unreapable, UnsafeFile, WorkerExited,
+        read_private_file, stacks_file, stacks_sidecar, Closed, Dumping, Escalated, Expired,
+        Expiry, LearnedBound, Malformed, Notice, Outcome, PyFifoClient, PyQueueWriter, PyServer,
+        Refused, ScopeTimeout, Stacks, Unreapable, UnsafeFile, WorkerExited,
     };
 
+    // The learned-timeouts state file: its reader, and its format (`learned::state`).
     #[pymodule_export]
-    const PIPE_BUF: usize = crate::fifo::MAX_LINE;
+    use super::{read_state_file, StateFileError};
+    #[pymodule_export]
+    const STATE_FORMAT: &str = crate::learned::state::STATE_FORMAT;
+    #[pymodule_export]
+    const STATE_VERSION: u64 = crate::learned::state::STATE_VERSION;
+    #[pymodule_export]
+    const MAX_STATE_BYTES: u64 = crate::learned::state::MAX_STATE_BYTES;
+
+    #[pymodule_export]
+    const PIPE_BUF: usize = crate::transport::fifo::MAX_LINE;
 
     /// Cargo.toml's version, the package's only one (maturin writes it into the metadata too).
     #[pymodule_export]
@@ -995,6 +1062,7 @@ mod _native {
                 (field.name, kind, field.help)
             })
             .collect();
-        m.add("STATS", fields)
+        m.add("STATS", fields)?;
+        m.add("DEFAULTS", super::option_defaults(m.py())?)
     }
 }

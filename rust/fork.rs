@@ -4,8 +4,8 @@
 //! workers forked from the agent's process are such children. A child holding the FIFO's
 //! read end keeps writes to it from failing: a client that kept the FIFO open would write,
 //! unread, into the FIFO of a server that stopped or moved on, instead of getting `EPIPE`
-//! and opening the path again. A child holding a queue's mark (`queue::Mark`) would keep
-//! it after the server stopped, and keep a restarted server from marking the queue.
+//! and opening the path again. A child holding a queue's mark (`transport::queue::Mark`)
+//! would keep it after the server stopped, and keep a restarted server from marking the queue.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};

@@ -38,6 +38,15 @@ impl Stat {
     }
 }
 
+/// The start time of this process (see [`Stat::start_time`]), as the server reads it of a
+/// worker: what a worker names its stacks file by.
+pub fn own_start_time() -> io::Result<u64> {
+    let stat = std::fs::read("/proc/self/stat")?;
+    Stat::parse(&stat)
+        .map(|stat| stat.start_time)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/self/stat"))
+}
+
 /// `/proc`, opened in advance, and one fd slot in reserve (see the module's documentation).
 ///
 /// An answer is `Ok(Some(_))` (the process is there), `Ok(None)` (it is not: `ENOENT` or

@@ -6,8 +6,8 @@
 # For each version: a fresh venv (no system site-packages), the package installed from a wheel
 # built once here (not editable), that torch from PyPI with the test dependencies, and every test
 # file that uses torch's own classes (interop, torchrun, and the others importing torch). Each
-# venv is removed after its run. The README table between the compat markers gets one row per
-# version run; rows of versions not run this time are kept. The exit code is 1 if any failed.
+# venv is removed after its run. The table of docs/compatibility.md between the compat markers
+# gets one row per version run; rows of versions not run this time are kept. The exit code is 1 if any failed.
 #
 # PYTHON picks the interpreter the venvs are made from (default python3).
 set -euo pipefail
@@ -66,15 +66,15 @@ for version in "${VERSIONS[@]}"; do
 done
 
 # One row per torch version, sorted by version; a row of a version not run this time is kept.
-"$PYTHON" - README.md "$results" "$(date -u +%F)" "${TESTS[*]}" <<'PY'
+"$PYTHON" - docs/compatibility.md "$results" "$(date -u +%F)" "${TESTS[*]}" <<'PY'
 import re
 import sys
 
-readme, results, date, tests = sys.argv[1:5]
+page, results, date, tests = sys.argv[1:5]
 begin, end = "<!-- torch-compat:begin -->", "<!-- torch-compat:end -->"
-text = open(readme).read()
+text = open(page).read()
 if begin not in text or end not in text:
-    sys.exit(f"{readme} has no {begin} ... {end} markers for the table")
+    sys.exit(f"{page} has no {begin} ... {end} markers for the table")
 head, rest = text.split(begin, 1)
 old, tail = rest.split(end, 1)
 rows = {}
@@ -94,7 +94,7 @@ table = [
     "| --- | --- | --- | --- | --- | --- |",
     *(rows[v] for v in order),
 ]
-open(readme, "w").write(head + begin + "\n" + "\n".join(table) + "\n" + end + tail)
+open(page, "w").write(head + begin + "\n" + "\n".join(table) + "\n" + end + tail)
 PY
 exit "$status"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test on a fresh machine: installs the package with its test and lint tools
-# (torch among them, from PyPI) and Debian's libfaketime, checks formatting and lints, then runs
+# (torch among them, from PyPI) and, through scripts/setup-system.sh, the system packages the
+# tests need (Debian's libfaketime), checks formatting, lints and the documentation, then runs
 # the Rust unit tests and the whole pytest suite (torch-interop tests included; none is skipped),
 # then fuzzes the two decoders and the ring reader briefly (cargo-fuzz on the stable toolchain,
 # with RUSTC_BOOTSTRAP for its -Z flags). Arguments go to pytest: `make test-fast` runs
@@ -10,13 +11,8 @@ cd "$(dirname "$0")/.."
 
 python3 -m pip install --quiet --upgrade pip maturin
 python3 -m pip install --quiet -e '.[dev]'
-# tests/test_clock.py steps a server's wall clock with Debian's libfaketime.
-if ! compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null; then
-    as_root=()
-    [ "$(id -u)" -eq 0 ] || as_root=(sudo)
-    "${as_root[@]}" apt-get update
-    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y libfaketime
-fi
+# The system packages (Debian's libfaketime...), in a script of their own: `make setup`.
+bash scripts/setup-system.sh
 
 bash scripts/lint.sh
 

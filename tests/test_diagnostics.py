@@ -23,8 +23,11 @@ import pytest
 from helpers import wait_for
 from unkillable import HungFilesystem, hung_filesystem
 
-from elastic_timer import FileTimerClient, FileTimerServer, LocalTimerServer, diagnostics
-from elastic_timer.diagnostics import STACK_DUMP_ENV, STACKS_DIR_ENV, arm_stack_dump
+from elastic_timer import FileTimerClient, FileTimerServer, LocalTimerServer, options
+from elastic_timer.stack_dump import arm_stack_dump
+
+STACK_DUMP_ENV = options.env("stack_dump")
+STACKS_DIR_ENV = options.env("stacks_dir")
 
 LOGGER = "elastic_timer"
 
@@ -138,7 +141,7 @@ def test_a_worker_with_no_way_to_dump_it_is_killed_at_its_deadline(
 ) -> None:
     # A torch client (faulthandler not armed) and no py-spy installed: the kill is not
     # delayed by the 10 s grace.
-    monkeypatch.setattr(diagnostics, "_find_py_spy", lambda: None)
+    monkeypatch.setattr(options, "_find_py_spy", lambda: None)
     server, events = file_server(stack_dump=10.0)
     worker = start_worker(children, fifo, TORCH_CLIENT)
     acquired = time.monotonic()
@@ -178,7 +181,7 @@ def test_a_forked_worker_writes_its_stacks_to_a_file_of_its_own(tmp_path: Path) 
     script = textwrap.dedent(
         """
         import os, signal, sys, time
-        from elastic_timer.diagnostics import arm_stack_dump
+        from elastic_timer.stack_dump import arm_stack_dump
         assert arm_stack_dump()
         pid = os.fork()
         if pid == 0:
@@ -210,7 +213,7 @@ def test_arming_without_a_server_asking_does_nothing(monkeypatch: pytest.MonkeyP
 def test_a_stacks_dir_without_the_servers_signal_file_is_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    script = "from elastic_timer.diagnostics import arm_stack_dump; print(arm_stack_dump())"
+    script = "from elastic_timer.stack_dump import arm_stack_dump; print(arm_stack_dump())"
     env = {**os.environ, STACKS_DIR_ENV: str(tmp_path / "missing")}
     out = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30
@@ -267,7 +270,7 @@ def test_a_stacks_file_swapped_for_another_is_not_read(
     # The stacks directory is one others can write: what is at the worker's name by the time
     # it expires is not the worker's file. The server must not show it (no py-spy here).
     caplog.set_level(logging.INFO, logger=LOGGER)
-    monkeypatch.setattr(diagnostics, "_find_py_spy", lambda: None)
+    monkeypatch.setattr(options, "_find_py_spy", lambda: None)
     secret = tmp_path / "secret"
     secret.write_text("root's secret, not for the log\n")
     server, events = file_server(stack_dump=10.0)
@@ -599,7 +602,7 @@ def test_bad_diagnostics_keywords_are_a_clear_error(
 def test_the_diagnostics_keywords_are_those_documented_and_a_typo_is_an_error(
     fifo: str, server: type[Any]
 ) -> None:
-    assert set(diagnostics.DiagnosticsOptions.__annotations__) == {
+    assert set(options.DiagnosticsOptions.__annotations__) == {
         "stack_dump",
         "stack_signal",
         "stacks_dir",
@@ -628,7 +631,7 @@ def test_a_bad_environment_variable_is_a_warning_and_ignored(
     server = FileTimerServer(fifo, "env", signal_self=False)
     assert server._diagnostics.escalate_after is None
     assert server._diagnostics.dry_run is False
-    assert server._diagnostics.max_timers == diagnostics.DEFAULT_MAX_TIMERS
+    assert server._diagnostics.max_timers == 100_000
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "Ignoring ELASTIC_TIMER_ESCALATE_AFTER='soon'" in text
     assert "Ignoring ELASTIC_TIMER_DRY_RUN='maybe'" in text

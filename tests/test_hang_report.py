@@ -536,7 +536,7 @@ def test_a_few_hundred_hosts_report_in_one_read(capsys: pytest.CaptureFixture[st
     """256 simulated hosts of 8 ranks each, every rank in all_reduce but rank 1234 (each rank
     with two threads' stacks), on threads of their own. Each host appends its one line and
     counts itself, and one host gathers: the time from the hosts' start to the report and the
-    bytes through the store are what the README gives."""
+    bytes through the store are what docs/hang-report.md gives."""
     server = tcp_store()
     connections = [tcp_store(server.port) for _ in range(CONNECTIONS)]
     clients = [connections[n % CONNECTIONS] for n in range(HOSTS)]

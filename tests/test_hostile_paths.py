@@ -450,14 +450,13 @@ def test_a_group_or_world_writable_state_file_is_refused_with_one_warning(
     assert wait_for(lambda: state_warnings(caplog))
     assert server.timeouts() == [], "a fresh start"
     reason = "group or others may write it (mode 0666)"
-    # `elastic-timer timeouts` reads it by the same rule.
+    refusal = f"cannot read the state file {state}: {reason}"
+    # `elastic-timer timeouts` reads it with the server's reader, and so by the same rule.
     result = run_cli("timeouts", str(state))
     assert result.returncode == 1
-    assert result.stderr == f"elastic-timer timeouts: error: cannot read {state}: {reason}\n"
+    assert result.stderr == f"elastic-timer timeouts: error: {refusal}\n"
     server.stop()  # every event reported: one warning in all
-    assert state_warnings(caplog) == [
-        f"cannot read the state file {state}: {reason}; learning from scratch"
-    ]
+    assert state_warnings(caplog) == [f"{refusal}; learning from scratch"]
 
 
 def test_a_fifo_at_the_state_file_path_does_not_hang_serve(

@@ -38,7 +38,9 @@ def rings():
     return len(ring_fds())
 
 def say(*words):
-    print(*words, flush=True)
+    # One write: a forked child says its line beside its parent, and with PYTHONUNBUFFERED
+    # print writes word by word, so two lines could interleave.
+    os.write(1, (" ".join(map(str, words)) + "\\n").encode())
 """
 
 

@@ -34,8 +34,8 @@ from elastic_timer.metrics import CONTENT_TYPE, MetricsServer, prometheus_text, 
 CLI_WITHOUT_PY_SPY = [
     sys.executable,
     "-c",
-    "import sys; from elastic_timer import cli, diagnostics; "
-    "diagnostics._find_py_spy = lambda: None; sys.exit(cli.main())",
+    "import sys; from elastic_timer import cli, options; "
+    "options._find_py_spy = lambda: None; sys.exit(cli.main())",
 ]
 
 Children = list["BaseProcess | subprocess.Popen[bytes]"]
@@ -207,7 +207,7 @@ def test_help_explains_every_option_and_how_workers_connect() -> None:
     [
         (["--max-interval", "-1"], "--max-interval: must be a positive number of seconds"),
         (["--max-interval", "0"], "--max-interval: must be a positive number of seconds"),
-        (["--max-interval", "soon"], "--max-interval: not a number of seconds"),
+        (["--max-interval", "soon"], "--max-interval: must be a positive number of seconds"),
         (["--escalate-after", "nan"], "--escalate-after: must be a positive number"),
         (["--stack-dump", "1", "--stack-signal", "NOPE"], "--stack-signal: unknown signal"),
         (["--stack-dump", "1", "--stack-signal", "KILL"], "SIGKILL cannot be caught"),

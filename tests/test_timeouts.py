@@ -2,7 +2,8 @@
 
 The CLI runs as a real subprocess. Its input is ``tests/fixtures/learned-state.json``, which the
 Rust tests (``learned::tests::the_fixture_is_what_save_writes``) check is exactly what the
-server saves, or files written here in the format ``rust/learned.rs`` documents.
+server saves, or files written here in the format ``rust/learned/state.rs`` documents. The CLI
+reads it with the server's own reader (``_native.read_state_file``): the messages are its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Any
 import pytest
 from helpers import run_cli
 
-from elastic_timer.learned import MAX_STATE_BYTES, STATE_FORMAT
+from elastic_timer.learned import (
+    MAX_STATE_BYTES,
+    STATE_FORMAT,
+    StateFileError,
+    read_state,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "learned-state.json"
 
@@ -112,11 +118,11 @@ def assert_fails(path: Path, *message: str) -> None:
 
 def test_a_missing_file_fails(tmp_path: Path) -> None:
     path = tmp_path / "none.json"
-    assert_fails(path, f"cannot read {path}: No such file or directory")
+    assert_fails(path, f"cannot read the state file {path}: there is no such file")
 
 
 def test_a_directory_fails(tmp_path: Path) -> None:
-    assert_fails(tmp_path, f"cannot read {tmp_path}")
+    assert_fails(tmp_path, f"cannot read the state file {tmp_path}: it is not a regular file")
 
 
 @pytest.mark.parametrize(
@@ -130,19 +136,25 @@ def test_a_directory_fails(tmp_path: Path) -> None:
         ({"format": STATE_FORMAT, "version": 2, "scopes": {}}, "has format version 2"),
         ({"format": STATE_FORMAT, "version": True, "scopes": []}, "has format version true"),
         ({"format": STATE_FORMAT, "scopes": []}, "has format version null"),
-        ({"format": STATE_FORMAT, "version": 1}, "is corrupt: no list of scopes"),
-        (state(5), "is corrupt: a scope without a name: 5"),
-        (state(scope("s", samples=-1)), "is corrupt: scope 's': samples is -1"),
-        (state(scope("s", samples=1.5)), "samples is 1.5"),
-        (state(scope("s", max=-0.5)), "max is -0.5, not seconds"),
-        (state(scope("s", p99="1s")), 'p99 is "1s", not seconds'),
-        (state(scope("s", after=True)), "after is true, not seconds"),
-        (json.dumps(state(scope("s", max=float("nan")))), "max is NaN, not seconds"),
+        ({"format": STATE_FORMAT, "version": 1}, "is corrupt: missing field `scopes`"),
+        (state(5), "is corrupt: invalid type: integer `5`, expected a scope's record"),
+        (state(scope("s", samples=-1)), "is corrupt: invalid value: integer `-1`"),
+        (state(scope("s", samples=1.5)), "invalid type: floating point `1.5`"),
+        (state(scope("s", max=-0.5)), 'is corrupt: scope "s": max is -0.5, not a duration'),
+        (state(scope("s", p99="1s")), 'invalid type: string "1s"'),
+        (state(scope("s", after=True)), "invalid type: boolean `true`"),
+        # Python's json writes NaN, which JSON has not.
+        (json.dumps(state(scope("s", max=float("nan")))), "is not valid JSON"),
+        # What the server could not have written.
+        (state(scope("s", samples=1, max=1.0, histogram=[[143, 2]])), "holds more than samples"),
+        (state(scope("s", max=1.0)), "max must be null exactly when samples is 0"),
+        (state(scope("s", histogram=[[320, 1]])), "no histogram bucket 320"),
+        (state(scope("s"), scope("s")), 'scope "s": listed twice'),
     ],
 )  # fmt: skip
 def test_a_corrupt_or_foreign_file_fails(tmp_path: Path, content: object, message: str) -> None:
     path = write(tmp_path, content)
-    assert_fails(path, f"error: {path} ", message)
+    assert_fails(path, f"error: cannot load the state file {path}: ", message)
 
 
 def test_a_file_larger_than_a_state_file_can_be_fails_unread(tmp_path: Path) -> None:
@@ -150,6 +162,47 @@ def test_a_file_larger_than_a_state_file_can_be_fails_unread(tmp_path: Path) -> 
     with open(path, "wb") as f:
         f.truncate(MAX_STATE_BYTES + 1)
     assert_fails(path, f"is larger than {MAX_STATE_BYTES} bytes")
+
+
+def test_the_reader_is_the_servers_and_refuses_with_one_clear_error(tmp_path: Path) -> None:
+    """``read_state``, in process: the figures as the server saved them, and StateFileError,
+    one line naming the file, for a foreign, corrupt, oversized or hostile one."""
+    figures = [
+        (s.scope, s.samples, s.p50, s.p99, s.max, s.after, s.suggested)
+        for s in read_state(str(FIXTURE))
+    ]
+    assert figures == [
+        ("train.py:42", 12, 1.048576, 1.25, 1.25, 1800.0, 6.25),
+        ("train.py:57", 2, 0.5, 0.5, 0.5, 60.0, None),
+        ("checkpoint.py:10", 0, None, None, None, 3600.0, None),
+    ]
+    # Not an OSError: a file that reads but is not a state file is no I/O failure.
+    assert StateFileError.__mro__[1:] == (Exception, BaseException, object)
+    path = tmp_path / "state.json"
+    link = tmp_path / "link.json"
+
+    def refused(path: Path, *message: str) -> None:
+        with pytest.raises(StateFileError) as raised:
+            read_state(str(path))
+        text = str(raised.value)
+        assert "\n" not in text
+        for part in message:
+            assert part in text
+
+    path.write_text(json.dumps({"format": "something else", "version": 1, "scopes": []}))
+    refused(path, f"cannot load the state file {path}: it is not an elastic-timer state file")
+    path.write_text(json.dumps(state(scope("s", samples=3))))
+    refused(path, f'{path}: it is corrupt: scope "s": max must be null exactly when samples is 0')
+    with open(path, "wb") as f:
+        f.truncate(MAX_STATE_BYTES + 1)
+    refused(path, f"{path}: it is larger than {MAX_STATE_BYTES} bytes")
+    path.write_text(json.dumps(state()))
+    assert read_state(str(path)) == []
+    path.chmod(0o620)
+    refused(path, f"cannot read the state file {path}: group or others may write it (mode 0620)")
+    path.chmod(0o600)
+    link.symlink_to(path)
+    refused(link, f"cannot read the state file {link}: it is a symbolic link")
 
 
 def test_bad_usage_exits_2() -> None:

@@ -48,7 +48,7 @@ _SELF_KILL = (
     "the server SIGKILLs its own process, the test's, after the reap, as torch's does from "
     "torch 2.7 on: fails against torch as well"
 )
-# The intended differences (README, "Intended differences"), and torch's own failures.
+# The intended differences (docs/compatibility.md), and torch's own failures.
 DESELECTED = {
     "local_timer_test.py::LocalTimerServerTest::test_expired_timers": _PID,
     "local_timer_test.py::LocalTimerServerTest::test_valid_timers": _PID,

@@ -34,6 +34,9 @@ def watch_env(tmp_path: Path, **job: str) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         LOGLEVEL="INFO",
         ELASTIC_TIMER_EVENT_LOG=str(tmp_path / "events.jsonl"),
+        # A worker that aborts (a C++ std::terminate in torch, say) shows where each of its
+        # threads was in the agent's stderr, which a failing test prints.
+        PYTHONFAULTHANDLER="1",
         **job,
     )
     for name in (
@@ -71,7 +74,7 @@ def job_log(tmp_path: Path) -> list[str]:
 
 
 def both(outcomes: list[tuple[int, str]]) -> str:
-    return "\n".join(err[-4000:] for _, err in outcomes)
+    return "\n".join(err[-12000:] for _, err in outcomes)
 
 
 @pytest.mark.torchrun

@@ -6,7 +6,11 @@ from pathlib import Path
 from typing import Any, final
 
 __all__ = [
+    "DEFAULTS",
+    "MAX_STATE_BYTES",
     "PIPE_BUF",
+    "STATE_FORMAT",
+    "STATE_VERSION",
     "STATS",
     "Closed",
     "Dumping",
@@ -23,6 +27,7 @@ __all__ = [
     "ScopeTimeout",
     "Server",
     "Stacks",
+    "StateFileError",
     "Unreapable",
     "UnsafeFile",
     "WorkerExited",
@@ -33,6 +38,9 @@ __all__ = [
     "environ_value",
     "open_append",
     "read_private_file",
+    "read_state_file",
+    "stacks_file",
+    "stacks_sidecar",
 ]
 
 PIPE_BUF: int
@@ -234,3 +242,20 @@ def open_append(path: str) -> int: ...
 def environ_value(pid: int, name: str) -> str | None: ...
 
 class UnsafeFile(OSError): ...
+
+# The learned-timeouts state file (learned::state): its format, and its one reader, which
+# gives each scope's figures as saved; StateFileError (one line) says why it cannot.
+STATE_FORMAT: str
+STATE_VERSION: int
+MAX_STATE_BYTES: int
+
+def read_state_file(path: str) -> list[ScopeTimeout]: ...
+
+class StateFileError(Exception): ...
+
+# -- server options and the stacks protocol (see elastic_timer.options, .stack_dump) --------
+# The defaults of the server options the core owns, by keyword.
+DEFAULTS: dict[str, int | float]
+
+def stacks_file(dir: str) -> Path: ...
+def stacks_sidecar(fifo: str) -> Path: ...

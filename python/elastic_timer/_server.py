@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _native
 from ._request import TimerRequest
-from .diagnostics import Diagnostics, DiagnosticsOptions, EventSink
+from .events import EventSink
 from .hang_report import HangReporter
+from .options import Diagnostics, DiagnosticsOptions
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -18,8 +18,8 @@ from contextlib import ContextDecorator
 from typing import Any
 
 from ._request import TimerClient, TimerRequest
-from .diagnostics import arm_stack_dump
 from .file_based_local_timer import FileTimerClient
+from .stack_dump import arm_stack_dump
 
 __all__ = [
     "RequestQueue",

@@ -10,27 +10,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
+import textwrap
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .diagnostics import (
-    DEFAULT_MAX_TIMERS,
-    DEFAULT_MAX_WORKER_TIMERS,
-    EVENT_LOG_ENV,
-    STACKS_DIR_ENV,
-    STACKS_SIDECAR_SUFFIX,
-    open_event_log,
-    parse_count,
-    parse_stack_signal,
-)
+from . import _native
+from .events import open_event_log
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
 from .metrics import CONNECTION_TIMEOUT, MAX_CONNECTIONS, MetricsServer, serve_metrics
+from .options import OPTIONS, Diagnostics, env, seconds
 
 __all__ = ["main"]
 
@@ -56,11 +49,15 @@ Workers on the same host reach it through the FIFO, in either of two ways:
 Then wrap code that may hang in `with elastic_timer.expires(after=SECONDS): ...`.
 """
 
-SERVE_EPILOG = """\
-Diagnostics not given as options are read from the server's environment, as under
-torchrun: ELASTIC_TIMER_STACK_DUMP, ELASTIC_TIMER_STACK_SIGNAL, ELASTIC_TIMER_STACKS_DIR,
-ELASTIC_TIMER_ESCALATE_AFTER, ELASTIC_TIMER_DRY_RUN, ELASTIC_TIMER_EVENT_LOG,
-ELASTIC_TIMER_MAX_TIMERS and ELASTIC_TIMER_MAX_WORKER_TIMERS.
+SERVE_EPILOG = (
+    textwrap.fill(
+        "The options from --stack-dump to --max-timers not given are read from the server's "
+        "environment, as under torchrun: "
+        + ", ".join(option.env for option in OPTIONS[:-1])
+        + f" and {OPTIONS[-1].env}.",
+        92,
+    )
+    + """
 
 exit status: 0 after SIGTERM or SIGINT; 2 for bad arguments (an event log that is a link, a
 FIFO, a hard link or another user's file among them); 1 when the FIFO or the metrics address
@@ -70,6 +67,7 @@ example:
   elastic-timer serve --fifo /run/job-42/timer.fifo --escalate-after 30 \\
       --metrics 127.0.0.1:9464
 """
+)
 
 TIMEOUTS_DESCRIPTION = """\
 Prints what a timer server learned about the durations of its scopes, from the state file
@@ -89,41 +87,18 @@ TIMEOUT_COLUMNS = ("scope", "samples", "p50", "p99", "max", "after", "suggested"
 # -- argument types -----------------------------------------------------------------------------
 
 
-def factor(text: str) -> float:
-    """A finite number of at least 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number of at least 1, got {text!r}")
-    return value
+def argument_type(parse: Callable[[Any, str], Any]) -> Callable[[str], Any]:
+    """An option parser of ``elastic_timer.options`` as an argparse type (argparse names
+    the flag)."""
 
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, "")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
-def positive_seconds(text: str) -> float:
-    """A positive, finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
-def positive_count(text: str) -> int:
-    try:
-        return parse_count(text, "the value")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}") from None
-
-
-def signal_number(text: str) -> int:
-    """A signal a worker can catch, by name (USR2, SIGUSR2) or number."""
-    try:
-        return parse_stack_signal(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -203,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-interval",
-        type=positive_seconds,
+        type=argument_type(seconds),
         default=1.0,
         metavar="SECONDS",
         help="How soon a reap that failed is retried (timers fire at their deadline "
@@ -216,36 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="The job's run id, shown in the log of expired timers. Default: %(default)s.",
     )
     serve.add_argument(
-        "--stack-dump",
-        type=positive_seconds,
-        metavar="SECONDS",
-        help="Before signalling an expired worker, ask it for its Python stacks and wait at "
-        "most this long for them. Default: off.",
-    )
-    serve.add_argument(
-        "--stack-signal",
-        type=signal_number,
-        metavar="SIGNAL",
-        help="The signal that asks a worker for its stacks (the one its faulthandler is "
-        "armed on), by name (USR2, SIGUSR2) or number. Default: SIGUSR2. Needs --stack-dump.",
-    )
-    serve.add_argument(
-        "--stacks-dir",
-        metavar="DIR",
-        help=f"Where workers write their stacks (created if missing). elastic-timer's "
-        "FileTimerClient learns it when it connects (from PATH.stacks, beside the FIFO); "
-        f"other workers need {STACKS_DIR_ENV}=DIR in their environment. Default: "
-        f"{STACKS_DIR_ENV} from the server's environment, else a temporary directory the "
-        "server makes (and removes on stop), logged at start. Needs --stack-dump.",
-    )
-    serve.add_argument(
-        "--escalate-after",
-        type=positive_seconds,
-        metavar="SECONDS",
-        help="Send SIGKILL to a worker still alive this long after its signal; a worker that "
-        "survives SIGKILL too is reported once as unreapable. Default: off.",
-    )
-    serve.add_argument(
         "--descendants-only",
         action="store_true",
         help="Refuse (log once per pid, and count) the timers of processes that do not "
@@ -255,57 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
         "descendants); a sidecar has none. Default: off, and then any process above pid 1 "
         "in the server's PID namespace can be named.",
     )
-    serve.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="Log and report every expired timer, but signal nothing.",
-    )
-    serve.add_argument(
-        "--adaptive",
-        action="store_true",
-        help="Learn each scope's durations from its acquires and releases, and fire at "
-        "min(after, max(floor, factor x the longest seen)) once a scope has enough samples "
-        "(ELASTIC_TIMER_ADAPTIVE=1 does the same).",
-    )
-    serve.add_argument(
-        "--adaptive-factor",
-        type=factor,
-        metavar="N",
-        help="The factor of --adaptive (at least 1). Default: 5.",
-    )
-    serve.add_argument(
-        "--adaptive-floor",
-        type=positive_seconds,
-        metavar="SECONDS",
-        help="The floor of --adaptive: no learned timeout is shorter. Default: 5.",
-    )
-    serve.add_argument(
-        "--state-file",
-        metavar="PATH",
-        help="Load the learned durations from PATH at start, and save them there (atomically) "
-        "at stop and now and then; `elastic-timer timeouts PATH` prints them.",
-    )
-    serve.add_argument(
-        "--max-worker-timers",
-        type=positive_count,
-        metavar="N",
-        help="The most live timers one worker may hold; a worker's acquires past it are "
-        "refused (counted in the over_cap counter, warned of once per worker). "
-        f"Default: {DEFAULT_MAX_WORKER_TIMERS}.",
-    )
-    serve.add_argument(
-        "--max-timers",
-        type=positive_count,
-        metavar="N",
-        help="The most live timers all workers together may hold; acquires past it are "
-        f"refused, as past --max-worker-timers. Default: {DEFAULT_MAX_TIMERS}.",
-    )
-    serve.add_argument(
-        "--event-log",
-        metavar="PATH",
-        help="Append every event (a timer expired, a worker signalled...) to PATH as one "
-        "JSON object per line.",
-    )
+    for option in OPTIONS:
+        help = f"{option.help} Default: {option.shown_default()}. Variable: {option.env}."
+        if option.metavar is None:
+            serve.add_argument(
+                option.flag, dest=option.name, action="store_const", const=True, help=help
+            )
+        else:
+            serve.add_argument(
+                option.flag,
+                dest=option.name,
+                type=argument_type(option.parse),
+                metavar=option.metavar,
+                help=help,
+            )
     serve.add_argument(
         "--metrics",
         type=host_port,
@@ -351,9 +259,9 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         if not os.path.isdir(directory):
             parser.error(f"--event-log: directory {directory} does not exist")
     # Refused now, rather than as the server starts (a warning, and no event log).
-    event_log = args.event_log or os.environ.get(EVENT_LOG_ENV)
+    event_log = args.event_log or os.environ.get(env("event_log"))
     if event_log:
-        option = "--event-log" if args.event_log else EVENT_LOG_ENV
+        option = "--event-log" if args.event_log else env("event_log")
         try:
             open_event_log(event_log).close()
         except OSError as e:
@@ -375,35 +283,10 @@ def _check_serve_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 
 def _server_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The server's keywords the user gave (the diagnostics not given come from the
-    environment)."""
-    options: dict[str, Any] = {}
-    if args.stack_dump is not None:
-        options["stack_dump"] = args.stack_dump
-        options["stack_signal"] = (
-            int(signal.SIGUSR2) if args.stack_signal is None else args.stack_signal
-        )
-        if args.stacks_dir is not None:
-            options["stacks_dir"] = os.path.abspath(args.stacks_dir)
-    if args.escalate_after is not None:
-        options["escalate_after"] = args.escalate_after
-    if args.dry_run:
-        options["dry_run"] = True
+    """The server's keywords the user gave (those not given come from the environment)."""
+    options = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name) is not None}
     if args.descendants_only:
         options["descendants_only"] = True
-    if args.event_log is not None:
-        options["event_log"] = args.event_log
-    if args.adaptive:
-        options["adaptive"] = True
-    for option in (
-        "adaptive_factor",
-        "adaptive_floor",
-        "state_file",
-        "max_timers",
-        "max_worker_timers",
-    ):
-        if getattr(args, option) is not None:
-            options[option] = getattr(args, option)
     return options
 
 
@@ -515,7 +398,7 @@ def _run(
             server.start()
         except OSError as e:
             raise _SetupError(f"cannot start the timer server: {e}") from None
-        _log_started(args, fifo, options, metrics)
+        _log_started(args, fifo, server._diagnostics, metrics)
         stop.event.wait()
         logger.info(
             "elastic-timer serve: %s received, stopping",
@@ -531,33 +414,24 @@ def _run(
 def _log_started(
     args: argparse.Namespace,
     fifo: str,
-    options: dict[str, Any],
+    diagnostics: Diagnostics,
     metrics: MetricsServer | None,
 ) -> None:
-    if "stack_dump" in options:
-        # The server makes a temporary directory when none was given, and names it in this
-        # process's environment.
-        stacks_dir = options.get("stacks_dir") or os.environ.get(STACKS_DIR_ENV)
-        if stacks_dir:
-            logger.info(
-                "stack dumps on, in %s: elastic-timer's FileTimerClient learns it from %s; "
-                "workers with another client need %s=%s in their environment (an expired "
-                "worker is asked for its stacks with %s, and signalled once they are written "
-                "or after %s s)",
-                stacks_dir,
-                fifo + STACKS_SIDECAR_SUFFIX,
-                STACKS_DIR_ENV,
-                stacks_dir,
-                _signal_name(options["stack_signal"]),
-                options["stack_dump"],
-            )
-        else:
-            logger.warning(
-                "stack dumps on, but the stacks directory is unknown: pass --stacks-dir DIR "
-                "and run workers with %s=DIR",
-                STACKS_DIR_ENV,
-            )
-    if args.dry_run:
+    if diagnostics.stack_dump is not None:
+        # The server made a temporary directory when none was given.
+        logger.info(
+            "stack dumps on, in %s: elastic-timer's FileTimerClient learns it from %s; "
+            "workers with another client need %s=%s in their environment (an expired "
+            "worker is asked for its stacks with %s, and signalled once they are written "
+            "or after %s s)",
+            diagnostics.stacks_dir,
+            os.fspath(_native.stacks_sidecar(fifo)),
+            env("stacks_dir"),
+            diagnostics.stacks_dir,
+            _signal_name(diagnostics.stack_signal),
+            diagnostics.stack_dump,
+        )
+    if diagnostics.dry_run:
         logger.info("dry run: expired timers are logged and reported, nothing is signalled")
     if metrics is not None:
         host, port = metrics.address

@@ -23,7 +23,8 @@ from ._server import (
 )
 from ._torch_versions import torch_signals_self
 from .debug_info_logging import log_debug_info_for_expired_timers
-from .diagnostics import DiagnosticsOptions, arm_stack_dump
+from .options import DiagnosticsOptions
+from .stack_dump import arm_stack_dump
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -171,10 +172,9 @@ class FileTimerServer(NativeServer[FileTimerRequest]):
             bound, and the stacks when taken. ``install()`` turns it on for the agent.
         fifo_mode: the FIFO's permission bits (e.g. ``0o600``: only this user's workers can
             reach the server). Default None: ``0o666`` less the umask, as torch's server.
-        **diagnostics: opt-in diagnostics, ``stack_dump``, ``stack_signal``, ``stacks_dir``,
-            ``escalate_after``, ``dry_run``, ``event_log`` and ``on_event``; see
-            ``elastic_timer.diagnostics``. Where one is not given, its ``ELASTIC_TIMER_*``
-            environment variable is read.
+        **diagnostics: the servers' opt-in options (``elastic_timer.options``, which says
+            what each does). Where one is not given, its ``ELASTIC_TIMER_*`` environment
+            variable is read; ``on_event`` is given each event as a dict.
     """
 
     def __init__(

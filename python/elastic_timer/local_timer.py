@@ -25,7 +25,8 @@ from ._server import (
     worker_pid,
 )
 from .api import RequestQueue, TimerServer
-from .diagnostics import DiagnosticsOptions, arm_stack_dump
+from .options import DiagnosticsOptions
+from .stack_dump import arm_stack_dump
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -129,10 +130,9 @@ class LocalTimerServer(NativeServer[TimerRequest], TimerServer):
     ``max_interval`` is accepted for compatibility: deadlines fire when due, not on the next
     poll; it bounds how soon a failed reap is retried (at most 1 s). ``descendants_only``
     refuses (logs once per pid, and counts) acquires from processes that do not descend from
-    this one. The other keywords (``stack_dump``, ``stack_signal``, ``stacks_dir``,
-    ``escalate_after``, ``dry_run``, ``event_log``, ``on_event``) are opt-in diagnostics (see
-    ``elastic_timer.diagnostics``); where one is not given, its ``ELASTIC_TIMER_*``
-    environment variable is read.
+    this one. The other keywords are the servers' opt-in options (``elastic_timer.options``,
+    which says what each does): where one is not given, its ``ELASTIC_TIMER_*`` environment
+    variable is read; ``on_event`` is given each event as a dict.
     """
 
     def __init__(

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import torch as torch_integration
-from .diagnostics import ADAPTIVE_ENV
+from .options import env, option
 from .watch import WATCH_ENV
+
+_FACTOR = option("adaptive_factor").shown_default()
+_FLOOR = option("adaptive_floor").shown_default()
 
 HELP_PREAMBLE = """\
 elastic-timer-run: torchrun, or ft_launcher, with elastic-timer's native watchdog.
@@ -73,12 +76,15 @@ Opt-in diagnostics, set in the environment of this command:
   ELASTIC_TIMER_ADAPTIVE=1           learn each scope's durations; fire at
                                      min(after, max(floor, factor x the longest block)),
                                      kept across restarts of the worker group
+""" + (
+    f"""\
   ELASTIC_TIMER_ADAPTIVE_FACTOR=N, ELASTIC_TIMER_ADAPTIVE_FLOOR=SECONDS
-                                     that factor (default 5) and floor (default 5 s)
+                                     that factor (default {_FACTOR}) and floor (default {_FLOOR})
   ELASTIC_TIMER_STATE_FILE=PATH      where the learned durations are kept (default: one file
                                      per run id in the temporary directory)
 
 """
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     name, argv = _split_launcher(argv)
     while argv[:1] in (["--adaptive"], ["--watch"]):
         # The agent's server reads them, as any ELASTIC_TIMER_* variable.
-        os.environ[ADAPTIVE_ENV if argv[0] == "--adaptive" else WATCH_ENV] = "1"
+        os.environ[env("adaptive") if argv[0] == "--adaptive" else WATCH_ENV] = "1"
         argv = argv[1:]
     launcher = _import_launcher(name)
     if "-h" in argv or "--help" in argv:

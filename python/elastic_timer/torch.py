@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import options
 from . import watch as watching
-from .diagnostics import STATE_FILE_ENV
 from .file_based_local_timer import FileTimerServer
 from .hang_report import HangReporter
 
@@ -115,7 +115,7 @@ def _agent_server(
                 if name in kwargs:
                     raise TypeError(f"FileTimerServer got multiple values for argument {name!r}")
             kwargs.update(zip(positional, args))
-            if not kwargs.get("state_file") and not os.environ.get(STATE_FILE_ENV):
+            if not kwargs.get("state_file") and not os.environ.get(options.env("state_file")):
                 # The agent builds a new server for every restart of the worker group: one
                 # file per run keeps what the last one learned (used only when adaptive).
                 kwargs["state_file"] = run_state_file(kwargs.get("run_id", ""))

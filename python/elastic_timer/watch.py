@@ -35,7 +35,7 @@ from typing import Any
 from . import hang_report
 from ._request import TimerClient
 from .api import TIMER_FILE_ENV, client_from_environment
-from .diagnostics import ADAPTIVE_ENV, STACK_DUMP_ENV
+from .options import env
 
 __all__ = [
     "BOOT_DIR",
@@ -352,8 +352,8 @@ def prepare_agent() -> None:
     agent's server learned timeouts, stack dumps (``ELASTIC_TIMER_STACK_DUMP=5``) and so the
     job's hang report, unless set otherwise."""
     os.environ[WATCH_ENV] = "1"
-    os.environ.setdefault(ADAPTIVE_ENV, "1")
-    os.environ.setdefault(STACK_DUMP_ENV, str(STACK_DUMP))
+    os.environ.setdefault(env("adaptive"), "1")
+    os.environ.setdefault(env("stack_dump"), str(STACK_DUMP))
     entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join([BOOT_DIR, *(p for p in entries if p != BOOT_DIR)])
 

@@ -1,7 +1,6 @@
 //! The loop thread: waits in `epoll_wait` (woken by requests, exits and its alarm), reads
-//! the transport, runs a pass, reports it.
+//! the transport, takes in the rings it announced and drains them, runs a pass, reports it.
 
-use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -15,178 +14,57 @@ use rustix::time::Timespec;
 use super::alarm::{self, Alarm};
 use super::pass::{Clock, Phase};
 use super::report::{Event, ReapOutcome};
-use super::rings::{Arrivals, Rings};
+use super::rings::Rings;
 use super::{
-    Command, Shared, TAG_ALARM, TAG_FIFO_WATCH, TAG_RING, TAG_SOURCE, TAG_WAKE, TAG_WORKER,
+    Command, Shared, TAG_ALARM, TAG_RING, TAG_TRANSPORT, TAG_TRANSPORT_WATCH, TAG_WAKE, TAG_WORKER,
 };
-use crate::codec::{self, Request};
-use crate::learned;
-use crate::{fifo, queue, reaper, ring};
+use crate::codec::Request;
+use crate::transport::{Arrival, Transport};
+use crate::{learned, reaper};
 
 /// How long the loop waits for its events to be reported before it signals its own process.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
 /// How often, at most, learned statistics are saved while the server runs.
 const SAVE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Where requests come from, as the server holds it (opened while the loop runs).
-pub(super) enum Source {
-    Fifo(fifo::Endpoint),
-    Queue(queue::Reader),
-    Direct,
-}
-
-impl Source {
-    /// Makes the transport ready for the loop (the FIFO is opened, and created again if
-    /// stop removed it; the queue is marked). Returns a warning if it works without rings.
-    pub fn open(&mut self) -> io::Result<Option<String>> {
-        match self {
-            Source::Fifo(endpoint) => endpoint.open().map(|()| None),
-            Source::Queue(reader) => Ok(reader.mark().err().map(|err| {
-                format!("cannot mark the queue for our clients ({err}): they send no rings")
-            })),
-            Source::Direct => Ok(None),
-        }
+/// Asks `transport` to put its endpoint right (its watch fd said it changed), and says what
+/// happened.
+fn repair(shared: &Shared, transport: &mut dyn Transport, arrivals: &mut Vec<Arrival>) {
+    let mut unwatch = |fd: BorrowedFd<'_>| {
+        let _ = epoll::delete(&shared.epoll, fd);
+    };
+    let repaired = transport.repair(arrivals, &mut unwatch);
+    if repaired.new_fds {
+        watch(shared, transport);
     }
-
-    /// Reads the last requests; the FIFO is closed right after its last read, so a client
-    /// writing later gets `EPIPE` (and opens the path again) instead of writing into a pipe
-    /// about to be closed unread.
-    fn close(&mut self, decoded: &mut Arrivals) {
-        match self {
-            Source::Fifo(endpoint) => endpoint.close(|line| decode_line(line, decoded)),
-            source => {
-                while matches!(source.read(decoded), Ok(n) if n > 0) {}
-                if let Source::Queue(reader) = source {
-                    reader.unmark();
-                }
-            }
-        }
-    }
-
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
-        match self {
-            Source::Fifo(endpoint) => endpoint.fd(),
-            Source::Queue(reader) => Some(reader.fd()),
-            Source::Direct => None,
-        }
-    }
-
-    fn watch_fd(&self) -> Option<BorrowedFd<'_>> {
-        match self {
-            Source::Fifo(endpoint) => endpoint.watch_fd(),
-            _ => None,
-        }
-    }
-
-    /// Reads and decodes what is available; returns how many bytes or frames were read.
-    fn read(&mut self, arrivals: &mut Arrivals) -> io::Result<usize> {
-        match self {
-            Source::Fifo(endpoint) => endpoint.read_lines(|line| decode_line(line, arrivals)),
-            Source::Queue(reader) => reader.read_frames(|frame| decode_frame(frame, arrivals)),
-            Source::Direct => Ok(0),
-        }
-    }
-
-    /// After the watch said the FIFO's path changed: repairs it, and says what happened.
-    fn repair_fifo(&mut self, shared: &Shared, decoded: &mut Arrivals) {
-        let Source::Fifo(endpoint) = self else { return };
-        let unwatch = |fd: BorrowedFd<'_>| {
-            let _ = epoll::delete(&shared.epoll, fd);
-        };
-        let path = endpoint.path().display().to_string();
-        let warning = match endpoint.repair(|line| decode_line(line, decoded), unwatch) {
-            fifo::Repair::Ours => return,
-            fifo::Repair::TakenOver => format!(
-                "{path} is now another FIFO (another timer server?): new requests go to that \
-                 one, and this server no longer removes it on stop"
-            ),
-            fifo::Repair::Recreated(what) => {
-                watch(shared, self);
-                format!("{path} {what}; created it again")
-            }
-            fifo::Repair::Failed(what, err) => format!(
-                "{path} {what}, and creating it again failed: {err}; clients cannot reach this \
-                 server"
-            ),
-        };
+    if let Some(warning) = repaired.warning {
         shared.lock().emit(Event::Warning(warning));
     }
 }
 
-/// Decodes one FIFO line: a request, or a worker's ring announcement. A line that does not
-/// decode but ends with a client's request (written after someone left garbage without a
-/// newline) costs only the garbage.
-fn decode_line(line: fifo::Line<'_>, arrivals: &mut Arrivals) {
-    if let fifo::Line::Complete(bytes) = line {
-        if let Some(announcement) = ring::parse_announcement(bytes) {
-            return arrivals.rings.push((arrivals.requests.len(), announcement));
-        }
-    }
-    let requests = &mut arrivals.requests;
-    let (error, end) = match line {
-        fifo::Line::Complete(bytes) => match codec::decode_json_line(bytes) {
-            Ok(request) => return requests.push(Ok(request)),
-            Err(err) => (err.to_string(), bytes),
-        },
-        fifo::Line::TooLong { len, tail } => (
-            format!("line of {len} bytes is longer than PIPE_BUF ({} bytes)", fifo::MAX_LINE),
-            tail,
-        ),
-    };
-    match codec::salvage_json_line(end) {
-        Some((_, request)) => {
-            requests.push(Err(format!("{error}; the request at its end was kept")));
-            requests.push(Ok(request));
-        }
-        None => requests.push(Err(error)),
-    }
-}
-
-/// Decodes one queue item: a request, a worker's ring announcement (in the scope of a
-/// release), or a wake-up for the rings (nothing to register).
-fn decode_frame(frame: queue::Frame<'_>, arrivals: &mut Arrivals) {
-    let request = match frame {
-        queue::Frame::Payload(bytes) => codec::decode_pickle(bytes).map_err(|err| err.to_string()),
-        queue::Frame::TooLarge(n) => Err(format!("queue item of {n} bytes is not a timer request")),
-        queue::Frame::Corrupt { claimed, dropped } => Err(format!(
-            "the queue is corrupt: an item header claims {claimed} bytes (more than {} can be \
-             a timer request); dropped the {dropped} bytes after it to get back in step",
-            queue::MAX_CLAIMED
-        )),
-    };
-    if let Ok(control) = &request {
-        if control.scope == queue::RING_WAKE {
-            return;
-        }
-        if let Some(announcement) = ring::parse_announcement(control.scope.as_bytes()) {
-            return arrivals.rings.push((arrivals.requests.len(), announcement));
-        }
-    }
-    arrivals.requests.push(request);
-}
-
 /// Adds the transport's fds to the epoll set; false if the transport itself cannot be watched.
-fn watch(shared: &Shared, source: &Source) -> bool {
-    if let Some(fd) = source.fd() {
+fn watch(shared: &Shared, transport: &dyn Transport) -> bool {
+    if let Some(fd) = transport.fd() {
         if let Err(err) =
-            epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_SOURCE), EventFlags::IN)
+            epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_TRANSPORT), EventFlags::IN)
         {
             shared.lock().emit(Event::Warning(format!("cannot watch the transport: {err}")));
             return false;
         }
     }
-    if let Some(fd) = source.watch_fd() {
+    if let Some(fd) = transport.watch_fd() {
         // Without it, a deleted FIFO is not noticed (clients then get BrokenPipeError).
-        let _ = epoll::add(&shared.epoll, fd, EventData::new_u64(TAG_FIFO_WATCH), EventFlags::IN);
+        let watch = EventData::new_u64(TAG_TRANSPORT_WATCH);
+        let _ = epoll::add(&shared.epoll, fd, watch, EventFlags::IN);
     }
     true
 }
 
 /// Runs the loop until `stop` or `run_once`; returns the transport, closed.
-pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
-    if !watch(shared, &source) {
-        source.close(&mut Arrivals::default());
-        return source;
+pub(super) fn run(shared: &Shared, mut transport: Box<dyn Transport>) -> Box<dyn Transport> {
+    if !watch(shared, transport.as_ref()) {
+        transport.close(&mut Vec::new());
+        return transport;
     }
     alarm::ask_for_short_slices();
     let mut alarm = match Alarm::new().and_then(|alarm| {
@@ -196,12 +74,13 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
         Ok(alarm) => alarm,
         Err(err) => {
             shared.lock().emit(Event::Warning(format!("cannot set the loop's timer: {err}")));
-            source.close(&mut Arrivals::default());
-            return source;
+            transport.close(&mut Vec::new());
+            return transport;
         }
     };
     let mut ready: Vec<epoll::Event> = Vec::with_capacity(64);
-    let mut arrivals = Arrivals::default();
+    // What the transport brought, then (rings merged in) what the pass takes in.
+    let mut arrivals = Vec::new();
     let mut decoded = Vec::new();
     let mut rings = Rings::new(shared.config.max_pidfds / 2);
     let mut alarm_failed = false;
@@ -243,8 +122,8 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
                 thread::sleep(Duration::from_millis(10));
             }
         }
-        let mut read_source = false;
-        let mut fifo_changed = false;
+        let mut readable = false;
+        let mut transport_changed = false;
         let mut exited = Vec::new();
         let mut rings_exited = Vec::new();
         for event in &ready {
@@ -254,8 +133,8 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
                     let _ = rustix::io::read(&shared.wake, &mut counter);
                 }
                 TAG_ALARM => alarm.acknowledge(),
-                TAG_SOURCE => read_source = true,
-                TAG_FIFO_WATCH => fifo_changed = true,
+                TAG_TRANSPORT => readable = true,
+                TAG_TRANSPORT_WATCH => transport_changed = true,
                 tag if tag >= TAG_RING => {
                     rings_exited.extend(Pid::from_raw((tag - TAG_RING) as i32))
                 }
@@ -270,16 +149,16 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
         // client whose write succeeded is never lost. The FIFO goes first (if it is still
         // ours), so no new client can open it meanwhile.
         let last = command != Command::Run as u8;
-        if let (true, Source::Fifo(endpoint)) = (last, &mut source) {
-            endpoint.unlink();
+        if last {
+            transport.withdraw();
         }
-        read_source |= last;
-        if fifo_changed {
-            source.repair_fifo(shared, &mut arrivals);
+        readable |= last;
+        if transport_changed {
+            repair(shared, transport.as_mut(), &mut arrivals);
         }
-        if read_source {
+        if readable {
             loop {
-                match source.read(&mut arrivals) {
+                match transport.read(&mut arrivals) {
                     Ok(0) => break,
                     Ok(_) if last => continue,
                     Ok(_) => break,
@@ -304,18 +183,18 @@ pub(super) fn run(shared: &Shared, mut source: Source) -> Source {
         pass(shared, &mut decoded, exited);
         save_learned(shared, last);
         if last {
-            if let Some(fd) = source.fd() {
+            if let Some(fd) = transport.fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
             }
-            if let Some(fd) = source.watch_fd() {
+            if let Some(fd) = transport.watch_fd() {
                 let _ = epoll::delete(&shared.epoll, fd);
             }
             let _ = epoll::delete(&shared.epoll, alarm.fd());
             // What was written during this pass, read just before the FIFO closes.
-            source.close(&mut arrivals);
+            transport.close(&mut arrivals);
             take_in(shared, &mut rings, &mut arrivals, &mut decoded);
             shared.intake_decoded(&mut shared.lock(), &mut decoded, Clock::now());
-            return source;
+            return transport;
         }
     }
 }
@@ -344,15 +223,29 @@ fn save_learned(shared: &Shared, last: bool) {
     }
 }
 
-/// Moves what the transport brought into `decoded`, with the rings announced and drained
-/// in order among it.
+/// Moves what the transport brought into `decoded`, in order: a ring announced is taken
+/// (the worker's previous ring drained first), and a worker's ring is drained before each
+/// request it sent by the transport (it does so only once it left its ring, so its order is
+/// kept).
 fn take_in(
     shared: &Shared,
     rings: &mut Rings,
-    arrivals: &mut Arrivals,
+    arrivals: &mut Vec<Arrival>,
     decoded: &mut Vec<Result<Request, String>>,
 ) {
-    let warnings = rings.merge(&shared.epoll, arrivals, decoded);
+    let mut warnings = Vec::new();
+    for arrival in arrivals.drain(..) {
+        match arrival {
+            Arrival::Request(request) => {
+                rings.drain_worker(&shared.epoll, request.pid, decoded);
+                decoded.push(Ok(request));
+            }
+            Arrival::Malformed(reason) => decoded.push(Err(reason)),
+            Arrival::Ring(announcement) => {
+                warnings.extend(rings.announced(&shared.epoll, announcement, decoded).err());
+            }
+        }
+    }
     if !warnings.is_empty() {
         let mut state = shared.lock();
         for warning in warnings {

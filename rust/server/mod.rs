@@ -1,6 +1,6 @@
 //! The timer server: one native thread that reads requests, keeps deadlines and reaps.
 //!
-//! The thread sleeps in one `epoll_wait` on the transport, an eventfd (stop, and timers
+//! The thread sleeps in one `epoll_wait` on the transport ([`crate::transport`]), an eventfd (stop, and timers
 //! registered from outside), the pidfds of workers with timers, and a timerfd armed at the
 //! earliest deadline, so a deadline fires when it is due and an idle server does not wake.
 //! It never needs Python: what it has to report goes, as [`Event`]s, down a bounded channel
@@ -8,7 +8,8 @@
 //!
 //! * this module: the handle ([`Server`]) and what the loop and its callers share;
 //! * [`pass`]: torch's reap rules, one pass at a time, and where each worker stands;
-//! * `event_loop`: the thread, its transport and the self-signal handshake;
+//! * `event_loop`: the thread: what woke it, what the transport brought, the self-signal
+//!   handshake;
 //! * `alarm`: the timerfd the thread sleeps on, and its scheduler slice;
 //! * `rings`: the workers' shared-memory request rings (`crate::ring`);
 //! * [`report`]: what comes out (events, stats).
@@ -37,8 +38,8 @@ use crate::codec::Request;
 use crate::deadlines::Caps;
 use crate::learned::{LearnConfig, Learner, ScopeSummary, StateError};
 use crate::reaper;
-use crate::{fifo, queue, stacks};
-use event_loop::Source;
+use crate::stacks;
+use crate::transport::Transport;
 use pass::{Clock, State};
 
 pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats};
@@ -47,8 +48,8 @@ pub use report::{Event, Expiry, Field, Kind, ReapOutcome, Stats};
 const EVENT_CAPACITY: usize = 4096;
 
 const TAG_WAKE: u64 = 0;
-const TAG_SOURCE: u64 = 1;
-const TAG_FIFO_WATCH: u64 = 2;
+const TAG_TRANSPORT: u64 = 1;
+const TAG_TRANSPORT_WATCH: u64 = 2;
 const TAG_ALARM: u64 = 3;
 const TAG_WORKER: u64 = 1 << 32;
 const TAG_RING: u64 = 2 << 32;
@@ -82,7 +83,8 @@ pub struct Config {
     pub error_files: bool,
     /// The most live timers per worker and in all; past either an acquire is refused.
     pub caps: Caps,
-    /// The permissions of a FIFO transport's FIFO (None: 0666 less the umask), plus our mark.
+    /// The permissions of a FIFO transport's FIFO (None: 0666 less the umask), plus our mark:
+    /// what the caller gives `transport::fifo::Endpoint::create`.
     pub fifo_mode: Option<rustix::fs::Mode>,
 }
 
@@ -93,15 +95,6 @@ pub struct Adaptive {
     /// Where the statistics live between servers: loaded when the server is built, saved
     /// when it stops and now and then while it runs.
     pub state_file: Option<PathBuf>,
-}
-
-/// Where requests come from.
-#[derive(Debug)]
-pub enum Transport {
-    Fifo(PathBuf),
-    Queue(queue::Reader),
-    /// Requests arrive only through [`Server::register`] (a queue read from Python).
-    Direct,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,18 +162,13 @@ impl Shared {
 pub struct Server {
     shared: Arc<Shared>,
     /// The transport while the loop is not running.
-    parked: Option<Source>,
-    thread: Option<JoinHandle<Source>>,
+    parked: Option<Box<dyn Transport>>,
+    thread: Option<JoinHandle<Box<dyn Transport>>>,
 }
 
 impl Server {
-    /// Builds a server. A FIFO transport's FIFO is created now (replacing what is at its path).
-    pub fn new(transport: Transport, config: Config) -> io::Result<Self> {
-        let source = match transport {
-            Transport::Fifo(path) => Source::Fifo(fifo::Endpoint::create(path, config.fifo_mode)?),
-            Transport::Queue(reader) => Source::Queue(reader),
-            Transport::Direct => Source::Direct,
-        };
+    /// Builds a server that reads `transport` while it runs.
+    pub fn new(transport: impl Transport + 'static, config: Config) -> io::Result<Self> {
         let mut state = State::new(config.max_pidfds, config.caps)?;
         if let Some(adaptive) = &config.adaptive {
             let learner = match &adaptive.state_file {
@@ -212,7 +200,7 @@ impl Server {
                 own_pid: Owner::current().0,
                 config,
             }),
-            parked: Some(source),
+            parked: Some(Box::new(transport)),
             thread: None,
         })
     }
@@ -236,11 +224,11 @@ impl Server {
         if self.thread.is_some() {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "server already started"));
         }
-        let mut source = self.parked.take().expect("a stopped server holds its transport");
-        let warning = match source.open() {
+        let mut transport = self.parked.take().expect("a stopped server holds its transport");
+        let warning = match transport.open() {
             Ok(warning) => warning,
             Err(err) => {
-                self.parked = Some(source);
+                self.parked = Some(transport);
                 return Err(err);
             }
         };
@@ -258,10 +246,10 @@ impl Server {
         self.shared.command.store(Command::Run as u8, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         let thread = thread::Builder::new().name("elastic-timer".into()).spawn(move || {
-            let source = event_loop::run(&shared, source);
+            let transport = event_loop::run(&shared, transport);
             // Dropping the sender ends the reporter once it has drained the events.
             shared.lock().events = None;
-            source
+            transport
         })?;
         self.thread = Some(thread);
         Ok(receiver)
@@ -306,13 +294,13 @@ impl Server {
             self.shared.wake();
             // The loop catches nothing that could panic on purpose; if it did, the transport
             // is lost and `start` will refuse, which is the honest outcome.
-            if let Ok(source) = thread.join() {
-                self.parked = Some(source);
+            if let Ok(transport) = thread.join() {
+                self.parked = Some(transport);
             }
         }
-        if let Some(Source::Fifo(endpoint)) = &mut self.parked {
-            // The loop removed it already if it ran; a server never started removes it now.
-            endpoint.unlink();
+        if let Some(transport) = &mut self.parked {
+            // The loop withdrew it already if it ran; a server never started does it now.
+            transport.withdraw();
         }
     }
 

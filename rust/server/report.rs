@@ -74,7 +74,8 @@ pub enum ReapOutcome {
 }
 
 impl ReapOutcome {
-    /// Every outcome's name, as Python sees it (`elastic_timer._native.OUTCOMES`).
+    /// Every outcome's name, as Python sees it: `str()` of an `elastic_timer._native.Outcome`
+    /// member, and an event's `outcome` in the event log.
     pub const NAMES: [&'static str; 7] =
         ["not_signalled", "signalled", "gone", "failed", "delegated", "dry_run", "spared"];
 

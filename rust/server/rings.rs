@@ -1,8 +1,10 @@
 //! The workers' request rings, as the loop holds them (see [`crate::ring`]).
 //!
-//! A ring is taken when its announcement line is read, and drained into the requests the
-//! pass registers: before any FIFO request of the same worker (a worker sends by FIFO only
-//! once it has left its ring, so its order is kept), and then all of them, on every wake.
+//! A ring is taken when the transport brings its announcement
+//! ([`crate::transport::Arrival::Ring`], on any transport), and drained into the requests the
+//! pass registers: before any request of the same worker that came by the transport (a worker
+//! sends there only once it has left its ring, so its order is kept), and then all of them, on
+//! every wake.
 //! While some ring saw a request in the last [`IDLE_AFTER`], the server holds a lease on all
 //! of them and wakes every [`POLL_INTERVAL`] to drain them; then it lets the lease run out
 //! and looks once more, and an idle server does not wake at all.
@@ -28,14 +30,6 @@ const LEASE: Duration = Duration::from_millis(60);
 /// How long the server keeps polling after the last request a ring brought.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 
-/// What the transport brought: requests (or why a line is not one), and the ring
-/// announcements among them (each with the number of requests before it).
-#[derive(Default)]
-pub(super) struct Arrivals {
-    pub requests: Vec<Result<Request, String>>,
-    pub rings: Vec<(usize, ring::Announcement)>,
-}
-
 struct Held {
     reader: Reader,
     /// Tells the loop when the worker is gone, so its ring is drained one last time and let go.
@@ -57,45 +51,17 @@ impl Rings {
         Self { held: HashMap::new(), max, leased_until: None, last_poll: now, last_request: now }
     }
 
-    /// Takes in what the transport brought, in order: rings announced are taken, and a
-    /// worker's ring is drained before each FIFO request of its. Returns warnings.
-    pub fn merge(
-        &mut self,
-        epoll: &OwnedFd,
-        arrivals: &mut Arrivals,
-        out: &mut Vec<Result<Request, String>>,
-    ) -> Vec<String> {
-        let mut warnings = Vec::new();
-        let mut announced = arrivals.rings.drain(..).peekable();
-        for (i, request) in arrivals.requests.drain(..).enumerate() {
-            while let Some((_, announcement)) = announced.next_if(|(at, _)| *at <= i) {
-                self.announced(epoll, announcement, out, &mut warnings);
-            }
-            if let Ok(request) = &request {
-                self.drain_worker(epoll, request.pid, out);
-            }
-            out.push(request);
-        }
-        for (_, announcement) in announced {
-            self.announced(epoll, announcement, out, &mut warnings);
-        }
-        warnings
-    }
-
-    fn announced(
+    /// Takes the ring a worker announced, after draining the one it had; says why not otherwise.
+    pub fn announced(
         &mut self,
         epoll: &OwnedFd,
         announcement: ring::Announcement,
         out: &mut Vec<Result<Request, String>>,
-        warnings: &mut Vec<String>,
-    ) {
-        let result = announcement.and_then(|(pid, fd)| {
+    ) -> Result<(), String> {
+        announcement.and_then(|(pid, fd)| {
             self.drain_worker(epoll, pid, out);
             self.take(epoll, pid, fd).map_err(|why| format!("ring of pid {pid} refused: {why}"))
-        });
-        if let Err(warning) = result {
-            warnings.push(warning);
-        }
+        })
     }
 
     /// Takes the ring `pid` announced (its file descriptor `fd`); says why not otherwise.
@@ -144,9 +110,14 @@ impl Rings {
         Ok(())
     }
 
-    /// Drains `pid`'s ring into `out` (before a FIFO request of its); lets it go if the
-    /// worker left it.
-    fn drain_worker(&mut self, epoll: &OwnedFd, pid: i64, out: &mut Vec<Result<Request, String>>) {
+    /// Drains `pid`'s ring into `out` (before a request of its that came by the transport);
+    /// lets it go if the worker left it.
+    pub fn drain_worker(
+        &mut self,
+        epoll: &OwnedFd,
+        pid: i64,
+        out: &mut Vec<Result<Request, String>>,
+    ) {
         let Ok(pid) = reaper::validate_pid(pid) else { return };
         let Some(held) = self.held.get_mut(&pid) else { return };
         let abandoned = held.reader.abandoned();

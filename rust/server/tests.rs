@@ -8,6 +8,7 @@ use crate::reaper::Refusal;
 use crate::test_support::{
     fill_fd_table, in_own_process, pid_of, shell_once_it_says, shell_with_env, sleeper,
 };
+use crate::transport::{direct::Direct, fifo};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::time::Instant;
@@ -31,7 +32,14 @@ fn config() -> Config {
 
 fn fifo_server(name: &str, config: Config) -> (Server, PathBuf) {
     let path = std::env::temp_dir().join(format!("et-server-{}-{name}", std::process::id()));
-    (Server::new(Transport::Fifo(path.clone()), config).expect("server"), path)
+    (
+        Server::new(
+            fifo::Endpoint::create(path.clone(), config.fifo_mode).expect("mkfifo"),
+            config,
+        )
+        .expect("server"),
+        path,
+    )
 }
 
 fn request(pid: u32, scope: &str, after: f64, signal: i32) -> Request {
@@ -179,7 +187,7 @@ fn the_servers_own_process_may_time_itself_unless_only_descendants_are_served() 
     let own = std::process::id();
     for descendants_only in [false, true] {
         let config = Config { descendants_only, ..config() };
-        let server = Server::new(Transport::Direct, config).expect("server");
+        let server = Server::new(Direct, config).expect("server");
         server.register([request(own, "self", 60.0, libc::SIGTERM)]);
         let listed = server.timers().iter().any(|t| t.pid == i64::from(own));
         assert_eq!(listed, !descendants_only);
@@ -498,7 +506,7 @@ fn stacks_are_taken_before_the_signal() {
     assert!(matches!(expiry.outcome, ReapOutcome::Signalled));
     assert_eq!(expiry.error_file, None); // error_files is off
     let stacks = expiry.stacks.expect("stacks");
-    assert_eq!(stacks.source, stacks::Source::PySpy);
+    assert_eq!(stacks.source, stacks::Dumper::PySpy);
     assert_eq!(stacks.text, format!("dump --pid {}\n", worker.id()));
     assert_eq!(worker.wait().expect("wait").signal(), Some(libc::SIGKILL));
     assert_eq!(server.stats().stack_dumps, 1);
@@ -532,7 +540,7 @@ fn run_blocks(server: &Server, worker: &Child, scope: &str, runs: usize, took: D
 #[test]
 fn a_learned_bound_fires_long_before_the_after_asked_for_and_outlives_the_server() {
     let (config, path) = adaptive("bound");
-    let mut server = Server::new(Transport::Direct, config.clone()).expect("server");
+    let mut server = Server::new(Direct, config.clone()).expect("server");
     let events = server.start().expect("start");
     let mut worker = sleeper();
     run_blocks(&server, &worker, "step", 3, Duration::from_millis(10));
@@ -553,7 +561,7 @@ fn a_learned_bound_fires_long_before_the_after_asked_for_and_outlives_the_server
     server.stop();
 
     // A new server loads what this one learned and enforces it from its first acquire.
-    let mut next = Server::new(Transport::Direct, config).expect("server");
+    let mut next = Server::new(Direct, config).expect("server");
     let events = next.start().expect("start");
     let mut worker = sleeper();
     let acquired = Instant::now();
@@ -569,7 +577,7 @@ fn a_learned_bound_fires_long_before_the_after_asked_for_and_outlives_the_server
 fn a_bad_state_file_is_reported_and_learning_starts_afresh() {
     let (config, path) = adaptive("corrupt");
     std::fs::write(&path, b"{not json").expect("write");
-    let mut server = Server::new(Transport::Direct, config).expect("a bad file costs no server");
+    let mut server = Server::new(Direct, config).expect("a bad file costs no server");
     let events = server.start().expect("start");
     match events.recv_timeout(Duration::from_secs(1)).expect("a warning") {
         Event::Warning(warning) => {
@@ -587,7 +595,7 @@ fn a_bad_state_file_is_reported_and_learning_starts_afresh() {
 fn a_dry_run_reports_what_the_learned_bound_would_kill_and_kills_nothing() {
     let (config, path) = adaptive("dry");
     let config = Config { dry_run: true, ..config };
-    let mut server = Server::new(Transport::Direct, config).expect("server");
+    let mut server = Server::new(Direct, config).expect("server");
     let events = server.start().expect("start");
     let mut worker = sleeper();
     run_blocks(&server, &worker, "step", 3, Duration::from_millis(5));
@@ -645,7 +653,7 @@ fn when_the_learned_bound_fires_the_error_file_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (config, state) = adaptive("error-file");
     let config = Config { error_files: true, ..config };
-    let mut server = Server::new(Transport::Direct, config).expect("server");
+    let mut server = Server::new(Direct, config).expect("server");
     let events = server.start().expect("start");
     let path = dir.path().join("error.json");
     let mut worker = torchrun_worker(&path);
@@ -671,8 +679,7 @@ fn a_worker_whose_state_cannot_be_read_keeps_its_timer_and_is_reaped_once_it_can
     }
     let mut worker = sleeper();
     // Tracked by pid: the loop's sweep reads /proc to tell whether it still runs.
-    let mut server =
-        Server::new(Transport::Direct, Config { max_pidfds: 0, ..config() }).expect("server");
+    let mut server = Server::new(Direct, Config { max_pidfds: 0, ..config() }).expect("server");
     let events = server.start().expect("start");
     server.register([request(worker.id(), "step", 0.5, libc::SIGKILL)]);
     // The loop has made its fds (its timer) before the table fills.

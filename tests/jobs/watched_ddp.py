@@ -122,6 +122,9 @@ def main() -> None:
             evaluate(model)
         if step % CKPT_EVERY == 0:
             checkpoint(model, step)
+    # As torch's DDP tutorial ends: no rank tears its gloo pairs down while a peer may still
+    # be finishing the last allreduce on them.
+    dist.barrier()
     dist.destroy_process_group()
     log(f"rank {RANK} attempt {ATTEMPT} done {step}")
 
