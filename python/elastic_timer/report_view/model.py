@@ -1,0 +1,125 @@
+"""What the terminal and the page show of a hang report: the groups (suspects first), each
+with its ranks as ranges, its hosts, its Flight Recorder sequence numbers, and its stack with
+the frames where the groups part marked."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..hang_report import Frame, _describe_collectives, _ranges, threads
+
+__all__ = ["GroupView", "ReportView", "StackLine", "view"]
+
+
+@dataclass(frozen=True)
+class StackLine:
+    text: str
+    # A frame not in every group's stack: where this group parts from the others.
+    parting: bool
+
+
+@dataclass(frozen=True)
+class GroupView:
+    number: int  # 1-based, in the report's order (the agents' log numbers groups so too)
+    ranks: list[int]
+    hosts: list[str]
+    scopes: list[str]
+    where: str
+    suspect: bool
+    # The Flight Recorder sequence numbers, one line per set of ranks with the same ones.
+    collectives: list[str]
+    stack: list[StackLine]
+
+    @property
+    def rank_ranges(self) -> str:
+        return _ranges(self.ranks)
+
+
+@dataclass(frozen=True)
+class ReportView:
+    report: dict[str, Any]
+    groups: list[GroupView]  # suspects first, then the report's order (largest first)
+
+    @property
+    def ranks(self) -> int:
+        return sum(len(g.ranks) for g in self.groups)
+
+    @property
+    def suspects(self) -> list[int]:
+        return list(self.report["suspects"])
+
+    @property
+    def from_flight_recorder(self) -> bool:
+        return bool(self.report["suspects"]) and (
+            self.report.get("suspects_from") == "flight recorder"
+        )
+
+    def notes(self) -> list[str]:
+        """What the report says is missing from it."""
+        report = self.report
+        notes = []
+        if report["store_gone"]:
+            notes.append("the job's store is gone: only one host's ranks are reported")
+        elif report["missing_hosts"]:
+            notes.append(
+                "hosts (group ranks) that did not answer: " + _ranges(report["missing_hosts"])
+            )
+        if report["unanswered"]:
+            notes.append("ranks that gave no stacks: " + _ranges(report["unanswered"]))
+        return notes
+
+
+def view(report: dict[str, Any]) -> ReportView:
+    groups = report["groups"]
+    frames = [_frames(g["stack"]) for g in groups]
+    everywhere = set.intersection(*frames) if frames else set()
+    views = [
+        GroupView(
+            number=number,
+            ranks=group["ranks"],
+            hosts=group["hosts"],
+            scopes=group["scopes"],
+            where=group["where"],
+            suspect=group["suspect"],
+            collectives=_collectives(group),
+            stack=_stack(group["stack"], everywhere if len(groups) > 1 else None),
+        )
+        for number, group in enumerate(groups, 1)
+    ]
+    views.sort(key=lambda g: not g.suspect)  # stable: the report's order otherwise
+    return ReportView(report, views)
+
+
+def _frames(stack: str) -> set[Frame]:
+    return {frame for thread in threads(stack) for frame in thread}
+
+
+def _stack(stack: str, everywhere: set[Frame] | None) -> list[StackLine]:
+    lines = []
+    for text in stack.rstrip().splitlines():
+        # A line is a frame if it parses as one (a thread of one frame).
+        parsed = threads(text)
+        parting = bool(parsed) and everywhere is not None and parsed[0][0] not in everywhere
+        lines.append(StackLine(text, parting))
+    return lines
+
+
+def _collectives(group: dict[str, Any]) -> list[str]:
+    """One line per distinct description, naming its ranks as ranges: thousands of ranks
+    with the same sequence numbers are one line."""
+    ranks_by_text: dict[str, list[int]] = {}
+    for rank, summary in group["collectives"].items():
+        ranks_by_text.setdefault(_describe_collectives(summary), []).append(int(rank))
+    missing = group.get("collectives_missing") or {}
+    for rank, why in missing.items():
+        ranks_by_text.setdefault(f"none, {why}", []).append(int(rank))
+    return [
+        f"{_rank_word(ranks)} {_ranges(sorted(ranks))}: {text}"
+        for text, ranks in sorted(ranks_by_text.items(), key=lambda item: min(item[1]))
+    ]
+
+
+def _rank_word(ranks: Sequence[int]) -> str:
+    return "rank" if len(ranks) == 1 else "ranks"

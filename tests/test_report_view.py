@@ -1,0 +1,385 @@
+"""``elastic-timer report``: a hang report from an event log, for a terminal and as a web page.
+
+The reports are built by hang_report's own functions from synthetic stacks, and written to the
+event log as the server writes them (``EventSink``). The pages are rendered by a real headless
+browser (Debian's chromium, which scripts/test.sh installs): the tests read the pixels of its
+screenshots where the suspects' cells are, and its console for errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import run_cli
+from matplotlib.image import imread
+
+from elastic_timer.diagnostics import EventSink
+from elastic_timer.hang_report import RankStacks, build_report, contribution
+
+C10D = "/site-packages/torch/distributed/distributed_c10d.py"
+IN_ALL_REDUCE = [(C10D, 4181, "all_reduce"), ("/job/train.py", 37, "main")]
+LOADING = [("/job/train.py", 24, "load_batch"), ("/job/train.py", 36, "main")]
+LOADER_THREAD = [("/usr/lib/python3.11/threading.py", 320, "wait")]
+
+# The page's colours (report_view/page.py).
+SUSPECT = (0xE5, 0x48, 0x4D)
+GROUP_1 = (0x4E, 0x79, 0xA7)
+NO_STACKS = (0xB9, 0xBD, 0xC6)
+
+
+def faulthandler_dump(*threads: list[tuple[str, int, str]]) -> str:
+    """A dump as faulthandler writes it: one block per thread, innermost frame first."""
+    blocks = []
+    for number, frames in enumerate(threads):
+        header = "Current thread" if number == 0 else "Thread"
+        lines = [f"{header} 0x{0x7F00 + number:016x} (most recent call first):"]
+        lines += [f'  File "{path}", line {line} in {func}' for path, line, func in frames]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def flight_recorder(enqueued: int) -> dict[str, Any]:
+    """A rank's Flight Recorder summary (``summarize_trace``'s shape)."""
+    return {
+        "pg_status": {"0": {"enqueued": enqueued, "started": enqueued, "completed": 11}},
+        "last": [{"pg": 0, "seq": enqueued, "op": "nccl:all_reduce", "state": "scheduled"}],
+    }
+
+
+def small_report() -> dict[str, Any]:
+    """Two of three hosts answer; rank 3 loads a batch while the others wait in all_reduce,
+    one collective behind them in Flight Recorder's numbers; rank 6 gives no stacks."""
+    waiting = faulthandler_dump(IN_ALL_REDUCE, LOADER_THREAD)
+    loading = faulthandler_dump(LOADING, LOADER_THREAD)
+
+    def rank(number: int, stacks: str | None, enqueued: int) -> RankStacks:
+        return RankStacks(number, 1000 + number, ("step",), stacks, flight_recorder(enqueued))
+
+    shares = [
+        contribution(
+            "node-a[0]",
+            0,
+            [
+                rank(0, waiting, 12),
+                rank(1, waiting, 12),
+                rank(2, waiting, 12),
+                rank(3, loading, 11),
+            ],
+            trigger=True,
+        ),
+        contribution(
+            "node-b[1]",
+            1,
+            [rank(4, waiting, 12), rank(5, waiting, 12), rank(6, None, 12), rank(7, waiting, 12)],
+            trigger=False,
+        ),
+    ]
+    return build_report(shares, expected_hosts=3)
+
+
+def one_rank_report(host: str, frames: list[tuple[str, int, str]]) -> dict[str, Any]:
+    stacks = faulthandler_dump(frames)
+    share = contribution(host, 0, [RankStacks(0, 9, (), stacks)], trigger=True)
+    return build_report([share], expected_hosts=1)
+
+
+def event_log(path: Path, *reports: dict[str, Any]) -> Path:
+    """An event log as the server writes it, with other events around the reports."""
+    sink = EventSink(str(path), None)
+    sink.emit("watchdog started", pid=42)
+    for report in reports:
+        sink.emit("timer expired", pid=1003, scopes=["step"])
+        sink.emit("hang report", **report)
+    sink.close()
+    return path
+
+
+# -- the terminal -----------------------------------------------------------------------------
+
+
+def test_the_terminal_shows_the_suspects_first_with_ranges_hosts_and_where_the_stacks_part(
+    tmp_path: Path,
+) -> None:
+    older = build_report(
+        [
+            contribution(
+                "old[0]", 0, [RankStacks(0, 9, (), faulthandler_dump(LOADING))], trigger=True
+            )
+        ],
+        expected_hosts=1,
+    )
+    log = event_log(tmp_path / "events.jsonl", older, small_report())
+    result = run_cli("report", str(log))
+    assert (result.returncode, result.stderr) == (0, "")
+    out = result.stdout
+    assert "\033" not in out  # not a terminal: no colour
+    lines = out.splitlines()
+    assert lines[0].startswith("Hang report 2 of 2, written ")
+    assert lines[0].endswith(" UTC (first expiry on node-a[0])")
+    assert lines[1:5] == [
+        "7 rank(s) from 2 of 3 host(s), in 2 group(s)",
+        "Suspects: rank 3 (behind the others in Flight Recorder's sequence numbers)",
+        "  hosts (group ranks) that did not answer: 2",
+        "  ranks that gave no stacks: 6",
+    ]
+    suspect, waiting = out.index("group 2  SUSPECT"), out.index("group 1  ")
+    assert suspect < waiting
+    suspect_part, waiting_part = out[suspect:waiting], out[waiting:]
+    assert suspect_part.splitlines()[:5] == [
+        "group 2  SUSPECT  1 rank(s): 3",
+        "  in load_batch (train.py:24)",
+        "  on 1 host(s): node-a[0]",
+        "  scopes: step",
+        "  Flight Recorder, rank 3: pg 0 last enqueued #11, completed #11 "
+        "(last: nccl:all_reduce #11 scheduled)",
+    ]
+    assert waiting_part.splitlines()[:4] == [
+        "group 1  6 rank(s): 0-2, 4-5, 7",
+        "  in all_reduce",
+        "  on 2 host(s): node-a[0], node-b[1]",
+        "  scopes: step",
+    ]
+    assert (
+        "  Flight Recorder, ranks 0-2, 4-5, 7: pg 0 last enqueued #12, completed #11 "
+        "(last: nccl:all_reduce #12 scheduled)"
+    ) in waiting_part
+    # The frames where the groups part are marked; the loader thread both share is not.
+    assert '  >   File "/job/train.py", line 24 in load_batch' in suspect_part
+    assert '  >   File "/job/train.py", line 36 in main' in suspect_part
+    assert f'  >   File "{C10D}", line 4181 in all_reduce' in waiting_part
+    assert '      File "/usr/lib/python3.11/threading.py", line 320 in wait' in suspect_part
+
+    coloured = run_cli("report", str(log), "--color", "always").stdout
+    assert "\033[1;31mgroup 2  SUSPECT\033[0m" in coloured
+    assert '  > \033[1;33m  File "/job/train.py", line 24 in load_batch\033[0m' in coloured
+
+    first = run_cli("report", str(log), "--index", "0")
+    assert first.returncode == 0
+    assert first.stdout.startswith("Hang report 1 of 2, ")
+    assert "Suspects: none found" in first.stdout
+    assert run_cli("report", str(log), "--index", "-2").stdout == first.stdout
+
+
+def test_text_from_the_job_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    evil = [("/job/train.py", 7, "f\033]0;owned\a\033[2J")]
+    report = build_report(
+        [
+            contribution(
+                "h\033[31m[0]", 0, [RankStacks(0, 9, (), faulthandler_dump(evil))], trigger=True
+            )
+        ],
+        expected_hosts=1,
+    )
+    result = run_cli("report", str(event_log(tmp_path / "events.jsonl", report)))
+    assert result.returncode == 0
+    assert "\033" not in result.stdout and "\a" not in result.stdout
+    assert "in f\\x1b]0;owned\\x07\\x1b[2J" in result.stdout
+    assert "h\\x1b[31m[0]" in result.stdout
+
+
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
+    missing = run_cli("report", str(tmp_path / "nowhere.jsonl"))
+    assert missing.returncode == 1
+    assert (
+        missing.stderr == f"elastic-timer report: error: no such file: {tmp_path}/nowhere.jsonl\n"
+    )
+
+    quiet = event_log(tmp_path / "quiet.jsonl")
+    none = run_cli("report", str(quiet))
+    assert (none.returncode, none.stdout) == (1, "")
+    assert none.stderr == f"elastic-timer report: error: no hang report in {quiet}\n"
+
+    log = event_log(tmp_path / "events.jsonl", small_report())
+    out_of_range = run_cli("report", str(log), "--index", "1")
+    assert out_of_range.returncode == 1
+    assert out_of_range.stderr == (
+        f"elastic-timer report: error: --index 1 is out of range: {log} has 1 hang report(s), "
+        "0 to 0 (or -1 to -1 from the latest)\n"
+    )
+
+    # Another user could have left a link (or a file of theirs) where the log is looked for.
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(log)
+    refused = run_cli("report", str(link))
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"elastic-timer report: error: cannot read {link}: ")
+    open_to_all = event_log(tmp_path / "shared.jsonl", small_report())
+    open_to_all.chmod(0o666)
+    assert run_cli("report", str(open_to_all)).returncode == 1
+
+    bad_index = run_cli("report", str(log), "--index", "last")
+    assert bad_index.returncode == 2
+
+
+def test_a_malformed_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    log = event_log(tmp_path / "events.jsonl", small_report())
+    with open(log, "ab") as file:
+        file.write(b'{"event": "hang report", "suspects": [3], "grou\n')  # torn by a crash
+        file.write(b'["not", "an", "object"]\n')
+        file.write(json.dumps({"event": "hang report", "suspects": "3"}).encode() + b"\n")
+        file.write(b'{"event": "hang \xff report"}\n')  # not UTF-8
+    result = run_cli("report", str(log))
+    assert result.returncode == 0
+    assert result.stdout.startswith("Hang report 1 of 1")  # the good one, before them
+    assert result.stderr.splitlines() == [
+        f"elastic-timer report: warning: {log}:4: not a JSON line, skipped",
+        f"elastic-timer report: warning: {log}:5: not a JSON object, skipped",
+        f"elastic-timer report: warning: {log}:6: a hang report with no valid 'suspects', skipped",
+        f"elastic-timer report: warning: {log}:7: not a JSON line, skipped",
+    ]
+
+
+# -- the page, in a real browser ----------------------------------------------------------------
+
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Debian's chromium, headless, on a profile of its own; its console goes to stderr."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        pytest.fail("chromium is missing: scripts/test.sh installs it (apt-get install chromium)")
+    sandbox = ["--no-sandbox"] if os.geteuid() == 0 else []  # refused as root otherwise
+    return subprocess.run(
+        [
+            binary,
+            "--headless",
+            *sandbox,
+            "--disable-gpu",
+            "--force-device-scale-factor=1",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def console(stderr: str) -> list[str]:
+    """What the page wrote to the console (its errors, uncaught exceptions among them)."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+@pytest.fixture
+def page_of(tmp_path: Path) -> Any:
+    def write(report: dict[str, Any], name: str) -> Path:
+        log = event_log(tmp_path / f"{name}.jsonl", report)
+        out = tmp_path / f"{name}.html"
+        result = run_cli("report", str(log), "--html", str(out))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == f"elastic-timer report: wrote hang report 1 of 1 to {out}\n"
+        return out
+
+    return write
+
+
+def rendered(tmp_path: Path, page: Path, width: int, height: int) -> tuple[dict[str, str], Any]:
+    """The page's DOM once its script ran (the body's data attributes, and the HTML), and a
+    screenshot of it, at ``width`` x ``height``; no console message in either run."""
+    size = f"--window-size={width},{height}"
+    dom = chromium(tmp_path, size, "--dump-dom", page.as_uri())
+    assert console(dom.stderr) == []
+    body = re.search(r"<body([^>]*)>", dom.stdout)
+    assert body is not None
+    attributes = dict(re.findall(r'data-([\w-]+)="([^"]*)"', body[1]))
+    shot = page.with_suffix(".png")
+    taken = chromium(tmp_path, size, f"--screenshot={shot}", page.as_uri())
+    assert console(taken.stderr) == []
+    attributes["dom"] = dom.stdout
+    return attributes, imread(shot)
+
+
+def colour_of(pixels: Any, grid: dict[str, Any], rank: int) -> tuple[int, int, int]:
+    """The colour at the centre of ``rank``'s cell in a screenshot."""
+    pitch, size = grid["pitch"], grid["size"]
+    x = int(grid["left"] + (rank % grid["cols"]) * pitch + size / 2)
+    y = int(grid["top"] + (rank // grid["cols"]) * pitch + size / 2)
+    r, g, b = (round(float(c) * 255) for c in pixels[y, x, :3])
+    return r, g, b
+
+
+def near(actual: tuple[int, int, int], expected: tuple[int, int, int]) -> bool:
+    return all(abs(a - e) <= 3 for a, e in zip(actual, expected))
+
+
+def test_the_console_check_sees_a_page_that_fails(tmp_path: Path) -> None:
+    """The check the page tests rely on: chromium writes an uncaught error to stderr."""
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><script>notDefined();</script>")
+    result = chromium(tmp_path, "--dump-dom", page.as_uri())
+    (line,) = console(result.stderr)
+    assert "Uncaught ReferenceError: notDefined is not defined" in line
+
+
+def test_the_page_colours_the_suspect_red_and_names_what_it_shows(
+    tmp_path: Path, page_of: Any
+) -> None:
+    page = page_of(small_report(), "small")
+    assert "http:" not in page.read_text() and "https:" not in page.read_text()
+    state, pixels = rendered(tmp_path, page, 1200, 900)
+    grid = json.loads(state["grid"].replace("&quot;", '"'))
+    assert near(colour_of(pixels, grid, 3), SUSPECT)
+    for rank in (0, 1, 2, 4, 5, 7):
+        assert near(colour_of(pixels, grid, rank), GROUP_1)
+    assert near(colour_of(pixels, grid, 6), NO_STACKS)
+    dom = state["dom"]
+    assert "Suspects: rank 3 " in dom
+    assert "6 rank(s): 0-2, 4-5, 7" in dom
+    assert "Flight Recorder, rank 3: pg 0 last enqueued #11, completed #11" in dom
+    assert '<span class="parting">  File "/job/train.py", line 24 in load_batch</span>' in dom
+    # The suspects' card comes first.
+    assert dom.index("in load_batch (train.py:24)</div>") < dom.index("in all_reduce</div>")
+
+
+def test_text_from_the_job_stays_text_on_the_page(tmp_path: Path, page_of: Any) -> None:
+    evil = "</script><script>document.title='owned'</script><img src=x onerror=alert(1)><!--"
+    frames = [("/job/train.py", 7, evil)]
+    report = one_rank_report(f"{evil}[0]", frames)
+    page = page_of(report, "evil")
+    assert "</script><script>document" not in page.read_text()
+    state, _ = rendered(tmp_path, page, 1000, 700)
+    dom = state["dom"]
+    assert "<img" not in dom and "owned</title>" not in dom
+    assert "&lt;/script&gt;&lt;script&gt;document.title='owned'" in dom  # shown, as text
+
+
+def test_a_16384_rank_page_renders_in_under_2_s(tmp_path: Path, page_of: Any) -> None:
+    """2,048 hosts of 8 ranks wait in all_reduce but rank 12,345, which loads a batch."""
+    waiting = faulthandler_dump(IN_ALL_REDUCE, LOADER_THREAD)
+    loading = faulthandler_dump(LOADING, LOADER_THREAD)
+    shares = [
+        contribution(
+            f"node-{host:04d}[{host}]",
+            host,
+            [
+                RankStacks(rank, 1000 + rank, ("step",), loading if rank == 12345 else waiting)
+                for rank in range(host * 8, host * 8 + 8)
+            ],
+            trigger=host == 0,
+        )
+        for host in range(2048)
+    ]
+    page = page_of(build_report(shares, expected_hosts=2048), "large")
+    size = page.stat().st_size
+    assert size < 200_000, size  # the stacks once per group, the ranks as small numbers
+    state, pixels = rendered(tmp_path, page, 1280, 1400)
+    grid = json.loads(state["grid"].replace("&quot;", '"'))
+    assert grid["cols"] == 128
+    assert near(colour_of(pixels, grid, 12345), SUSPECT)
+    for rank in (0, 12344, 12346, 16383):
+        assert near(colour_of(pixels, grid, rank), GROUP_1)
+    assert "Suspects: rank 12345 " in state["dom"]
+    # From navigation to the last cell drawn (the page measures it itself).
+    milliseconds = int(state["render-ms"])
+    print(f"\n16,384-rank page ({size} bytes): drawn {milliseconds} ms after navigation")
+    assert milliseconds < 2000
