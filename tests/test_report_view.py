@@ -8,9 +8,12 @@ screenshots where the suspects' cells are, and its console for errors.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 from pathlib import Path
@@ -383,3 +386,145 @@ def test_a_16384_rank_page_renders_in_under_2_s(tmp_path: Path, page_of: Any) ->
     milliseconds = int(state["render-ms"])
     print(f"\n16,384-rank page ({size} bytes): drawn {milliseconds} ms after navigation")
     assert milliseconds < 2000
+
+
+class DevTools:
+    """A headless chromium driven through the DevTools protocol (``--remote-debugging-pipe``:
+    commands on its fd 3, answers and events on its fd 4), for what a person does with the
+    page: move the mouse over a cell, click it."""
+
+    def __init__(self, tmp_path: Path, width: int, height: int) -> None:
+        binary = shutil.which("chromium")
+        if binary is None:
+            pytest.fail("chromium is missing: scripts/test.sh installs it")
+        commands, self._commands = os.pipe()
+        self._answers, answers = os.pipe()
+
+        def onto_3_and_4() -> None:
+            os.dup2(commands, 3)
+            os.dup2(answers, 4)
+
+        sandbox = ["--no-sandbox"] if os.geteuid() == 0 else []
+        self._process = subprocess.Popen(
+            [
+                binary,
+                "--headless",
+                *sandbox,
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={tmp_path / 'devtools-profile'}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            close_fds=False,
+            preexec_fn=onto_3_and_4,
+        )
+        os.close(commands)
+        os.close(answers)
+        self._buffer = b""
+        self._next = 0
+        self.events: list[dict[str, Any]] = []
+        self._session: str | None = None
+        (target,) = [
+            t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page"
+        ]
+        attached = self.send("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+        self._session = attached["sessionId"]
+        for domain in ("Page", "Runtime"):
+            self.send(f"{domain}.enable")
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next += 1
+        message: dict[str, Any] = {"id": self._next, "method": method, "params": params}
+        if self._session is not None:
+            message["sessionId"] = self._session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        while True:
+            answer = self._receive()
+            if answer.get("id") == self._next:
+                assert "error" not in answer, answer
+                result: dict[str, Any] = answer["result"]
+                return result
+            self.events.append(answer)
+
+    def _receive(self) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._answers], [], [], 60)
+            assert ready, "chromium did not answer within 60 s"
+            chunk = os.read(self._answers, 1 << 16)
+            assert chunk, "chromium closed its DevTools pipe"
+            self._buffer += chunk
+        message, self._buffer = self._buffer.split(b"\0", 1)
+        parsed: dict[str, Any] = json.loads(message)
+        return parsed
+
+    def open(self, page: Path) -> None:
+        self.send("Page.navigate", url=page.as_uri())
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            self.events.append(self._receive())
+
+    def evaluate(self, expression: str) -> Any:
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)[
+            "result"
+        ].get("value")
+
+    def mouse(self, kind: str, x: float, y: float) -> None:
+        self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def screenshot(self, path: Path) -> None:
+        png = self.send("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(png))
+
+    def console(self) -> list[dict[str, Any]]:
+        """What the page wrote to the console, and the exceptions it did not catch."""
+        kinds = ("Runtime.consoleAPICalled", "Runtime.exceptionThrown")
+        return [e for e in self.events if e.get("method") in kinds]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send("Browser.close")
+        os.close(self._commands)
+        os.close(self._answers)
+        self._process.wait(timeout=30)
+
+
+def test_hovering_and_clicking_a_cell_show_its_host_and_stack(tmp_path: Path, page_of: Any) -> None:
+    page = page_of(small_report(), "small")
+    browser = DevTools(tmp_path, 1200, 900)
+    try:
+        browser.open(page)
+        grid = json.loads(browser.evaluate("document.body.dataset.grid"))
+        x = grid["left"] + 3 * grid["pitch"] + grid["size"] / 2
+        y = grid["top"] + grid["size"] / 2
+        browser.mouse("mouseMoved", x, y)
+        tip = browser.evaluate(
+            "(t => t.hidden ? null : t.textContent)(document.getElementById('tip'))"
+        )
+        assert tip.splitlines()[:3] == [
+            "rank 3  (suspect)",
+            "group 2, in load_batch (train.py:24)",
+            "host node-a[0]",
+        ]
+        assert 'File "/job/train.py", line 24 in load_batch' in tip
+        browser.mouse("mousePressed", x, y)
+        browser.mouse("mouseReleased", x, y)
+        detail = browser.evaluate("document.getElementById('detail').textContent")
+        assert detail.startswith("rank 3 · group 2SUSPECTin load_batch (train.py:24)")
+        assert 'File "/job/train.py", line 24 in load_batch' in detail
+        # The other group's cells are dimmed, the clicked one's card outlined.
+        assert browser.evaluate("document.querySelectorAll('.card.selected').length") == 1
+        browser.screenshot(tmp_path / "clicked.png")
+        pixels = imread(tmp_path / "clicked.png")
+        dimmed = colour_of(pixels, grid, 0)
+        assert not near(dimmed, GROUP_1) and dimmed[2] > dimmed[0]  # paler, still blue
+        assert browser.console() == []
+    finally:
+        browser.close()

@@ -107,7 +107,8 @@ _TEMPLATE = """<!DOCTYPE html>
 <section>
 <h2>Ranks</h2>
 <div id="legend"></div>
-<div id="grid-wrap"><canvas id="grid"></canvas><div id="tip" hidden></div></div>
+<div id="grid-wrap"><canvas id="grid"></canvas></div>
+<div id="tip" hidden></div>
 <div id="detail" hidden></div>
 </section>
 <section>
@@ -140,7 +141,7 @@ h2 { font-size: 15px; margin: 22px 0 8px; }
 #grid-wrap { position: relative; background: #fff; border: 1px solid var(--line);
   border-radius: 8px; padding: 12px; overflow-x: auto; }
 #grid { display: block; cursor: crosshair; }
-#tip { position: absolute; pointer-events: none; background: #1c2024; color: #fff;
+#tip { position: fixed; pointer-events: none; background: #1c2024; color: #fff;
   border-radius: 6px; padding: 6px 9px; font-size: 12px; max-width: 420px; z-index: 2;
   white-space: pre-wrap; box-shadow: 0 4px 14px rgba(0,0,0,.25); }
 #detail { margin-top: 10px; }
@@ -149,7 +150,7 @@ h2 { font-size: 15px; margin: 22px 0 8px; }
 .card { flex: 0 0 auto; width: 470px; background: #fff; border: 1px solid var(--line);
   border-radius: 8px; padding: 10px 12px; }
 .card.suspect { border-color: var(--suspect); box-shadow: 0 0 0 1px var(--suspect) inset; }
-.card.selected { outline: 3px solid #3e63dd; }
+.card.selected { outline: 3px solid #3e63dd; outline-offset: -3px; }
 .card h3 { margin: 0; font-size: 14px; display: flex; align-items: center; gap: 8px; }
 .badge { background: var(--suspect); color: #fff; font-size: 11px; border-radius: 4px;
   padding: 1px 6px; letter-spacing: .04em; }
@@ -322,10 +323,10 @@ _SCRIPT = r"""
     }
     tip.textContent = lines.join("\n");
     tip.hidden = false;
-    const box = wrap.getBoundingClientRect();
-    const x = event.clientX - box.left + wrap.scrollLeft + 14;
-    tip.style.left = Math.min(x, wrap.scrollWidth - tip.offsetWidth - 4) + "px";
-    tip.style.top = (event.clientY - box.top + 14) + "px";
+    const x = Math.min(event.clientX + 14, window.innerWidth - tip.offsetWidth - 8);
+    const below = event.clientY + 14 + tip.offsetHeight < window.innerHeight;
+    tip.style.left = Math.max(0, x) + "px";
+    tip.style.top = (below ? event.clientY + 14 : event.clientY - 10 - tip.offsetHeight) + "px";
   });
   canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
   canvas.addEventListener("click", (event) => {
@@ -342,7 +343,7 @@ _SCRIPT = r"""
     if (pinned < 0) return;
     const c = cells[pinned];
     if (c >= 0) {
-      detail.append(card(groups[c], c, describe(pinned)[0]));
+      detail.append(card(groups[c], c, `rank ${pinned} · group ${groups[c].number}`));
     } else {
       detail.append(el("div", "note", describe(pinned).join(": ")));
     }
