@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -401,8 +402,10 @@ class DevTools:
         self._answers, answers = os.pipe()
 
         def onto_3_and_4() -> None:
-            os.dup2(commands, 3)
-            os.dup2(answers, 4)
+            # Through fds above both: either pipe end may itself be fd 3 or 4.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands, answers)]
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
 
         sandbox = ["--no-sandbox"] if os.geteuid() == 0 else []
         self._process = subprocess.Popen(

@@ -147,16 +147,17 @@ h2 { font-size: 15px; margin: 22px 0 8px; }
 #detail { margin-top: 10px; }
 #groups { display: flex; gap: 12px; overflow-x: auto; align-items: flex-start;
   padding-bottom: 8px; }
-.card { flex: 0 0 auto; width: 470px; background: #fff; border: 1px solid var(--line);
-  border-radius: 8px; padding: 10px 12px; }
+.card { flex: 0 0 auto; width: clamp(380px, calc(50% - 6px), 600px); background: #fff;
+  border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
 .card.suspect { border-color: var(--suspect); box-shadow: 0 0 0 1px var(--suspect) inset; }
 .card.selected { outline: 3px solid #3e63dd; outline-offset: -3px; }
 .card h3 { margin: 0; font-size: 14px; display: flex; align-items: center; gap: 8px; }
 .badge { background: var(--suspect); color: #fff; font-size: 11px; border-radius: 4px;
   padding: 1px 6px; letter-spacing: .04em; }
 .where { font-weight: 600; margin: 4px 0 2px; }
-.meta { color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
-.fr { font-size: 12px; color: #2b4a8b; overflow-wrap: anywhere; }
+.meta { color: var(--muted); font-size: 12px; overflow-wrap: break-word; }
+.host { white-space: nowrap; }
+.fr { font-size: 12px; color: #2b4a8b; overflow-wrap: break-word; }
 pre { margin: 8px 0 0; padding: 8px; background: #f6f7f9; border-radius: 6px;
   font: 11.5px/1.5 ui-monospace, "DejaVu Sans Mono", monospace; overflow-x: auto;
   color: #6b7079; }
@@ -357,7 +358,10 @@ _SCRIPT = r"""
     if (g.suspect) h.append(el("span", "badge", "SUSPECT"));
     node.append(h, el("div", "where", g.where));
     node.append(el("div", "meta", `${g.count} rank(s): ${g.ranges}`));
-    node.append(el("div", "meta", hostsText(g)));
+    const hosts = el("div", "meta", g.hostCount === 1 ? "host " : `${g.hostCount} hosts: `);
+    g.hosts.forEach((host, i) => hosts.append(i ? ", " : "", el("span", "host", host)));
+    if (g.hostCount > g.hosts.length) hosts.append(`, and ${g.hostCount - g.hosts.length} more`);
+    node.append(hosts);
     if (g.scopes.length) node.append(el("div", "meta", "scopes: " + g.scopes.join(", ")));
     for (const text of g.collectives) node.append(el("div", "fr", "Flight Recorder, " + text));
     const pre = el("pre");

@@ -91,7 +91,9 @@ def _group(group: GroupView, style: _Style) -> list[str]:
     lines += [f"  Flight Recorder, {_safe(text)}" for text in group.collectives]
     for line in group.stack:
         text = _safe(line.text.rstrip())
-        if line.parting:
+        if not text:
+            lines.append("")
+        elif line.parting:
             lines.append("  > " + style(_YELLOW, text))
         else:
             lines.append("    " + style(_DIM, text))
