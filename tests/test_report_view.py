@@ -262,6 +262,24 @@ def test_a_malformed_line_is_skipped_with_a_warning(
     ]
 
 
+def test_odd_values_in_a_report_are_shown_or_skipped_never_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "events.jsonl"
+    far_future = {"time": 1e300, "event": "hang report", **small_report()}
+    huge_rank = {"time": 0, "event": "hang report", **small_report()}
+    huge_rank["groups"][0]["collectives"]["9" * 5000] = flight_recorder(12)
+    log.write_text(json.dumps(far_future) + "\n" + json.dumps(huge_rank) + "\n")
+    log.chmod(0o600)
+    result = report_command(capsys, str(log))
+    assert result.returncode == 0
+    assert result.stdout.startswith("Hang report 1 of 1 (first expiry on node-a[0])\n")
+    assert result.stderr == (
+        f"elastic-timer report: warning: {log}:2: a hang report with collectives of something "
+        "that is not a rank in group 1, skipped\n"
+    )
+
+
 # -- the page, in a real browser ----------------------------------------------------------------
 
 

@@ -56,7 +56,7 @@ def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dic
     report = view.report
     groups = view.groups
     last = max(
-        [*report["unanswered"], *report["suspects"], *(g.ranks[-1] for g in groups)], default=-1
+        [*report["unanswered"], *report["suspects"], *(max(g.ranks) for g in groups)], default=-1
     )
     cells = [NOT_REPORTED] * (last + 1)
     for rank in report["unanswered"]:

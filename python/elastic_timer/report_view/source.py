@@ -17,7 +17,8 @@ from .. import _native
 
 __all__ = ["MAX_EVENT_LOG_BYTES", "LoggedReport", "ReportError", "hang_reports", "pick"]
 
-# The page draws a cell for every rank up to the largest: a rank past this is not a job's.
+# The page draws a cell for every rank up to the largest: a rank past this (or of more than
+# 7 digits) is not a job's.
 MAX_RANKS = 1 << 22
 # An event log this large is read whole; one larger is refused rather than read in part.
 MAX_EVENT_LOG_BYTES = 1 << 30
@@ -68,7 +69,7 @@ def hang_reports(path: str, warn: Callable[[str], None]) -> list[LoggedReport]:
             warn(f"{path}:{number}: a hang report with {problem}, skipped")
             continue
         when = record.get("time")
-        found.append(LoggedReport(record, number, when if _is_number(when) else None))
+        found.append(LoggedReport(record, number, when if _is_time(when) else None))
     return found
 
 
@@ -84,8 +85,11 @@ def pick(path: str, reports: list[LoggedReport], index: int) -> LoggedReport:
     return reports[index]
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_time(value: object) -> bool:
+    """Seconds since the epoch that a date can be made of (up to the year 2200)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value < 7.26e9
 
 
 def _is_ints(value: object) -> bool:
@@ -149,6 +153,7 @@ def _shape_problem(record: dict[str, Any]) -> str | None:
         for key, valid in _GROUP_KEYS.items():
             if not valid(group.get(key)):
                 return f"no valid {key!r} in group {number}"
-        if any(not str(rank).lstrip("-").isdigit() for rank in group["collectives"]):
-            return f"a collectives entry that is not a rank in group {number}"
+        named = [*group["collectives"], *(group.get("collectives_missing") or ())]
+        if not all(rank.isascii() and rank.isdigit() and len(rank) < 8 for rank in named):
+            return f"collectives of something that is not a rank in group {number}"
     return None
