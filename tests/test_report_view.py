@@ -189,6 +189,22 @@ def test_the_terminal_shows_the_suspects_first_with_ranges_hosts_and_where_the_s
     assert report_command(capsys, str(log), "--index", "-2").stdout == first.stdout
 
 
+def test_many_suspects_are_ranges_and_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """80 ranks: the even ones wait in all_reduce, each odd one is somewhere of its own."""
+    waiting = faulthandler_dump(IN_ALL_REDUCE)
+    ranks = [
+        RankStacks(r, r, (), faulthandler_dump([("/job/t.py", r, "f")]) if r % 2 else waiting)
+        for r in range(80)
+    ]
+    report = build_report([contribution("h[0]", 0, ranks, trigger=True)], expected_hosts=1)
+    result = report_command(capsys, str(event_log(tmp_path / "events.jsonl", report)))
+    suspects = ", ".join(str(r) for r in range(1, 32, 2))
+    assert f"Suspects: ranks {suspects} and 24 more (not where the others wait)" in result.stdout
+    assert result.stdout.count("  SUSPECT  1 rank(s): ") == 40
+
+
 def test_text_from_the_job_cannot_drive_the_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,11 @@ from typing import Any
 
 from ..hang_report import Frame, _describe_collectives, _ranges, threads
 
-__all__ = ["GroupView", "ReportView", "StackLine", "view"]
+__all__ = ["GroupView", "ReportView", "StackLine", "ranges_at_most", "view"]
+
+# Ranges of suspects (or of ranks without stacks, or of silent hosts) named before the rest
+# are counted.
+SHOWN_RANGES = 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,13 @@ class ReportView:
     def suspects(self) -> list[int]:
         return list(self.report["suspects"])
 
+    def suspects_text(self) -> str:
+        """``rank 3``, ``ranks 3, 8-9``; past a few ranges, the rest counted."""
+        suspects = self.suspects
+        if not suspects:
+            return "none found"
+        return f"{_rank_word(suspects)} {ranges_at_most(suspects)}"
+
     @property
     def from_flight_recorder(self) -> bool:
         return bool(self.report["suspects"]) and (
@@ -64,11 +75,26 @@ class ReportView:
             notes.append("the job's store is gone: only one host's ranks are reported")
         elif report["missing_hosts"]:
             notes.append(
-                "hosts (group ranks) that did not answer: " + _ranges(report["missing_hosts"])
+                "hosts (group ranks) that did not answer: "
+                + ranges_at_most(report["missing_hosts"])
             )
         if report["unanswered"]:
-            notes.append("ranks that gave no stacks: " + _ranges(report["unanswered"]))
+            notes.append("ranks that gave no stacks: " + ranges_at_most(report["unanswered"]))
         return notes
+
+
+def ranges_at_most(numbers: Sequence[int], shown: int = SHOWN_RANGES) -> str:
+    """``numbers`` as ranges (``0-2, 5``), the first ``shown`` of them and a count of the rest:
+    a thousand scattered ranks are not a line to read."""
+    parts = _ranges(numbers).split(", ")
+    if len(parts) <= shown:
+        return ", ".join(parts)
+    rest = sum(
+        int(b) - int(a) + 1 if "-" in part else 1
+        for part in parts[shown:]
+        for a, _, b in [part.partition("-")]
+    )
+    return ", ".join(parts[:shown]) + f" and {rest:,} more"
 
 
 def view(report: dict[str, Any]) -> ReportView:

@@ -68,6 +68,7 @@ def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dic
         "header": header(logged, view, index, count),
         "summary": summary(view),
         "suspects": view.suspects,
+        "suspectsText": view.suspects_text(),
         "suspectsHow": (
             "behind the others in Flight Recorder's sequence numbers"
             if view.from_flight_recorder
@@ -196,10 +197,10 @@ _SCRIPT = r"""
   top.append(el("h1", "", data.header), el("div", "summary", data.summary));
   const line = el("div", "suspects");
   if (data.suspects.length) {
-    line.textContent = "Suspects: " + data.suspects.map((r) => "rank " + r).join(", ") + " ";
+    line.textContent = `Suspects: ${data.suspectsText} `;
     line.append(el("span", "how", "(" + data.suspectsHow + ")"));
   } else {
-    line.textContent = "Suspects: none found";
+    line.textContent = `Suspects: ${data.suspectsText}`;
     line.style.color = "inherit";
   }
   top.append(line);
@@ -207,9 +208,12 @@ _SCRIPT = r"""
 
   // -- the legend
   const legend = document.getElementById("legend");
-  groups.slice(0, LEGEND_GROUPS).forEach((g, i) => {
+  // The largest groups (the report's order), whose colours fill the grid.
+  const byNumber = groups.map((g, i) => [g, i]).sort((a, b) => a[0].number - b[0].number);
+  byNumber.slice(0, LEGEND_GROUPS).forEach(([g, i]) => {
     const key = el("span", "key");
-    key.append(swatch(colour(g)), `group ${g.number} · ${g.count} · ${g.where}`);
+    const count = g.count.toLocaleString("en-US");
+    key.append(swatch(colour(g)), `group ${g.number} · ${count} · ${g.where}`);
     key.addEventListener("click", () => select(selected === i ? -1 : i));
     legend.append(key);
   });

@@ -43,10 +43,9 @@ def render(logged: LoggedReport, view: ReportView, index: int, count: int, color
             if view.from_flight_recorder
             else "not where the others wait"
         )
-        suspects = ", ".join(f"rank {r}" for r in view.suspects)
-        lines.append(style(_RED, f"Suspects: {suspects}") + f" ({how})")
+        lines.append(style(_RED, f"Suspects: {view.suspects_text()}") + f" ({how})")
     else:
-        lines.append("Suspects: none found")
+        lines.append(f"Suspects: {view.suspects_text()}")
     lines += [f"  {note}" for note in view.notes()]
     for group in view.groups:
         lines.append("")
