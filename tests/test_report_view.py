@@ -254,6 +254,13 @@ def test_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture
     open_to_all.chmod(0o666)
     assert report_command(capsys, str(open_to_all)).returncode == 1
 
+    nowhere = tmp_path / "no-such-dir" / "hang.html"
+    unwritable = report_command(capsys, str(log), "--html", str(nowhere))
+    assert unwritable.returncode == 1
+    assert unwritable.stderr == (
+        f"elastic-timer report: error: cannot write {nowhere}: No such file or directory\n"
+    )
+
     bad_index = report_command(capsys, str(log), "--index", "last")
     assert bad_index.returncode == 2
 
