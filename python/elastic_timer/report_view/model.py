@@ -62,10 +62,11 @@ class ReportView:
         return f"{_rank_word(suspects)} {ranges_at_most(suspects)}"
 
     @property
-    def from_flight_recorder(self) -> bool:
-        return bool(self.report["suspects"]) and (
-            self.report.get("suspects_from") == "flight recorder"
-        )
+    def suspects_how(self) -> str:
+        """How the suspects were told apart from the others."""
+        if self.report.get("suspects_from") == "flight recorder":
+            return "behind the others in Flight Recorder's sequence numbers"
+        return "not where the others wait"
 
     def notes(self) -> list[str]:
         """What the report says is missing from it."""

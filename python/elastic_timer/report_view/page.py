@@ -69,11 +69,7 @@ def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dic
         "summary": summary(view),
         "suspects": view.suspects,
         "suspectsText": view.suspects_text(),
-        "suspectsHow": (
-            "behind the others in Flight Recorder's sequence numbers"
-            if view.from_flight_recorder
-            else "not where the others wait"
-        ),
+        "suspectsHow": view.suspects_how,
         "notes": view.notes(),
         "groups": [
             {

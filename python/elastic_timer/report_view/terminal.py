@@ -38,12 +38,8 @@ def render(logged: LoggedReport, view: ReportView, index: int, count: int, color
         summary(view),
     ]
     if view.suspects:
-        how = (
-            "behind the others in Flight Recorder's sequence numbers"
-            if view.from_flight_recorder
-            else "not where the others wait"
-        )
-        lines.append(style(_RED, f"Suspects: {view.suspects_text()}") + f" ({how})")
+        suspects = style(_RED, f"Suspects: {view.suspects_text()}")
+        lines.append(f"{suspects} ({view.suspects_how})")
     else:
         lines.append(f"Suspects: {view.suspects_text()}")
     lines += [f"  {note}" for note in view.notes()]
