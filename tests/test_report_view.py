@@ -17,6 +17,7 @@ import re
 import select
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ LOADER_THREAD = [("/usr/lib/python3.11/threading.py", 320, "wait")]
 SUSPECT = (0xE5, 0x48, 0x4D)
 GROUP_1 = (0x4E, 0x79, 0xA7)
 NO_STACKS = (0xB9, 0xBD, 0xC6)
+SUMMARISED = (0x7E, 0x87, 0x94)
 
 
 def faulthandler_dump(*threads: list[tuple[str, int, str]]) -> str:
@@ -50,7 +52,7 @@ def faulthandler_dump(*threads: list[tuple[str, int, str]]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def flight_recorder(enqueued: int) -> dict[str, Any]:
+def flight_recorder(enqueued: int) -> Any:  # hang_report's type of it, whatever its name
     """A rank's Flight Recorder summary (``summarize_trace``'s shape)."""
     return {
         "pg_status": {"0": {"enqueued": enqueued, "started": enqueued, "completed": 11}},
@@ -58,7 +60,7 @@ def flight_recorder(enqueued: int) -> dict[str, Any]:
     }
 
 
-def small_report() -> dict[str, Any]:
+def small_report() -> Mapping[str, Any]:
     """Two of three hosts answer; rank 3 loads a batch while the others wait in all_reduce,
     one collective behind them in Flight Recorder's numbers; rank 6 gives no stacks."""
     waiting = faulthandler_dump(IN_ALL_REDUCE, LOADER_THREAD)
@@ -106,13 +108,32 @@ def report_command(capsys: pytest.CaptureFixture[str], *args: str) -> Run:
     return Run(code, out, err)
 
 
-def one_rank_report(host: str, frames: list[tuple[str, int, str]]) -> dict[str, Any]:
+def bounded_report() -> dict[str, Any]:
+    """small_report as a bounded report has it (hang_report's ``summarised`` groups and
+    ``details_omitted``): ranks 8-11 in two groups past the bound, rank 9 a suspect too, and
+    the collectives of 4 waiting ranks left out."""
+    report: dict[str, Any] = json.loads(json.dumps(small_report()))
+    report["suspects"] = [3, 9]
+    report["summarised"] = {
+        "groups": 2,
+        "ranks": [8, 9, 10, 11],
+        "suspects": 1,
+        "places": [
+            {"where": "in all_reduce", "groups": 1, "ranks": 3},
+            {"where": "in save (train.py:50)", "groups": 1, "ranks": 1},
+        ],
+    }
+    report["groups"][0]["details_omitted"] = 4
+    return report
+
+
+def one_rank_report(host: str, frames: list[tuple[str, int, str]]) -> Mapping[str, Any]:
     stacks = faulthandler_dump(frames)
     share = contribution(host, 0, [RankStacks(0, 9, (), stacks)], trigger=True)
     return build_report([share], expected_hosts=1)
 
 
-def event_log(path: Path, *reports: dict[str, Any]) -> Path:
+def event_log(path: Path, *reports: Mapping[str, Any]) -> Path:
     """An event log as the server writes it, with other events around the reports."""
     sink = EventSink(str(path), None)
     sink.emit("watchdog started", pid=42)
@@ -192,17 +213,36 @@ def test_the_terminal_shows_the_suspects_first_with_ranges_hosts_and_where_the_s
 def test_many_suspects_are_ranges_and_a_count(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """80 ranks: the even ones wait in all_reduce, each odd one is somewhere of its own."""
+    """40 ranks: the even ones wait in all_reduce, each odd one is somewhere of its own."""
     waiting = faulthandler_dump(IN_ALL_REDUCE)
     ranks = [
         RankStacks(r, r, (), faulthandler_dump([("/job/t.py", r, "f")]) if r % 2 else waiting)
-        for r in range(80)
+        for r in range(40)
     ]
     report = build_report([contribution("h[0]", 0, ranks, trigger=True)], expected_hosts=1)
     result = report_command(capsys, str(event_log(tmp_path / "events.jsonl", report)))
     suspects = ", ".join(str(r) for r in range(1, 32, 2))
-    assert f"Suspects: ranks {suspects} and 24 more (not where the others wait)" in result.stdout
-    assert result.stdout.count("  SUSPECT  1 rank(s): ") == 40
+    assert f"Suspects: ranks {suspects} and 4 more (not where the others wait)" in result.stdout
+    assert result.stdout.count("  SUSPECT  1 rank(s): ") == 20
+
+
+def test_the_groups_a_bounded_report_counts_are_shown_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = event_log(tmp_path / "events.jsonl", bounded_report())
+    result = report_command(capsys, str(log))
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[1:3] == [
+        "11 rank(s) from 2 of 3 host(s), in 4 group(s)",
+        "Suspects: ranks 3, 9 (behind the others in Flight Recorder's sequence numbers)",
+    ]
+    assert "  Flight Recorder, 4 more rank(s) left out of the report" in lines
+    assert lines[-3:] == [
+        "and 2 more group(s), summarised  4 rank(s), 1 suspect(s): 8-11",
+        "  3 rank(s) in 1 group(s) in all_reduce",
+        "  1 rank(s) in 1 group(s) in save (train.py:50)",
+    ]
 
 
 def test_text_from_the_job_cannot_drive_the_terminal(
@@ -339,7 +379,7 @@ def console(stderr: str) -> list[str]:
 
 @pytest.fixture
 def page_of(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
-    def write(report: dict[str, Any], name: str) -> Path:
+    def write(report: Mapping[str, Any], name: str) -> Path:
         log = event_log(tmp_path / f"{name}.jsonl", report)
         out = tmp_path / f"{name}.html"
         result = report_command(capsys, str(log), "--html", str(out))
@@ -406,6 +446,17 @@ def test_the_page_colours_the_suspect_red_and_names_what_it_shows(
     assert '<span class="parting">  File "/job/train.py", line 24 in load_batch</span>' in dom
     # The suspects' card comes first.
     assert dom.index("in load_batch (train.py:24)</div>") < dom.index("in all_reduce</div>")
+
+
+def test_the_page_draws_the_ranks_of_summarised_groups(tmp_path: Path, page_of: Any) -> None:
+    state, pixels = rendered(tmp_path, page_of(bounded_report(), "bounded"), 1200, 900)
+    grid = json.loads(state["grid"].replace("&quot;", '"'))
+    for rank in (8, 10, 11):
+        assert near(colour_of(pixels, grid, rank), SUMMARISED)
+    for rank in (3, 9):
+        assert near(colour_of(pixels, grid, rank), SUSPECT)
+    assert "and 2 more groups, summarised" in state["dom"]
+    assert "4 rank(s), 1 suspect(s): 8-11" in state["dom"]
 
 
 def test_text_from_the_job_stays_text_on_the_page(tmp_path: Path, page_of: Any) -> None:

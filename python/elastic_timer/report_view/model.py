@@ -8,9 +8,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..hang_report import Frame, _describe_collectives, _ranges, threads
+from ..hang_report import threads
 
-__all__ = ["GroupView", "ReportView", "StackLine", "ranges_at_most", "view"]
+# A frame of a stack, as hang_report.threads reads it: file, line, function.
+Frame = tuple[str, int, str]
+
+__all__ = [
+    "GroupView",
+    "ReportView",
+    "StackLine",
+    "Summarised",
+    "describe_collectives",
+    "ranges",
+    "ranges_at_most",
+    "view",
+]
 
 # Ranges of suspects (or of ranks without stacks, or of silent hosts) named before the rest
 # are counted.
@@ -38,17 +50,33 @@ class GroupView:
 
     @property
     def rank_ranges(self) -> str:
-        return _ranges(self.ranks)
+        return ranges(self.ranks)
+
+
+@dataclass(frozen=True)
+class Summarised:
+    """The groups a bounded report counts instead of listing."""
+
+    groups: int
+    ranks: list[int]
+    suspects: int
+    places: list[str]  # "12 rank(s) in 3 group(s) in f (t.py:4)", most ranks first
 
 
 @dataclass(frozen=True)
 class ReportView:
     report: dict[str, Any]
     groups: list[GroupView]  # suspects first, then the report's order (largest first)
+    summarised: Summarised | None
 
     @property
     def ranks(self) -> int:
-        return sum(len(g.ranks) for g in self.groups)
+        listed = sum(len(g.ranks) for g in self.groups)
+        return listed + (len(self.summarised.ranks) if self.summarised else 0)
+
+    @property
+    def group_count(self) -> int:
+        return len(self.groups) + (self.summarised.groups if self.summarised else 0)
 
     @property
     def suspects(self) -> list[int]:
@@ -84,18 +112,44 @@ class ReportView:
         return notes
 
 
+def ranges(numbers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``0-2, 5`` (``numbers`` sorted)."""
+    return _join(_runs(numbers))
+
+
+def _runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for number in numbers:
+        if runs and runs[-1][1] == number - 1:
+            runs[-1] = (runs[-1][0], number)
+        else:
+            runs.append((number, number))
+    return runs
+
+
+def _join(runs: Sequence[tuple[int, int]]) -> str:
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def describe_collectives(summary: dict[str, Any]) -> str:
+    """A rank's Flight Recorder summary as the agents' log says it: each process group's last
+    enqueued and completed sequence numbers, then the last collectives."""
+    status = ", ".join(
+        f"pg {pg} last enqueued #{s['enqueued']}, completed #{s['completed']}"
+        for pg, s in sorted(summary["pg_status"].items())
+    )
+    last = "; ".join(f"{e['op']} #{e['seq']} {e['state']}" for e in summary["last"])
+    return f"{status} (last: {last})" if last else status
+
+
 def ranges_at_most(numbers: Sequence[int], shown: int = SHOWN_RANGES) -> str:
     """``numbers`` as ranges (``0-2, 5``), the first ``shown`` of them and a count of the rest:
     a thousand scattered ranks are not a line to read."""
-    parts = _ranges(numbers).split(", ")
-    if len(parts) <= shown:
-        return ", ".join(parts)
-    rest = sum(
-        int(b) - int(a) + 1 if "-" in part else 1
-        for part in parts[shown:]
-        for a, _, b in [part.partition("-")]
-    )
-    return ", ".join(parts[:shown]) + f" and {rest:,} more"
+    runs = _runs(numbers)
+    if len(runs) <= shown:
+        return _join(runs)
+    rest = sum(b - a + 1 for a, b in runs[shown:])
+    return f"{_join(runs[:shown])} and {rest:,} more"
 
 
 def view(report: dict[str, Any]) -> ReportView:
@@ -116,7 +170,17 @@ def view(report: dict[str, Any]) -> ReportView:
         for number, group in enumerate(groups, 1)
     ]
     views.sort(key=lambda g: not g.suspect)  # stable: the report's order otherwise
-    return ReportView(report, views)
+    return ReportView(report, views, _summarised(report.get("summarised")))
+
+
+def _summarised(summary: dict[str, Any] | None) -> Summarised | None:
+    if not summary or not summary["groups"]:
+        return None
+    places = [
+        f"{p['ranks']:,} rank(s) in {p['groups']:,} group(s) {p['where']}"
+        for p in summary["places"]
+    ]
+    return Summarised(summary["groups"], summary["ranks"], summary["suspects"], places)
 
 
 def _frames(stack: str) -> set[Frame]:
@@ -138,14 +202,17 @@ def _collectives(group: dict[str, Any]) -> list[str]:
     with the same sequence numbers are one line."""
     ranks_by_text: dict[str, list[int]] = {}
     for rank, summary in group["collectives"].items():
-        ranks_by_text.setdefault(_describe_collectives(summary), []).append(int(rank))
+        ranks_by_text.setdefault(describe_collectives(summary), []).append(int(rank))
     missing = group.get("collectives_missing") or {}
     for rank, why in missing.items():
         ranks_by_text.setdefault(f"none, {why}", []).append(int(rank))
-    return [
-        f"{_rank_word(ranks)} {_ranges(sorted(ranks))}: {text}"
+    lines = [
+        f"{_rank_word(ranks)} {ranges(sorted(ranks))}: {text}"
         for text, ranks in sorted(ranks_by_text.items(), key=lambda item: min(item[1]))
     ]
+    if group.get("details_omitted"):
+        lines.append(f"{group['details_omitted']:,} more rank(s) left out of the report")
+    return lines
 
 
 def _rank_word(ranks: Sequence[int]) -> str:

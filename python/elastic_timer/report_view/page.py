@@ -18,7 +18,7 @@ import json
 import re
 from typing import Any
 
-from .model import ReportView
+from .model import ReportView, ranges_at_most
 from .source import LoggedReport
 from .terminal import header, summary
 
@@ -26,10 +26,12 @@ __all__ = ["render"]
 
 # Hosts of a group the page lists; the rest are counted.
 SHOWN_HOSTS = 16
-# A cell of a rank not in the report: NO_STACKS, it gave no stacks; NOT_REPORTED, its host
-# did not answer (or it is past the ranks the report knows).
+# A cell of a rank not in a listed group: NO_STACKS, it gave no stacks; NOT_REPORTED, its
+# host did not answer (or it is past the ranks the report knows).
 NO_STACKS = -1
 NOT_REPORTED = -2
+# A cell of a rank in one of the groups a bounded report counts instead of listing.
+SUMMARISED = -3
 
 
 def render(logged: LoggedReport, view: ReportView, index: int, count: int) -> str:
@@ -55,12 +57,16 @@ def render(logged: LoggedReport, view: ReportView, index: int, count: int) -> st
 def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dict[str, Any]:
     report = view.report
     groups = view.groups
+    summarised = view.summarised.ranks if view.summarised else []
     last = max(
-        [*report["unanswered"], *report["suspects"], *(max(g.ranks) for g in groups)], default=-1
+        [*report["unanswered"], *report["suspects"], *summarised, *(max(g.ranks) for g in groups)],
+        default=-1,
     )
     cells = [NOT_REPORTED] * (last + 1)
     for rank in report["unanswered"]:
         cells[rank] = NO_STACKS
+    for rank in summarised:
+        cells[rank] = SUMMARISED
     for position, group in enumerate(groups):
         for rank in group.ranks:
             cells[rank] = position
@@ -86,6 +92,14 @@ def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dic
             }
             for g in groups
         ],
+        "summarised": view.summarised
+        and {
+            "groups": view.summarised.groups,
+            "ranks": len(view.summarised.ranks),
+            "ranges": ranges_at_most(view.summarised.ranks),
+            "suspects": view.summarised.suspects,
+            "places": view.summarised.places,
+        },
         "cells": cells,
     }
 
@@ -168,7 +182,8 @@ _SCRIPT = r"""
 "use strict";
 (() => {
   const data = JSON.parse(document.getElementById("report-data").textContent);
-  const SUSPECT = "#e5484d", NO_STACKS = "#b9bdc6", NOT_REPORTED = "#e9ebef";
+  const SUSPECT = "#e5484d", NO_STACKS = "#b9bdc6", NOT_REPORTED = "#e9ebef",
+    SUMMARISED = "#7e8794";
   // Never red: red is the suspects'.
   const PALETTE = ["#4e79a7", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f",
     "#86bcb6", "#8cd17d", "#499894", "#d4a6c8", "#a0cbe8", "#f1ce63", "#79706e", "#bab0ac"];
@@ -216,8 +231,10 @@ _SCRIPT = r"""
   if (groups.length > LEGEND_GROUPS) {
     legend.append(el("span", "key", `and ${groups.length - LEGEND_GROUPS} more groups`));
   }
-  for (const [fill, text] of [[SUSPECT, "suspect"], [NO_STACKS, "gave no stacks"],
-    [NOT_REPORTED, "not in the report"]]) {
+  const kinds = [[SUSPECT, "suspect"], [NO_STACKS, "gave no stacks"],
+    [NOT_REPORTED, "not in the report"]];
+  if (data.summarised) kinds.splice(1, 0, [SUMMARISED, "in a summarised group"]);
+  for (const [fill, text] of kinds) {
     const key = el("span", "key");
     key.append(swatch(fill), text);
     legend.append(key);
@@ -236,7 +253,8 @@ _SCRIPT = r"""
   function fill(rank) {
     if (suspects.has(rank)) return SUSPECT;
     const c = cells[rank];
-    return c >= 0 ? colour(groups[c]) : c === -1 ? NO_STACKS : NOT_REPORTED;
+    return c >= 0 ? colour(groups[c]) : c === -1 ? NO_STACKS : c === -3 ? SUMMARISED
+      : NOT_REPORTED;
   }
 
   function draw() {
@@ -309,7 +327,9 @@ _SCRIPT = r"""
       const g = groups[c];
       lines.push(`group ${g.number}, ${g.where}`, hostsText(g));
     } else {
-      lines.push(c === -1 ? "it gave no stacks" : "not in the report (its host did not answer)");
+      lines.push(c === -1 ? "it gave no stacks" : c === -3
+        ? `in one of the ${data.summarised.groups} groups the report counts, not lists`
+        : "not in the report (its host did not answer)");
     }
     return lines;
   }
@@ -375,17 +395,28 @@ _SCRIPT = r"""
 
   const container = document.getElementById("groups");
   const cards = [];
-  function addCards(from, to) {
+  function addCards(from, to, put) {
     for (let i = from; i < to; i++) {
       cards[i] = card(groups[i], i);
-      container.append(cards[i]);
+      put(cards[i]);
     }
   }
-  addCards(0, Math.min(GROUP_CARDS, groups.length));
+  addCards(0, Math.min(GROUP_CARDS, groups.length), (node) => container.append(node));
   if (groups.length > GROUP_CARDS) {
     const more = el("button", "", `show the other ${groups.length - GROUP_CARDS} groups`);
-    more.addEventListener("click", () => { more.remove(); addCards(GROUP_CARDS, groups.length); });
+    more.addEventListener("click", () => {
+      addCards(GROUP_CARDS, groups.length, (node) => more.before(node));
+      more.remove();
+    });
     container.append(more);
+  }
+  if (data.summarised) {
+    const s = data.summarised, node = el("div", "card");
+    const h = el("h3");
+    h.append(swatch(SUMMARISED), `and ${s.groups} more groups, summarised`);
+    node.append(h, el("div", "meta", `${s.ranks} rank(s), ${s.suspects} suspect(s): ${s.ranges}`));
+    for (const place of s.places) node.append(el("div", "meta", place));
+    container.append(node);
   }
 
   function select(index) {

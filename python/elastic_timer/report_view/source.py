@@ -114,6 +114,8 @@ _REPORT_KEYS: dict[str, Callable[[object], bool]] = {
     "missing_hosts": _is_ints,
     "store_gone": lambda v: isinstance(v, bool),
     "triggered_by": _is_strs,
+    # The groups past the report's bound, counted (absent from reports of older versions).
+    "summarised": lambda v: v is None or _is_summarised(v),
 }
 _GROUP_KEYS: dict[str, Callable[[object], bool]] = {
     "ranks": lambda v: _is_ranks(v) and bool(v),
@@ -125,7 +127,28 @@ _GROUP_KEYS: dict[str, Callable[[object], bool]] = {
     "collectives": lambda v: isinstance(v, dict) and all(_is_summary(s) for s in v.values()),
     # Absent from the reports of older versions.
     "collectives_missing": lambda v: v is None or (isinstance(v, dict) and _is_strs([*v.values()])),
+    # Ranks whose collectives the report left out (absent from reports of older versions).
+    "details_omitted": lambda v: v is None or type(v) is int,
 }
+
+
+def _is_summarised(value: object) -> bool:
+    if not isinstance(value, dict):
+        return False
+    places = value.get("places")
+    return (
+        type(value.get("groups")) is int
+        and type(value.get("suspects")) is int
+        and _is_ranks(value.get("ranks"))
+        and isinstance(places, list)
+        and all(
+            isinstance(p, dict)
+            and isinstance(p.get("where"), str)
+            and type(p.get("groups")) is int
+            and type(p.get("ranks")) is int
+            for p in places
+        )
+    )
 
 
 def _is_summary(summary: object) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime
 
-from .model import GroupView, ReportView
+from .model import GroupView, ReportView, ranges_at_most
 from .source import LoggedReport
 
 __all__ = ["header", "render", "summary"]
@@ -46,6 +46,15 @@ def render(logged: LoggedReport, view: ReportView, index: int, count: int, color
     for group in view.groups:
         lines.append("")
         lines += _group(group, style)
+    if view.summarised is not None:
+        more = view.summarised
+        lines += [
+            "",
+            style(_BOLD, f"and {more.groups:,} more group(s), summarised")
+            + f"  {len(more.ranks):,} rank(s), {more.suspects:,} suspect(s): "
+            + style(_CYAN, ranges_at_most(more.ranks)),
+        ]
+        lines += [f"  {_safe(place)}" for place in more.places]
     return "\n".join(lines) + "\n"
 
 
@@ -64,7 +73,7 @@ def summary(view: ReportView) -> str:
     report = view.report
     return (
         f"{view.ranks:,} rank(s) from {report['hosts']:,} of {report['expected_hosts']:,} "
-        f"host(s), in {len(view.groups):,} group(s)"
+        f"host(s), in {view.group_count:,} group(s)"
     )
 
 
