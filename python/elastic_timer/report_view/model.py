@@ -50,7 +50,7 @@ class GroupView:
 
     @property
     def rank_ranges(self) -> str:
-        return ranges(self.ranks)
+        return ranges_at_most(self.ranks)
 
 
 @dataclass(frozen=True)

@@ -156,8 +156,7 @@ h2 { font-size: 15px; margin: 22px 0 8px; }
   border-radius: 6px; padding: 6px 9px; font-size: 12px; max-width: 420px; z-index: 2;
   white-space: pre-wrap; box-shadow: 0 4px 14px rgba(0,0,0,.25); }
 #detail { margin-top: 10px; }
-#groups { display: flex; gap: 12px; overflow-x: auto; align-items: flex-start;
-  padding-bottom: 8px; }
+#groups { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
 .card { flex: 0 0 auto; width: clamp(380px, calc(50% - 6px), 600px); background: #fff;
   border: 1px solid var(--line); border-radius: 8px; padding: 10px 12px; }
 .card.suspect { border-color: var(--suspect); box-shadow: 0 0 0 1px var(--suspect) inset; }
@@ -377,7 +376,7 @@ _SCRIPT = r"""
     h.append(swatch(colour(g)), title || `group ${g.number}`);
     if (g.suspect) h.append(el("span", "badge", "SUSPECT"));
     node.append(h, el("div", "where", g.where));
-    node.append(el("div", "meta", `${g.count} rank(s): ${g.ranges}`));
+    node.append(el("div", "meta", `${g.count.toLocaleString("en-US")} rank(s): ${g.ranges}`));
     const hosts = el("div", "meta", g.hostCount === 1 ? "host " : `${g.hostCount} hosts: `);
     g.hosts.forEach((host, i) => hosts.append(i ? ", " : "", el("span", "host", host)));
     if (g.hostCount > g.hosts.length) hosts.append(`, and ${g.hostCount - g.hosts.length} more`);
@@ -434,6 +433,6 @@ _SCRIPT = r"""
   const ms = performance.now();
   document.body.dataset.renderMs = ms.toFixed(0);
   document.getElementById("foot").textContent =
-    `${n} ranks drawn ${ms.toFixed(0)} ms after the page started loading.`;
+    `${n.toLocaleString("en-US")} ranks drawn ${ms.toFixed(0)} ms after the page started loading.`;
 })();
 """

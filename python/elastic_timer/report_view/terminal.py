@@ -85,11 +85,11 @@ def _group(group: GroupView, style: _Style) -> list[str]:
         title = style(_BOLD, title)
     count = len(group.ranks)
     ranks = style(_CYAN, group.rank_ranges)
-    lines = [f"{title}  {count} rank(s): {ranks}", f"  {_safe(group.where)}"]
+    lines = [f"{title}  {count:,} rank(s): {ranks}", f"  {_safe(group.where)}"]
     hosts = ", ".join(_safe(h) for h in group.hosts[:SHOWN_HOSTS])
     if len(group.hosts) > SHOWN_HOSTS:
-        hosts += f" and {len(group.hosts) - SHOWN_HOSTS} more"
-    lines.append(f"  on {len(group.hosts)} host(s): {hosts}")
+        hosts += f" and {len(group.hosts) - SHOWN_HOSTS:,} more"
+    lines.append(f"  on {len(group.hosts):,} host(s): {hosts}")
     if group.scopes:
         lines.append("  scopes: " + ", ".join(_safe(s) for s in group.scopes))
     lines += [f"  Flight Recorder, {_safe(text)}" for text in group.collectives]
