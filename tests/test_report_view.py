@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pty
 import re
 import select
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from helpers import run_cli
+from helpers import CLI, run_cli
 from matplotlib.image import imread
 
 from elastic_timer import cli
@@ -245,6 +246,29 @@ def test_the_groups_a_bounded_report_counts_are_shown_counted(
     ]
 
 
+def on_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """What ``elastic-timer report ARGS`` writes when its stdout is a terminal (a pty)."""
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [*CLI, "report", *args], stdout=follower, stderr=subprocess.DEVNULL, env=env
+    ) as child:
+        os.close(follower)
+        out = b""
+        with contextlib.suppress(OSError):  # EIO once the child closed its end
+            while chunk := os.read(leader, 1 << 16):
+                out += chunk
+        assert child.wait(timeout=60) == 0
+    os.close(leader)
+    return out.decode()
+
+
+def test_colour_on_a_terminal_unless_no_color(tmp_path: Path) -> None:
+    log = str(event_log(tmp_path / "events.jsonl", small_report()))
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    assert "\033[1;31mSuspects: rank 3\033[0m" in on_a_terminal(log, env=env)
+    assert "\033" not in on_a_terminal(log, env={**env, "NO_COLOR": "1"})
+
+
 def test_text_from_the_job_cannot_drive_the_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -303,6 +327,7 @@ def test_errors_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture
 
     bad_index = report_command(capsys, str(log), "--index", "last")
     assert bad_index.returncode == 2
+    assert "argument --index: invalid int value: 'last'" in bad_index.stderr
 
 
 def test_a_malformed_line_is_skipped_with_a_warning(
