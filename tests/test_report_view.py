@@ -53,7 +53,7 @@ def faulthandler_dump(*threads: list[tuple[str, int, str]]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def flight_recorder(enqueued: int) -> Any:  # hang_report's type of it, whatever its name
+def flight_recorder(enqueued: int) -> Any:  # Any: hang_report's TypedDict, where it has one
     """A rank's Flight Recorder summary (``summarize_trace``'s shape)."""
     return {
         "pg_status": {"0": {"enqueued": enqueued, "started": enqueued, "completed": 11}},
@@ -631,11 +631,17 @@ class DevTools:
         return [e for e in self.events if e.get("method") in kinds]
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.send("Browser.close")
+        """Asks chromium to quit (without waiting for its answer), and waits for it."""
+        with contextlib.suppress(OSError):  # it may be gone already
+            os.write(self._commands, b'{"id": 0, "method": "Browser.close"}\0')
         os.close(self._commands)
         os.close(self._answers)
-        self._process.wait(timeout=30)
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()  # ours, by its pid
+            self._process.wait()
+            raise
 
 
 def test_hovering_and_clicking_a_cell_show_its_host_and_stack(tmp_path: Path, page_of: Any) -> None:
