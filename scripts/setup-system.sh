@@ -8,6 +8,8 @@ set -euo pipefail
 packages=()
 # tests/test_clock.py steps a server's wall clock with libfaketime.
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || packages+=(libfaketime)
+# tests/test_report_view.py renders elastic-timer report's page in headless chromium.
+command -v chromium >/dev/null || packages+=(chromium)
 
 [ "${#packages[@]}" -gt 0 ] || exit 0
 as_root=()

@@ -66,7 +66,7 @@ def test_every_command_line_flag_is_in_the_command_line_page() -> None:
         for action in build_parser()._actions
         if isinstance(action, argparse._SubParsersAction)
     )
-    assert set(commands.choices) == {"serve", "timeouts"}
+    assert set(commands.choices) == {"serve", "timeouts", "report"}
     for name in commands.choices:
         assert f"`elastic-timer {name}`" in page
     flags = option_strings(commands.choices["serve"])

@@ -51,6 +51,8 @@ The rest:
   signal, on the file the server reads).
 - ``hang_report``: one hang report for a whole torchrun job, gathered through its rendezvous
   store.
+- ``report_view``: ``elastic-timer report``: a hang report from the event log, for a
+  terminal or as one self-contained web page.
 - ``learned``: the learned-timeouts state file, read by the server's own reader (for
   ``elastic-timer timeouts``).
 - ``metrics``: the servers' counters in Prometheus text, and served over HTTP.
@@ -59,7 +61,8 @@ The rest:
 - ``watch``: watching an unmodified training script's progress through hooks torch offers.
 - ``_watch_boot``: the ``sitecustomize`` that ``--watch`` puts on the workers' path.
 - ``run``: ``elastic-timer-run``, torchrun (or ft_launcher) with our server.
-- ``cli``: ``elastic-timer serve`` (a standalone server) and ``elastic-timer timeouts``.
+- ``cli``: ``elastic-timer serve`` (a standalone server), ``elastic-timer timeouts`` and
+  ``elastic-timer report``.
 - ``_torch_versions``: what the installed torch does where its releases differ.
 """
 

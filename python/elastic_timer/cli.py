@@ -3,7 +3,8 @@
 ``serve`` runs a ``FileTimerServer`` in the foreground until SIGTERM or SIGINT, for launchers
 other than torchrun (SLURM, a Kubernetes sidecar, a shell script). Workers on the same host
 reach it through its FIFO, as they would reach torchrun's. ``timeouts`` prints what a server
-learned about its scopes' durations, from the state file it saved.
+learned about its scopes' durations, from the state file it saved. ``report`` shows a job's
+hang report from an event log (``report_view``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _native
+from . import _native, report_view
 from .events import open_event_log
 from .file_based_local_timer import FileTimerServer
 from .learned import ScopeFigures, StateFileError, read_state
@@ -240,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
         TIMEOUTS_EPILOG,
     )
     timeouts.add_argument("state_file", metavar="STATE_FILE", help="The server's state file.")
+    report_view.add_arguments(
+        command(
+            "report",
+            report_view.run,
+            report_view.SUMMARY,
+            report_view.DESCRIPTION,
+            report_view.EPILOG,
+        )
+    )
     return parser
 
 
