@@ -169,6 +169,8 @@ def test_the_report_merges_hosts_and_names_those_that_did_not_answer() -> None:
         ["a", "b"],
         "in all_reduce",
     )
+    # Each rank's pid and host, beside its rank, whichever host's line came first.
+    assert (waiting["pids"], waiting["rank_hosts"]) == ([1, 3], [0, 1])
     assert (suspect["ranks"], suspect["suspect"], suspect["where"]) == (
         [3],
         True,

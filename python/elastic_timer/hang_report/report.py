@@ -103,6 +103,7 @@ def build_report(
 ) -> Report:
     """The job's report from every host's contribution (what the event log gets)."""
     merged: dict[str, Group] = {}
+    members: dict[str, list[tuple[int, int, str]]] = {}  # (rank, pid, host) by fingerprint
     for share in contributions:
         for local in share["groups"]:
             into = merged.get(local["fingerprint"])
@@ -110,6 +111,8 @@ def build_report(
                 into = merged[local["fingerprint"]] = Group(
                     fingerprint=local["fingerprint"],
                     ranks=[],
+                    pids=[],
+                    rank_hosts=[],
                     hosts=[],
                     scopes=[],
                     collective=collective(local["stack"]),
@@ -122,13 +125,19 @@ def build_report(
                 )
             into["collectives"].update(local.get("collectives", {}))
             into["collectives_missing"].update(local.get("collectives_missing", {}))
-            into["ranks"].extend(local["ranks"])
+            members.setdefault(local["fingerprint"], []).extend(
+                (rank, pid, share["host"]) for rank, pid in zip(local["ranks"], local["pids"])
+            )
             if share["host"] not in into["hosts"]:
                 into["hosts"].append(share["host"])
             into["scopes"].extend(s for s in local["scopes"] if s not in into["scopes"])
+    for key, group in merged.items():
+        host_index = {host: i for i, host in enumerate(group["hosts"])}
+        for rank, pid, host in sorted(members[key]):
+            group["ranks"].append(rank)
+            group["pids"].append(pid)
+            group["rank_hosts"].append(host_index[host])
     groups = sorted(merged.values(), key=lambda g: (-len(g["ranks"]), min(g["ranks"])))
-    for group in groups:
-        group["ranks"].sort()
     for source in SOURCES:
         suspects = source.suspects(groups)
         if suspects:

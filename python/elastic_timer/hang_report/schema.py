@@ -39,6 +39,9 @@ class Group(TypedDict):
 
     fingerprint: str
     ranks: list[int]
+    # Beside ``ranks``, rank by rank: its pid, and its host (an index into ``hosts``).
+    pids: list[int]
+    rank_hosts: list[int]
     hosts: list[str]
     scopes: list[str]
     collective: str | None

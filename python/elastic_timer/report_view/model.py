@@ -40,6 +40,9 @@ class StackLine:
 class GroupView:
     number: int  # 1-based, in the report's order (the agents' log numbers groups so too)
     ranks: list[int]
+    # Beside ``ranks``: each rank's pid and host (empty for a report written before they were).
+    pids: list[int]
+    rank_hosts: list[str]
     hosts: list[str]
     scopes: list[str]
     where: str
@@ -160,6 +163,8 @@ def view(report: dict[str, Any]) -> ReportView:
         GroupView(
             number=number,
             ranks=group["ranks"],
+            pids=group.get("pids", []),
+            rank_hosts=[group["hosts"][i] for i in group.get("rank_hosts", [])],
             hosts=group["hosts"],
             scopes=group["scopes"],
             where=group["where"],

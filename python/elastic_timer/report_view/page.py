@@ -70,6 +70,13 @@ def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dic
     for position, group in enumerate(groups):
         for rank in group.ranks:
             cells[rank] = position
+    # Each rank's host (an index into host_names, -1: not known) and pid (0: not known).
+    host_names: dict[str, int] = {}
+    cell_hosts, cell_pids = [-1] * len(cells), [0] * len(cells)
+    for group in groups:
+        for rank, pid, host in zip(group.ranks, group.pids, group.rank_hosts):
+            cell_hosts[rank] = host_names.setdefault(host, len(host_names))
+            cell_pids[rank] = pid
     return {
         "header": header(logged, view, index, count),
         "summary": summary(view),
@@ -101,6 +108,9 @@ def _data(logged: LoggedReport, view: ReportView, index: int, count: int) -> dic
             "places": view.summarised.places,
         },
         "cells": cells,
+        "hostNames": list(host_names),
+        "cellHosts": cell_hosts,
+        "cellPids": cell_pids,
     }
 
 
@@ -200,6 +210,9 @@ _SCRIPT = r"""
   const hostsText = (g) => g.hostCount === 1 ? `host ${g.hosts[0]}`
     : `${g.hostCount} hosts: ${g.hosts.join(", ")}` +
       (g.hostCount > g.hosts.length ? `, and ${g.hostCount - g.hosts.length} more` : "");
+  // Where a rank runs: its host and pid, when the report has them (else its group's hosts).
+  const placeOf = (rank, g) => data.cellHosts[rank] >= 0
+    ? `host ${data.hostNames[data.cellHosts[rank]]}, pid ${data.cellPids[rank]}` : hostsText(g);
   let selected = -1, pinned = -1;
 
   // -- the header
@@ -324,7 +337,7 @@ _SCRIPT = r"""
     const lines = [`rank ${rank}` + (suspects.has(rank) ? "  (suspect)" : "")];
     if (c >= 0) {
       const g = groups[c];
-      lines.push(`group ${g.number}, ${g.where}`, hostsText(g));
+      lines.push(`group ${g.number}, ${g.where}`, placeOf(rank, g));
     } else {
       lines.push(c === -1 ? "it gave no stacks" : c === -3
         ? `in one of the ${data.summarised.groups} groups the report counts, not lists`
@@ -363,7 +376,8 @@ _SCRIPT = r"""
     if (pinned < 0) return;
     const c = cells[pinned];
     if (c >= 0) {
-      detail.append(card(groups[c], c, `rank ${pinned} · group ${groups[c].number}`));
+      const g = groups[c];
+      detail.append(card(g, c, `rank ${pinned} (${placeOf(pinned, g)}) · group ${g.number}`));
     } else {
       detail.append(el("div", "note", describe(pinned).join(": ")));
     }
