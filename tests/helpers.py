@@ -54,3 +54,15 @@ def libfaketime() -> str:
             "(apt-get install libfaketime; scripts/test.sh does it)"
         )
     return found[0]
+
+
+def faulthandler_dump(*threads: list[tuple[str, int, str]], ids: int = 0x7F00) -> str:
+    """A stack dump as faulthandler writes it: one block per thread (each a list of
+    ``(path, line, function)``, innermost frame first)."""
+    blocks = []
+    for number, frames in enumerate(threads):
+        header = "Current thread" if number == 0 else "Thread"
+        lines = [f"{header} 0x{ids + number:016x} (most recent call first):"]
+        lines += [f'  File "{path}", line {line} in {func}' for path, line, func in frames]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"

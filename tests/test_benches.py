@@ -16,17 +16,23 @@ FAMILIES = ["client", "throughput", "reap", "delivery", "cpu", "scale", "adaptiv
 pytestmark = pytest.mark.torch  # the harness measures torch's timers too (and needs matplotlib)
 
 
-def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:
-    out = tmp_path / "results"
+def bench(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``benches/SCRIPT ARGS``, which must succeed."""
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benches" / "run.py"), "--tiny", "--out", str(out)],
+        [sys.executable, str(ROOT / "benches" / script), *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         env={**os.environ, "MPLBACKEND": "Agg"},
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed
+
+
+def test_harness_writes_table_samples_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    completed = bench("run.py", "--tiny", "--out", str(out), timeout=120)
 
     document = json.loads((out / "results.json").read_text())
     metrics = document["metrics"]
@@ -52,21 +58,7 @@ def test_store_requests_of_a_healthy_two_agent_job(tmp_path: Path) -> None:
     """benches/store_requests.py at a tiny size: two real agents per side; while the ranks run,
     the hang report makes no store request (its listener's one waiting request was made
     before), and it did run (its requests before and after the window are counted)."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benches" / "store_requests.py"),
-            "--seconds",
-            "8",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    completed = bench("store_requests.py", "--seconds", "8", "--out", str(tmp_path), timeout=300)
     results = json.loads((tmp_path / "results.json").read_text())
     ours, theirs = results["elastic-timer"], results["torch"]
     assert all(host["hang_report_in_window"] == 0 for host in ours["hosts"])
@@ -80,19 +72,12 @@ def test_hang_scale_names_the_suspects_and_bounds_the_report(tmp_path: Path) -> 
     """benches/hang_scale.py at a tiny size (64 hosts of 8 ranks over a real TCPStore): the
     one culprit and the 100 scattered ranks are the suspects, no host is missing, and the
     scattered job's report lists MAX_GROUPS groups of its 101."""
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benches" / "hang_scale.py"),
-            *("--hosts", "64", "--connections", "4", "--scattered", "100"),
-            *("--out", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    bench(
+        "hang_scale.py",
+        *("--hosts", "64", "--connections", "4", "--scattered", "100"),
+        *("--out", str(tmp_path)),
         timeout=300,
     )
-    assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     one, scattered = results["one culprit"], results["scattered"]
     assert (one["suspects"], one["groups"], one["ranks"]) == (1, 2, 512)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from helpers import wait_for
+from helpers import faulthandler_dump, wait_for
 from torch._C._distributed_c10d import PrefixStore, TCPStore
 
 from elastic_timer import FileTimerServer, hang_report
@@ -47,17 +47,6 @@ from elastic_timer.hang_report import (
 )
 
 C10D = "/site-packages/torch/distributed/distributed_c10d.py"
-
-
-def faulthandler_dump(*threads: list[tuple[str, int, str]], ids: int = 0x7F00) -> str:
-    """A dump as faulthandler writes it: one block per thread, innermost frame first."""
-    blocks = []
-    for number, frames in enumerate(threads):
-        header = "Current thread" if number == 0 else "Thread"
-        lines = [f"{header} 0x{ids + number:016x} (most recent call first):"]
-        lines += [f'  File "{path}", line {line} in {func}' for path, line, func in frames]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
 
 
 IN_ALL_REDUCE = [(C10D, 4181, "all_reduce"), ("/job/train.py", 37, "main")]

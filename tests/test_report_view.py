@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from helpers import CLI, run_cli
+from helpers import CLI, faulthandler_dump, run_cli
 from matplotlib.image import imread
 
 from elastic_timer import cli
@@ -40,17 +40,6 @@ SUSPECT = (0xE5, 0x48, 0x4D)
 GROUP_1 = (0x4E, 0x79, 0xA7)
 NO_STACKS = (0xB9, 0xBD, 0xC6)
 SUMMARISED = (0x7E, 0x87, 0x94)
-
-
-def faulthandler_dump(*threads: list[tuple[str, int, str]]) -> str:
-    """A dump as faulthandler writes it: one block per thread, innermost frame first."""
-    blocks = []
-    for number, frames in enumerate(threads):
-        header = "Current thread" if number == 0 else "Thread"
-        lines = [f"{header} 0x{0x7F00 + number:016x} (most recent call first):"]
-        lines += [f'  File "{path}", line {line} in {func}' for path, line, func in frames]
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
 
 
 def flight_recorder(enqueued: int) -> Any:  # Any: hang_report's TypedDict, where it has one

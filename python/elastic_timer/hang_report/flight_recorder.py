@@ -20,6 +20,7 @@ __all__ = [
     "Collectives",
     "CollectivesMissing",
     "behind",
+    "describe",
     "fetch_trace",
     "listening_sockets",
     "rank_collectives",
@@ -197,3 +198,14 @@ def behind(collectives: dict[int, Collectives]) -> list[int]:
             ahead = max(enqueued.values())
             late |= {rank for rank, seq in enqueued.items() if seq < ahead}
     return sorted(late)
+
+
+def describe(summary: Collectives) -> str:
+    """A rank's Flight Recorder summary in words: each process group's last enqueued and
+    completed sequence numbers, then the last collectives."""
+    status = ", ".join(
+        f"pg {pg} last enqueued #{s['enqueued']}, completed #{s['completed']}"
+        for pg, s in sorted(summary["pg_status"].items())
+    )
+    last = "; ".join(f"{e['op']} #{e['seq']} {e['state']}" for e in summary["last"])
+    return f"{status} (last: {last})" if last else status

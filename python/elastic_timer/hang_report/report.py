@@ -27,6 +27,9 @@ __all__ = [
     "build_report",
     "contribution",
     "format_report",
+    "join_runs",
+    "ranges",
+    "runs",
 ]
 
 # Groups listed in full; the others are summarised.
@@ -237,7 +240,7 @@ def format_report(report: Report) -> str:
     for number, group in enumerate(report["groups"], 1):
         mark = "  <- suspect" if group["suspect"] else ""
         lines.append(
-            f"  group {number}: rank(s) {_ranges(group['ranks'])} on {', '.join(group['hosts'])}"
+            f"  group {number}: rank(s) {ranges(group['ranks'])} on {', '.join(group['hosts'])}"
             f", {group['where']}{mark}"
         )
         for source in SOURCES:
@@ -256,12 +259,22 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _ranges(ranks: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` as ``0-2, 5``."""
-    parts: list[str] = []
-    for rank in ranks:
-        if parts and parts[-1].split("-")[-1] == str(rank - 1):
-            parts[-1] = f"{parts[-1].split('-')[0]}-{rank}"
+def runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted ``numbers`` as runs of consecutive ones: ``[0, 1, 2, 5]`` as ``[(0, 2), (5, 5)]``."""
+    found: list[tuple[int, int]] = []
+    for number in numbers:
+        if found and found[-1][1] == number - 1:
+            found[-1] = (found[-1][0], number)
         else:
-            parts.append(str(rank))
-    return ", ".join(parts)
+            found.append((number, number))
+    return found
+
+
+def join_runs(found: Sequence[tuple[int, int]]) -> str:
+    """Runs as text: ``0-2, 5``."""
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in found)
+
+
+def ranges(numbers: Sequence[int]) -> str:
+    """Sorted ``numbers`` as ranges: ``[0, 1, 2, 5]`` as ``0-2, 5``."""
+    return join_runs(runs(numbers))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from .flight_recorder import Collectives, behind
+from .flight_recorder import behind, describe
 from .schema import Group
 
 __all__ = ["SOURCES", "FlightRecorder", "Source", "Stacks", "choose_suspects"]
@@ -41,7 +41,7 @@ class FlightRecorder(Source):
 
     def lines(self, group: Group) -> list[str]:
         lines = [
-            f"rank {rank} collectives: {_describe(summary)}"
+            f"rank {rank} collectives: {describe(summary)}"
             for rank, summary in sorted(group["collectives"].items(), key=lambda i: int(i[0]))
         ]
         missing = sorted(group["collectives_missing"].items(), key=lambda i: int(i[0]))
@@ -82,12 +82,3 @@ def choose_suspects(groups: Sequence[Group]) -> list[int]:
             return []
         outside = by_size[1:]
     return sorted(r for g in outside for r in g["ranks"])
-
-
-def _describe(summary: Collectives) -> str:
-    status = ", ".join(
-        f"pg {pg} last enqueued #{s['enqueued']}, completed #{s['completed']}"
-        for pg, s in sorted(summary["pg_status"].items())
-    )
-    last = "; ".join(f"{e['op']} #{e['seq']} {e['state']}" for e in summary["last"])
-    return f"{status} (last: {last})" if last else status

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..hang_report import threads
+from ..hang_report.flight_recorder import describe
+from ..hang_report.report import join_runs, ranges, runs
 
 # A frame of a stack, as hang_report.threads reads it: file, line, function.
 Frame = tuple[str, int, str]
@@ -18,8 +20,6 @@ __all__ = [
     "ReportView",
     "StackLine",
     "Summarised",
-    "describe_collectives",
-    "ranges",
     "ranges_at_most",
     "view",
 ]
@@ -115,44 +115,14 @@ class ReportView:
         return notes
 
 
-def ranges(numbers: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` as ``0-2, 5`` (``numbers`` sorted)."""
-    return _join(_runs(numbers))
-
-
-def _runs(numbers: Sequence[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for number in numbers:
-        if runs and runs[-1][1] == number - 1:
-            runs[-1] = (runs[-1][0], number)
-        else:
-            runs.append((number, number))
-    return runs
-
-
-def _join(runs: Sequence[tuple[int, int]]) -> str:
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
-def describe_collectives(summary: dict[str, Any]) -> str:
-    """A rank's Flight Recorder summary as the agents' log says it: each process group's last
-    enqueued and completed sequence numbers, then the last collectives."""
-    status = ", ".join(
-        f"pg {pg} last enqueued #{s['enqueued']}, completed #{s['completed']}"
-        for pg, s in sorted(summary["pg_status"].items())
-    )
-    last = "; ".join(f"{e['op']} #{e['seq']} {e['state']}" for e in summary["last"])
-    return f"{status} (last: {last})" if last else status
-
-
 def ranges_at_most(numbers: Sequence[int], shown: int = SHOWN_RANGES) -> str:
     """``numbers`` as ranges (``0-2, 5``), the first ``shown`` of them and a count of the rest:
     a thousand scattered ranks are not a line to read."""
-    runs = _runs(numbers)
-    if len(runs) <= shown:
-        return _join(runs)
-    rest = sum(b - a + 1 for a, b in runs[shown:])
-    return f"{_join(runs[:shown])} and {rest:,} more"
+    found = runs(numbers)
+    if len(found) <= shown:
+        return join_runs(found)
+    rest = sum(b - a + 1 for a, b in found[shown:])
+    return f"{join_runs(found[:shown])} and {rest:,} more"
 
 
 def view(report: dict[str, Any]) -> ReportView:
@@ -207,7 +177,7 @@ def _collectives(group: dict[str, Any]) -> list[str]:
     with the same sequence numbers are one line."""
     ranks_by_text: dict[str, list[int]] = {}
     for rank, summary in group["collectives"].items():
-        ranks_by_text.setdefault(describe_collectives(summary), []).append(int(rank))
+        ranks_by_text.setdefault(describe(summary), []).append(int(rank))
     missing = group.get("collectives_missing") or {}
     for rank, why in missing.items():
         ranks_by_text.setdefault(f"none, {why}", []).append(int(rank))
