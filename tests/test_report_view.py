@@ -360,6 +360,13 @@ def test_odd_values_in_a_report_are_shown_or_skipped_never_a_crash(
 # -- the page, in a real browser ----------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def short_tmpdir(socket_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chromium makes its singleton socket in TMPDIR: under a long one (a CI job's) that
+    socket's path passes the 108 bytes of a Unix socket's, and chromium dies (SIGTRAP)."""
+    monkeypatch.setenv("TMPDIR", str(socket_dir))
+
+
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Debian's chromium, headless, on a profile of its own; its console goes to stderr."""
     binary = shutil.which("chromium")
