@@ -27,7 +27,8 @@
 //! 5. The Python server class that builds it (`elastic_timer.local_timer` and
 //!    `elastic_timer.file_based_local_timer` are the two there are), and its tests
 //!    (`tests/test_interop.py` checks the wire against torch's own clients and servers).
-//! 6. The module lists: this one, `lib.rs`, and `ARCHITECTURE.md`'s module table.
+//! 6. The module lists: this one and `lib.rs`'s (which the documentation site renders), and
+//!    `ARCHITECTURE.md`'s path of a request.
 
 pub mod direct;
 pub mod fifo;
