@@ -695,15 +695,7 @@ def test_a_workers_last_collectives_come_from_its_control_plane_socket(
 ) -> None:
     # 108 bytes: torch binds it (without the NUL), connect() refuses it by that path.
     for socket_path in (str(socket_dir / "rank0.sock"), long_path(socket_dir, 108)):
-        worker = subprocess.Popen(
-            [sys.executable, "-c", SERVES_THE_CONTROL_PLANE, socket_path, str(free_port())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        children.append(worker)
-        assert worker.stdout is not None
-        assert worker.stdout.readline() == "ready\n"
+        worker = ready_child(children, [SERVES_THE_CONTROL_PLANE, socket_path, str(free_port())])
         assert hang_report.listening_sockets(worker.pid) == [socket_path]
         collectives = hang_report.rank_collectives(worker.pid)
         assert collectives is not None
@@ -715,6 +707,21 @@ def test_a_workers_last_collectives_come_from_its_control_plane_socket(
     assert hang_report.rank_collectives(os.getpid()) is None  # serves none, names none
     with pytest.raises(CollectivesMissing, match=r"no answer from .*nothing\.sock: .*No such file"):
         hang_report.fetch_trace(str(socket_dir / "nothing.sock"))
+
+
+def ready_child(children: list[Any], args: list[str], **env: str) -> subprocess.Popen[str]:
+    """``python -c ARGS`` with ``env`` added to its environment, once it printed ``ready``."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", *args],
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children.append(worker)
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == "ready\n"
+    return worker
 
 
 def long_path(directory: Path, length: int) -> str:
@@ -754,16 +761,7 @@ def test_a_rank_that_gives_no_collectives_says_why_in_the_report(
     nothing listening there; a socket that does not answer in time."""
     path = long_path(socket_dir, 109) if case == "too long" else str(socket_dir / "rank3.sock")
     script = LISTENS_AND_NEVER_ANSWERS if case == "not answering" else LISTENS_NOWHERE
-    worker = subprocess.Popen(
-        [sys.executable, "-c", script, path],
-        env={**os.environ, "TORCH_WORKER_SERVER_SOCKET": path},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    children.append(worker)
-    assert worker.stdout is not None
-    assert worker.stdout.readline() == "ready\n"
+    worker = ready_child(children, [script, path], TORCH_WORKER_SERVER_SOCKET=path)
     expected = {
         "too long": "its TORCH_WORKER_SERVER_SOCKET is 109 bytes long, past the 108 of a Unix "
         f"socket path, so worker_main() cannot listen there: {path}",
